@@ -1,0 +1,1 @@
+"""Triton kernels of marginfused, installed as `marginfused.kernels`."""

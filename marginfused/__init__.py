@@ -1,0 +1,28 @@
+"""marginfused: margin softmax losses (CosFace, ArcFace, SphereFace, ExpFace, combined) over
+very many classes, fused so the batch × classes logits never exist in memory.
+
+    import marginfused as mf
+    loss = mf.margin_cross_entropy(embeddings, centres, labels, margin="arcface")
+    head = mf.MarginSoftmaxLoss(512, 1_000_000, margin=mf.ArcFace(m=0.5), scale=64.0)
+"""
+
+from .backend import BackendUnavailableError
+from .dispatch import available_backends
+from .functional import margin_cross_entropy
+from .margins import ArcFace, CombinedMargin, CosFace, ExpFace, Margin, SphereFace
+from .modules import MarginSoftmaxLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArcFace",
+    "BackendUnavailableError",
+    "CombinedMargin",
+    "CosFace",
+    "ExpFace",
+    "Margin",
+    "MarginSoftmaxLoss",
+    "SphereFace",
+    "available_backends",
+    "margin_cross_entropy",
+]

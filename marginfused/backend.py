@@ -1,0 +1,51 @@
+"""What a backend is: the contract every implementation of the loss fulfils."""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, NamedTuple, Optional
+
+from torch import Tensor
+
+from .config import LossConfig
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run; the message says why."""
+
+
+class RowLoss(NamedTuple):
+    """A backend's answer for a batch.
+
+    loss: (B,) per-row loss in float32 (float64 for float64 inputs), 0 for ignored rows,
+        differentiable with respect to embeddings and weight.
+    prediction: (B,) int64 argmax_j of the cosines c_ij (the class the embedding is nearest to),
+        from which training accuracy is computed.
+    """
+
+    loss: Tensor
+    prediction: Tensor
+
+
+class Backend(abc.ABC):
+    """One implementation of the per-row margin softmax loss.
+
+    A backend says whether it can run on this machine at all (`unavailable_reason`) and, if so,
+    whether it can run on the given tensors (`unsupported_reason`); both return None when it can,
+    otherwise a sentence saying why not. Inputs reaching `per_row_loss` have passed
+    `checks.check_inputs`.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def unavailable_reason(self) -> Optional[str]:
+        """None if this backend can run on this machine, else why not."""
+
+    @abc.abstractmethod
+    def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
+        """None if this backend can run on these tensors with this config, else why not."""
+
+    @abc.abstractmethod
+    def per_row_loss(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig) -> RowLoss:
+        """The per-row loss and the predicted class of each row."""

@@ -1,0 +1,69 @@
+"""Input checks shared by every backend: a clear error before any work, and nothing modified."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _require_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
+    """Check shapes, dtypes, devices, finiteness and label range of the loss's inputs.
+
+    embeddings: (B, D) floating; weight: (C, D), same dtype and device; labels: (B,) integer,
+    each in [0, C) or equal to `ignore_index`. Raises TypeError or ValueError naming the argument.
+    """
+    x = _require_tensor("embeddings", embeddings)
+    w = _require_tensor("weight", weight)
+    y = _require_tensor("labels", labels)
+
+    if not x.is_floating_point():
+        raise TypeError(f"embeddings must be a floating-point tensor, got {x.dtype}")
+    if not w.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {w.dtype}")
+    if w.dtype != x.dtype:
+        raise TypeError(
+            f"weight must have the dtype of embeddings: embeddings are {x.dtype}, weight is {w.dtype}"
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {y.dtype}")
+
+    if x.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (batch, dim), got shape {tuple(x.shape)}")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_classes, dim), got shape {tuple(w.shape)}")
+    if y.dim() != 1:
+        raise ValueError(f"labels must be 1-D (batch,), got shape {tuple(y.shape)}")
+    batch, dim = x.shape
+    num_classes = w.shape[0]
+    if batch == 0 or dim == 0:
+        raise ValueError(f"embeddings must be non-empty, got shape {tuple(x.shape)}")
+    if num_classes == 0:
+        raise ValueError(f"weight must have at least one class, got shape {tuple(w.shape)}")
+    if w.shape[1] != dim:
+        raise ValueError(
+            f"weight must have the embedding dim of embeddings ({dim}), got shape {tuple(w.shape)}"
+        )
+    if y.shape[0] != batch:
+        raise ValueError(f"labels must have one entry per embedding ({batch}), got {y.shape[0]}")
+
+    if w.device != x.device:
+        raise ValueError(f"weight is on {w.device} but embeddings are on {x.device}")
+    if y.device != x.device:
+        raise ValueError(f"labels are on {y.device} but embeddings are on {x.device}")
+
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("embeddings contain NaN or Inf")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight contains NaN or Inf")
+    out_of_range = ((y < 0) | (y >= num_classes)) & (y != ignore_index)
+    if bool(out_of_range.any()):
+        bad = y[out_of_range][0].item()
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}, got {bad}"
+        )

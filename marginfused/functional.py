@@ -1,0 +1,80 @@
+"""`margin_cross_entropy`: the loss as a function."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .checks import check_inputs
+from .config import LossConfig, check_reduction
+from .dispatch import select_backend
+from .margins import MarginLike
+
+
+def margin_cross_entropy(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: MarginLike = "arcface",
+    *,
+    scale: float = 64.0,
+    margin_grad: str = "detached",
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+    return_accuracy: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Margin softmax cross-entropy of embeddings against class centres, without B×C logits
+    where a fused backend runs.
+
+    With x̂, ŵ the L2-normalised rows of `embeddings` (B×D) and `weight` (C×D),
+    c_ij = clamp(x̂_i · ŵ_j, −1, 1), logits z_ij = s·c_ij except z_iy = s·f(c_iy) on the target
+    column, and ℓ_i = logsumexp_j z_ij − z_iy (with label smoothing ε:
+    (1−ε)ℓ_i + ε(logsumexp_j z_ij − mean_j z_ij)), exactly as `F.cross_entropy` defines it.
+
+    Args:
+        embeddings: (B, D) floating tensor.
+        weight: (C, D) class centres, same dtype and device as `embeddings`.
+        labels: (B,) integer class ids in [0, C), or `ignore_index` for rows that take no part.
+        margin: a name ("cosface"/"additive", "arcface"/"angular", "sphereface"/"multiplicative",
+            "expface"/"exponential", "combined") with literature defaults, or a margin object
+            (`CosFace`, `ArcFace`, `SphereFace`, `ExpFace`, `CombinedMargin`).
+        scale: s, the logit scale (> 0).
+        margin_grad: "detached" — ∂z_iy/∂c_iy = s (straight-through, InsightFace's choice);
+            "exact" — ∂z_iy/∂c_iy = s·f′(c_iy).
+        reduction: "mean" over rows not ignored (NaN if every row is ignored, like
+            `F.cross_entropy`), "sum", or "none" (per-row, 0 for ignored rows).
+        ignore_index: label value marking rows that take no part.
+        label_smoothing: ε in [0, 1).
+        backend: "auto" (fastest usable for the tensors' device), or one of
+            `available_backends()`; a backend named here that cannot run raises
+            `BackendUnavailableError` saying why.
+        return_accuracy: also return the training accuracy: the fraction of rows not ignored
+            whose nearest class centre (argmax_j c_ij, no margin) is their label.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs), and with `return_accuracy` a
+        (loss, accuracy) pair, accuracy a 0-dim float32 tensor.
+    """
+    config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+    check_reduction(reduction)
+    check_inputs(embeddings, weight, labels, ignore_index)
+    labels = labels.long()
+    implementation = select_backend(backend, embeddings, weight, config)
+    per_row, prediction = implementation.per_row_loss(embeddings, weight, labels, config)
+
+    valid = labels != ignore_index
+    if reduction == "none":
+        loss = per_row
+    elif reduction == "sum":
+        loss = per_row.sum()
+    else:
+        loss = per_row.sum() / valid.sum()
+    if not return_accuracy:
+        return loss
+    correct = (prediction == labels) & valid
+    accuracy = correct.sum(dtype=torch.float32) / valid.sum(dtype=torch.float32)
+    return loss, accuracy

@@ -1,0 +1,88 @@
+"""`MarginSoftmaxLoss`: the loss as an nn.Module that owns the class centres."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import LossConfig, check_reduction
+from .functional import margin_cross_entropy
+from .margins import MarginLike
+
+WEIGHT_INIT_STD = 0.01
+
+
+class MarginSoftmaxLoss(nn.Module):
+    """A classification head of class centres trained with a margin softmax loss.
+
+    `weight` is the (num_classes, embedding_dim) Parameter of class centres, initialised from
+    N(0, 0.01²) (the normalisation makes only the direction of each row matter; a small norm
+    keeps the early gradients of W, which scale as 1/‖w_j‖, large). `forward(embeddings, labels)`
+    returns `margin_cross_entropy(embeddings, self.weight, labels, ...)` with the settings given
+    here; see that function for the formula and every argument.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        margin: MarginLike = "arcface",
+        scale: float = 64.0,
+        *,
+        margin_grad: str = "detached",
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        backend: str = "auto",
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+        self.embedding_dim = embedding_dim
+        self.num_classes = num_classes
+        self.margin = config.margin
+        self.scale = config.scale
+        self.margin_grad = config.margin_grad
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = config.ignore_index
+        self.label_smoothing = config.label_smoothing
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw the class centres from N(0, 0.01²)."""
+        nn.init.normal_(self.weight, mean=0.0, std=WEIGHT_INIT_STD)
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False
+    ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """The loss of `embeddings` (B, embedding_dim) with `labels` (B,); see `margin_cross_entropy`."""
+        return margin_cross_entropy(
+            embeddings,
+            self.weight,
+            labels,
+            self.margin,
+            scale=self.scale,
+            margin_grad=self.margin_grad,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            backend=self.backend,
+            return_accuracy=return_accuracy,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+            f"margin={self.margin}, scale={self.scale}, margin_grad={self.margin_grad!r}, "
+            f"backend={self.backend!r}"
+        )

@@ -1,0 +1,74 @@
+"""The `torch` backend: the reference every other backend is tested against.
+
+Plain PyTorch that materialises the (B, C) logits, written to be obviously right:
+
+    x̂_i = x_i / max(‖x_i‖, 1e-12),  ŵ_j = w_j / max(‖w_j‖, 1e-12)
+    c_ij = clamp(x̂_i · ŵ_j, −1, 1)
+    z_ij = s · c_ij (j ≠ y_i),  z_iy = s · f(c_iy)
+    ℓ_i = F.cross_entropy(z_i, y_i, ignore_index, label_smoothing)
+
+The clamp bounds the value only; the gradient passes through it unchanged, as in DESIGN §1's
+gradient. The margin's gradient mode decides ∂z_iy/∂c_iy: s in "detached" mode, s·f′(c_iy) in
+"exact" mode. Normalisation and the matmul run in the input dtype (as a plain PyTorch user
+would); everything from the cosines on runs in float32, or float64 for float64 inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import Backend, RowLoss
+from .config import LossConfig
+
+NORM_EPS = 1e-12
+
+
+def cosines(embeddings: Tensor, weight: Tensor) -> Tensor:
+    """c = x̂ ŵᵀ clamped to [−1, 1] (value only), in float32 (float64 for float64 inputs)."""
+    x_hat = F.normalize(embeddings, dim=1, eps=NORM_EPS)
+    w_hat = F.normalize(weight, dim=1, eps=NORM_EPS)
+    out_dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    cos = (x_hat @ w_hat.T).to(out_dtype)
+    return cos + (cos.clamp(-1.0, 1.0) - cos).detach()
+
+
+def margin_logits(cos: Tensor, labels: Tensor, config: LossConfig) -> Tensor:
+    """z = s·c with the target column replaced by s·f(c_iy), in the configured gradient mode."""
+    valid = labels != config.ignore_index
+    target = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
+    c_target = cos.gather(1, target).squeeze(1)
+    if config.margin_grad == "exact":
+        slope = config.margin.derivative(c_target.detach())
+    else:
+        slope = torch.ones_like(c_target)
+    # value f(c_iy); gradient slope · dc_iy
+    z_target = config.margin(c_target.detach()) + slope * (c_target - c_target.detach())
+    return config.scale * cos.scatter(1, target, z_target.unsqueeze(1))
+
+
+class TorchBackend(Backend):
+    """The reference: materialises B×C logits; any device, any float dtype including float64."""
+
+    name = "torch"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return None
+
+    def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
+        return None
+
+    def per_row_loss(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig) -> RowLoss:
+        cos = cosines(embeddings, weight)
+        logits = margin_logits(cos, labels, config)
+        loss = F.cross_entropy(
+            logits,
+            labels,
+            ignore_index=config.ignore_index,
+            label_smoothing=config.label_smoothing,
+            reduction="none",
+        )
+        return RowLoss(loss, cos.detach().argmax(dim=1))

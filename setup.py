@@ -1,0 +1,33 @@
+"""Packaging: one importable package, `marginfused`.
+
+The Triton code in kernels/ installs as `marginfused.kernels`, and the C++/CUDA sources in csrc/
+ship as package data (`marginfused/csrc/`) so the JIT build finds them after any install.
+"""
+
+from setuptools import setup
+
+setup(
+    name="marginfused",
+    version="0.1.0",
+    description="Fused margin softmax losses (CosFace, ArcFace, SphereFace, ExpFace) for very many classes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["marginfused", "marginfused.kernels", "marginfused.csrc"],
+    package_dir={
+        "marginfused": "marginfused",
+        "marginfused.kernels": "kernels",
+        "marginfused.csrc": "csrc",
+    },
+    package_data={"marginfused.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h", "*.md"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        "bench": ["tqdm", "matplotlib"],
+    },
+)

@@ -1,0 +1,48 @@
+"""Backend choice: available_backends(), "auto", and explicit names that cannot run."""
+
+import pytest
+import torch
+
+import marginfused as mf
+from marginfused.dispatch import AUTO_ORDER, BACKENDS, select_backend
+from marginfused.config import LossConfig
+
+from helpers import make_inputs
+
+
+def test_available_backends_reports_every_backend():
+    available = mf.available_backends()
+    assert list(available) == ["triton", "cuda", "cpu", "torch"]
+    assert available["torch"] is None
+    for name, reason in available.items():
+        assert reason is None or (isinstance(reason, str) and reason)
+
+
+def test_auto_picks_the_first_usable_backend_for_the_device():
+    x, w, _ = make_inputs(3, 4, 5)
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    expected = next(
+        name for name in AUTO_ORDER["cpu"]
+        if BACKENDS[name].unavailable_reason() is None
+        and BACKENDS[name].unsupported_reason(x.float(), w.float(), config) is None
+    )
+    assert select_backend("auto", x.float(), w.float(), config).name == expected
+
+
+def test_auto_on_a_device_without_fused_backends_is_torch():
+    x, w, _ = make_inputs(3, 4, 5)
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    assert select_backend("auto", x.to("meta"), w.to("meta"), config).name == "torch"
+
+
+@pytest.mark.parametrize("name", [n for n, reason in mf.available_backends().items() if reason])
+def test_an_unavailable_backend_named_explicitly_says_why(name):
+    x, w, y = make_inputs(3, 4, 5)
+    reason = mf.available_backends()[name]
+    with pytest.raises(mf.BackendUnavailableError, match=f"backend '{name}' cannot run here: {reason}"):
+        mf.margin_cross_entropy(x.float(), w.float(), y, backend=name)
+
+
+def test_the_torch_backend_runs_explicitly():
+    x, w, y = make_inputs(3, 4, 5)
+    assert torch.isfinite(mf.margin_cross_entropy(x, w, y, backend="torch"))

@@ -200,3 +200,18 @@ def test_gradients_flow_when_only_one_input_requires_them(grad_on):
 def test_integer_labels_of_any_width():
     x, w, y = make_inputs(5, 9, 8, seed=14)
     assert mf.margin_cross_entropy(x, w, y.int()).item() == mf.margin_cross_entropy(x, w, y).item()
+
+
+def test_cosines_are_clamped_in_value_but_pass_the_gradient():
+    # in float32, an embedding exactly on (or opposite) its centre rounds to |c| > 1 for many rows
+    from marginfused.reference import cosines
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([w[:32], -w[32:]]).requires_grad_()
+    raw = (F.normalize(x, dim=1) @ F.normalize(w, dim=1).T).diagonal()
+    assert (raw.abs() > 1).any()
+    cos = cosines(x, w)
+    assert cos.abs().max() <= 1.0
+    cos.diagonal().sum().backward()
+    (unclamped,) = torch.autograd.grad(raw.sum(), x)
+    torch.testing.assert_close(x.grad, unclamped)

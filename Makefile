@@ -27,3 +27,4 @@ test: setup
 
 bench: setup
 	$(PYTHON) -m bench
+	$(PYTHON) -m bench.report

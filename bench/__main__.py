@@ -1,110 +1,153 @@
-"""`python -m bench`: forward+backward time and working memory of the loss, per backend and
-class count, on whatever device is present. Prints a table.
+"""`python -m bench`: time and working memory of every provider over a sweep of shapes.
 
-Working memory is the peak of what PyTorch allocates during forward+backward beyond the inputs
-and their gradients: CUDA's allocator statistics on a GPU, `marginfused.memory.AllocationTracker`
-on the CPU. Time is the median of `--repeats` runs after two warm-up runs.
+For each provider × dtype × B × D × C: forward, backward and forward+backward median times,
+achieved TFLOP/s counting 8·B·C·D for forward+backward (4 GEMMs of 2·B·C·D: forward,
+recompute, dX, dW), that as a % of the matmul rate measured in the same run, and the working
+memory beyond inputs and gradients (see bench/worker.py for how each is measured). Each
+measurement runs in a process of its own; running out of memory is recorded as "OOM".
+Rows are appended to bench/results/results.csv; `python -m bench.report` draws the plots.
+Defaults are sized for the present device: a few minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-import marginfused as mf
-from marginfused.memory import AllocationTracker
+from . import results
+from .providers import PROVIDERS, unavailable_reason
+from .worker import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REPO = Path(__file__).resolve().parents[1]
+WORKER_TIMEOUT_S = 900
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if gpu else "cpu")
-    parser.add_argument("--batch", type=int, default=1024 if gpu else 256)
-    parser.add_argument("--dim", type=int, default=512 if gpu else 128)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1024] if gpu else [256])
+    parser.add_argument("--dim", type=int, nargs="+", default=[512] if gpu else [128])
     parser.add_argument(
-        "--classes", type=int, nargs="+", default=[100_000, 1_000_000] if gpu else [10_000, 50_000, 100_000]
+        "--classes", type=int, nargs="+",
+        default=[10_000, 100_000, 1_000_000, 4_000_000, 16_000_000] if gpu else [10_000, 50_000, 200_000],
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16" if gpu else "fp32")
-    parser.add_argument("--backends", nargs="+", default=["torch"])
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bf16"] if gpu else ["fp32"])
     parser.add_argument("--margin", default="arcface")
-    parser.add_argument("--repeats", type=int, default=10 if gpu else 3)
-    return parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
+    parser.add_argument("--results", type=Path, default=results.RESULTS, help="CSV to append to")
+    parser.add_argument("--no-save", action="store_true", help="print the table only")
+    return parser.parse_args(argv)
 
 
-def fwd_bwd(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, margin: str, backend: str) -> None:
-    loss = mf.margin_cross_entropy(x, w, y, margin, backend=backend)
-    loss.backward()
-    x.grad = None
-    w.grad = None
-
-
-def median_seconds(run, device: torch.device, repeats: int) -> float:
-    for _ in range(2):
-        run()
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The dense matmul rate of this device in this dtype: median of square GEMMs."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     times = []
-    for _ in range(repeats):
+    for i in range(8):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
+        began = time.perf_counter()
+        a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if i >= 2:
+            times.append(time.perf_counter() - began)
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def working_bytes(run, x: torch.Tensor, w: torch.Tensor, device: torch.device) -> int:
-    """Peak bytes allocated during one run, less the gradients of x and w it must produce."""
-    gradients = x.numel() * x.element_size() + w.numel() * w.element_size()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        run()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        with AllocationTracker() as tracker:
-            run()
-        peak = tracker.peak_bytes
-    return max(peak - gradients, 0)
+def run_worker(config: dict) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.worker", json.dumps(config)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {WORKER_TIMEOUT_S} s"}
+    if done.returncode in (-9, 137):
+        return {"status": "OOM"}  # killed by the kernel's out-of-memory killer
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": f"error: {last[:200]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    args = parse_args()
+def format_table(rows: list[dict]) -> str:
+    header = (
+        f"{'provider':>18} {'dtype':>5} {'B':>5} {'D':>4} {'C':>9} {'fwd ms':>9} {'bwd ms':>9} "
+        f"{'fwd+bwd ms':>10} {'TFLOP/s':>8} {'%mm':>5} {'work MB':>9}  status"
+    )
+    lines = [header]
+    for r in rows:
+        def number(key: str, spec: str) -> str:
+            return format(float(r[key]), spec) if r.get(key) not in (None, "") else "-"
+
+        lines.append(
+            f"{r['provider']:>18} {r['dtype']:>5} {r['batch']:>5} {r['dim']:>4} {r['classes']:>9} "
+            f"{number('fwd_ms', '9.2f'):>9} {number('bwd_ms', '9.2f'):>9} {number('fwd_bwd_ms', '10.2f'):>10} "
+            f"{number('tflops', '8.3f'):>8} {number('pct_matmul', '5.1f'):>5} {number('working_mb', '9.1f'):>9}  {r['status']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; B={args.batch} D={args.dim} {args.dtype} {args.margin}")
-    header = f"{'backend':>8} {'C':>10} {'fwd+bwd ms':>11} {'working MB':>11}"
+    where = results.environment(device)
+    print(f"{where['device']}; torch {where['torch']}; triton {where['triton']}; commit {where['commit']}")
+
+    providers = []
+    for provider in args.providers:
+        reason = unavailable_reason(provider, device)
+        if reason is None:
+            providers.append(provider)
+        else:
+            print(f"skipping {provider}: {reason}")
+    rates = {dtype: matmul_tflops(device, DTYPES[dtype]) for dtype in args.dtype}
+    for dtype, rate in rates.items():
+        print(f"matmul rate, {dtype}: {rate:.3f} TFLOP/s")
+
+    sweep = list(itertools.product(args.dtype, args.batch, args.dim, args.classes, providers))
     rows = []
-    for classes in args.classes:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(args.batch, args.dim, generator=gen).to(device, dtype).requires_grad_()
-        w = torch.randn(classes, args.dim, generator=gen).to(device, dtype).requires_grad_()
-        y = torch.randint(0, classes, (args.batch,), generator=gen).to(device)
-        for backend in args.backends:
-            reason = mf.available_backends().get(backend, "unknown backend")
-            if reason is not None:
-                print(f"skipping {backend}: {reason}")
-                continue
-            run = lambda: fwd_bwd(x, w, y, args.margin, backend)  # noqa: E731
-            try:
-                seconds = median_seconds(run, device, args.repeats)
-                memory = f"{working_bytes(run, x, w, device) / 2**20:11.1f}"
-                timing = f"{seconds * 1e3:11.2f}"
-            except torch.OutOfMemoryError:
-                timing = memory = f"{'OOM':>11}"
-            rows.append(f"{backend:>8} {classes:>10} {timing} {memory}")
-        del x, w, y
-    print(header)
-    print("\n".join(rows))
+    out_of_memory = set()
+    for dtype, batch, dim, classes, provider in tqdm(sweep, desc="bench", unit="run", file=sys.stderr):
+        row = {**where, "matmul_tflops": f"{rates[dtype]:.6g}", "provider": provider, "margin": args.margin,
+               "dtype": dtype, "batch": batch, "dim": dim, "classes": classes}
+        family = (provider, dtype, batch, dim)
+        if family in out_of_memory:
+            row["status"] = "OOM (at a smaller C)"
+        else:
+            measured = run_worker(dict(provider=provider, batch=batch, classes=classes, dim=dim, dtype=dtype,
+                                       margin=args.margin, device=args.device, repeats=args.repeats))
+            row["status"] = measured.pop("status")
+            if row["status"] == "OOM":
+                out_of_memory.add(family)
+            if row["status"] == "ok":
+                row.update({key: f"{value:.6g}" for key, value in measured.items()})
+                tflops = 8 * batch * classes * dim / (measured["fwd_bwd_ms"] * 1e-3) / 1e12
+                row["tflops"] = f"{tflops:.6g}"
+                row["pct_matmul"] = f"{100 * tflops / rates[dtype]:.4g}"
+        rows.append(row)
+
+    print(format_table(rows))
+    if not args.no_save:
+        results.append(rows, args.results)
+        print(f"appended {len(rows)} rows to {args.results}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,0 +1,30 @@
+"""examples/train.py trains: its loss falls, and a fused backend follows the torch backend step by step."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import marginfused as mf
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+spec = importlib.util.spec_from_file_location("train_example", EXAMPLE)
+example = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(example)
+
+SMALL = dict(classes=300, batch=64, input_dim=32, embedding_dim=32, log_every=0)
+
+
+def test_the_loss_falls():
+    losses = example.train(steps=60, backend="torch", **SMALL)
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_a_fused_backend_follows_the_torch_backend(backend):
+    reason = mf.available_backends()[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable here: {reason}")
+    fused = example.train(steps=5, backend=backend, **SMALL)
+    reference = example.train(steps=5, backend="torch", **SMALL)
+    assert fused == pytest.approx(reference, rel=1e-3)

@@ -8,6 +8,7 @@ from typing import ClassVar, NamedTuple, Optional
 from torch import Tensor
 
 from .config import LossConfig
+from .partials import RowPartials
 
 
 class BackendUnavailableError(RuntimeError):
@@ -49,3 +50,28 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def per_row_loss(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig) -> RowLoss:
         """The per-row loss and the predicted class of each row."""
+
+    @abc.abstractmethod
+    def row_partials(
+        self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig, class_start: int
+    ) -> RowPartials:
+        """Partials (see `partials.py`) of the logits over the classes [class_start, class_start + C)
+        whose centres are the C rows of `weight`; labels are global class ids. No autograd."""
+
+    @abc.abstractmethod
+    def shard_backward(
+        self,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        config: LossConfig,
+        class_start: int,
+        num_classes: int,
+        lse: Tensor,
+        grad_rows: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Gradients of Σ_i grad_rows_i · ℓ_i with respect to embeddings and weight through the logits
+        of this class range alone, given the log-sum-exp `lse` (B,) over all `num_classes` classes.
+
+        ∂ℓ_i/∂z_ij = p_ij − (1 − ε)[j = y_i] − ε/num_classes with p_ij = exp(z_ij − lse_i); the
+        embeddings' gradients of disjoint ranges add up to the gradient of the whole loss."""

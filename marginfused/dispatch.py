@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NoReturn, Optional
 
 from torch import Tensor
 
-from .backend import Backend, BackendUnavailableError, RowLoss
+from .backend import Backend, BackendUnavailableError
 from .config import LossConfig
 from .reference import TorchBackend
 
@@ -23,8 +23,10 @@ class NotImplementedBackend(Backend):
     def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
         return "not implemented yet"
 
-    def per_row_loss(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig) -> RowLoss:
+    def _refuse(self, *args: object) -> NoReturn:
         raise BackendUnavailableError(f"backend {self.name!r} is not implemented yet")
+
+    per_row_loss = row_partials = shard_backward = _refuse
 
 
 BACKENDS: dict[str, Backend] = {

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .backend import Backend, RowLoss
 from .config import LossConfig
+from .partials import RowPartials
 
 NORM_EPS = 1e-12
 
@@ -37,7 +38,8 @@ def cosines(embeddings: Tensor, weight: Tensor) -> Tensor:
 
 
 def margin_logits(cos: Tensor, labels: Tensor, config: LossConfig) -> Tensor:
-    """z = s·c with the target column replaced by s·f(c_iy), in the configured gradient mode."""
+    """z = s·c with the target column replaced by s·f(c_iy), in the configured gradient mode;
+    rows labelled `ignore_index` have no target and keep z = s·c."""
     valid = labels != config.ignore_index
     target = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
     c_target = cos.gather(1, target).squeeze(1)
@@ -47,6 +49,7 @@ def margin_logits(cos: Tensor, labels: Tensor, config: LossConfig) -> Tensor:
         slope = torch.ones_like(c_target)
     # value f(c_iy); gradient slope · dc_iy
     z_target = config.margin(c_target.detach()) + slope * (c_target - c_target.detach())
+    z_target = torch.where(valid, z_target, c_target)  # a row without a target keeps its cosines
     return config.scale * cos.scatter(1, target, z_target.unsqueeze(1))
 
 
@@ -72,3 +75,53 @@ class TorchBackend(Backend):
             reduction="none",
         )
         return RowLoss(loss, cos.detach().argmax(dim=1))
+
+    def _range_logits(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig, class_start: int):
+        """Cosines and logits of the classes [class_start, class_start + C); labels outside the
+        range take no margin there (they are treated as ignored within it)."""
+        local = labels - class_start
+        inside = (local >= 0) & (local < weight.shape[0]) & (labels != config.ignore_index)
+        local = torch.where(inside, local, torch.full_like(local, config.ignore_index))
+        cos = cosines(embeddings, weight)
+        return cos, margin_logits(cos, local, config), local, inside
+
+    def row_partials(
+        self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig, class_start: int
+    ) -> RowPartials:
+        with torch.no_grad():
+            cos, logits, local, inside = self._range_logits(embeddings, weight, labels, config, class_start)
+            top = logits.max(dim=1).values
+            target = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1)
+            best = cos.max(dim=1)
+            return RowPartials(
+                max=top,
+                sumexp=torch.exp(logits - top.unsqueeze(1)).sum(dim=1),
+                target=torch.where(inside, target, torch.zeros_like(target)),
+                logit_sum=logits.sum(dim=1),
+                best_cos=best.values,
+                best_class=best.indices + class_start,
+            )
+
+    def shard_backward(
+        self,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        config: LossConfig,
+        class_start: int,
+        num_classes: int,
+        lse: Tensor,
+        grad_rows: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        x = embeddings.detach().requires_grad_()
+        w = weight.detach().requires_grad_()
+        with torch.enable_grad():
+            _, logits, local, inside = self._range_logits(x, w, labels, config, class_start)
+        eps = config.label_smoothing
+        with torch.no_grad():
+            probabilities = torch.exp(logits - lse.unsqueeze(1))
+            onehot = torch.zeros_like(logits).scatter_(1, local.clamp(min=0).unsqueeze(1), inside.unsqueeze(1).to(logits.dtype))
+            weight_rows = torch.where(labels != config.ignore_index, grad_rows.to(logits.dtype), 0.0)
+            grad_logits = weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)
+        grad_x, grad_w = torch.autograd.grad(logits, (x, w), grad_logits)
+        return grad_x, grad_w

@@ -1,27 +1,15 @@
-"""Partials over class ranges merge into exactly the reference loss (the fused backends' and the
-sharded loss's building block)."""
+"""Partials and backwards over class ranges combine into exactly the reference loss and its gradients
+(the fused backends' and the sharded loss's building block), computed by the torch backend."""
 
 import pytest
 import torch
 
 import marginfused as mf
 from marginfused.config import LossConfig
-from marginfused.partials import RowPartials, merge_partials, row_loss
-from marginfused.reference import TorchBackend, cosines, margin_logits
+from marginfused.partials import merge_partials, row_loss
+from marginfused.reference import TorchBackend
 
 from helpers import assert_close, make_inputs
-
-
-def partials_of_range(x, w, y, config, start, stop) -> RowPartials:
-    """Partials of classes [start, stop), computed from the reference's full logits."""
-    cos = cosines(x, w)
-    z = margin_logits(cos, y, config)[:, start:stop]
-    c = cos[:, start:stop]
-    top = z.max(dim=1).values
-    inside = (y >= start) & (y < stop)
-    target = torch.where(inside, z.gather(1, (y.clamp(start, stop - 1) - start)[:, None]).squeeze(1), 0.0)
-    best = c.max(dim=1)
-    return RowPartials(top, torch.exp(z - top[:, None]).sum(1), target, z.sum(1), best.values, best.indices + start)
 
 
 @pytest.mark.parametrize("bounds", [(0, 61), (0, 1, 61), (0, 13, 40, 61)])
@@ -29,10 +17,29 @@ def partials_of_range(x, w, y, config, start, stop) -> RowPartials:
 def test_merged_partials_give_the_reference_loss(bounds, smoothing):
     x, w, y = make_inputs(9, 61, 16, ignored=2, seed=3)
     config = LossConfig.build(mf.SphereFace(), 30.0, "detached", -100, smoothing)
-    pieces = [partials_of_range(x, w, y, config, a, b) for a, b in zip(bounds, bounds[1:])]
+    pieces = [TorchBackend().row_partials(x, w[a:b], y, config, a) for a, b in zip(bounds, bounds[1:])]
     merged = pieces[0]
     for piece in pieces[1:]:
         merged = merge_partials(merged, piece)
     expected = TorchBackend().per_row_loss(x, w, y, config)
     assert_close("loss", row_loss(merged, y, -100, smoothing, 61), expected.loss, 1e-12)
     assert torch.equal(merged.best_class, expected.prediction)
+
+
+@pytest.mark.parametrize("margin_grad", ["detached", "exact"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+def test_shard_backwards_add_up_to_the_gradient_of_the_whole_loss(margin_grad, smoothing):
+    x, w, y = make_inputs(9, 61, 16, ignored=2, seed=4)
+    config = LossConfig.build(mf.ArcFace(fallback="linear"), 30.0, margin_grad, -100, smoothing)
+    backend = TorchBackend()
+    upstream = torch.linspace(-1.0, 1.5, 9, dtype=torch.float64)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (backend.per_row_loss(xg, wg, y, config).loss * upstream).sum().backward()
+
+    bounds = (0, 20, 61)
+    pieces = [backend.row_partials(x, w[a:b], y, config, a) for a, b in zip(bounds, bounds[1:])]
+    merged = merge_partials(*pieces)
+    lse = merged.max + torch.log(merged.sumexp)
+    grads = [backend.shard_backward(x, w[a:b], y, config, a, 61, lse, upstream) for a, b in zip(bounds, bounds[1:])]
+    assert_close("dx", grads[0][0] + grads[1][0], xg.grad, 1e-12)
+    assert_close("dw", torch.cat([grads[0][1], grads[1][1]]), wg.grad, 1e-12)

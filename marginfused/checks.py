@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -12,11 +14,14 @@ def _require_tensor(name: str, value: object) -> Tensor:
     return value
 
 
-def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> None:
+def check_inputs(
+    embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, num_classes: Optional[int] = None
+) -> None:
     """Check shapes, dtypes, devices, finiteness and label range of the loss's inputs.
 
     embeddings: (B, D) floating; weight: (C, D), same dtype and device; labels: (B,) integer,
-    each in [0, C) or equal to `ignore_index`. Raises TypeError or ValueError naming the argument.
+    each in [0, num_classes) or equal to `ignore_index`, num_classes being C unless given (a shard
+    of the classes takes global labels). Raises TypeError or ValueError naming the argument.
     """
     x = _require_tensor("embeddings", embeddings)
     w = _require_tensor("weight", weight)
@@ -40,10 +45,10 @@ def check_inputs(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_inde
     if y.dim() != 1:
         raise ValueError(f"labels must be 1-D (batch,), got shape {tuple(y.shape)}")
     batch, dim = x.shape
-    num_classes = w.shape[0]
     if batch == 0 or dim == 0:
         raise ValueError(f"embeddings must be non-empty, got shape {tuple(x.shape)}")
-    if num_classes == 0:
+    num_classes = w.shape[0] if num_classes is None else num_classes
+    if w.shape[0] == 0:
         raise ValueError(f"weight must have at least one class, got shape {tuple(w.shape)}")
     if w.shape[1] != dim:
         raise ValueError(

@@ -1,0 +1,301 @@
+"""The margin loss with the class centres sharded over ranks of a torch.distributed group.
+
+When W (C × D) outgrows one GPU, rank r holds the rows [start_r, stop_r) of W, given by
+`shard_range` (the first C mod world_size ranks hold one extra class). Every step:
+
+1. the local batches x_r (same size on every rank) and their global labels are all-gathered;
+2. each rank computes, with a fused backend, the per-row partials of its shard's logits over the
+   whole gathered batch: max m, Σ exp(z − m), target logit, logit sum (see `partials.py`);
+3. an all-reduce of the maxima, then one of the rescaled sums, gives the global log-sum-exp, and
+   from it the loss, identical on every rank (the mean over the global batch by default);
+4. backward: each rank computes its shard's contribution to ∂L/∂x for the whole gathered batch,
+   given the global log-sum-exp; an all-reduce sums them, and each rank keeps its own rows.
+
+Gradients. `w_shard.grad` is exactly ∂L/∂w_shard. `x_local.grad` is world_size × ∂L/∂x_local
+(Partial FC's convention): the backbone that produced x_local is replicated under
+DistributedDataParallel, which averages its gradients over ranks, and that average of
+world_size × ∂L/∂x_r · ∂x_r/∂θ over r is exactly ∂L/∂θ. Keep the sharded head out of DDP: its
+shards are different parameters, and its gradients are already exact.
+
+Partial FC sampling (`sample_rate` < 1). Each step, each rank keeps every class of its shard that
+is a label in the global batch, plus random other classes of its shard, ⌈sample_rate × shard
+size⌉ classes in all (or the positives alone, if there are more). The loss and its gradients are
+then exactly those of the loss over the sampled classes alone; rows of W not sampled get a zero
+gradient. With an optimizer that keeps momentum (or applies weight decay) a zero gradient still
+moves those rows — by their velocity from earlier steps, or by the decay — as in Partial FC;
+use a head optimizer without momentum and weight decay if unsampled rows must stay put.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .backend import Backend
+from .checks import check_inputs
+from .config import LossConfig, check_reduction
+from .dispatch import select_backend
+from .margins import MarginLike
+from .modules import WEIGHT_INIT_STD
+from .partials import RowPartials, log_sum_exp, row_loss
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The classes [start, stop) that `rank` holds: the first num_classes % world_size ranks hold
+    one class more than the others (InsightFace's Partial FC split)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if num_classes < world_size:
+        raise ValueError(f"num_classes ({num_classes}) must be at least world_size ({world_size})")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _group_size_and_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "the torch.distributed process group is not initialised: call "
+            "torch.distributed.init_process_group first"
+        )
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _all_gather(tensor: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Concatenation over ranks of same-shaped tensors, in rank order."""
+    world_size = dist.get_world_size(group)
+    out = torch.empty((world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather(list(out.chunk(world_size)), tensor.contiguous(), group=group)
+    return out
+
+
+def _all_reduce_partials(local: RowPartials, group: Optional[dist.ProcessGroup]) -> RowPartials:
+    """The partials of all shards together: max, then rescaled sums, then the best class."""
+    top = local.max.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([local.sumexp * torch.exp(local.max - top), local.target, local.logit_sum])
+    dist.all_reduce(sums, group=group)
+    best_cos = local.best_cos.clone()
+    dist.all_reduce(best_cos, op=dist.ReduceOp.MAX, group=group)
+    best_class = torch.where(local.best_cos == best_cos, local.best_class, torch.iinfo(torch.int64).max)
+    dist.all_reduce(best_class, op=dist.ReduceOp.MIN, group=group)
+    return RowPartials(top, sums[0], sums[1], sums[2], best_cos, best_class)
+
+
+def sample_classes(
+    labels: Tensor,
+    class_start: int,
+    shard_size: int,
+    sample_rate: float,
+    ignore_index: int = -100,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Sorted indices, within this shard, of the classes Partial FC keeps this step: every class of
+    the shard that is one of `labels` (global ids), then random others, ⌈sample_rate × shard_size⌉
+    in all (or the positives alone if there are more)."""
+    local = labels[labels != ignore_index] - class_start
+    positives = torch.unique(local[(local >= 0) & (local < shard_size)])
+    keep = max(math.ceil(sample_rate * shard_size), positives.numel())
+    if keep >= shard_size:
+        return torch.arange(shard_size, device=labels.device)
+    scores = torch.rand(shard_size, generator=generator, device=labels.device)
+    scores[positives] = 2.0  # above every random score: positives are always kept
+    return scores.topk(keep).indices.sort().values
+
+
+def _sampled_labels(
+    labels: Tensor, index: Tensor, class_start: int, ignore_index: int, group: Optional[dist.ProcessGroup]
+) -> tuple[Tensor, int, int]:
+    """Labels renumbered over the sampled classes of all ranks (rank order, then index order),
+    this rank's first sampled id, and the number of sampled classes in all."""
+    counts = _all_gather(torch.tensor([index.numel()], device=labels.device), group).tolist()
+    rank = dist.get_rank(group)
+    offset = sum(counts[:rank])
+    local = labels - class_start
+    position = torch.searchsorted(index, local.clamp(min=0))
+    mine = (labels != ignore_index) & (local >= 0) & (position < index.numel())
+    mine &= index[position.clamp(max=index.numel() - 1)] == local
+    renumbered = torch.where(mine, offset + position, torch.full_like(labels, -1))
+    dist.all_reduce(renumbered, op=dist.ReduceOp.MAX, group=group)
+    renumbered = torch.where(labels == ignore_index, labels, renumbered)
+    return renumbered, offset, sum(counts)
+
+
+def _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, ignore_index, rank, world_size) -> None:
+    """This rank's own checks of its arguments."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    expected = shard_range(num_classes, rank, world_size)
+    if not isinstance(w_shard, Tensor) or (class_start, class_start + len(w_shard)) != expected:
+        rows = len(w_shard) if isinstance(w_shard, Tensor) else type(w_shard).__name__
+        raise ValueError(
+            f"w_shard must hold the classes shard_range({num_classes}, {rank}, {world_size}) = "
+            f"[{expected[0]}, {expected[1]}), got class_start={class_start} with {rows} rows"
+        )
+    check_inputs(x_local, w_shard, y_local, ignore_index, num_classes=num_classes)
+
+
+def _agree_on_inputs(problem: Optional[Exception], x_local: object, group: Optional[dist.ProcessGroup]) -> None:
+    """Exchange every rank's batch size and whether its checks failed, so that all ranks raise
+    together (a rank raising alone would leave the others waiting in the next collective)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    rows = x_local.shape[0] if problem is None else -1
+    status = _all_gather(torch.tensor([[rows, problem is not None]], device=device), group).tolist()
+    failed = [rank for rank, (_, bad) in enumerate(status) if bad]
+    if problem is not None:
+        raise problem
+    if failed:
+        raise ValueError(f"invalid inputs on rank(s) {failed}; their errors say why")
+    sizes = [size for size, _ in status]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"x_local must have the same number of rows on every rank, got {sizes} by rank")
+
+
+class _ShardedLoss(torch.autograd.Function):
+    """Forward: gather the batch, shard partials, all-reduce, loss. Backward: shard gradients,
+    all-reduce of the embeddings' gradient, world_size × this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x_local, w_shard, labels, backend: Backend, config: LossConfig, class_start: int,
+                num_classes: int, reduction: str, group):
+        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        x = _all_gather(x_local.detach(), group)
+        partials = _all_reduce_partials(backend.row_partials(x, w_shard.detach(), labels, config, class_start), group)
+        per_row = row_loss(partials, labels, config.ignore_index, config.label_smoothing, num_classes)
+        valid = labels != config.ignore_index
+        ctx.save_for_backward(x, w_shard, labels, log_sum_exp(partials), valid.sum())
+        ctx.settings = (backend, config, class_start, num_classes, reduction, group, world_size, rank)
+        if reduction == "none":
+            return per_row.chunk(world_size)[rank].clone()
+        return per_row.sum() if reduction == "sum" else per_row.sum() / valid.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_shard, labels, lse, valid_count = ctx.saved_tensors
+        backend, config, class_start, num_classes, reduction, group, world_size, rank = ctx.settings
+        if reduction == "none":
+            grad_rows = _all_gather(grad.contiguous(), group)
+        else:
+            scale = grad if reduction == "sum" else grad / valid_count
+            grad_rows = scale.expand(labels.shape[0])
+        accumulate = torch.promote_types(x.dtype, torch.float32)
+        grad_x, grad_w = backend.shard_backward(
+            x, w_shard, labels, config, class_start, num_classes, lse, grad_rows.to(accumulate)
+        )
+        grad_x = grad_x.to(accumulate)
+        dist.all_reduce(grad_x, group=group)
+        grad_x_local = (world_size * grad_x.chunk(world_size)[rank]).to(x.dtype)
+        return grad_x_local, grad_w, None, None, None, None, None, None, None
+
+
+def sharded_margin_cross_entropy(
+    x_local: Tensor,
+    w_shard: Tensor,
+    y_local: Tensor,
+    margin: MarginLike = "arcface",
+    *,
+    class_start: int,
+    num_classes: int,
+    group: Optional[dist.ProcessGroup] = None,
+    scale: float = 64.0,
+    margin_grad: str = "detached",
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    sample_rate: float = 1.0,
+    backend: str = "auto",
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """`margin_cross_entropy` over a global batch, with W sharded over the ranks of `group`.
+
+    Every rank passes its local batch `x_local` (B_local × D, the same B_local on every rank), its
+    labels `y_local` (global class ids in [0, num_classes), or ignore_index), and its shard
+    `w_shard` of W: the rows [class_start, class_start + len(w_shard)), which must be
+    `shard_range(num_classes, rank, world_size)`. Returns the loss over the global batch, the same
+    on every rank ("mean" over its rows not ignored, or "sum"); with reduction="none", the
+    per-row losses of this rank's rows. Gradients: w_shard gets ∂L/∂w_shard, x_local gets
+    world_size × ∂L/∂x_local (see the module docstring). `sample_rate` < 1 is Partial FC's class
+    sampling, drawing with `generator`. Other arguments as in `margin_cross_entropy`.
+    """
+    world_size, rank = _group_size_and_rank(group)
+    problem: Optional[Exception] = None
+    try:
+        config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+        check_reduction(reduction)
+        _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, ignore_index, rank, world_size)
+    except (TypeError, ValueError) as error:
+        problem = error
+    _agree_on_inputs(problem, x_local, group)
+
+    labels = _all_gather(y_local.long(), group)
+    if sample_rate < 1:
+        index = sample_classes(labels, class_start, len(w_shard), sample_rate, ignore_index, generator)
+        labels, class_start, num_classes = _sampled_labels(labels, index, class_start, ignore_index, group)
+        w_shard = w_shard[index]
+    implementation = select_backend(backend, x_local, w_shard, config)
+    return _ShardedLoss.apply(x_local, w_shard, labels, implementation, config, class_start, num_classes, reduction, group)
+
+
+class ShardedMarginSoftmaxLoss(nn.Module):
+    """`MarginSoftmaxLoss` with this rank's shard of the class centres.
+
+    `weight` holds the rows `shard_range(num_classes, rank, world_size)` of the
+    (num_classes, embedding_dim) class centres, from N(0, 0.01²); `class_start` is its first class.
+    The process group must be initialised before construction. `forward(embeddings, labels)`
+    calls `sharded_margin_cross_entropy`; see it for the gradients' convention and sampling.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        margin: MarginLike = "arcface",
+        scale: float = 64.0,
+        *,
+        group: Optional[dist.ProcessGroup] = None,
+        sample_rate: float = 1.0,
+        margin_grad: str = "detached",
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        backend: str = "auto",
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        world_size, rank = _group_size_and_rank(group)
+        config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+        self.class_start, stop = shard_range(num_classes, rank, world_size)
+        self.embedding_dim = embedding_dim
+        self.num_classes = num_classes
+        self.margin = config.margin
+        self.scale = config.scale
+        self.margin_grad = config.margin_grad
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = config.ignore_index
+        self.label_smoothing = config.label_smoothing
+        self.sample_rate = sample_rate
+        self.backend = backend
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(stop - self.class_start, embedding_dim, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, mean=0.0, std=WEIGHT_INIT_STD)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        return sharded_margin_cross_entropy(
+            embeddings, self.weight, labels, self.margin,
+            class_start=self.class_start, num_classes=self.num_classes, group=self.group,
+            scale=self.scale, margin_grad=self.margin_grad, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            sample_rate=self.sample_rate, backend=self.backend, generator=generator,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+            f"shard=[{self.class_start}, {self.class_start + len(self.weight)}), margin={self.margin}, "
+            f"scale={self.scale}, sample_rate={self.sample_rate}"
+        )

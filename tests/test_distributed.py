@@ -1,0 +1,176 @@
+"""The class-sharded loss over gloo equals the single-process loss over the concatenated shards.
+
+Each world size spawns its processes once; every rank runs every case against a float64
+single-process reference it computes itself, and writes the names of failed cases (with the
+error) to a file the test reads back. Each spawn is bounded in time.
+"""
+
+import itertools
+import json
+import multiprocessing
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import marginfused as mf
+from marginfused.distributed import ShardedMarginSoftmaxLoss, sample_classes, shard_range, sharded_margin_cross_entropy
+
+from helpers import assert_close, make_inputs
+
+LOCAL_BATCH, NUM_CLASSES, DIM = 5, 23, 12
+MARGINS = [mf.CosFace(), mf.ArcFace(fallback="linear"), mf.SphereFace(), mf.ExpFace(), mf.CombinedMargin()]
+SPAWN_TIMEOUT_S = 240
+
+
+def test_shard_range_splits_every_class_once_with_the_extra_ones_first():
+    for classes, world in [(23, 2), (23, 3), (24, 4), (5, 5), (1000, 7)]:
+        ranges = [shard_range(classes, rank, world) for rank in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == classes
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [stop - start for start, stop in ranges]
+        assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
+    assert shard_range(23, 0, 3) == (0, 8) and shard_range(23, 2, 3) == (16, 23)
+    with pytest.raises(ValueError, match="num_classes"):
+        shard_range(2, 0, 3)
+
+
+def test_without_a_process_group_it_says_so():
+    x, w, y = make_inputs(4, 6, 5)
+    with pytest.raises(RuntimeError, match="process group is not initialised"):
+        sharded_margin_cross_entropy(x, w, y, class_start=0, num_classes=6)
+
+
+def test_partial_fc_sampling_keeps_positives_and_the_rate():
+    labels = torch.tensor([3, 3, 17, -100, 40])
+    index = sample_classes(labels, class_start=2, shard_size=20, sample_rate=0.25, generator=torch.Generator().manual_seed(0))
+    assert index.tolist() == sorted(set(index.tolist())) and len(index) == 5
+    assert {1, 15} <= set(index.tolist())
+    everything = sample_classes(labels, class_start=2, shard_size=20, sample_rate=0.01)
+    assert everything.tolist() == [1, 15]
+
+
+def _cases(backends):
+    for backend, margin, margin_grad, reduction in itertools.product(backends, MARGINS, ["detached", "exact"], ["mean", "sum", "none"]):
+        yield f"{backend}/{margin}/{margin_grad}/{reduction}", dict(
+            backend=backend, margin=margin, margin_grad=margin_grad, reduction=reduction,
+            label_smoothing=0.1 if reduction == "sum" else 0.0,
+        )
+
+
+def _reference(x, w, y, upstream, **options):
+    """Single-process float64 loss and gradients."""
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = mf.margin_cross_entropy(x, w, y, scale=30.0, backend="torch", **options)
+    loss.backward(upstream if options["reduction"] == "none" else None)
+    return loss.detach(), x.grad, w.grad
+
+
+def _sharded(x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=1.0, generator=None, **options):
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    start, stop = shard_range(NUM_CLASSES, rank, world)
+    x = x_full[rows].to(dtype).requires_grad_()
+    w = w_full[start:stop].to(dtype).requires_grad_()
+    loss = sharded_margin_cross_entropy(
+        x, w, y_full[rows], class_start=start, num_classes=NUM_CLASSES, scale=30.0,
+        sample_rate=sample_rate, generator=generator, **options,
+    )
+    loss.backward(upstream[rows].to(loss.dtype) if options["reduction"] == "none" else None)
+    return loss.detach().double(), x.grad.double(), w.grad.double(), rows, (start, stop)
+
+
+def _check_case(rank, world, backend, dtype, tolerance, **options):
+    x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=2, seed=world)
+    upstream = torch.linspace(-1.0, 2.0, world * LOCAL_BATCH, dtype=torch.float64)
+    loss, gx, gw = _reference(x_full, w_full, y_full, upstream, **options)
+    got_loss, got_gx, got_gw, rows, (start, stop) = _sharded(
+        x_full, w_full, y_full, upstream, rank, world, dtype, backend=backend, **options
+    )
+    assert_close("loss", got_loss, loss[rows] if options["reduction"] == "none" else loss, tolerance)
+    assert_close("x grad", got_gx, world * gx[rows], tolerance * 10)
+    assert_close("w grad", got_gw, gw[start:stop], tolerance * 10)
+
+
+def _check_sampling(rank, world, backend, dtype, tolerance):
+    x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=1, seed=world + 10)
+    upstream = torch.zeros(world * LOCAL_BATCH, dtype=torch.float64)
+    start, stop = shard_range(NUM_CLASSES, rank, world)
+    # the classes every rank samples, recomputed here from the same seeds
+    sampled = torch.cat([
+        sample_classes(y_full, s, e - s, 0.5, generator=torch.Generator().manual_seed(100 + r)) + s
+        for r, (s, e) in enumerate(shard_range(NUM_CLASSES, r, world) for r in range(world))
+    ])
+    renumbered = torch.where(y_full == -100, y_full, torch.searchsorted(sampled, y_full.clamp(min=0)))
+    loss, gx, gw_sampled = _reference(x_full, w_full[sampled], renumbered, upstream, margin="arcface", reduction="mean")
+    got_loss, got_gx, got_gw, rows, _ = _sharded(
+        x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=0.5,
+        generator=torch.Generator().manual_seed(100 + rank), backend=backend, margin="arcface", reduction="mean",
+    )
+    assert_close("loss", got_loss, loss, tolerance)
+    assert_close("x grad", got_gx, world * gx[rows], tolerance * 10)
+    expected_gw = torch.zeros(stop - start, DIM, dtype=torch.float64)
+    mine = (sampled >= start) & (sampled < stop)
+    expected_gw[sampled[mine] - start] = gw_sampled[mine]
+    assert_close("w grad (unsampled rows zero)", got_gw, expected_gw, tolerance * 10)
+
+
+def _check_errors(rank, world):
+    x, w, y = make_inputs(LOCAL_BATCH, NUM_CLASSES, DIM, seed=1)
+    start, stop = shard_range(NUM_CLASSES, rank, world)
+    shard = w[start:stop]
+    with pytest.raises(ValueError, match="same number of rows on every rank"):
+        sharded_margin_cross_entropy(x[: LOCAL_BATCH - (rank == 0)], shard, y[: LOCAL_BATCH - (rank == 0)],
+                                     class_start=start, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="w_shard must hold the classes|invalid inputs on rank"):
+        sharded_margin_cross_entropy(x, w[start:stop - (rank == 1)], y, class_start=start, num_classes=NUM_CLASSES)
+    bad = y.clone()
+    bad[0] = NUM_CLASSES if rank == 0 else bad[0]
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {NUM_CLASSES}\)|invalid inputs on rank\(s\) \[0\]"):
+        sharded_margin_cross_entropy(x, shard, bad, class_start=start, num_classes=NUM_CLASSES)
+    head = ShardedMarginSoftmaxLoss(DIM, NUM_CLASSES, dtype=torch.float64)
+    assert (head.class_start, head.class_start + len(head.weight)) == (start, stop)
+    assert torch.isfinite(head(x, y))
+
+
+def _worker(rank, world, store, out_dir, backends):
+    failures = []
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        checks = [(name, lambda o=options: _check_case(rank, world, dtype=torch.float64 if o["backend"] == "torch" else torch.float32,
+                                                      tolerance=1e-9 if o["backend"] == "torch" else 2e-4, **o))
+                  for name, options in _cases(backends)]
+        checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, torch.float64 if b == "torch" else torch.float32,
+                                                                 1e-9 if b == "torch" else 2e-4)) for b in backends]
+        checks.append(("errors", lambda: _check_errors(rank, world)))
+        for name, check in checks:
+            try:
+                check()
+            except Exception:
+                failures.append(f"{name}: {traceback.format_exc(limit=3)}")
+        dist.destroy_process_group()
+    except Exception:
+        failures.append(f"setup: {traceback.format_exc()}")
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(failures))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_loss_equals_the_single_process_loss(world, tmp_path):
+    backends = ["torch"] + [name for name in ("cpu",) if mf.available_backends()[name] is None]
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_worker, args=(rank, world, tmp_path / "store", tmp_path, backends))
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(SPAWN_TIMEOUT_S)
+    hung = [p.pid for p in processes if p.is_alive()]
+    for process in processes:
+        process.kill()
+    assert not hung, f"ranks still running after {SPAWN_TIMEOUT_S} s"
+    failures = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)}
+    assert all(not f for f in failures.values()), "\n".join(f"rank {r}: {m}" for r, fs in failures.items() for m in fs[:3])

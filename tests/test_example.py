@@ -28,3 +28,19 @@ def test_a_fused_backend_follows_the_torch_backend(backend):
     fused = example.train(steps=5, backend=backend, **SMALL)
     reference = example.train(steps=5, backend="torch", **SMALL)
     assert fused == pytest.approx(reference, rel=1e-3)
+
+
+def test_the_distributed_example_trains_under_torchrun_on_two_cpu_ranks():
+    import re
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(EXAMPLE.parent / "train_distributed.py"), "--classes", "300", "--steps", "100", "--batch", "64",
+         "--sample-rate", "0.5", "--log-every", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, last = map(float, re.search(r"loss: first ([\d.]+), last ([\d.]+)", result.stdout).groups())
+    assert last < 0.8 * first

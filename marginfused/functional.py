@@ -58,7 +58,23 @@ def margin_cross_entropy(
     Returns:
         The loss in float32 (float64 for float64 inputs), and with `return_accuracy` a
         (loss, accuracy) pair, accuracy a 0-dim float32 tensor.
+
+    Under `torch.autocast` for the inputs' device, embeddings and weight are cast once to the
+    autocast dtype (so they may arrive in different dtypes), the cosine matmul runs in it, and
+    everything after the matmul stays in float32; gradients flow back to the original dtypes.
     """
+    device_type = embeddings.device.type if isinstance(embeddings, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        embeddings, weight = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (embeddings, weight)
+        )
+        with torch.autocast(device_type, enabled=False):
+            return margin_cross_entropy(
+                embeddings, weight, labels, margin, scale=scale, margin_grad=margin_grad, reduction=reduction,
+                ignore_index=ignore_index, label_smoothing=label_smoothing, backend=backend,
+                return_accuracy=return_accuracy,
+            )
     config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
     check_reduction(reduction)
     check_inputs(embeddings, weight, labels, ignore_index)

@@ -123,3 +123,29 @@ def assert_matches_truth(
         expected = getattr(truth, field)
         budget = 2 * max_error(getattr(reference, field), expected) + ATOL[dtype]
         assert_close(f"{backend}/{dtype}/{field}", getattr(candidate, field), expected, budget)
+
+
+def usable_backends(device: str = "cpu") -> list[str]:
+    """The backends that can run on float32 tensors of `device` here (the reference included)."""
+    from marginfused.config import LossConfig
+    from marginfused.dispatch import BACKENDS
+
+    x = torch.zeros(2, 4, device=device)
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    return [
+        name for name, backend in BACKENDS.items()
+        if backend.unavailable_reason() is None and backend.unsupported_reason(x, x, config) is None
+    ]
+
+
+def skip_unless_supported(backend: str, x: Tensor, w: Tensor) -> None:
+    """pytest.skip, with the backend's own reason, when it cannot take these tensors."""
+    import pytest
+
+    from marginfused.config import LossConfig
+    from marginfused.dispatch import BACKENDS
+
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    reason = BACKENDS[backend].unsupported_reason(x, w, config)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")

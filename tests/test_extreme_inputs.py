@@ -1,0 +1,87 @@
+"""Every backend usable here against float64 truth (DESIGN §4's rule) on inputs at the edges."""
+
+import pytest
+import torch
+
+import marginfused as mf
+
+from helpers import assert_close, assert_matches_truth, make_inputs, run, skip_unless_supported, usable_backends
+
+BACKENDS = usable_backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("margin_grad", ["detached", "exact"])
+def test_zero_norm_embedding_and_class_centre_rows(backend, margin_grad):
+    x, w, y = make_inputs(6, 9, 8, seed=1)
+    x[0] = 0.0
+    w[3] = 0.0
+    y[1] = 3
+    assert_matches_truth(backend, x, w, y, torch.float32, margin_grad=margin_grad)
+
+
+@pytest.mark.parametrize("margin", ["arcface", "sphereface", "expface", "combined"])
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["cos=1", "cos=-1"])
+def test_rows_on_or_opposite_their_centre_in_exact_mode(backend, margin, sign):
+    x, w, y = make_inputs(6, 9, 8, seed=2)
+    x[:4] = sign * 3.0 * w[y[:4]]
+    assert_matches_truth(backend, x, w, y, torch.float32, margin=margin, margin_grad="exact")
+
+
+def test_fp16_inputs_at_scale_64(backend):
+    x, w, y = make_inputs(8, 40, 16, seed=3)
+    x[:2] = w[y[:2]]  # target logits of s·f(1) ≈ 56: exp(56) overflows fp16
+    skip_unless_supported(backend, x.half(), w.half())
+    assert_matches_truth(backend, x, w, y, torch.float16, scale=64.0)
+
+
+@pytest.mark.parametrize("norm", [1e-4, 1e4])
+def test_huge_and_tiny_norms(backend, norm):
+    x, w, y = make_inputs(6, 9, 8, seed=4)
+    assert_matches_truth(backend, x * norm, w * norm, y, torch.float32)
+
+
+@pytest.mark.parametrize("batch, classes", [(1, 9), (6, 1), (1, 1)])
+def test_a_single_row_or_class(backend, batch, classes):
+    x, w, y = make_inputs(batch, classes, 8, seed=5)
+    for reduction in ("mean", "none"):
+        assert_matches_truth(backend, x, w, y, torch.float32, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_label_ignored(backend, reduction):
+    x, w, y = make_inputs(5, 9, 8, seed=6)
+    y[:] = -100
+    outcome = run(backend, x.float(), w.float(), y, reduction=reduction)
+    expected = {"mean": torch.tensor(float("nan")), "sum": torch.tensor(0.0), "none": torch.zeros(5)}[reduction]
+    assert_close("loss", outcome.loss, expected.double(), 0.0)
+    if reduction != "mean":  # the mean's NaN would poison every gradient
+        assert (outcome.grad_embeddings == 0).all() and (outcome.grad_weight == 0).all()
+
+
+def test_transposed_and_strided_inputs(backend):
+    x, w, y = make_inputs(6, 9, 16, seed=7)
+    x_t = x.T.contiguous().T.float()  # (6, 16) with column-major strides
+    w_s = torch.zeros(9, 32, dtype=torch.float32)
+    w_s[:, ::2] = w.float()
+    w_view = w_s[:, ::2]  # every other column: non-contiguous
+    assert not x_t.is_contiguous() and not w_view.is_contiguous()
+    expected = mf.margin_cross_entropy(x.float(), w.float(), y, backend=backend)
+    assert_close("loss", mf.margin_cross_entropy(x_t, w_view, y, backend=backend).double(), expected.double(), 0.0)
+    assert_matches_truth(backend, x.T.contiguous().T, w, y, torch.float32)
+
+
+@pytest.mark.parametrize("only", ["embeddings", "weight"])
+def test_gradient_for_only_one_input(backend, only):
+    x, w, y = make_inputs(6, 9, 8, seed=8)
+    truth = run("torch", x, w, y)
+    x, w = x.float(), w.float()
+    leaf = x if only == "embeddings" else w
+    leaf.requires_grad_()
+    mf.margin_cross_entropy(x, w, y, backend=backend).backward()
+    expected = truth.grad_embeddings if only == "embeddings" else truth.grad_weight
+    assert_close(f"{only} grad", leaf.grad.double(), expected, 1e-4)

@@ -110,7 +110,7 @@ class TorchBackend(Backend):
         config: LossConfig,
         class_start: int,
         num_classes: int,
-        lse: Tensor,
+        totals: RowPartials,
         grad_rows: Tensor,
     ) -> tuple[Tensor, Tensor]:
         x = embeddings.detach().requires_grad_()
@@ -119,7 +119,7 @@ class TorchBackend(Backend):
             _, logits, local, inside = self._range_logits(x, w, labels, config, class_start)
         eps = config.label_smoothing
         with torch.no_grad():
-            probabilities = torch.exp(logits - lse.unsqueeze(1))
+            probabilities = torch.exp(logits - totals.max.unsqueeze(1)) / totals.sumexp.unsqueeze(1)
             onehot = torch.zeros_like(logits).scatter_(1, local.clamp(min=0).unsqueeze(1), inside.unsqueeze(1).to(logits.dtype))
             weight_rows = torch.where(labels != config.ignore_index, grad_rows.to(logits.dtype), 0.0)
             grad_logits = weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)

@@ -167,7 +167,7 @@ class _ShardedLoss(torch.autograd.Function):
         partials = _all_reduce_partials(backend.row_partials(x, w_shard.detach(), labels, config, class_start), group)
         per_row = row_loss(partials, labels, config.ignore_index, config.label_smoothing, num_classes)
         valid = labels != config.ignore_index
-        ctx.save_for_backward(x, w_shard, labels, valid.sum(), *partials)
+        ctx.save_for_backward(x, w_shard, labels, valid.sum(), partials.max, partials.sumexp)
         ctx.settings = (backend, config, class_start, num_classes, reduction, group, world_size, rank)
         if reduction == "none":
             return per_row.chunk(world_size)[rank].clone()
@@ -175,7 +175,7 @@ class _ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, w_shard, labels, valid_count, *totals = ctx.saved_tensors
+        x, w_shard, labels, valid_count, row_max, row_sumexp = ctx.saved_tensors
         backend, config, class_start, num_classes, reduction, group, world_size, rank = ctx.settings
         if reduction == "none":
             grad_rows = _all_gather(grad.contiguous(), group)
@@ -184,7 +184,7 @@ class _ShardedLoss(torch.autograd.Function):
             grad_rows = scale.expand(labels.shape[0])
         accumulate = torch.promote_types(x.dtype, torch.float32)
         grad_x, grad_w = backend.shard_backward(
-            x, w_shard, labels, config, class_start, num_classes, RowPartials(*totals), grad_rows.to(accumulate)
+            x, w_shard, labels, config, class_start, num_classes, row_max, row_sumexp, grad_rows.to(accumulate)
         )
         grad_x = grad_x.to(accumulate)
         dist.all_reduce(grad_x, group=group)

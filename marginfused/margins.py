@@ -340,3 +340,20 @@ def resolve_margin(margin: MarginLike) -> Margin:
         f"margin must be a name or a Margin object (CosFace, ArcFace, ...), "
         f"got {type(margin).__name__}"
     )
+
+
+def margin_from_spec(kind: int, params: tuple[float, float, float], fallback: int) -> Margin:
+    """The margin whose `kind`, `params` and `fallback_code` these are (what crosses into a
+    custom operator, which takes numbers, not margin objects)."""
+    m1, m2, m3 = params
+    kind = MarginKind(kind)
+    if kind == MarginKind.COSFACE:
+        return CosFace(m1)
+    if kind == MarginKind.ARCFACE:
+        code = ArcFaceFallback(fallback)
+        return ArcFace(m1, None if code == ArcFaceFallback.NONE else code.name.lower())
+    if kind == MarginKind.SPHEREFACE:
+        return SphereFace(m1)
+    if kind == MarginKind.EXPFACE:
+        return ExpFace(m1)
+    return CombinedMargin(m1, m2, m3)

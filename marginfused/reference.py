@@ -53,6 +53,19 @@ def margin_logits(cos: Tensor, labels: Tensor, config: LossConfig) -> Tensor:
     return config.scale * cos.scatter(1, target, z_target.unsqueeze(1))
 
 
+def _normalized(rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(r̂, ‖r‖) per row in `dtype`, r̂ = r / max(‖r‖, 1e-12)."""
+    rows = rows.to(dtype)
+    norm = rows.norm(dim=1, keepdim=True)
+    return rows / norm.clamp_min(NORM_EPS), norm
+
+
+def _through_normalization(grad_hat: Tensor, hat: Tensor, norm: Tensor) -> Tensor:
+    """∂/∂r from ∂/∂r̂ for r̂ = r / max(‖r‖, ε): (g − r̂ (r̂·g)) / ‖r‖, or g / ε where ‖r‖ < ε."""
+    projected = (grad_hat - hat * (hat * grad_hat).sum(dim=1, keepdim=True)) / norm.clamp_min(NORM_EPS)
+    return torch.where(norm < NORM_EPS, grad_hat / NORM_EPS, projected)
+
+
 class TorchBackend(Backend):
     """The reference: materialises B×C logits; any device, any float dtype including float64."""
 
@@ -110,18 +123,25 @@ class TorchBackend(Backend):
         config: LossConfig,
         class_start: int,
         num_classes: int,
-        totals: RowPartials,
+        row_max: Tensor,
+        row_sumexp: Tensor,
         grad_rows: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        x = embeddings.detach().requires_grad_()
-        w = weight.detach().requires_grad_()
-        with torch.enable_grad():
-            _, logits, local, inside = self._range_logits(x, w, labels, config, class_start)
         eps = config.label_smoothing
         with torch.no_grad():
-            probabilities = torch.exp(logits - totals.max.unsqueeze(1)) / totals.sumexp.unsqueeze(1)
-            onehot = torch.zeros_like(logits).scatter_(1, local.clamp(min=0).unsqueeze(1), inside.unsqueeze(1).to(logits.dtype))
+            cos, logits, local, inside = self._range_logits(embeddings, weight, labels, config, class_start)
+            probabilities = torch.exp(logits - row_max.unsqueeze(1)) / row_sumexp.unsqueeze(1)
+            target = local.clamp(min=0).unsqueeze(1)
+            onehot = torch.zeros_like(logits).scatter_(1, target, inside.unsqueeze(1).to(logits.dtype))
             weight_rows = torch.where(labels != config.ignore_index, grad_rows.to(logits.dtype), 0.0)
-            grad_logits = weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)
-        grad_x, grad_w = torch.autograd.grad(logits, (x, w), grad_logits)
-        return grad_x, grad_w
+            # G_ij = ∂/∂c_ij = s · g_i · (p_ij − (1 − ε)[j = y_i] − ε/C), times f′(c_iy) at the target in exact mode
+            grad_cos = config.scale * weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)
+            if config.margin_grad == "exact":
+                slope = config.margin.derivative(cos.gather(1, target).squeeze(1))
+                slope = torch.where(inside, slope, torch.ones_like(slope))
+                grad_cos.scatter_(1, target, grad_cos.gather(1, target) * slope.unsqueeze(1))
+            x_hat, x_norm = _normalized(embeddings, cos.dtype)
+            w_hat, w_norm = _normalized(weight, cos.dtype)
+            grad_x = _through_normalization(grad_cos @ w_hat, x_hat, x_norm)
+            grad_w = _through_normalization(grad_cos.T @ x_hat, w_hat, w_norm)
+        return grad_x.to(embeddings.dtype), grad_w.to(weight.dtype)

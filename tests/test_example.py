@@ -41,6 +41,8 @@ def test_the_distributed_example_trains_under_torchrun_on_two_cpu_ranks():
          "--sample-rate", "0.5", "--log-every", "0"],
         capture_output=True, text=True, timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    first, last = map(float, re.search(r"loss: first ([\d.]+), last ([\d.]+)", result.stdout).groups())
-    assert last < 0.8 * first
+    output = f"exit {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"
+    losses = re.search(r"loss: first ([\d.]+), last ([\d.]+)", result.stdout)
+    assert result.returncode == 0 and losses, output
+    first, last = map(float, losses.groups())
+    assert last < 0.8 * first, output

@@ -40,7 +40,7 @@ from .checks import check_inputs
 from .config import LossConfig, check_reduction
 from .dispatch import select_backend
 from .margins import MarginLike
-from .modules import WEIGHT_INIT_STD
+from .modules import WEIGHT_INIT_STD, store_settings
 from .partials import RowPartials, row_loss
 
 
@@ -268,18 +268,11 @@ class ShardedMarginSoftmaxLoss(nn.Module):
     ) -> None:
         super().__init__()
         world_size, rank = _group_size_and_rank(group)
-        config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+        store_settings(
+            self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing, backend
+        )
         self.class_start, stop = shard_range(num_classes, rank, world_size)
-        self.embedding_dim = embedding_dim
-        self.num_classes = num_classes
-        self.margin = config.margin
-        self.scale = config.scale
-        self.margin_grad = config.margin_grad
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = config.ignore_index
-        self.label_smoothing = config.label_smoothing
         self.sample_rate = sample_rate
-        self.backend = backend
         self.group = group
         self.weight = nn.Parameter(torch.empty(stop - self.class_start, embedding_dim, device=device, dtype=dtype))
         nn.init.normal_(self.weight, mean=0.0, std=WEIGHT_INIT_STD)

@@ -14,6 +14,36 @@ from .margins import MarginLike
 WEIGHT_INIT_STD = 0.01
 
 
+def store_settings(
+    module: nn.Module,
+    embedding_dim: int,
+    num_classes: int,
+    margin: MarginLike,
+    scale: float,
+    margin_grad: str,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    backend: str,
+) -> None:
+    """Validate a loss head's settings and store them on `module` as attributes of those names."""
+    for name, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+    module.embedding_dim = embedding_dim
+    module.num_classes = num_classes
+    module.margin = config.margin
+    module.scale = config.scale
+    module.margin_grad = config.margin_grad
+    module.reduction = check_reduction(reduction)
+    module.ignore_index = config.ignore_index
+    module.label_smoothing = config.label_smoothing
+    module.backend = backend
+
+
 class MarginSoftmaxLoss(nn.Module):
     """A classification head of class centres trained with a margin softmax loss.
 
@@ -40,21 +70,9 @@ class MarginSoftmaxLoss(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        for name, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
-        self.embedding_dim = embedding_dim
-        self.num_classes = num_classes
-        self.margin = config.margin
-        self.scale = config.scale
-        self.margin_grad = config.margin_grad
-        self.reduction = check_reduction(reduction)
-        self.ignore_index = config.ignore_index
-        self.label_smoothing = config.label_smoothing
-        self.backend = backend
+        store_settings(
+            self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing, backend
+        )
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()
 

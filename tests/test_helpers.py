@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import marginfused as mf
 from marginfused.dispatch import BACKENDS
 from marginfused.reference import TorchBackend
 

@@ -1,7 +1,11 @@
 """Backward kernel: recompute the cosine tiles, form ∂ℓ/∂c, accumulate dX̂ and dŴ.
 
-Math, for a valid row i (label ≠ ignore_index) with upstream gradient u_i, the saved
-lse_i = logsumexp_j z_ij over all C classes, p_ij = exp(z_ij − lse_i), smoothing ε:
+Math, for a valid row i (label ≠ ignore_index) with upstream gradient u_i, smoothing ε and the
+saved row statistics over all C classes, M_i = max_j z_ij and log S_i = log Σ_j exp(z_ij − M_i):
+
+    p_ij = exp((z_ij − M_i) − log S_i)      (= exp(z_ij − lse_i); kept in two parts because
+                                             lse_i ≈ s rounds to ~4e-6 in float32, and p_iy − 1
+                                             for a confident row would inherit that error)
 
     ∂ℓ_i/∂z_ij = p_ij − (1−ε)·[j = y_i] − ε/C
     G_ij = ∂(u·ℓ)/∂c_ij = u_i · s · (p_ij − (1−ε)·[j = y_i] − ε/C) · (f′(c_iy) if j = y_i and
@@ -23,7 +27,8 @@ gradient), then per D chunk:
                  (C_local, D) buffer; cdiv(B, BLOCK_B) programs add to each element (summation
                  order not deterministic).
 ŵ and x̂ chunks are normalised in registers, never in memory.
-Sharding: as in forward.py (class_start, global labels); lse and the 1/C of smoothing are global.
+Sharding: as in forward.py (class_start, global labels); M, log S and the 1/C of smoothing are
+global (over every shard).
 """
 
 import triton
@@ -34,7 +39,7 @@ from .tiles import cos_tile, margin_logits
 
 @triton.jit
 def grad_kernel(
-    x_ptr, w_ptr, y_ptr, lse_ptr, upstream_ptr, dx_part_ptr, dw_acc_ptr,
+    x_ptr, w_ptr, y_ptr, row_max_ptr, log_sumexp_ptr, upstream_ptr, dx_part_ptr, dw_acc_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
     scale, m1, m2, m3, ignore_index, target_weight, smoothing_per_class,
     KIND: tl.constexpr, FALLBACK: tl.constexpr, EXACT: tl.constexpr,
@@ -51,7 +56,8 @@ def grad_kernel(
     valid = row_ok & (labels != ignore_index)
     local = labels - class_start
     target_col = tl.where(valid & (local >= 0) & (local < C_local), local, -1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+    log_sumexp = tl.load(log_sumexp_ptr + rows, mask=row_ok, other=0.0)
     upstream = tl.load(upstream_ptr + rows, mask=row_ok, other=0.0)
     upstream = tl.where(valid, upstream, 0.0) * scale
 
@@ -66,7 +72,7 @@ def grad_kernel(
                                      BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
         is_target = cols[None, :] == target_col[:, None]
         z, slope = margin_logits(cos, is_target, scale, m1, m2, m3, KIND, FALLBACK, EXACT)
-        p = tl.exp(z - lse[:, None])
+        p = tl.exp((z - row_max[:, None]) - log_sumexp[:, None])
         dz = p - tl.where(is_target, target_weight, 0.0) - smoothing_per_class
         dz = tl.where(is_target, dz * slope[:, None], dz)
         g = dz * upstream[:, None]

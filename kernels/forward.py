@@ -18,8 +18,9 @@ BLOCK_C tiles; each tile's D loop loads x and W chunks once for the dot product 
 merges the splits (`marginfused.partials.merge_partials`) and the loss is
 ℓ_i = lse_i − (1−ε)·target_i − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
 
-Saved for the backward pass: only lse_i = max_i + log sumexp_i (B floats). The backward kernel
-recomputes each cosine tile and the norms (see backward.py).
+Saved for the backward pass: only max_i and log sumexp_i of the merged partials (2·B floats;
+lse_i = max_i + log sumexp_i). The backward kernel recomputes each cosine tile and the norms
+(see backward.py).
 
 Sharding: columns are local indices j_local ∈ [0, C_local); the global class id is
 class_start + j_local, labels are global, so a shard of W is just (W_shard, class_start).

@@ -26,7 +26,7 @@ def project_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
     dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    part_stride = R * D
+    part_stride = tl.cast(R, tl.int64) * D  # R·D passes 2³¹ at C = 4M, D = 512
 
     v_sq = tl.zeros((BLOCK_R,), tl.float32)
     v_dot_g = tl.zeros((BLOCK_R,), tl.float32)

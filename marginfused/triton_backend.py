@@ -8,9 +8,10 @@ Building blocks for class sharding (the distributed loss combines shards with th
 
 - `row_partials(x, W_shard, y, config, class_start)` → `RowPartials` of the classes
   [class_start, class_start + W_shard.shape[0]) with global labels y;
-- `row_partials_backward(x, W_shard, y, config, lse, upstream, class_start, num_classes)` →
+- `row_partials_backward(x, W_shard, y, config, totals, upstream, class_start, num_classes)` →
   (dx, dW_shard): this shard's share of ∂(Σ_i u_i ℓ_i)/∂x (the shards' dx add up to the full one)
-  and the whole of ∂/∂W_shard, given the global lse_i = logsumexp over all classes.
+  and the whole of ∂/∂W_shard, given `totals`, the partials merged over all classes (all shards):
+  its max and sumexp give the global lse_i.
 
 Memory: forward O(n_splits·B) partials; backward an (n_splits, B, D) float32 dX̂ buffer and a
 (C, D) float32 dŴ buffer (W's shape; returned in place for float32 inputs). n_splits ≤ 64 does not
@@ -19,7 +20,7 @@ grow with C; nothing of B×C elements is ever allocated.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ from torch import Tensor
 from .backend import Backend, RowLoss
 from .config import LossConfig
 from .kernels.configs import interpreting as _interpreting
-from .partials import RowPartials, log_sum_exp, merge_partials, row_loss
+from .partials import RowPartials, merge_partials, row_loss
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,8 +52,9 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 dots in full precision unless PyTorch itself allows TF32 for matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """float32 dots in full precision unless PyTorch itself allows TF32 for matmuls; 16-bit
+    operands go to the tensor cores as they are ("tf32", Triton's default, changes nothing there)."""
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -170,7 +172,7 @@ def row_partials_backward(
     W: Tensor,
     y: Tensor,
     config: LossConfig,
-    lse: Tensor,
+    totals: RowPartials,
     upstream: Tensor,
     class_start: int = 0,
     num_classes: Optional[int] = None,
@@ -179,7 +181,8 @@ def row_partials_backward(
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Gradients of Σ_i upstream_i·ℓ_i through the classes of one shard of W.
 
-    lse: (B,) the global log-sum-exp of every row (over all classes, all shards);
+    totals: the partials merged over all classes (every shard): only `max` and `sumexp` are read
+    (lse_i = max_i + log sumexp_i, passed to the kernel in these two parts for precision);
     upstream: (B,) ∂L/∂ℓ_i; num_classes: the global class count C (label smoothing's ε/C; the
     default, class_start + W.shape[0], is right only for the last shard). Returns (dx, dW) in the input
     dtype: this shard's term of dx (sum over shards for the full gradient) and the full dW of the
@@ -194,11 +197,12 @@ def row_partials_backward(
     tuned = configs.autotuning()
     block_b = min(t.block_b for t in configs.AUTOTUNE_BACKWARD) if tuned else tiles.block_b
     n_splits, per_split = _class_splits(batch, local, x.device, block_b)
-    lse = lse.detach().to(torch.float32).contiguous()
+    row_max = totals.max.detach().to(torch.float32).contiguous()
+    log_sumexp = torch.log(totals.sumexp.detach().to(torch.float32)).contiguous()
     upstream = upstream.detach().to(torch.float32).contiguous()
 
-    dx_part = _empty((n_splits, batch, dim), torch.float32, x.device) if need_x else lse
-    dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else lse
+    dx_part = _empty((n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
+    dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else row_max
     kernel = configs.autotuned_backward() if tuned else backward.grad_kernel
     margin_args, flags = _margin_args(config)
     eps = float(config.label_smoothing)
@@ -207,7 +211,7 @@ def row_partials_backward(
         return (_cdiv(batch, meta["BLOCK_B"]), n_splits)
 
     kernel[grid](
-        x, W, y, lse, upstream, dx_part, dw_acc,
+        x, W, y, row_max, log_sumexp, upstream, dx_part, dw_acc,
         batch, local, dim, x.stride(0), W.stride(0), int(class_start), per_split, _bucket(batch),
         *margin_args, 1.0 - eps, eps / total,
         EXACT=config.margin_grad == "exact",
@@ -236,27 +240,36 @@ def row_partials_backward(
     return dx, dw
 
 
+class _Totals(NamedTuple):
+    """The two fields of `RowPartials` the backward reads."""
+
+    max: Tensor
+    sumexp: Tensor
+
+
 class _MarginLoss(torch.autograd.Function):
-    """(per-row loss, prediction) from the fused kernels; saves x, W, y and lse (B floats)."""
+    """(per-row loss, prediction) from the fused kernels; saves x, W, y and the merged row max and
+    sumexp (2·B floats)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, y: Tensor, config: LossConfig):
         x, w, y = _prepare(x, w, y)
         merged = _merge_splits(_split_partials(x, w, y, config, 0))
         loss = row_loss(merged, y, config.ignore_index, config.label_smoothing, w.shape[0])
-        ctx.save_for_backward(x, w, y, log_sum_exp(merged))
+        ctx.save_for_backward(x, w, y, merged.max, merged.sumexp)
         ctx.config = config
         ctx.mark_non_differentiable(merged.best_class)
         return loss, merged.best_class
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_prediction: Optional[Tensor]):
-        x, w, y, lse = ctx.saved_tensors
+        x, w, y, row_max, sumexp = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_loss is None or not (need_x or need_w):
             return None, None, None, None
         dx, dw = row_partials_backward(
-            x, w, y, ctx.config, lse, grad_loss, 0, w.shape[0], need_x=need_x, need_w=need_w
+            x, w, y, ctx.config, _Totals(row_max, sumexp), grad_loss, 0, w.shape[0],
+            need_x=need_x, need_w=need_w,
         )
         return dx, dw, None, None
 

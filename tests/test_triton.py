@@ -162,6 +162,30 @@ def test_non_contiguous_weight_and_int32_labels(device):
     assert_matches_truth("triton", x, w, y.int(), torch.float32, margin="combined")
 
 
+@pytest.mark.parametrize("needs", ["x", "w"])
+def test_gradient_to_one_input_only(needs, device):
+    """Either input may be a leaf without grad (the backward then skips that half of its work)."""
+    x, w, y = make_inputs(11, 50, 24, ignored=2, seed=14, device=device)
+    grads = {}
+    for backend in ("torch", "triton"):
+        xb = x.float().requires_grad_(needs == "x")
+        wb = w.float().requires_grad_(needs == "w")
+        mf.margin_cross_entropy(xb, wb, y, "arcface", margin_grad="exact", backend=backend).backward()
+        leaf = xb if needs == "x" else wb
+        assert (xb.grad is None) == (needs != "x") and (wb.grad is None) == (needs != "w")
+        grads[backend] = leaf.grad.double()
+    assert_close("grad", grads["triton"], grads["torch"], 1e-4)
+
+
+def test_module_head_runs_on_triton(device):
+    head = mf.MarginSoftmaxLoss(24, 50, margin="cosface", backend="triton").to(device)
+    x, _, y = make_inputs(11, 50, 24, seed=15, device=device)
+    loss, accuracy = head(x.float(), y, return_accuracy=True)
+    loss.backward()
+    assert head.weight.grad is not None and bool(head.weight.grad.isfinite().all())
+    assert loss.dtype == torch.float32 and 0.0 <= float(accuracy) <= 1.0
+
+
 def test_accuracy_and_prediction(device):
     x, w, y = spread_inputs(30, 80, 24, ignored=3, seed=8, device=device)
     loss, accuracy = mf.margin_cross_entropy(x.float(), w.float(), y, backend="triton", return_accuracy=True)

@@ -38,9 +38,12 @@ SPLIT_ALIGN_GPU = 256
 """Class splits start at multiples of this (every BLOCK_C of every config divides it), so any
 config's tiles line up with the splits and only the last tile of C is partial."""
 SPLIT_ALIGN_INTERPRET = 32
-MAX_SPLITS = 64
-"""Class splits per batch tile on a GPU: enough programs to fill the GPU at small batches,
-and a bound on the (n_splits, B) partials and the (n_splits, B, D) dX̂ buffer, independent of C."""
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 256
+"""Class splits per batch tile on a GPU: n_splits = min(MAX_SPLITS, ⌈PROGRAMS_PER_SM·SMs / batch
+tiles⌉), so even one batch tile fills the GPU. It never depends on C; n_splits·B stays about
+PROGRAMS_PER_SM·SMs·BLOCK_B, which bounds the backward's (n_splits, B, D) float32 dX̂ buffer
+(≈ 35 MB at 132 SMs, BLOCK_B = 64, D = 512) whatever the batch size."""
 INTERPRET_SPLITS = 3
 """Class splits under the interpreter: more than one, so the merge of splits is always tested."""
 

@@ -14,8 +14,9 @@ Building blocks for class sharding (the distributed loss combines shards with th
   its max and sumexp give the global lse_i.
 
 Memory: forward O(n_splits·B) partials; backward an (n_splits, B, D) float32 dX̂ buffer and a
-(C, D) float32 dŴ buffer (W's shape; returned in place for float32 inputs). n_splits ≤ 64 does not
-grow with C; nothing of B×C elements is ever allocated.
+(C, D) float32 dŴ buffer (W's shape; returned in place for float32 inputs). n_splits ≤ 256 does not
+grow with C (n_splits·B·D·4 bytes ≈ 35 MB at D = 512 on a 132-SM GPU, whatever B); nothing of
+B×C elements is ever allocated.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor
 from .backend import Backend, RowLoss
 from .config import LossConfig
 from .kernels.configs import interpreting as _interpreting
-from .partials import RowPartials, merge_partials, row_loss
+from .partials import RowPartials, row_loss
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,7 +67,7 @@ def _num_splits(batch_tiles: int, num_classes: int, device: torch.device) -> int
         wanted = configs.INTERPRET_SPLITS
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = min(configs.MAX_SPLITS, max(1, -(-2 * sms // batch_tiles)))
+        wanted = min(configs.MAX_SPLITS, max(1, -(-configs.PROGRAMS_PER_SM * sms // batch_tiles)))
     return max(1, min(wanted, -(-num_classes // configs.split_align())))
 
 
@@ -143,10 +144,20 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, config: LossConfig, class_s
 
 
 def _merge_splits(parts: RowPartials) -> RowPartials:
-    merged = RowPartials(*(field[0] for field in parts))
-    for k in range(1, parts.max.shape[0]):
-        merged = merge_partials(merged, RowPartials(*(field[k] for field in parts)))
-    return merged
+    """Fold `merge_partials` over the splits (dim 0) in a fixed number of torch ops, whatever
+    n_splits is: the same merge (logaddexp of (max, sumexp); sums add; the first split holding the
+    largest cosine wins, as merge_partials keeps `a` on ties)."""
+    top = parts.max.amax(dim=0)
+    best_cos = parts.best_cos.amax(dim=0)
+    winner = (parts.best_cos == best_cos).to(torch.uint8).argmax(dim=0, keepdim=True)  # first max
+    return RowPartials(
+        max=top,
+        sumexp=(parts.sumexp * torch.exp(parts.max - top)).sum(dim=0),
+        target=parts.target.sum(dim=0),
+        logit_sum=parts.logit_sum.sum(dim=0),
+        best_cos=best_cos,
+        best_class=parts.best_class.gather(0, winner).squeeze(0),
+    )
 
 
 def _prepare(x: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:

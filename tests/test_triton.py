@@ -17,7 +17,7 @@ import marginfused as mf
 import marginfused.triton_backend as tb
 from marginfused.config import LossConfig
 from marginfused.memory import AllocationTracker
-from marginfused.partials import log_sum_exp, merge_partials, row_loss
+from marginfused.partials import RowPartials, log_sum_exp, merge_partials, row_loss
 from marginfused.reference import TorchBackend
 
 from helpers import assert_close, assert_matches_truth, make_inputs, run
@@ -267,6 +267,41 @@ def test_class_shards_merge_into_the_full_result(bounds, device):
     (TorchBackend().per_row_loss(xd, wd, y, config).loss * upstream.double()).sum().backward()
     assert_close("dx vs truth", dx_full.double(), xd.grad, 1e-4)
     assert_close("dw vs truth", dw_full.double(), wd.grad, 1e-4)
+
+
+def test_split_merge_is_merge_partials_folded(device):
+    """The host's one-shot merge of the kernel's splits equals folding `merge_partials`, ties included."""
+    g = torch.Generator().manual_seed(16)
+    n, batch = 5, 40
+    parts = RowPartials(
+        max=torch.randn(n, batch, generator=g) * 10,
+        sumexp=torch.rand(n, batch, generator=g) + 1,
+        target=torch.randn(n, batch, generator=g),
+        logit_sum=torch.randn(n, batch, generator=g),
+        best_cos=torch.randint(0, 3, (n, batch), generator=g).float() / 4,  # many ties
+        best_class=torch.randint(0, 1000, (n, batch), generator=g),
+    )
+    parts = RowPartials(*(field.to(device) for field in parts))
+    folded = RowPartials(*(field[0] for field in parts))
+    for k in range(1, n):
+        folded = merge_partials(folded, RowPartials(*(field[k] for field in parts)))
+    merged = tb._merge_splits(parts)
+    for name in ("max", "sumexp", "target", "logit_sum", "best_cos"):
+        assert_close(name, getattr(merged, name), getattr(folded, name), 1e-5)
+    assert torch.equal(merged.best_class, folded.best_class)
+
+
+def test_class_ids_past_two_to_the_31(device):
+    """A shard whose classes start at 2³³: labels and best_class are int64 global ids all the way."""
+    x, w, y = make_inputs(9, 50, 16, ignored=2, seed=17, device=device)
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    start = 2**33
+    shifted = torch.where(y == -100, y, y + start)
+    far = tb.row_partials(x.float(), w.float(), shifted, config, class_start=start)
+    near = tb.row_partials(x.float(), w.float(), y, config)
+    assert torch.equal(far.best_class, near.best_class + start)
+    assert_close("target", far.target, near.target, 0.0)
+    assert bool((near.target != 0).sum() == 7)
 
 
 def _largest_and_peak(batch, num_classes, dim, device):

@@ -34,7 +34,7 @@ global (over every shard).
 import triton
 import triton.language as tl
 
-from .tiles import cos_tile, margin_logits
+from .tiles import cos_tile, margin_logits, target_in_tile
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def grad_kernel(
         col_ok = cols < c_end
         cos, inv_x, inv_w = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
                                      BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
-        is_target = cols[None, :] == target_col[:, None]
+        is_target = target_in_tile(target_col, c0, BLOCK_C)
         z, slope = margin_logits(cos, is_target, scale, m1, m2, m3, KIND, FALLBACK, EXACT)
         p = tl.exp((z - row_max[:, None]) - log_sumexp[:, None])
         dz = p - tl.where(is_target, target_weight, 0.0) - smoothing_per_class

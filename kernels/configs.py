@@ -4,8 +4,8 @@ Fixed configurations by default. The GPU ones are first guesses for Hopper-class
 still to be measured (see README: GPU checks owed); the interpreter ones are small so that
 tests on CPU tensors under TRITON_INTERPRET=1 cross many tile boundaries quickly.
 
-MARGINFUSED_AUTOTUNE=1 (GPU only; ignored under the interpreter, which cannot time kernels)
-wraps the forward and backward kernels in `triton.autotune` over `AUTOTUNE_*` below, keyed on D
+MARGINFUSED_AUTOTUNE=1 (GPU, 16-bit inputs; ignored under the interpreter, which cannot time
+kernels) wraps the forward and backward kernels in `triton.autotune` over `AUTOTUNE_*` below, keyed on D
 and the batch size rounded up to a power of two (`batch_bucket`); the backward's dW buffer is
 zeroed before every trial (`reset_to_zero`), as it is built by atomic adds.
 """
@@ -26,8 +26,18 @@ class Tiles:
     num_stages: int
 
 
-FORWARD_GPU = Tiles(block_b=128, block_c=128, block_d=64, num_warps=8, num_stages=3)
-BACKWARD_GPU = Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=2)
+# GPU configurations by input dtype: "16" for float16/bfloat16 (tensor-core dots), "32" for
+# float32 (full-precision dots, no tensor cores). Chosen without a GPU: each compiles for sm_90a
+# with no register spills (`python -m marginfused.kernels.compile_check` prints ptxas's counts:
+# forward 16-bit 189 registers, backward 16-bit 236–255). Still to be timed on a GPU.
+FORWARD_GPU = {
+    "16": Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
+    "32": Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=2),
+}
+BACKWARD_GPU = {
+    "16": Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=2),
+    "32": Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=1),
+}
 PROJECT_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
 FORWARD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1)
@@ -48,17 +58,19 @@ INTERPRET_SPLITS = 3
 """Class splits under the interpreter: more than one, so the merge of splits is always tested."""
 
 AUTOTUNE_FORWARD = [
-    Tiles(128, 128, 64, 8, 3),
-    Tiles(128, 256, 64, 8, 3),
-    Tiles(64, 128, 64, 4, 4),
-    Tiles(64, 256, 32, 8, 4),
+    Tiles(128, 64, 64, 8, 3),
+    Tiles(64, 128, 64, 8, 3),
+    Tiles(128, 128, 64, 8, 4),
+    Tiles(128, 64, 64, 8, 4),
+    Tiles(64, 64, 64, 4, 3),
 ]
 AUTOTUNE_BACKWARD = [
     Tiles(64, 128, 64, 8, 2),
-    Tiles(128, 128, 64, 8, 2),
-    Tiles(64, 64, 64, 4, 3),
-    Tiles(32, 128, 64, 4, 3),
+    Tiles(64, 128, 64, 8, 3),
+    Tiles(128, 64, 64, 8, 2),
+    Tiles(64, 64, 64, 4, 2),
 ]
+"""Autotuning candidates (16-bit inputs; float32 inputs keep their fixed configs)."""
 
 
 def interpreting() -> bool:
@@ -66,21 +78,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotuning() -> bool:
-    """True when MARGINFUSED_AUTOTUNE=1 asks for autotuning and kernels run on a GPU."""
-    return os.environ.get("MARGINFUSED_AUTOTUNE", "0") not in ("", "0") and not interpreting()
+def _width(dtype) -> str:
+    return "32" if str(dtype) == "torch.float32" else "16"
 
 
-def forward_tiles() -> Tiles:
-    return FORWARD_INTERPRET if interpreting() else FORWARD_GPU
+def forward_tiles(dtype) -> Tiles:
+    return FORWARD_INTERPRET if interpreting() else FORWARD_GPU[_width(dtype)]
 
 
-def backward_tiles() -> Tiles:
-    return BACKWARD_INTERPRET if interpreting() else BACKWARD_GPU
+def backward_tiles(dtype) -> Tiles:
+    return BACKWARD_INTERPRET if interpreting() else BACKWARD_GPU[_width(dtype)]
 
 
 def project_tiles() -> Tiles:
     return PROJECT_INTERPRET if interpreting() else PROJECT_GPU
+
+
+def autotuning(dtype=None) -> bool:
+    """True when MARGINFUSED_AUTOTUNE=1 asks for autotuning, kernels run on a GPU, and the inputs
+    are 16-bit (the candidates are 16-bit configurations)."""
+    asked = os.environ.get("MARGINFUSED_AUTOTUNE", "0") not in ("", "0")
+    return asked and not interpreting() and _width(dtype) == "16"
 
 
 def split_align() -> int:

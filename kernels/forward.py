@@ -30,7 +30,7 @@ All offsets are int64.
 import triton
 import triton.language as tl
 
-from .tiles import cos_tile, margin_logits
+from .tiles import cos_tile, margin_logits, target_in_tile
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def row_partials_kernel(
         col_ok = cols < c_end
         cos, inv_x, inv_w = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
                                      BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
-        is_target = cols[None, :] == target_col[:, None]
+        is_target = target_in_tile(target_col, c0, BLOCK_C)
         z, _ = margin_logits(cos, is_target, scale, m1, m2, m3, KIND, FALLBACK, False)
         z = tl.where(col_ok[None, :], z, float("-inf"))
 

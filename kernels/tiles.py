@@ -47,6 +47,15 @@ def cos_tile(
 
 
 @triton.jit
+def target_in_tile(target_col, c0, BLOCK_C: tl.constexpr):
+    """(BLOCK_B × BLOCK_C) mask of each row's target column in the tile starting at c0; the
+    comparison runs in int32 on tile-relative indices (an int64 tile costs twice the registers)."""
+    rel = target_col - c0
+    rel = tl.where((rel >= 0) & (rel < BLOCK_C), rel, -1).to(tl.int32)
+    return tl.arange(0, BLOCK_C)[None, :] == rel[:, None]
+
+
+@triton.jit
 def margin_logits(
     cos, is_target, scale, m1, m2, m3,
     KIND: tl.constexpr, FALLBACK: tl.constexpr, WITH_SLOPE: tl.constexpr,

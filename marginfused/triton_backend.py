@@ -112,8 +112,8 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, config: LossConfig, class_s
     forward, _, _, configs = _kernels()
     batch, dim = x.shape
     local = w.shape[0]
-    tiles = configs.forward_tiles()
-    tuned = configs.autotuning()
+    tiles = configs.forward_tiles(x.dtype)
+    tuned = configs.autotuning(x.dtype)
     # With autotuning, BLOCK_B varies by config: size the splits for the smallest one.
     block_b = min(t.block_b for t in configs.AUTOTUNE_FORWARD) if tuned else tiles.block_b
     n_splits, per_split = _class_splits(batch, local, x.device, block_b)
@@ -204,8 +204,8 @@ def row_partials_backward(
     batch, dim = x.shape
     local = W.shape[0]
     total = local + class_start if num_classes is None else num_classes
-    tiles = configs.backward_tiles()
-    tuned = configs.autotuning()
+    tiles = configs.backward_tiles(x.dtype)
+    tuned = configs.autotuning(x.dtype)
     block_b = min(t.block_b for t in configs.AUTOTUNE_BACKWARD) if tuned else tiles.block_b
     n_splits, per_split = _class_splits(batch, local, x.device, block_b)
     row_max = totals.max.detach().to(torch.float32).contiguous()

@@ -7,6 +7,8 @@ because the interpreter is slow; the interpreter's blocks (kernels/configs.py: 1
 classes, 32 dims, 3 class splits) make even these shapes cross many tile and split boundaries.
 """
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -361,6 +363,20 @@ def test_wrong_device_says_why():
     config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
     assert tb.TritonBackend().unsupported_reason(x.float(), w.float(), config) is None
     assert "CPU tensors only" in tb.TritonBackend().unsupported_reason(x.float().to("meta"), w.float().to("meta"), config)
+
+
+def test_kernels_compile_for_hopper_in_bfloat16():
+    """What the interpreter cannot check: the kernels compile (LLVM, ptxas) for sm_90 with their
+    default GPU configurations, in bfloat16, the dtype the interpreter cannot run. No GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run_ = subprocess.run(
+        [sys.executable, "-m", "marginfused.kernels.compile_check", "--dtype", "bf16", "--kind", "1", "3",
+         "--no-report"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run_.returncode == 0, run_.stdout + run_.stderr
+    assert run_.stdout.count("ok ") == 9, run_.stdout  # forward: 3 ArcFace fallbacks + ExpFace; 4 backward; project
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .backend import Backend, RowLoss
 from .config import LossConfig
@@ -273,6 +274,7 @@ class _MarginLoss(torch.autograd.Function):
         return loss, merged.best_class
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: Tensor, grad_prediction: Optional[Tensor]):
         x, w, y, row_max, sumexp = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -9,6 +9,7 @@ from torch import Tensor
 from .backend import Backend, BackendUnavailableError
 from .config import LossConfig
 from .reference import TorchBackend
+from .triton_backend import TritonBackend
 
 
 class NotImplementedBackend(Backend):
@@ -30,7 +31,7 @@ class NotImplementedBackend(Backend):
 
 
 BACKENDS: dict[str, Backend] = {
-    "triton": NotImplementedBackend("triton"),
+    "triton": TritonBackend(),
     "cuda": NotImplementedBackend("cuda"),
     "cpu": NotImplementedBackend("cpu"),
     "torch": TorchBackend(),

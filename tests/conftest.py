@@ -1,7 +1,17 @@
-"""Test configuration: GPU-marked tests are skipped, at collection, where no CUDA GPU is present."""
+"""Test configuration: GPU-marked tests are skipped, at collection, where no CUDA GPU is present.
+
+Without a CUDA GPU, Triton's interpreter runs the `triton` backend's kernels on CPU tensors:
+TRITON_INTERPRET=1 is set here, before any test imports Triton (kernels read it when they are
+defined, on first use). An explicit TRITON_INTERPRET in the environment is left alone.
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,146 @@
+"""Launch configurations of the kernels, in one place.
+
+Fixed configurations by default. The GPU ones are first guesses for Hopper-class GPUs and are
+still to be measured (see README: GPU checks owed); the interpreter ones are small so that
+tests on CPU tensors under TRITON_INTERPRET=1 cross many tile boundaries quickly.
+
+MARGINFUSED_AUTOTUNE=1 (GPU, 16-bit inputs; ignored under the interpreter, which cannot time
+kernels) wraps the forward and backward kernels in `triton.autotune` over `AUTOTUNE_*` below, keyed on D
+and the batch size rounded up to a power of two (`batch_bucket`); the backward's dW buffer is
+zeroed before every trial (`reset_to_zero`), as it is built by atomic adds.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_b: int
+    block_c: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# GPU configurations by input dtype: "16" for float16/bfloat16 (tensor-core dots), "32" for
+# float32 (full-precision dots, no tensor cores). Chosen without a GPU, by compiling for sm_90a
+# (`python -m marginfused.kernels.compile_check` prints ptxas's counts). 16-bit: forward 188–233
+# registers, backward 232–255, no spills, for every margin; float32: forward 168 registers with
+# 12 bytes spilled, backward ≤ 255 with ≤ 4 bytes. The larger 16-bit tiles first tried (forward
+# 128×128) spilled. None of this is timed yet: to be measured on a GPU (bench/triton_gpu.py).
+FORWARD_GPU = {
+    "16": Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
+    "32": Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=2),
+}
+BACKWARD_GPU = {
+    "16": Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=2),
+    "32": Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=1),
+}
+PROJECT_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
+
+FORWARD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1)
+BACKWARD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1)
+PROJECT_INTERPRET = Tiles(block_b=16, block_c=0, block_d=32, num_warps=1, num_stages=1)
+
+SPLIT_ALIGN_GPU = 256
+"""Class splits start at multiples of this (every BLOCK_C of every config divides it), so any
+config's tiles line up with the splits and only the last tile of C is partial."""
+SPLIT_ALIGN_INTERPRET = 32
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 256
+"""Class splits per batch tile on a GPU: n_splits = min(MAX_SPLITS, ⌈PROGRAMS_PER_SM·SMs / batch
+tiles⌉), so even one batch tile fills the GPU. It never depends on C; n_splits·B stays about
+PROGRAMS_PER_SM·SMs·BLOCK_B, which bounds the backward's (n_splits, B, D) float32 dX̂ buffer
+(≈ 35 MB at 132 SMs, BLOCK_B = 64, D = 512) whatever the batch size."""
+INTERPRET_SPLITS = 3
+"""Class splits under the interpreter: more than one, so the merge of splits is always tested."""
+
+AUTOTUNE_FORWARD = [
+    Tiles(128, 64, 64, 8, 3),
+    Tiles(64, 128, 64, 8, 3),
+    Tiles(128, 128, 64, 8, 4),
+    Tiles(128, 64, 64, 8, 4),
+    Tiles(64, 64, 64, 4, 3),
+]
+AUTOTUNE_BACKWARD = [
+    Tiles(64, 128, 64, 8, 2),
+    Tiles(64, 128, 64, 8, 3),
+    Tiles(128, 64, 64, 8, 2),
+    Tiles(64, 64, 64, 4, 2),
+]
+"""Autotuning candidates (16-bit inputs; float32 inputs keep their fixed configs)."""
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _width(dtype) -> str:
+    return "32" if str(dtype) == "torch.float32" else "16"
+
+
+def forward_tiles(dtype) -> Tiles:
+    return FORWARD_INTERPRET if interpreting() else FORWARD_GPU[_width(dtype)]
+
+
+def backward_tiles(dtype) -> Tiles:
+    return BACKWARD_INTERPRET if interpreting() else BACKWARD_GPU[_width(dtype)]
+
+
+def project_tiles() -> Tiles:
+    return PROJECT_INTERPRET if interpreting() else PROJECT_GPU
+
+
+def autotuning(dtype=None) -> bool:
+    """True when MARGINFUSED_AUTOTUNE=1 asks for autotuning, kernels run on a GPU, and the inputs
+    are 16-bit (the candidates are 16-bit configurations)."""
+    asked = os.environ.get("MARGINFUSED_AUTOTUNE", "0") not in ("", "0")
+    return asked and not interpreting() and _width(dtype) == "16"
+
+
+def split_align() -> int:
+    return SPLIT_ALIGN_INTERPRET if interpreting() else SPLIT_ALIGN_GPU
+
+
+def _triton_configs(choices):
+    import triton
+
+    return [
+        triton.Config(
+            {"BLOCK_B": t.block_b, "BLOCK_C": t.block_c, "BLOCK_D": t.block_d},
+            num_warps=t.num_warps,
+            num_stages=t.num_stages,
+        )
+        for t in choices
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned_forward():
+    """The forward kernel wrapped in triton.autotune (built on first use)."""
+    import triton
+
+    from .forward import row_partials_kernel
+
+    return triton.autotune(configs=_triton_configs(AUTOTUNE_FORWARD), key=["D", "batch_bucket"])(
+        row_partials_kernel
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def autotuned_backward():
+    """The backward kernel wrapped in triton.autotune; the dW accumulator is zeroed per trial."""
+    import triton
+
+    from .backward import grad_kernel
+
+    return triton.autotune(
+        configs=_triton_configs(AUTOTUNE_BACKWARD),
+        key=["D", "batch_bucket"],
+        reset_to_zero=["dw_acc_ptr"],
+    )(grad_kernel)

@@ -1,0 +1,93 @@
+"""Forward kernel: per-row partials of the margin logits over a range of classes.
+
+Math (x̂, ŵ the L2-normalised rows, eps 1e-12; s the scale, f the margin; y_i a global class id):
+
+    c_ij = clamp(x̂_i · ŵ_j, −1, 1)
+    z_ij = s·c_ij  (j ≠ y_i),   z_iy = s·f(c_iy)
+    over the classes j of one split, per row i:
+        max_i       = max_j z_ij
+        sumexp_i    = Σ_j exp(z_ij − max_i)        (online: rescaled as the max grows)
+        target_i    = z_iy if y_i is in the split (and not ignore_index), else 0
+        logit_sum_i = Σ_j z_ij                      (label smoothing)
+        best_cos_i  = max_j c_ij,  best_class_i = argmax_j c_ij (global id, first on ties)
+
+Grid: (cdiv(B, BLOCK_B), n_splits). Program (b, k) owns rows [b·BLOCK_B, …) and the classes
+[k·classes_per_split, min((k+1)·classes_per_split, C_local)) of this shard of W, which it walks in
+BLOCK_C tiles; each tile's D loop loads x and W chunks once for the dot product and the norms
+(`tiles.cos_tile`). It writes one partial per row into row k of each (n_splits, B) output; the host
+merges the splits (`marginfused.partials.merge_partials`) and the loss is
+ℓ_i = lse_i − (1−ε)·target_i − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
+
+Saved for the backward pass: only max_i and log sumexp_i of the merged partials (2·B floats;
+lse_i = max_i + log sumexp_i). The backward kernel recomputes each cosine tile and the norms
+(see backward.py).
+
+Sharding: columns are local indices j_local ∈ [0, C_local); the global class id is
+class_start + j_local, labels are global, so a shard of W is just (W_shard, class_start).
+All offsets are int64.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import cos_tile, margin_logits, target_in_tile
+
+
+@triton.jit
+def row_partials_kernel(
+    x_ptr, w_ptr, y_ptr,
+    max_ptr, sumexp_ptr, target_ptr, logit_sum_ptr, best_cos_ptr, best_class_ptr,
+    B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
+    scale, m1, m2, m3, ignore_index,
+    KIND: tl.constexpr, FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # batch_bucket: unused in the body; the autotuning key (B rounded up to a power of two).
+    pid_b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    labels = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+    local = labels - class_start
+    has_target = row_ok & (labels != ignore_index) & (local >= 0) & (local < C_local)
+    target_col = tl.where(has_target, local, -1)
+
+    run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_B,), tl.float32)
+    target = tl.zeros((BLOCK_B,), tl.float32)
+    logit_sum = tl.zeros((BLOCK_B,), tl.float32)
+    best_cos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    best_class = tl.zeros((BLOCK_B,), tl.int64) + class_start
+
+    c_begin = split * classes_per_split
+    c_end = tl.minimum(c_begin + classes_per_split, C_local)
+    tile = tl.arange(0, BLOCK_C).to(tl.int64)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        cols = c0 + tile
+        col_ok = cols < c_end
+        cos, inv_x, inv_w = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
+                                     BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
+        is_target = target_in_tile(target_col, c0, BLOCK_C)
+        z, _ = margin_logits(cos, is_target, scale, m1, m2, m3, KIND, FALLBACK, False)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+        target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        logit_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+
+        cos = tl.where(col_ok[None, :], cos, float("-inf"))
+        tile_best = tl.max(cos, axis=1)
+        tile_arg = tl.argmax(cos, axis=1).to(tl.int64)
+        better = tile_best > best_cos  # strict: an earlier class wins ties
+        best_cos = tl.where(better, tile_best, best_cos)
+        best_class = tl.where(better, class_start + c0 + tile_arg, best_class)
+
+    out = split * B + rows
+    tl.store(max_ptr + out, run_max, mask=row_ok)
+    tl.store(sumexp_ptr + out, run_sum, mask=row_ok)
+    tl.store(target_ptr + out, target, mask=row_ok)
+    tl.store(logit_sum_ptr + out, logit_sum, mask=row_ok)
+    tl.store(best_cos_ptr + out, best_cos, mask=row_ok)
+    tl.store(best_class_ptr + out, best_class, mask=row_ok)

@@ -1,0 +1,334 @@
+"""The `triton` backend: host launchers, the autograd Function and the Backend.
+
+The kernels live in `marginfused.kernels` (kernels/ in the source tree; the math is written out
+in kernels/forward.py, kernels/backward.py and kernels/project.py). Triton is imported lazily, on
+first use, so `import marginfused` stays fast and works where Triton is not installed.
+
+Building blocks for class sharding (the distributed loss combines shards with them):
+
+- `row_partials(x, W_shard, y, config, class_start)` → `RowPartials` of the classes
+  [class_start, class_start + W_shard.shape[0]) with global labels y;
+- `row_partials_backward(x, W_shard, y, config, totals, upstream, class_start, num_classes)` →
+  (dx, dW_shard): this shard's share of ∂(Σ_i u_i ℓ_i)/∂x (the shards' dx add up to the full one)
+  and the whole of ∂/∂W_shard, given `totals`, the partials merged over all classes (all shards):
+  its max and sumexp give the global lse_i.
+
+Memory: forward O(n_splits·B) partials; backward an (n_splits, B, D) float32 dX̂ buffer and a
+(C, D) float32 dŴ buffer (W's shape; returned in place for float32 inputs). n_splits ≤ 256 does not
+grow with C (n_splits·B·D·4 bytes ≈ 35 MB at D = 512 on a 132-SM GPU, whatever B); nothing of
+B×C elements is ever allocated.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .backend import Backend, RowLoss
+from .config import LossConfig
+from .kernels.configs import interpreting as _interpreting
+from .partials import RowPartials, row_loss
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+POISON = False
+"""Tests set this to fill every buffer a kernel must write with NaN before the launch (instead of
+leaving it uninitialised), so an element a kernel fails to write shows up as NaN."""
+
+
+def _kernels():
+    """The kernel modules, imported on first use (this imports triton)."""
+    from .kernels import backward, configs, forward, project
+
+    return forward, backward, project, configs
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON:
+        fill = float("nan") if dtype.is_floating_point else -(2**62)
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 dots in full precision unless PyTorch itself allows TF32 for matmuls; 16-bit
+    operands go to the tensor cores as they are ("tf32", Triton's default, changes nothing there)."""
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _num_splits(batch_tiles: int, num_classes: int, device: torch.device) -> int:
+    """How many class splits each batch tile is cut into (a small number, not growing with C)."""
+    _, _, _, configs = _kernels()
+    if configs.interpreting():
+        wanted = configs.INTERPRET_SPLITS
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = min(configs.MAX_SPLITS, max(1, -(-configs.PROGRAMS_PER_SM * sms // batch_tiles)))
+    return max(1, min(wanted, -(-num_classes // configs.split_align())))
+
+
+def _class_splits(batch: int, num_classes: int, device: torch.device, block_b: int) -> tuple[int, int]:
+    """(n_splits, classes_per_split): splits aligned to SPLIT_ALIGN, every split non-empty."""
+    _, _, _, configs = _kernels()
+    align = configs.split_align()
+    wanted = _num_splits(-(-batch // block_b), num_classes, device)
+    per_split = -(-num_classes // wanted)
+    per_split = -(-per_split // align) * align
+    return -(-num_classes // per_split), per_split
+
+
+def _margin_args(config: LossConfig) -> tuple[list, dict]:
+    m1, m2, m3 = config.margin.params
+    flags = {"KIND": int(config.margin.kind), "FALLBACK": int(config.margin.fallback_code)}
+    return [float(config.scale), float(m1), float(m2), float(m3), int(config.ignore_index)], flags
+
+
+def _launch_meta(tiles, tuned: bool) -> dict:
+    if tuned:
+        return {}
+    return {
+        "BLOCK_B": tiles.block_b,
+        "BLOCK_C": tiles.block_c,
+        "BLOCK_D": tiles.block_d,
+        "num_warps": tiles.num_warps,
+        "num_stages": tiles.num_stages,
+    }
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bucket(batch: int) -> int:
+    return 1 << max(0, (batch - 1).bit_length())
+
+
+def _split_partials(x: Tensor, w: Tensor, y: Tensor, config: LossConfig, class_start: int) -> RowPartials:
+    """Per-split partials: each field (n_splits, B)."""
+    forward, _, _, configs = _kernels()
+    batch, dim = x.shape
+    local = w.shape[0]
+    tiles = configs.forward_tiles(x.dtype)
+    tuned = configs.autotuning(x.dtype)
+    # With autotuning, BLOCK_B varies by config: size the splits for the smallest one.
+    block_b = min(t.block_b for t in configs.AUTOTUNE_FORWARD) if tuned else tiles.block_b
+    n_splits, per_split = _class_splits(batch, local, x.device, block_b)
+    shape = (n_splits, batch)
+    out = RowPartials(
+        max=_empty(shape, torch.float32, x.device),
+        sumexp=_empty(shape, torch.float32, x.device),
+        target=_empty(shape, torch.float32, x.device),
+        logit_sum=_empty(shape, torch.float32, x.device),
+        best_cos=_empty(shape, torch.float32, x.device),
+        best_class=_empty(shape, torch.int64, x.device),
+    )
+    kernel = configs.autotuned_forward() if tuned else forward.row_partials_kernel
+    margin_args, flags = _margin_args(config)
+
+    def grid(meta):
+        return (_cdiv(batch, meta["BLOCK_B"]), n_splits)
+
+    kernel[grid](
+        x, w, y, *out,
+        batch, local, dim, x.stride(0), w.stride(0), class_start, per_split, _bucket(batch),
+        *margin_args,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        **flags,
+        **_launch_meta(tiles, tuned),
+    )
+    return out
+
+
+def _merge_splits(parts: RowPartials) -> RowPartials:
+    """Fold `merge_partials` over the splits (dim 0) in a fixed number of torch ops, whatever
+    n_splits is: the same merge (logaddexp of (max, sumexp); sums add; the first split holding the
+    largest cosine wins, as merge_partials keeps `a` on ties)."""
+    top = parts.max.amax(dim=0)
+    best_cos = parts.best_cos.amax(dim=0)
+    winner = (parts.best_cos == best_cos).to(torch.uint8).argmax(dim=0, keepdim=True)  # first max
+    return RowPartials(
+        max=top,
+        sumexp=(parts.sumexp * torch.exp(parts.max - top)).sum(dim=0),
+        target=parts.target.sum(dim=0),
+        logit_sum=parts.logit_sum.sum(dim=0),
+        best_cos=best_cos,
+        best_class=parts.best_class.gather(0, winner).squeeze(0),
+    )
+
+
+def _prepare(x: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return x.contiguous(), w.contiguous(), y.contiguous().long()
+
+
+def row_partials(x: Tensor, W: Tensor, y: Tensor, config: LossConfig, class_start: int = 0) -> RowPartials:
+    """Per-row partials of the margin logits over the classes [class_start, class_start + W.shape[0]).
+
+    x: (B, D) embeddings; W: (C_local, D) a shard of the class centres (all of them with
+    class_start=0); y: (B,) global labels (ignore_index for ignored rows; labels outside the shard
+    simply contribute no target). Returns `RowPartials` (float32, best_class as global ids),
+    merged over the kernel's class splits; merge shards with `merge_partials`, finish with
+    `row_loss`. No autograd: see `row_partials_backward`.
+    """
+    x, W, y = _prepare(x, W, y)
+    with torch.no_grad():
+        return _merge_splits(_split_partials(x, W, y, config, int(class_start)))
+
+
+def row_partials_backward(
+    x: Tensor,
+    W: Tensor,
+    y: Tensor,
+    config: LossConfig,
+    totals: RowPartials,
+    upstream: Tensor,
+    class_start: int = 0,
+    num_classes: Optional[int] = None,
+    need_x: bool = True,
+    need_w: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of Σ_i upstream_i·ℓ_i through the classes of one shard of W.
+
+    totals: the partials merged over all classes (every shard): only `max` and `sumexp` are read
+    (lse_i = max_i + log sumexp_i, passed to the kernel in these two parts for precision);
+    upstream: (B,) ∂L/∂ℓ_i; num_classes: the global class count C (label smoothing's ε/C; the
+    default, class_start + W.shape[0], is right only for the last shard). Returns (dx, dW) in the input
+    dtype: this shard's term of dx (sum over shards for the full gradient) and the full dW of the
+    shard; None for what is not needed.
+    """
+    x, W, y = _prepare(x, W, y)
+    _, backward, project, configs = _kernels()
+    batch, dim = x.shape
+    local = W.shape[0]
+    total = local + class_start if num_classes is None else num_classes
+    tiles = configs.backward_tiles(x.dtype)
+    tuned = configs.autotuning(x.dtype)
+    block_b = min(t.block_b for t in configs.AUTOTUNE_BACKWARD) if tuned else tiles.block_b
+    n_splits, per_split = _class_splits(batch, local, x.device, block_b)
+    row_max = totals.max.detach().to(torch.float32).contiguous()
+    log_sumexp = torch.log(totals.sumexp.detach().to(torch.float32)).contiguous()
+    upstream = upstream.detach().to(torch.float32).contiguous()
+
+    dx_part = _empty((n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
+    dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else row_max
+    kernel = configs.autotuned_backward() if tuned else backward.grad_kernel
+    margin_args, flags = _margin_args(config)
+    eps = float(config.label_smoothing)
+
+    def grid(meta):
+        return (_cdiv(batch, meta["BLOCK_B"]), n_splits)
+
+    kernel[grid](
+        x, W, y, row_max, log_sumexp, upstream, dx_part, dw_acc,
+        batch, local, dim, x.stride(0), W.stride(0), int(class_start), per_split, _bucket(batch),
+        *margin_args, 1.0 - eps, eps / total,
+        EXACT=config.margin_grad == "exact",
+        NEED_DX=need_x,
+        NEED_DW=need_w,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        **flags,
+        **_launch_meta(tiles, tuned),
+    )
+
+    ptiles = configs.project_tiles()
+    dx = dw = None
+    if need_x:
+        dx = _empty((batch, dim), x.dtype, x.device)
+        project.project_kernel[(_cdiv(batch, ptiles.block_b),)](
+            dx_part, x, dx, batch, dim, x.stride(0), n_splits,
+            BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
+        )
+    if need_w:
+        # float32: project in place (each element is read before its program writes it).
+        dw = dw_acc if W.dtype == torch.float32 else _empty((local, dim), W.dtype, W.device)
+        project.project_kernel[(_cdiv(local, ptiles.block_b),)](
+            dw_acc, W, dw, local, dim, W.stride(0), 1,
+            BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
+        )
+    return dx, dw
+
+
+class _Totals(NamedTuple):
+    """The two fields of `RowPartials` the backward reads."""
+
+    max: Tensor
+    sumexp: Tensor
+
+
+class _MarginLoss(torch.autograd.Function):
+    """(per-row loss, prediction) from the fused kernels; saves x, W, y and the merged row max and
+    sumexp (2·B floats)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, y: Tensor, config: LossConfig):
+        x, w, y = _prepare(x, w, y)
+        merged = _merge_splits(_split_partials(x, w, y, config, 0))
+        loss = row_loss(merged, y, config.ignore_index, config.label_smoothing, w.shape[0])
+        ctx.save_for_backward(x, w, y, merged.max, merged.sumexp)
+        ctx.config = config
+        ctx.mark_non_differentiable(merged.best_class)
+        return loss, merged.best_class
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, grad_prediction: Optional[Tensor]):
+        x, w, y, row_max, sumexp = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_loss is None or not (need_x or need_w):
+            return None, None, None, None
+        dx, dw = row_partials_backward(
+            x, w, y, ctx.config, _Totals(row_max, sumexp), grad_loss, 0, w.shape[0],
+            need_x=need_x, need_w=need_w,
+        )
+        return dx, dw, None, None
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels: forward and backward tiled over classes, never storing B×C.
+
+    Runs on CUDA tensors; with TRITON_INTERPRET=1, on CPU tensors through Triton's interpreter
+    (slow; float32 and float16 only: the interpreter computes bfloat16 dots wrongly, triton
+    issue #11584).
+    """
+
+    name = "triton"
+
+    def unavailable_reason(self) -> Optional[str]:
+        try:
+            import triton  # noqa: F401
+        except Exception as error:  # ImportError, or a broken install
+            return f"triton cannot be imported ({type(error).__name__}: {error})"
+        if _interpreting():
+            return None
+        if not torch.cuda.is_available():
+            return (
+                "no CUDA GPU is present and TRITON_INTERPRET=1 is not set "
+                "(set it to run the kernels on CPU tensors through Triton's interpreter)"
+            )
+        return None
+
+    def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
+        dtype = embeddings.dtype
+        if dtype not in SUPPORTED_DTYPES:
+            hint = "; use backend='torch'" if dtype == torch.float64 else ""
+            return f"{dtype} inputs are not supported (float32, float16, bfloat16 only){hint}"
+        device = embeddings.device.type
+        if _interpreting():
+            if device != "cpu":
+                return f"under TRITON_INTERPRET=1 the kernels run on CPU tensors only, got {device} tensors"
+            if dtype == torch.bfloat16:
+                return (
+                    "bfloat16 under TRITON_INTERPRET=1 is not supported: the interpreter computes "
+                    "bfloat16 dot products wrongly (triton issue #11584); use a GPU or backend='torch'"
+                )
+        elif device != "cuda":
+            return f"needs CUDA tensors, got {device} tensors (or set TRITON_INTERPRET=1 for CPU tensors)"
+        return None
+
+    def per_row_loss(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig) -> RowLoss:
+        loss, prediction = _MarginLoss.apply(embeddings, weight, labels, config)
+        return RowLoss(loss, prediction)

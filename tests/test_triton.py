@@ -1,0 +1,399 @@
+"""The `triton` backend against float64 truth (DESIGN §4).
+
+Without a GPU these run on CPU tensors through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), in float32 and float16; the interpreter computes bfloat16 dots wrongly
+(triton issue #11584), so bfloat16 is checked only by the `gpu`-marked tests. Shapes are small
+because the interpreter is slow; the interpreter's blocks (kernels/configs.py: 16 rows, 32
+classes, 32 dims, 3 class splits) make even these shapes cross many tile and split boundaries.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import marginfused as mf
+import marginfused.triton_backend as tb
+from marginfused.config import LossConfig
+from marginfused.memory import AllocationTracker
+from marginfused.partials import RowPartials, log_sum_exp, merge_partials, row_loss
+from marginfused.reference import TorchBackend
+
+from helpers import assert_close, assert_matches_truth, make_inputs, run
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from marginfused.kernels.margin import margin_slope, margin_value  # noqa: E402  (needs triton)
+
+INTERPRETER_DTYPES = [torch.float32, torch.float16]
+
+MARGINS = {
+    "cosface": mf.CosFace(0.35),
+    "arcface": mf.ArcFace(0.5),
+    "arcface-linear": mf.ArcFace(0.9, fallback="linear"),
+    "arcface-easy": mf.ArcFace(0.5, fallback="easy"),
+    "sphereface": mf.SphereFace(1.7),
+    "sphereface4": mf.SphereFace(4.0),
+    "expface": mf.ExpFace(0.7),
+    "combined": mf.CombinedMargin(1.1, 0.3, 0.2),
+}
+
+
+@pytest.fixture
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def spread_inputs(batch, num_classes, dim, *, ignored=0, seed=0, device="cpu"):
+    """Like `make_inputs`, but each row's target cosine is set, spread evenly over (−0.97, 0.97), so
+    every branch of every margin (ArcFace's fallbacks, SphereFace's k > 0) is exercised."""
+    x, w, y = make_inputs(batch, num_classes, dim, ignored=ignored, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    t = torch.linspace(-0.97, 0.97, batch, dtype=torch.float64)[torch.randperm(batch, generator=g)]
+    w_hat = F.normalize(w[y.clamp(min=0)], dim=1)
+    noise = x - (x * w_hat).sum(1, keepdim=True) * w_hat
+    noise = F.normalize(noise, dim=1)
+    x = (t[:, None] * w_hat + (1 - t[:, None] ** 2).sqrt() * noise) * x.norm(dim=1, keepdim=True)
+    return x.to(device), w.to(device), y.to(device)
+
+
+@triton.jit
+def _evaluate_margin(c_ptr, f_ptr, d_ptr, n, m1, m2, m3, KIND: tl.constexpr, FALLBACK: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    c = tl.load(c_ptr + i, mask=ok, other=0.0)
+    tl.store(f_ptr + i, margin_value(c, m1, m2, m3, KIND, FALLBACK), mask=ok)
+    tl.store(d_ptr + i, margin_slope(c, m1, m2, m3, KIND, FALLBACK), mask=ok)
+
+
+@pytest.mark.parametrize("margin", list(MARGINS), ids=list(MARGINS))
+def test_margin_helpers_match_the_margin_objects(margin, device):
+    """kernels/margin.py's f and f′ (float64 inside, float32 out) against the margin objects in
+    float64, on a grid over [−1, 1] with both ends, DESIGN's table values and points a hair inside ±1."""
+    table = [0.999, 0.9, 0.7, 0.5, 0.2, 0.0, -0.3, -0.7, -0.9, -0.99, 1 - 1e-7, -1 + 1e-7]
+    c = torch.cat([torch.linspace(-1, 1, 1001), torch.tensor(table)]).float().to(device)
+    f, d = torch.full_like(c, float("nan")), torch.full_like(c, float("nan"))
+    m = MARGINS[margin]
+    _evaluate_margin[(triton.cdiv(c.numel(), 256),)](c, f, d, c.numel(), *m.params, KIND=int(m.kind),
+                                                     FALLBACK=int(m.fallback_code), BLOCK=256)
+    expected_f, expected_d = m(c.double()), m.derivative(c.double())
+    # float32 parameters and output: a few float32 ulps of values up to ~2.4 (SphereFace's −2k).
+    assert_close("f", f.double(), expected_f, 5e-7)
+    assert_close("f'", d.double() / (1 + expected_d.abs()), expected_d / (1 + expected_d.abs()), 5e-7)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("margin_grad", ["detached", "exact"])
+@pytest.mark.parametrize("margin", list(MARGINS), ids=list(MARGINS))
+def test_every_margin_and_gradient_mode(margin, margin_grad, dtype, device):
+    x, w, y = spread_inputs(19, 150, 40, ignored=3, seed=7, device=device)
+    assert_matches_truth("triton", x, w, y, dtype, margin=MARGINS[margin], margin_grad=margin_grad,
+                         scale=30.0)
+
+
+@pytest.mark.parametrize(
+    "batch,num_classes,dim,dtype",
+    [
+        # no dimension a multiple of any block; 3 class splits, 33 class tiles, 3 D chunks
+        (37, 1031, 96, torch.float32),
+        (5, 1, 7, torch.float32),  # C = 1
+        (20, 17, 33, torch.float32),  # C smaller than one class block, D one past a block
+        # One row, in float16: with a handful of elements the float32 budget (2 × the reference's
+        # max error + 1e-5) is luck: at s = 64 one ulp of a cosine moves a logit by 4e-6, and
+        # the reference's few errors can all happen to be small.
+        (1, 70, 16, torch.float16),
+    ],
+    ids=["37x1031x96", "C=1", "C<block", "B=1"],
+)
+def test_shapes_that_break_tiling(batch, num_classes, dim, dtype, device):
+    # make_inputs puts the last row's target on the last class: in the last, partial class tile.
+    x, w, y = make_inputs(batch, num_classes, dim, ignored=batch // 5, seed=1, device=device)
+    assert_matches_truth("triton", x, w, y, dtype, margin="arcface", margin_grad="exact")
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_and_reductions(reduction, dtype, device):
+    # A scalar reduction is checked on one number, a sum of signed per-row errors: whether the
+    # reference's errors cancel in it is luck (with seed=2 the float16 reference's per-row errors,
+    # max 0.033, three times the kernel's 0.012, sum to 0.008 against the kernel's 0.027). The
+    # per-row check ("none") is the one that measures the kernel.
+    x, w, y = make_inputs(21, 90, 24, ignored=4, seed=3, device=device)
+    assert_matches_truth("triton", x, w, y, dtype, margin="cosface", reduction=reduction,
+                         label_smoothing=0.1)
+
+
+def test_ignore_index_that_is_a_class(device):
+    """ignore_index inside [0, C): rows with that label are ignored, the class itself still counts."""
+    x, w, y = make_inputs(21, 90, 24, seed=3, device=device)
+    y[::4] = 5
+    assert_matches_truth("triton", x, w, y, torch.float32, margin="sphereface", ignore_index=5,
+                         reduction="none", label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(reduction, device):
+    x, w, y = make_inputs(9, 40, 16, ignored=9, seed=4, device=device)
+    assert_matches_truth("triton", x, w, y, torch.float32, margin="expface", reduction=reduction)
+
+
+def test_zero_rows_follow_the_reference(device):
+    """A zero embedding and a zero class centre: F.normalize's eps=1e-12 (the gradient of a zero row
+    is g/eps, ~1e12 here). Checked to 1e-5 of each tensor's largest value: the 2×-the-reference rule
+    is luck on a gradient whose few large entries all hang on one row's lse."""
+    x, w, y = make_inputs(9, 40, 16, seed=5, device=device)
+    x[2] = 0.0
+    w[7] = 0.0
+    kwargs = dict(margin="arcface", margin_grad="exact", reduction="sum")
+    truth = run("torch", x, w, y, **kwargs)
+    got = run("triton", x.float(), w.float(), y, **kwargs)
+    for field in ("loss", "grad_embeddings", "grad_weight"):
+        expected = getattr(truth, field)
+        assert_close(field, getattr(got, field), expected, 1e-5 * float(expected.abs().max()))
+    assert float(truth.grad_embeddings[2].abs().max()) > 1e9  # the eps branch was taken
+
+
+def test_non_contiguous_weight_and_int32_labels(device):
+    x, w, y = make_inputs(13, 60, 40, seed=6, device=device)
+    w = w.T.contiguous().T  # column-major: stays so through the dtype cast and clone
+    assert not w.is_contiguous()
+    assert_matches_truth("triton", x, w, y.int(), torch.float32, margin="combined")
+
+
+@pytest.mark.parametrize("needs", ["x", "w"])
+def test_gradient_to_one_input_only(needs, device):
+    """Either input may be a leaf without grad (the backward then skips that half of its work)."""
+    x, w, y = make_inputs(11, 50, 24, ignored=2, seed=14, device=device)
+    grads = {}
+    for backend in ("torch", "triton"):
+        xb = x.float().requires_grad_(needs == "x")
+        wb = w.float().requires_grad_(needs == "w")
+        mf.margin_cross_entropy(xb, wb, y, "arcface", margin_grad="exact", backend=backend).backward()
+        leaf = xb if needs == "x" else wb
+        assert (xb.grad is None) == (needs != "x") and (wb.grad is None) == (needs != "w")
+        grads[backend] = leaf.grad.double()
+    assert_close("grad", grads["triton"], grads["torch"], 1e-4)
+
+
+def test_module_head_runs_on_triton(device):
+    head = mf.MarginSoftmaxLoss(24, 50, margin="cosface", backend="triton").to(device)
+    x, _, y = make_inputs(11, 50, 24, seed=15, device=device)
+    loss, accuracy = head(x.float(), y, return_accuracy=True)
+    loss.backward()
+    assert head.weight.grad is not None and bool(head.weight.grad.isfinite().all())
+    assert loss.dtype == torch.float32 and 0.0 <= float(accuracy) <= 1.0
+
+
+def test_accuracy_and_prediction(device):
+    x, w, y = spread_inputs(30, 80, 24, ignored=3, seed=8, device=device)
+    loss, accuracy = mf.margin_cross_entropy(x.float(), w.float(), y, backend="triton", return_accuracy=True)
+    ref_loss, ref_accuracy = mf.margin_cross_entropy(x, w, y, backend="torch", return_accuracy=True)
+    assert loss.dtype == torch.float32
+    assert 0.0 < float(ref_accuracy) < 1.0  # the data make the check meaningful
+    assert float(accuracy) == float(ref_accuracy)
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    prediction = tb.TritonBackend().per_row_loss(x.float(), w.float(), y, config).prediction
+    assert prediction.dtype == torch.int64
+    assert torch.equal(prediction, TorchBackend().per_row_loss(x, w, y, config).prediction)
+
+
+def test_prediction_takes_the_first_of_tied_classes(device):
+    x, w, y = make_inputs(6, 100, 16, seed=9, device=device)
+    w[70] = w[3]  # class 70 (another split under the interpreter) ties with class 3
+    w[40] = w[3] * 2.0  # same direction, other norm: ties too
+    x[:3] = w[3]
+    config = LossConfig.build("cosface", 64.0, "detached", -100, 0.0)
+    prediction = tb.TritonBackend().per_row_loss(x.float(), w.float(), y, config).prediction
+    assert prediction[:3].tolist() == [3, 3, 3]
+
+
+def test_every_output_element_is_written(monkeypatch, device):
+    """Buffers the kernels must fill start as NaN (int64 buffers as −2⁶²): every element is written."""
+    monkeypatch.setattr(tb, "POISON", True)
+    num_classes = 200 if tb._interpreting() else 1000  # several class splits on either configuration
+    x, w, y = make_inputs(37, num_classes, 40, ignored=5, seed=10, device=device)
+    config = LossConfig.build("arcface", 64.0, "exact", -100, 0.1)
+    parts = tb._split_partials(x.float(), w.float(), y, config, 0)
+    assert parts.max.shape[0] > 1, "the test needs several class splits"
+    for name, field in parts._asdict().items():
+        if field.is_floating_point():
+            assert bool(field.isfinite().all()), f"{name} has unwritten (NaN) elements"
+        else:
+            assert bool((field >= 0).all()), f"{name} has unwritten elements"
+    totals = tb._merge_splits(parts)
+    upstream = torch.randn(37, device=device)
+    for dtype in INTERPRETER_DTYPES:
+        dx, dw = tb.row_partials_backward(x.to(dtype), w.to(dtype), y, config, totals, upstream)
+        assert dx.dtype == dtype and dw.dtype == dtype
+        assert bool(dx.isfinite().all()) and bool(dw.isfinite().all())
+    assert_matches_truth("triton", x, w, y, torch.float16, margin="arcface", margin_grad="exact",
+                         label_smoothing=0.1, reduction="none")
+
+
+@pytest.mark.parametrize("bounds", [(0, 45, 100), (0, 1, 64, 100)])
+def test_class_shards_merge_into_the_full_result(bounds, device):
+    """row_partials over class ranges [a, b) with global labels, merged, equal the full result; the
+    shards' backward (global lse) sums to the full gradient."""
+    x, w, y = make_inputs(17, 100, 24, ignored=3, seed=11, device=device)
+    x, w = x.float(), w.float()
+    config = LossConfig.build("sphereface", 30.0, "exact", -100, 0.1)
+    full = tb.row_partials(x, w, y, config)
+    pieces = [tb.row_partials(x, w[a:b], y, config, class_start=a) for a, b in zip(bounds, bounds[1:])]
+    merged = pieces[0]
+    for piece in pieces[1:]:
+        merged = merge_partials(merged, piece)
+    for name in ("max", "target", "best_cos"):
+        assert_close(name, getattr(merged, name), getattr(full, name), 1e-5)
+    assert_close("logit_sum", merged.logit_sum, full.logit_sum, 1e-6 * float(full.logit_sum.abs().max()))
+    assert_close("lse", log_sum_exp(merged), log_sum_exp(full), 1e-5)
+    assert torch.equal(merged.best_class, full.best_class)
+
+    expected = TorchBackend().per_row_loss(x.double(), w.double(), y, config)
+    assert_close("loss", row_loss(merged, y, -100, 0.1, 100).double(), expected.loss, 1e-4)
+    assert torch.equal(merged.best_class, expected.prediction)
+
+    upstream = torch.randn(17, generator=torch.Generator().manual_seed(0)).to(device)
+    dx_full, dw_full = tb.row_partials_backward(x, w, y, config, full, upstream)
+    dx_sum = torch.zeros_like(x)
+    dw_pieces = []
+    for a, b in zip(bounds, bounds[1:]):
+        dx, dw = tb.row_partials_backward(x, w[a:b], y, config, merged, upstream, class_start=a, num_classes=100)
+        dx_sum += dx
+        dw_pieces.append(dw)
+    assert_close("dx", dx_sum, dx_full, 1e-5)
+    assert_close("dw", torch.cat(dw_pieces), dw_full, 1e-6)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    (TorchBackend().per_row_loss(xd, wd, y, config).loss * upstream.double()).sum().backward()
+    assert_close("dx vs truth", dx_full.double(), xd.grad, 1e-4)
+    assert_close("dw vs truth", dw_full.double(), wd.grad, 1e-4)
+
+
+def test_split_merge_is_merge_partials_folded(device):
+    """The host's one-shot merge of the kernel's splits equals folding `merge_partials`, ties included."""
+    g = torch.Generator().manual_seed(16)
+    n, batch = 5, 40
+    parts = RowPartials(
+        max=torch.randn(n, batch, generator=g) * 10,
+        sumexp=torch.rand(n, batch, generator=g) + 1,
+        target=torch.randn(n, batch, generator=g),
+        logit_sum=torch.randn(n, batch, generator=g),
+        best_cos=torch.randint(0, 3, (n, batch), generator=g).float() / 4,  # many ties
+        best_class=torch.randint(0, 1000, (n, batch), generator=g),
+    )
+    parts = RowPartials(*(field.to(device) for field in parts))
+    folded = RowPartials(*(field[0] for field in parts))
+    for k in range(1, n):
+        folded = merge_partials(folded, RowPartials(*(field[k] for field in parts)))
+    merged = tb._merge_splits(parts)
+    for name in ("max", "sumexp", "target", "logit_sum", "best_cos"):
+        assert_close(name, getattr(merged, name), getattr(folded, name), 1e-5)
+    assert torch.equal(merged.best_class, folded.best_class)
+
+
+def test_class_ids_past_two_to_the_31(device):
+    """A shard whose classes start at 2³³: labels and best_class are int64 global ids all the way."""
+    x, w, y = make_inputs(9, 50, 16, ignored=2, seed=17, device=device)
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    start = 2**33
+    shifted = torch.where(y == -100, y, y + start)
+    far = tb.row_partials(x.float(), w.float(), shifted, config, class_start=start)
+    near = tb.row_partials(x.float(), w.float(), y, config)
+    assert torch.equal(far.best_class, near.best_class + start)
+    assert_close("target", far.target, near.target, 0.0)
+    assert bool((near.target != 0).sum() == 7)
+
+
+def _largest_and_peak(batch, num_classes, dim, device):
+    x, w, y = make_inputs(batch, num_classes, dim, ignored=2, seed=12, device=device)
+    x = x.float().requires_grad_()
+    w = w.float().requires_grad_()
+    with AllocationTracker() as tracker:
+        mf.margin_cross_entropy(x, w, y, "arcface", margin_grad="exact", label_smoothing=0.1,
+                                backend="triton").backward()
+    return tracker
+
+
+def test_no_allocation_of_batch_times_classes(device):
+    """Forward + backward allocate nothing of B×C elements (not even B×C bytes), and their
+    working memory beyond W-shaped buffers does not grow with C."""
+    batch, dim = 48, 8  # D·4 < B: W-shaped float32 buffers are smaller than B×C bytes
+    small = _largest_and_peak(batch, 300, dim, device)
+    assert small.largest_bytes < batch * 300, (small.largest_bytes, small.largest_shape)
+    large = _largest_and_peak(batch, 600, dim, device)
+    assert large.largest_bytes < batch * 600, (large.largest_bytes, large.largest_shape)
+    # What may grow with C: W-shaped buffers (dW's float32 accumulator, W.grad), 2 × C·D·4 bytes.
+    w_shaped = 2 * dim * 4
+    assert large.peak_bytes - small.peak_bytes <= w_shaped * (600 - 300), (small.peak_bytes, large.peak_bytes)
+
+
+def test_float64_explicitly_asked_for_says_why(device):
+    x, w, y = make_inputs(4, 10, 8, device=device)
+    with pytest.raises(mf.BackendUnavailableError, match=r"float64.*backend='torch'"):
+        mf.margin_cross_entropy(x, w, y, backend="triton")
+
+
+def test_bfloat16_under_the_interpreter_says_why():
+    if not tb._interpreting():
+        pytest.skip("only under TRITON_INTERPRET=1")
+    x, w, y = make_inputs(4, 10, 8)
+    with pytest.raises(mf.BackendUnavailableError, match="11584"):
+        mf.margin_cross_entropy(x.bfloat16(), w.bfloat16(), y, backend="triton")
+
+
+def test_unavailable_reasons(monkeypatch):
+    backend = tb.TritonBackend()
+    assert backend.unavailable_reason() is None
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    assert "triton cannot be imported" in backend.unavailable_reason()
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        reason = backend.unavailable_reason()
+        assert "no CUDA GPU" in reason and "TRITON_INTERPRET=1" in reason
+        assert "not implemented" not in str(mf.available_backends()["triton"])
+
+
+def test_wrong_device_says_why():
+    if not tb._interpreting():
+        pytest.skip("only under TRITON_INTERPRET=1 (on a GPU, CPU tensors go to the CPU backends)")
+    x, w, y = make_inputs(4, 10, 8)
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    assert tb.TritonBackend().unsupported_reason(x.float(), w.float(), config) is None
+    assert "CPU tensors only" in tb.TritonBackend().unsupported_reason(x.float().to("meta"), w.float().to("meta"), config)
+
+
+def test_kernels_compile_for_hopper_in_bfloat16():
+    """What the interpreter cannot check: the kernels compile (LLVM, ptxas) for sm_90 with their
+    default GPU configurations, in bfloat16, the dtype the interpreter cannot run. No GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run_ = subprocess.run(
+        [sys.executable, "-m", "marginfused.kernels.compile_check", "--dtype", "bf16", "--kind", "1", "3",
+         "--no-report"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run_.returncode == 0, run_.stdout + run_.stderr
+    assert run_.stdout.count("ok ") == 9, run_.stdout  # forward: 3 ArcFace fallbacks + ExpFace; 4 backward; project
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("margin_grad", ["detached", "exact"])
+@pytest.mark.parametrize("margin", list(MARGINS), ids=list(MARGINS))
+def test_gpu_every_margin_on_larger_shapes(margin, margin_grad, dtype):
+    x, w, y = spread_inputs(300, 5003, 200, ignored=17, seed=13, device="cuda")
+    assert_matches_truth("triton", x, w, y, dtype, margin=MARGINS[margin], margin_grad=margin_grad,
+                         label_smoothing=0.1, reduction="none")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton_for_cuda_tensors():
+    x, w, y = make_inputs(8, 100, 32, device="cuda")
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    from marginfused.dispatch import select_backend
+
+    assert select_backend("auto", x.float(), w.float(), config).name == "triton"

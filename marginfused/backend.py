@@ -70,11 +70,14 @@ class Backend(abc.ABC):
         row_max: Tensor,
         row_sumexp: Tensor,
         grad_rows: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+        need_x: bool = True,
+        need_w: bool = True,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Gradients of Σ_i grad_rows_i · ℓ_i with respect to embeddings and weight through the logits
         of this class range alone, given the max m and sumexp s of the partials merged over all
         `num_classes` classes: lse_i = m_i + log s_i, kept in two parts so that float32 loses
         nothing when m is large.
 
         ∂ℓ_i/∂z_ij = p_ij − (1 − ε)[j = y_i] − ε/num_classes with p_ij = exp(z_ij − lse_i); the
-        embeddings' gradients of disjoint ranges add up to the gradient of the whole loss."""
+        embeddings' gradients of disjoint ranges add up to the gradient of the whole loss. A
+        gradient not needed (`need_x`, `need_w`) may be skipped and returned as None."""

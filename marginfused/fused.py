@@ -7,8 +7,8 @@ all classes. Here they become two custom operators,
     marginfused::margin_loss(x, W, y, backend, margin and loss settings)
         -> (loss, prediction, row_max, row_sumexp)
         partials over all C classes, then ℓ_i = row_loss(...)   (see partials.py)
-    marginfused::margin_loss_backward(x, W, y, row_max, row_sumexp, grad_loss, same settings)
-        -> (dx, dW)
+    marginfused::margin_loss_backward(x, W, y, row_max, row_sumexp, grad_loss, same settings,
+                                      need_x, need_w) -> (dx, dW)   (empty where not needed)
 
 joined by `register_autograd` and given shape functions by `register_fake`, so that autograd
 needs nothing else and torch.compile traces a training step through the loss with no graph
@@ -72,15 +72,24 @@ def _(x, w, y, *settings):
 def margin_loss_backward(
     x: Tensor, w: Tensor, y: Tensor, row_max: Tensor, row_sumexp: Tensor, grad_loss: Tensor, backend: str,
     kind: int, fallback: int, m1: float, m2: float, m3: float, scale: float, exact: bool, ignore_index: int,
-    label_smoothing: float,
+    label_smoothing: float, need_x: bool, need_w: bool,
 ) -> tuple[Tensor, Tensor]:
     config = _config(kind, fallback, m1, m2, m3, scale, exact, ignore_index, label_smoothing)
-    return _backend(backend).shard_backward(x, w, y, config, 0, w.shape[0], row_max, row_sumexp, grad_loss)
+    dx, dw = _backend(backend).shard_backward(
+        x, w, y, config, 0, w.shape[0], row_max, row_sumexp, grad_loss, need_x, need_w
+    )
+    return _or_nothing(dx, x, need_x), _or_nothing(dw, w, need_w)
+
+
+def _or_nothing(grad, like: Tensor, needed: bool) -> Tensor:
+    """An operator returns tensors, not None: a gradient not needed is an empty tensor."""
+    return grad if needed else like.new_empty(0)
 
 
 @margin_loss_backward.register_fake
 def _(x, w, *rest):
-    return torch.empty_like(x), torch.empty_like(w)
+    need_x, need_w = rest[-2:]
+    return (torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(w) if need_w else w.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -92,8 +101,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_loss, grad_prediction, grad_max, grad_sumexp):
     x, w, y, row_max, row_sumexp = ctx.saved_tensors
-    dx, dw = margin_loss_backward(x, w, y, row_max, row_sumexp, grad_loss.contiguous(), *ctx.settings)
-    return (dx, dw) + (None,) * (2 + len(ctx.settings))
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx, dw = margin_loss_backward(
+        x, w, y, row_max, row_sumexp, grad_loss.contiguous(), *ctx.settings, need_x, need_w
+    )
+    return (dx if need_x else None, dw if need_w else None) + (None,) * (1 + len(ctx.settings))
 
 
 margin_loss.register_autograd(_backward, setup_context=_setup_context)

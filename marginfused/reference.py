@@ -126,7 +126,9 @@ class TorchBackend(Backend):
         row_max: Tensor,
         row_sumexp: Tensor,
         grad_rows: Tensor,
-    ) -> tuple[Tensor, Tensor]:
+        need_x: bool = True,
+        need_w: bool = True,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         eps = config.label_smoothing
         with torch.no_grad():
             cos, logits, local, inside = self._range_logits(embeddings, weight, labels, config, class_start)
@@ -142,6 +144,6 @@ class TorchBackend(Backend):
                 grad_cos.scatter_(1, target, grad_cos.gather(1, target) * slope.unsqueeze(1))
             x_hat, x_norm = _normalized(embeddings, cos.dtype)
             w_hat, w_norm = _normalized(weight, cos.dtype)
-            grad_x = _through_normalization(grad_cos @ w_hat, x_hat, x_norm)
-            grad_w = _through_normalization(grad_cos.T @ x_hat, w_hat, w_norm)
-        return grad_x.to(embeddings.dtype), grad_w.to(weight.dtype)
+            grad_x = _through_normalization(grad_cos @ w_hat, x_hat, x_norm).to(embeddings.dtype) if need_x else None
+            grad_w = _through_normalization(grad_cos.T @ x_hat, w_hat, w_norm).to(weight.dtype) if need_w else None
+        return grad_x, grad_w

@@ -4,14 +4,15 @@ The kernels live in `marginfused.kernels` (kernels/ in the source tree; the math
 in kernels/forward.py, kernels/backward.py and kernels/project.py). Triton is imported lazily, on
 first use, so `import marginfused` stays fast and works where Triton is not installed.
 
-Building blocks for class sharding (the distributed loss combines shards with them):
+It is a `FusedBackend`: its per-row loss is the `marginfused::margin_loss` custom operator
+(fused.py) over the two building blocks here, which also serve class sharding:
 
 - `row_partials(x, W_shard, y, config, class_start)` → `RowPartials` of the classes
   [class_start, class_start + W_shard.shape[0]) with global labels y;
-- `row_partials_backward(x, W_shard, y, config, totals, upstream, class_start, num_classes)` →
-  (dx, dW_shard): this shard's share of ∂(Σ_i u_i ℓ_i)/∂x (the shards' dx add up to the full one)
-  and the whole of ∂/∂W_shard, given `totals`, the partials merged over all classes (all shards):
-  its max and sumexp give the global lse_i.
+- `row_partials_backward(x, W_shard, y, config, class_start, num_classes, row_max, row_sumexp,
+  upstream)` → (dx, dW_shard): this shard's share of ∂(Σ_i u_i ℓ_i)/∂x (the shards' dx add up to
+  the full one) and the whole of ∂/∂W_shard, given the max and sumexp of the partials merged
+  over all classes (all shards), which give the global lse_i.
 
 Memory: forward O(n_splits·B) partials; backward an (n_splits, B, D) float32 dX̂ buffer and a
 (C, D) float32 dŴ buffer (W's shape; returned in place for float32 inputs). n_splits ≤ 256 does not
@@ -21,16 +22,15 @@ B×C elements is ever allocated.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .backend import Backend, RowLoss
+from .fused import FusedBackend
 from .config import LossConfig
 from .kernels.configs import interpreting as _interpreting
-from .partials import RowPartials, row_loss
+from .partials import RowPartials
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -184,33 +184,32 @@ def row_partials_backward(
     W: Tensor,
     y: Tensor,
     config: LossConfig,
-    totals: RowPartials,
+    class_start: int,
+    num_classes: int,
+    row_max: Tensor,
+    row_sumexp: Tensor,
     upstream: Tensor,
-    class_start: int = 0,
-    num_classes: Optional[int] = None,
     need_x: bool = True,
     need_w: bool = True,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Gradients of Σ_i upstream_i·ℓ_i through the classes of one shard of W.
 
-    totals: the partials merged over all classes (every shard): only `max` and `sumexp` are read
-    (lse_i = max_i + log sumexp_i, passed to the kernel in these two parts for precision);
-    upstream: (B,) ∂L/∂ℓ_i; num_classes: the global class count C (label smoothing's ε/C; the
-    default, class_start + W.shape[0], is right only for the last shard). Returns (dx, dW) in the input
-    dtype: this shard's term of dx (sum over shards for the full gradient) and the full dW of the
-    shard; None for what is not needed.
+    row_max, row_sumexp: the max and sumexp of the partials merged over all `num_classes` classes
+    (every shard): lse_i = max_i + log sumexp_i, passed to the kernel in these two parts for
+    precision; upstream: (B,) ∂L/∂ℓ_i; num_classes: the global class count C (label smoothing's
+    ε/C). Returns (dx, dW) in the input dtype: this shard's term of dx (sum over shards for the
+    full gradient) and the full dW of the shard; None for what is not needed.
     """
     x, W, y = _prepare(x, W, y)
     _, backward, project, configs = _kernels()
     batch, dim = x.shape
     local = W.shape[0]
-    total = local + class_start if num_classes is None else num_classes
     tiles = configs.backward_tiles(x.dtype)
     tuned = configs.autotuning(x.dtype)
     block_b = min(t.block_b for t in configs.AUTOTUNE_BACKWARD) if tuned else tiles.block_b
     n_splits, per_split = _class_splits(batch, local, x.device, block_b)
-    row_max = totals.max.detach().to(torch.float32).contiguous()
-    log_sumexp = torch.log(totals.sumexp.detach().to(torch.float32)).contiguous()
+    row_max = row_max.detach().to(torch.float32).contiguous()
+    log_sumexp = torch.log(row_sumexp.detach().to(torch.float32)).contiguous()
     upstream = upstream.detach().to(torch.float32).contiguous()
 
     dx_part = _empty((n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
@@ -225,7 +224,7 @@ def row_partials_backward(
     kernel[grid](
         x, W, y, row_max, log_sumexp, upstream, dx_part, dw_acc,
         batch, local, dim, x.stride(0), W.stride(0), int(class_start), per_split, _bucket(batch),
-        *margin_args, 1.0 - eps, eps / total,
+        *margin_args, 1.0 - eps, eps / num_classes,
         EXACT=config.margin_grad == "exact",
         NEED_DX=need_x,
         NEED_DW=need_w,
@@ -252,42 +251,7 @@ def row_partials_backward(
     return dx, dw
 
 
-class _Totals(NamedTuple):
-    """The two fields of `RowPartials` the backward reads."""
-
-    max: Tensor
-    sumexp: Tensor
-
-
-class _MarginLoss(torch.autograd.Function):
-    """(per-row loss, prediction) from the fused kernels; saves x, W, y and the merged row max and
-    sumexp (2·B floats)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, y: Tensor, config: LossConfig):
-        x, w, y = _prepare(x, w, y)
-        merged = _merge_splits(_split_partials(x, w, y, config, 0))
-        loss = row_loss(merged, y, config.ignore_index, config.label_smoothing, w.shape[0])
-        ctx.save_for_backward(x, w, y, merged.max, merged.sumexp)
-        ctx.config = config
-        ctx.mark_non_differentiable(merged.best_class)
-        return loss, merged.best_class
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss: Tensor, grad_prediction: Optional[Tensor]):
-        x, w, y, row_max, sumexp = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if grad_loss is None or not (need_x or need_w):
-            return None, None, None, None
-        dx, dw = row_partials_backward(
-            x, w, y, ctx.config, _Totals(row_max, sumexp), grad_loss, 0, w.shape[0],
-            need_x=need_x, need_w=need_w,
-        )
-        return dx, dw, None, None
-
-
-class TritonBackend(Backend):
+class TritonBackend(FusedBackend):
     """Fused Triton kernels: forward and backward tiled over classes, never storing B×C.
 
     Runs on CUDA tensors; with TRITON_INTERPRET=1, on CPU tensors through Triton's interpreter
@@ -329,6 +293,26 @@ class TritonBackend(Backend):
             return f"needs CUDA tensors, got {device} tensors (or set TRITON_INTERPRET=1 for CPU tensors)"
         return None
 
-    def per_row_loss(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig) -> RowLoss:
-        loss, prediction = _MarginLoss.apply(embeddings, weight, labels, config)
-        return RowLoss(loss, prediction)
+    def row_partials(
+        self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig, class_start: int
+    ) -> RowPartials:
+        return row_partials(embeddings, weight, labels, config, class_start)
+
+    def shard_backward(
+        self,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        config: LossConfig,
+        class_start: int,
+        num_classes: int,
+        row_max: Tensor,
+        row_sumexp: Tensor,
+        grad_rows: Tensor,
+        need_x: bool = True,
+        need_w: bool = True,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return row_partials_backward(
+            embeddings, weight, labels, config, class_start, num_classes, row_max, row_sumexp, grad_rows,
+            need_x, need_w,
+        )

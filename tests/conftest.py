@@ -3,15 +3,20 @@
 Without a CUDA GPU, Triton's interpreter runs the `triton` backend's kernels on CPU tensors:
 TRITON_INTERPRET=1 is set here, before any test imports Triton (kernels read it when they are
 defined, on first use). An explicit TRITON_INTERPRET in the environment is left alone.
+
+torch.compile's caches go to a fresh directory for each run: a graph cached by an earlier version
+of the package's custom operators must not be replayed against the current ones.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="marginfused-inductor-")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -109,9 +109,13 @@ def assert_close(name: str, actual: Tensor, expected: Tensor, tolerance: float) 
 
 
 def assert_matches_truth(
-    backend: str, x: Tensor, w: Tensor, y: Tensor, dtype: torch.dtype, **kwargs
+    backend: str, x: Tensor, w: Tensor, y: Tensor, dtype: torch.dtype, slack: float = 0.0, **kwargs
 ) -> None:
-    """Check `backend` in `dtype` against float64 truth by DESIGN §4's rule: loss, dX and dW."""
+    """Check `backend` in `dtype` against float64 truth by DESIGN §4's rule: loss, dX and dW.
+
+    `slack` widens every budget by an absolute amount, for inputs where a correct computation
+    in `dtype` can land further from the truth than the reference happened to (a test using it
+    derives it from the math and says why)."""
     upstream = None
     if kwargs.get("reduction") == "none":
         upstream = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -121,7 +125,7 @@ def assert_matches_truth(
     candidate = run(backend, x.to(dtype), w.to(dtype), y, upstream=upstream, **kwargs)
     for field in ("loss", "grad_embeddings", "grad_weight"):
         expected = getattr(truth, field)
-        budget = 2 * max_error(getattr(reference, field), expected) + ATOL[dtype]
+        budget = 2 * max_error(getattr(reference, field), expected) + ATOL[dtype] + slack
         assert_close(f"{backend}/{dtype}/{field}", getattr(candidate, field), expected, budget)
 
 

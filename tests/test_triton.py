@@ -227,7 +227,9 @@ def test_every_output_element_is_written(monkeypatch, device):
     totals = tb._merge_splits(parts)
     upstream = torch.randn(37, device=device)
     for dtype in INTERPRETER_DTYPES:
-        dx, dw = tb.row_partials_backward(x.to(dtype), w.to(dtype), y, config, totals, upstream)
+        dx, dw = tb.row_partials_backward(
+            x.to(dtype), w.to(dtype), y, config, 0, num_classes, totals.max, totals.sumexp, upstream
+        )
         assert dx.dtype == dtype and dw.dtype == dtype
         assert bool(dx.isfinite().all()) and bool(dw.isfinite().all())
     assert_matches_truth("triton", x, w, y, torch.float16, margin="arcface", margin_grad="exact",
@@ -257,11 +259,11 @@ def test_class_shards_merge_into_the_full_result(bounds, device):
     assert torch.equal(merged.best_class, expected.prediction)
 
     upstream = torch.randn(17, generator=torch.Generator().manual_seed(0)).to(device)
-    dx_full, dw_full = tb.row_partials_backward(x, w, y, config, full, upstream)
+    dx_full, dw_full = tb.row_partials_backward(x, w, y, config, 0, 100, full.max, full.sumexp, upstream)
     dx_sum = torch.zeros_like(x)
     dw_pieces = []
     for a, b in zip(bounds, bounds[1:]):
-        dx, dw = tb.row_partials_backward(x, w[a:b], y, config, merged, upstream, class_start=a, num_classes=100)
+        dx, dw = tb.row_partials_backward(x, w[a:b], y, config, a, 100, merged.max, merged.sumexp, upstream)
         dx_sum += dx
         dw_pieces.append(dw)
     assert_close("dx", dx_sum, dx_full, 1e-5)

@@ -7,6 +7,7 @@ from typing import Optional
 from torch import Tensor
 
 from .backend import Backend, BackendUnavailableError, RowLoss
+from .chunked import CpuBackend, CudaBackend
 from .config import LossConfig
 from .reference import TorchBackend
 
@@ -29,8 +30,8 @@ class NotImplementedBackend(Backend):
 
 BACKENDS: dict[str, Backend] = {
     "triton": NotImplementedBackend("triton"),
-    "cuda": NotImplementedBackend("cuda"),
-    "cpu": NotImplementedBackend("cpu"),
+    "cuda": CudaBackend(),
+    "cpu": CpuBackend(),
     "torch": TorchBackend(),
 }
 """Every backend by name, fastest first."""

@@ -1,0 +1,369 @@
+// The `cpu` backend: the chunked margin softmax loss for CPU tensors (ATen GEMM + OpenMP).
+//
+// Notation (DESIGN.md §1): x (B×D) embeddings, W (C×D) class centres (a shard: global classes
+// [class_start, class_start + C)), q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12),
+//   c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),  z_ij = s c_ij,  z_iy = s f(c_iy).
+//
+// Forward, per chunk of classes [c0, c0 + n) (n from the caller, so one B×n fp32 tile stays
+// within a fixed budget whatever C is):
+//   r for the chunk's rows of W (no normalised copy of W); S = X W_chunkᵀ (one GEMM, fp32);
+//   one fused, OpenMP-parallel pass per row: c = clamp(q_i r_j S_ij), the margin on the target
+//   column, then the online max / sum-exp, the target logit, the logit sum and the best cosine and
+//   its class. The outputs are the per-row partials of marginfused/partials.py over this weight's
+//   classes; the caller merges shards and forms the loss.
+//
+// Backward, per chunk, with lse_i over all classes and the upstream gradient u_i of ℓ_i:
+//   recompute S, then in place U_ij = u_i q_i r_j G_ij with
+//     G_ij = dℓ_i/dc_ij = s (p_ij - (1-ε)[j = y_i] - ε/C) (f'(c_iy) on the target in exact mode),
+//   A += U W_chunk (B×D) and H_chunk = Uᵀ X (n×D), two GEMMs on the raw inputs. Since
+//   A_i = q_i g_x̂_i and H_j = r_j g_ŵ_j, projecting through the normalisation is
+//     dℓ/dx_i = A_i - x̂_i (x̂_i·A_i),   dℓ/dw_j = H_j - ŵ_j (ŵ_j·H_j)
+//   (without the projection where |row| <= 1e-12, as F.normalize's clamp does).
+//
+// Inputs in float32, float16 or bfloat16 are converted to fp32 per chunk; all arithmetic and
+// accumulation is fp32 (the logit sum is accumulated across chunks in double).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+#include "margin_math.h"
+
+namespace marginfused {
+namespace {
+
+constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
+
+// exp(v) in fp32 without a library call, so the loops over a tile row vectorise: Cody-Waite
+// range reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial for e^r, and 2^k built in the
+// exponent bits. Relative error ~2e-7 for v in [-87, 88]; 0 below -87 (e^-87 ~ 1.6e-38).
+inline float exp_fp32(float v) {
+  const bool underflow = v < -87.0f;
+  v = v < -87.0f ? -87.0f : v;
+  v = v > 88.0f ? 88.0f : v;
+  // Round v·log2(e) to the nearest integer with the 1.5·2^23 trick (no floor: vectorises on SSE2).
+  float k = v * 1.44269504088896341f + 12582912.0f;
+  k -= 12582912.0f;
+  float r = v - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(float));
+  return underflow ? 0.0f : poly * two_k;
+}
+
+// 1/max(|row|, 1e-12) of `rows` contiguous rows of length `dim`, into out.
+void inverse_norms(const float* rows, int64_t count, int64_t dim, float* out) {
+  at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = rows + i * dim;
+      float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t d = 0; d < dim; ++d) sq += row[d] * row[d];
+      out[i] = 1.0f / std::max(std::sqrt(sq), kNormEps);
+    }
+  });
+}
+
+// out_i = h_i - v̂_i (v̂_i·h_i) with v̂_i = inv_i v_i, or h_i where |v_i| <= 1e-12, for `count`
+// rows: the gradient through v ↦ v/max(|v|, 1e-12) given h = inv_i × (gradient w.r.t. v̂_i).
+template <typename out_t>
+void project_rows(const float* h, const float* v, const float* inv, int64_t count, int64_t dim, out_t* out) {
+  at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* hi = h + i * dim;
+      const float* vi = v + i * dim;
+      float vh = 0.0f, vv = 0.0f;
+#pragma omp simd reduction(+ : vh, vv)
+      for (int64_t d = 0; d < dim; ++d) {
+        vh += vi[d] * hi[d];
+        vv += vi[d] * vi[d];
+      }
+      const float coef = std::sqrt(vv) > kNormEps ? inv[i] * inv[i] * vh : 0.0f;
+      out_t* oi = out + i * dim;
+      for (int64_t d = 0; d < dim; ++d) oi[d] = static_cast<out_t>(hi[d] - coef * vi[d]);
+    }
+  });
+}
+
+// The per-row state of the forward pass: the partials, updated chunk after chunk.
+struct Partials {
+  float* max;
+  float* sumexp;
+  float* target;
+  double* logit_sum;
+  float* best_cos;
+  int64_t* best_class;
+};
+
+// One row of one chunk, forward. `row` holds S_i· on entry and is overwritten (cosines, then the
+// target's margin value) as scratch.
+inline void forward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
+                        const LossParams& p, Partials& out, int64_t i) {
+  float cmax = -std::numeric_limits<float>::infinity();
+  float csum = 0.0f;
+#pragma omp simd reduction(max : cmax) reduction(+ : csum)
+  for (int64_t j = 0; j < n; ++j) {
+    float c = row[j] * qi * r[j];
+    c = c < -1.0f ? -1.0f : c;
+    c = c > 1.0f ? 1.0f : c;
+    row[j] = c;
+    cmax = cmax > c ? cmax : c;
+    csum += c;
+  }
+  if (cmax > out.best_cos[i]) {  // strictly greater: the first maximal class wins, like argmax
+    int64_t j = 0;
+    while (row[j] != cmax) ++j;
+    out.best_cos[i] = cmax;
+    out.best_class[i] = chunk_start + j;
+  }
+  float zmax = cmax;  // in cosine units: max over the chunk of z / s
+  const int64_t local = label - chunk_start;
+  if (label != p.ignore_index && local >= 0 && local < n) {
+    const float ct = row[local];
+    const float ft = margin_value(p, ct);
+    row[local] = ft;
+    csum += ft - ct;
+    out.target[i] = p.scale * ft;
+    if (ct >= cmax) {  // the target held the maximum: take it again with the margin applied
+      zmax = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : zmax)
+      for (int64_t j = 0; j < n; ++j) zmax = zmax > row[j] ? zmax : row[j];
+    } else {
+      zmax = std::max(zmax, ft);
+    }
+  }
+  const float m_old = out.max[i];
+  const float m_new = std::max(m_old, p.scale * zmax);
+  float sum = 0.0f;
+  const float s = p.scale;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += exp_fp32(s * row[j] - m_new);
+  out.sumexp[i] = out.sumexp[i] * exp_fp32(m_old - m_new) + sum;
+  out.max[i] = m_new;
+  out.logit_sum[i] += static_cast<double>(p.scale) * static_cast<double>(csum);
+}
+
+// One row of one chunk, backward: S_i· in, U_i· out (in place).
+inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
+                         float lse, float upstream, float smooth_per_class, const LossParams& p) {
+  if (label == p.ignore_index || upstream == 0.0f) {
+    std::fill(row, row + n, 0.0f);
+    return;
+  }
+  const int64_t local = label - chunk_start;
+  const bool has_target = local >= 0 && local < n;
+  float ct = 0.0f;
+  if (has_target) ct = clamp_unit(row[local] * qi * r[local]);
+  const float s = p.scale;
+  const float factor = s * upstream * qi;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float c = row[j] * qi * r[j];
+    c = c < -1.0f ? -1.0f : c;
+    c = c > 1.0f ? 1.0f : c;
+    row[j] = factor * r[j] * (exp_fp32(s * c - lse) - smooth_per_class);
+  }
+  if (has_target) {
+    const float prob = exp_fp32(s * margin_value(p, ct) - lse);
+    row[local] = upstream * qi * r[local] * logit_grad(p, prob, true, ct, smooth_per_class);
+  }
+}
+
+// fp32 rows [start, start + n) of a float/half/bf16 matrix: a view when it is float already,
+// else converted into `buffer` (at least n rows).
+at::Tensor fp32_rows(const at::Tensor& m, int64_t start, int64_t n, at::Tensor& buffer) {
+  at::Tensor rows = m.narrow(0, start, n);
+  if (m.scalar_type() == at::kFloat) return rows;
+  at::Tensor out = buffer.narrow(0, 0, n);
+  out.copy_(rows);
+  return out;
+}
+
+at::Tensor as_fp32(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t;
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  out.copy_(t);
+  return out;
+}
+
+// A contiguous (rows, cols) fp32 view of the front of a flat buffer.
+at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+}  // namespace
+
+// Per-row partials over this weight's classes, written into the six output tensors (B,), every
+// element of each. Labels are global class ids; the weight holds [class_start, class_start + C).
+void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t class_start,
+                      int64_t chunk, int64_t kind, int64_t fallback, double p1, double p2, double p3, double scale,
+                      int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
+                      const at::Tensor& out_target, const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                      const at::Tensor& out_best_class) {
+  constexpr const char* op = "marginfused cpu forward_partials";
+  check_inputs(op, x, w, y, kCPU);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  check_ranges(op, class_start, C, class_start + C, chunk);
+  check_tensor(op, "out_max", out_max, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_sumexp", out_sumexp, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_target", out_target, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_logit_sum", out_logit_sum, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_best_cos", out_best_cos, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_best_class", out_best_class, kCPU, at::kLong, {B});
+  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, false, 0.0, ignore_index);
+
+  MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const at::Tensor xf = as_fp32(x);
+    std::vector<float> q(B);
+    inverse_norms(xf.data_ptr<float>(), B, D, q.data());
+
+    const int64_t n_max = std::min(chunk, C);
+    at::Tensor tile = at::empty({B * n_max}, x.options().dtype(at::kFloat));
+    at::Tensor w_buffer;
+    if (x.scalar_type() != at::kFloat) w_buffer = at::empty({n_max, D}, x.options().dtype(at::kFloat));
+    std::vector<float> r(n_max);
+    std::vector<double> logit_sum(B, 0.0);
+
+    Partials out{out_max.data_ptr<float>(),    out_sumexp.data_ptr<float>(),   out_target.data_ptr<float>(),
+                 logit_sum.data(),             out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>()};
+    std::fill(out.max, out.max + B, -std::numeric_limits<float>::infinity());
+    std::fill(out.sumexp, out.sumexp + B, 0.0f);
+    std::fill(out.target, out.target + B, 0.0f);
+    std::fill(out.best_cos, out.best_cos + B, -std::numeric_limits<float>::infinity());
+    std::fill(out.best_class, out.best_class + B, class_start);
+    const int64_t* labels = y.data_ptr<int64_t>();
+
+    for (int64_t c0 = 0; c0 < C; c0 += n_max) {
+      const int64_t n = std::min(n_max, C - c0);
+      const at::Tensor wc = fp32_rows(w, c0, n, w_buffer);
+      inverse_norms(wc.data_ptr<float>(), n, D, r.data());
+      at::Tensor s_tile = front(tile, B, n);
+      at::mm_out(s_tile, xf, wc.t());
+      float* s_data = s_tile.data_ptr<float>();
+      const int64_t chunk_start = class_start + c0;
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          forward_row(s_data + i * n, n, q[i], r.data(), labels[i], chunk_start, p, out, i);
+      });
+    }
+    float* ls = out_logit_sum.data_ptr<float>();
+    for (int64_t i = 0; i < B; ++i) ls[i] = static_cast<float>(logit_sum[i]);
+  });
+}
+
+// Gradients of Σ_i u_i ℓ_i with respect to x and this weight shard, given lse_i over all
+// `num_classes` classes and u = grad_rows (B,) fp32. Writes every element of grad_x (B×D) and
+// grad_w (C×D), each in the input dtype, either of which may be None (not computed). With
+// shards, the grad_x of every shard are summed.
+void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse,
+              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, int64_t kind,
+              int64_t fallback, double p1, double p2, double p3, double scale, bool exact_grad,
+              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
+              const std::optional<at::Tensor>& grad_w) {
+  constexpr const char* op = "marginfused cpu backward";
+  check_inputs(op, x, w, y, kCPU);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  check_ranges(op, class_start, C, num_classes, chunk);
+  check_tensor(op, "lse", lse, kCPU, at::kFloat, {B});
+  check_tensor(op, "grad_rows", grad_rows, kCPU, at::kFloat, {B});
+  const bool need_x = grad_x.has_value() && grad_x->defined();
+  const bool need_w = grad_w.has_value() && grad_w->defined();
+  if (need_x) check_tensor(op, "grad_x", *grad_x, kCPU, x.scalar_type(), {B, D});
+  if (need_w) check_tensor(op, "grad_w", *grad_w, kCPU, x.scalar_type(), {C, D});
+  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, exact_grad, label_smoothing, ignore_index);
+  if (!need_x && !need_w) return;
+
+  MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const bool is_float = x.scalar_type() == at::kFloat;
+    const at::Tensor xf = as_fp32(x);
+    std::vector<float> q(B);
+    inverse_norms(xf.data_ptr<float>(), B, D, q.data());
+
+    const int64_t n_max = std::min(chunk, C);
+    const auto f32 = x.options().dtype(at::kFloat);
+    at::Tensor tile = at::empty({B * n_max}, f32);
+    at::Tensor w_buffer, h_buffer;
+    if (!is_float) w_buffer = at::empty({n_max, D}, f32);
+    if (need_w && !is_float) h_buffer = at::empty({n_max * D}, f32);
+    // A = Σ_chunks U W_chunk, accumulated in fp32: in grad_x itself when that is fp32.
+    at::Tensor acc;
+    if (need_x) {
+      acc = is_float ? *grad_x : at::empty({B, D}, f32);
+      acc.zero_();
+    }
+    std::vector<float> r(n_max);
+    const int64_t* labels = y.data_ptr<int64_t>();
+    const float* lse_data = lse.data_ptr<float>();
+    const float* up = grad_rows.data_ptr<float>();
+    const float smooth_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
+
+    for (int64_t c0 = 0; c0 < C; c0 += n_max) {
+      const int64_t n = std::min(n_max, C - c0);
+      const at::Tensor wc = fp32_rows(w, c0, n, w_buffer);
+      inverse_norms(wc.data_ptr<float>(), n, D, r.data());
+      at::Tensor u_tile = front(tile, B, n);
+      at::mm_out(u_tile, xf, wc.t());
+      float* u_data = u_tile.data_ptr<float>();
+      const int64_t chunk_start = class_start + c0;
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          backward_row(u_data + i * n, n, q[i], r.data(), labels[i], chunk_start, lse_data[i], up[i],
+                       smooth_per_class, p);
+      });
+      if (need_x) acc.addmm_(u_tile, wc);
+      if (need_w) {
+        if (is_float) {
+          at::Tensor h = grad_w->narrow(0, c0, n);
+          at::mm_out(h, u_tile.t(), xf);
+          float* hd = h.data_ptr<float>();
+          project_rows<float>(hd, wc.data_ptr<float>(), r.data(), n, D, hd);
+        } else {
+          at::Tensor h = front(h_buffer, n, D);
+          at::mm_out(h, u_tile.t(), xf);
+          project_rows<scalar_t>(h.data_ptr<float>(), wc.data_ptr<float>(), r.data(), n, D,
+                                 grad_w->data_ptr<scalar_t>() + c0 * D);
+        }
+      }
+    }
+    if (need_x) {
+      float* a = acc.data_ptr<float>();
+      project_rows<scalar_t>(a, xf.data_ptr<float>(), q.data(), B, D, grad_x->data_ptr<scalar_t>());
+    }
+  });
+}
+
+}  // namespace marginfused
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "marginfused cpu backend: chunked margin softmax loss (ATen GEMM + OpenMP)";
+  m.def("forward_partials", &marginfused::forward_partials, py::call_guard<py::gil_scoped_release>(),
+        "Per-row partials (max, sumexp, target, logit_sum, best_cos, best_class) over the weight's classes",
+        py::arg("x"), py::arg("w"), py::arg("y"), py::arg("class_start"), py::arg("chunk"), py::arg("kind"),
+        py::arg("fallback"), py::arg("p1"), py::arg("p2"), py::arg("p3"), py::arg("scale"), py::arg("ignore_index"),
+        py::arg("out_max"), py::arg("out_sumexp"), py::arg("out_target"), py::arg("out_logit_sum"),
+        py::arg("out_best_cos"), py::arg("out_best_class"));
+  m.def("backward", &marginfused::backward, py::call_guard<py::gil_scoped_release>(),
+        "Gradients w.r.t. x and the weight shard, given the global lse and the per-row upstream gradient",
+        py::arg("x"), py::arg("w"), py::arg("y"), py::arg("lse"), py::arg("grad_rows"), py::arg("class_start"),
+        py::arg("num_classes"), py::arg("chunk"), py::arg("kind"), py::arg("fallback"), py::arg("p1"),
+        py::arg("p2"), py::arg("p3"), py::arg("scale"), py::arg("exact_grad"), py::arg("label_smoothing"),
+        py::arg("ignore_index"), py::arg("grad_x"), py::arg("grad_w"));
+}

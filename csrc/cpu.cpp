@@ -45,9 +45,10 @@ constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
 
 // exp(v) in fp32 without a library call, so the loops over a tile row vectorise: Cody-Waite
 // range reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial for e^r, and 2^k built in the
-// exponent bits. Relative error ~2e-7 for v in [-87, 88]; 0 below -87 (e^-87 ~ 1.6e-38).
+// exponent bits. Relative error ~2e-7 for v in [-87, 88]. Below -87 it returns e^-87 ~ 1.6e-38
+// rather than underflowing (no branch, so the loops vectorise; every use adds it to sums >= 1 or
+// to gradients where 1e-38 is far below fp32 resolution).
 inline float exp_fp32(float v) {
-  const bool underflow = v < -87.0f;
   v = v < -87.0f ? -87.0f : v;
   v = v > 88.0f ? 88.0f : v;
   // Round v·log2(e) to the nearest integer with the 1.5·2^23 trick (no floor: vectorises on SSE2).
@@ -65,7 +66,7 @@ inline float exp_fp32(float v) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof(float));
-  return underflow ? 0.0f : poly * two_k;
+  return poly * two_k;
 }
 
 // 1/max(|row|, 1e-12) of `rows` contiguous rows of length `dim`, into out.
@@ -161,8 +162,11 @@ inline void forward_row(float* row, int64_t n, float qi, const float* r, int64_t
 }
 
 // One row of one chunk, backward: S_i· in, U_i· out (in place).
+// lse_i arrives as a float64 split into lse_hi + lse_lo: z - lse_hi is exact where p_ij matters
+// (z near lse), so p_ij = exp((z - lse_hi) - lse_lo) keeps fp32 relative accuracy instead of
+// losing ulp(lse) ~ 4e-6 at s = 64 to the rounding of lse itself.
 inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
-                         float lse, float upstream, float smooth_per_class, const LossParams& p) {
+                         double lse, float upstream, float smooth_per_class, const LossParams& p) {
   if (label == p.ignore_index || upstream == 0.0f) {
     std::fill(row, row + n, 0.0f);
     return;
@@ -173,15 +177,17 @@ inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_
   if (has_target) ct = clamp_unit(row[local] * qi * r[local]);
   const float s = p.scale;
   const float factor = s * upstream * qi;
+  const float lse_hi = static_cast<float>(lse);
+  const float lse_lo = static_cast<float>(lse - static_cast<double>(lse_hi));
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float c = row[j] * qi * r[j];
     c = c < -1.0f ? -1.0f : c;
     c = c > 1.0f ? 1.0f : c;
-    row[j] = factor * r[j] * (exp_fp32(s * c - lse) - smooth_per_class);
+    row[j] = factor * r[j] * (exp_fp32((s * c - lse_hi) - lse_lo) - smooth_per_class);
   }
   if (has_target) {
-    const float prob = exp_fp32(s * margin_value(p, ct) - lse);
+    const float prob = exp_fp32((s * margin_value(p, ct) - lse_hi) - lse_lo);
     row[local] = upstream * qi * r[local] * logit_grad(p, prob, true, ct, smooth_per_class);
   }
 }
@@ -269,7 +275,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 }
 
 // Gradients of Σ_i u_i ℓ_i with respect to x and this weight shard, given lse_i over all
-// `num_classes` classes and u = grad_rows (B,) fp32. Writes every element of grad_x (B×D) and
+// `num_classes` classes (float64: see backward_row) and u = grad_rows (B,) fp32. Writes every element of grad_x (B×D) and
 // grad_w (C×D), each in the input dtype, either of which may be None (not computed). With
 // shards, the grad_x of every shard are summed.
 void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse,
@@ -281,7 +287,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
   check_inputs(op, x, w, y, kCPU);
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
   check_ranges(op, class_start, C, num_classes, chunk);
-  check_tensor(op, "lse", lse, kCPU, at::kFloat, {B});
+  check_tensor(op, "lse", lse, kCPU, at::kDouble, {B});
   check_tensor(op, "grad_rows", grad_rows, kCPU, at::kFloat, {B});
   const bool need_x = grad_x.has_value() && grad_x->defined();
   const bool need_w = grad_w.has_value() && grad_w->defined();
@@ -310,7 +316,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     }
     std::vector<float> r(n_max);
     const int64_t* labels = y.data_ptr<int64_t>();
-    const float* lse_data = lse.data_ptr<float>();
+    const double* lse_data = lse.data_ptr<double>();
     const float* up = grad_rows.data_ptr<float>();
     const float smooth_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
 

@@ -17,7 +17,9 @@ ids; `weight` holds classes [class_start, class_start + weight.shape[0])):
                           num_classes, class_start)             -> (grad_x part, grad_W_shard)
 
 where `lse` is the log-sum-exp over all `num_classes` classes (after merging every shard's
-partials) and grad_x parts of all shards sum to the gradient with respect to x.
+partials), best as float64 from `lse64(merged)`: at s = 64 a float32 lse is off by up to
+ulp(lse) ≈ 4e-6, which becomes a relative error of every p_ij. The grad_x parts of all shards
+sum to the gradient with respect to x.
 
 The chunk size is `TILE_BYTES[device] / (4·B)` classes (at least `MIN_CHUNK`), or the value of the
 environment variable MARGINFUSED_CHUNK (read on every call; tests use it to span many chunks).
@@ -35,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from . import extension
 from .backend import Backend, RowLoss
 from .config import LossConfig
-from .partials import RowPartials, log_sum_exp, row_loss
+from .partials import RowPartials, row_loss
 
 TILE_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
 """The budget of the B×chunk fp32 tile per device type: cache-sized on the CPU, bounded on a GPU."""
@@ -62,6 +64,11 @@ def _extension_for(x: Tensor):
 def _margin_args(config: LossConfig) -> tuple[int, int, float, float, float, float]:
     p1, p2, p3 = config.margin.params
     return int(config.margin.kind), int(config.margin.fallback_code), p1, p2, p3, config.scale
+
+
+def lse64(partials: RowPartials) -> Tensor:
+    """lse_i = m_i + log s_i in float64, so it carries all the precision of the fp32 partials."""
+    return partials.max.double() + torch.log(partials.sumexp.double())
 
 
 def row_partials(x: Tensor, weight: Tensor, labels: Tensor, config: LossConfig, class_start: int = 0) -> RowPartials:
@@ -102,15 +109,15 @@ def row_partials_backward(
     need_weight: bool = True,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Gradients of Σ_i grad_rows_i · ℓ_i with respect to x and the weight shard holding classes
-    [class_start, class_start + weight.shape[0]) of `num_classes`, given lse_i over all classes.
-    Returns (grad_x, grad_weight) in the input dtype, None for what is not needed."""
+    [class_start, class_start + weight.shape[0]) of `num_classes`, given lse_i over all classes
+    (float64 preferred, see `lse64`). Returns (grad_x, grad_weight) in the input dtype, None for what is not needed."""
     ext = _extension_for(x)
     x, weight, labels = x.detach().contiguous(), weight.detach().contiguous(), labels.long().contiguous()
     grad_x = torch.empty_like(x) if need_x else None
     grad_w = torch.empty_like(weight) if need_weight else None
     kind, fallback, p1, p2, p3, scale = _margin_args(config)
     ext.backward(
-        x, weight, labels, lse.float().contiguous(), grad_rows.float().contiguous(), class_start, num_classes,
+        x, weight, labels, lse.double().contiguous(), grad_rows.float().contiguous(), class_start, num_classes,
         chunk_size(x.device.type, x.shape[0]), kind, fallback, p1, p2, p3, scale,
         config.margin_grad == "exact", config.label_smoothing, config.ignore_index, grad_x, grad_w,
     )
@@ -118,14 +125,14 @@ def row_partials_backward(
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """Per-row loss (B,) float32 and prediction (B,) int64; saves x, W, labels and lse (B,)."""
+    """Per-row loss (B,) float32 and prediction (B,) int64; saves x, W, labels and lse (B,) float64."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, labels: Tensor, config: LossConfig):
         partials = row_partials(x, weight, labels, config)
         num_classes = weight.shape[0]
         loss = row_loss(partials, labels, config.ignore_index, config.label_smoothing, num_classes)
-        ctx.save_for_backward(x, weight, labels, log_sum_exp(partials))
+        ctx.save_for_backward(x, weight, labels, lse64(partials))
         ctx.config = config
         ctx.mark_non_differentiable(partials.best_class)
         return loss, partials.best_class

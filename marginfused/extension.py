@@ -38,7 +38,7 @@ SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 EXTENSIONS: dict[str, dict] = {
     "cpu": {
         "sources": ["cpu.cpp"],
-        "cflags": ["-O3", "-fopenmp", "-march=native"],
+        "cflags": ["-O3", "-fopenmp", "-march=native", "-fno-trapping-math"],
         "cuda_cflags": [],
         "ldflags": ["-fopenmp"],
     },
@@ -50,7 +50,8 @@ EXTENSIONS: dict[str, dict] = {
     },
 }
 """Per extension: its translation units (in csrc/) and compiler flags. `-march=native` is safe
-because the build happens on the machine that runs it (the CPU model is part of the hash)."""
+because the build happens on the machine that runs it (the CPU model is part of the hash);
+`-fno-trapping-math` lets GCC if-convert the clamps so the exp loops vectorise."""
 
 _lock = threading.Lock()
 _modules: dict[str, ModuleType] = {}
@@ -132,9 +133,10 @@ def _build(kind: str) -> ModuleType:
     return load_extension(
         name=f"marginfused_{kind}_{key}",
         sources=[str(src_dir / name) for name in spec["sources"]],
-        extra_cflags=spec["cflags"],
-        extra_cuda_cflags=spec["cuda_cflags"] or None,
-        extra_ldflags=spec["ldflags"],
+        # copies: torch's build appends to the lists it is given
+        extra_cflags=list(spec["cflags"]),
+        extra_cuda_cflags=list(spec["cuda_cflags"]) or None,
+        extra_ldflags=list(spec["ldflags"]),
         build_directory=str(build_dir),
         with_cuda=kind == "cuda",
         verbose=os.environ.get("MARGINFUSED_BUILD_VERBOSE") == "1",

@@ -45,6 +45,14 @@ def find_nvcc() -> str | None:
     return None
 
 
+def extension_flags() -> list[str]:
+    """The flags torch's JIT build gives nvcc (cpp_extension.COMMON_NVCC_FLAGS), so the check
+    compiles what a real build would."""
+    from torch.utils import cpp_extension
+
+    return list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
+
+
 def include_flags() -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
@@ -82,7 +90,8 @@ def main(argv: list[str]) -> int:
         for source in sources:
             command = [
                 nvcc, "-c", str(source), "-o", os.path.join(tmp, source.stem + ".o"),
-                "-std=c++20", "-O3", "--threads", "2", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *includes,
+                "-std=c++20", "-O3", "--threads", "2", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *extension_flags(),
+                "-DTORCH_EXTENSION_NAME=check_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H", *includes,
                 *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS],
                 "--Werror", "all-warnings", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror",
                 "-Xptxas", "-warn-spills,-Werror",

@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backends", nargs="+", default=["torch"])
     parser.add_argument("--margin", default="arcface")
     parser.add_argument("--repeats", type=int, default=10 if gpu else 3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     return parser.parse_args()
 
 
@@ -77,10 +78,13 @@ def working_bytes(run, x: torch.Tensor, w: torch.Tensor, device: torch.device) -
 
 def main() -> None:
     args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; B={args.batch} D={args.dim} {args.dtype} {args.margin}")
+    threads = f"; {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"device: {name}; torch {torch.__version__}; B={args.batch} D={args.dim} {args.dtype} {args.margin}{threads}")
     header = f"{'backend':>8} {'C':>10} {'fwd+bwd ms':>11} {'working MB':>11}"
     rows = []
     for classes in args.classes:

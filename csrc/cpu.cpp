@@ -4,8 +4,8 @@
 // [class_start, class_start + C)), q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12),
 //   c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),  z_ij = s c_ij,  z_iy = s f(c_iy).
 //
-// Forward, per chunk of classes [c0, c0 + n) (n from the caller, so one B×n fp32 tile stays
-// within a fixed budget whatever C is):
+// Forward, per chunk of classes [c0, c0 + n) (n from the caller, so one B×n fp32 tile per thread
+// stays within a fixed budget whatever C is):
 //   r for the chunk's rows of W (no normalised copy of W); S = X W_chunkᵀ (one GEMM, fp32);
 //   one fused, OpenMP-parallel pass per row: c = clamp(q_i r_j S_ij), the margin on the target
 //   column, then the online max / sum-exp, the target logit, the logit sum and the best cosine and
@@ -20,6 +20,12 @@
 //     dℓ/dx_i = A_i - x̂_i (x̂_i·A_i),   dℓ/dw_j = H_j - ŵ_j (ŵ_j·H_j)
 //   (without the projection where |row| <= 1e-12, as F.normalize's clamp does).
 //
+// Threads: the chunks are dealt dynamically to the OpenMP threads in one parallel region per
+// call; each thread owns a tile, partials (forward) or a dX accumulator (backward), and runs the
+// GEMMs of its chunks single-threaded (its tile stays in its core's cache). The per-thread partials
+// and accumulators are merged at the end; dW rows of different chunks are disjoint. One barrier per
+// call, not several per chunk, keeps the backend fast on a machine whose cores are shared.
+//
 // Inputs in float32, float16 or bfloat16 are converted to fp32 per chunk; all arithmetic and
 // accumulation is fp32 (the logit sum is accumulated across chunks in double).
 #include <ATen/Parallel.h>
@@ -29,8 +35,12 @@
 #include <ATen/ops/mm.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <optional>
 #include <vector>
@@ -103,14 +113,34 @@ void project_rows(const float* h, const float* v, const float* inv, int64_t coun
   });
 }
 
-// The per-row state of the forward pass: the partials, updated chunk after chunk.
+// The per-row partials of the forward pass over the chunks one thread has walked.
 struct Partials {
-  float* max;
-  float* sumexp;
-  float* target;
-  double* logit_sum;
-  float* best_cos;
-  int64_t* best_class;
+  std::vector<float> max, sumexp, target, best_cos;
+  std::vector<double> logit_sum;
+  std::vector<int64_t> best_class;
+
+  Partials(int64_t batch, int64_t class_start)
+      : max(batch, -std::numeric_limits<float>::infinity()),
+        sumexp(batch, 0.0f),
+        target(batch, 0.0f),
+        best_cos(batch, -std::numeric_limits<float>::infinity()),
+        logit_sum(batch, 0.0),
+        best_class(batch, class_start) {}
+
+  // Fold in another thread's partials of disjoint chunks (ties in best_cos: the smaller class).
+  void merge(const Partials& o, int64_t i) {
+    if (o.max[i] > -std::numeric_limits<float>::infinity()) {
+      const float top = std::max(max[i], o.max[i]);
+      sumexp[i] = sumexp[i] * std::exp(max[i] - top) + o.sumexp[i] * std::exp(o.max[i] - top);
+      max[i] = top;
+    }
+    target[i] += o.target[i];
+    logit_sum[i] += o.logit_sum[i];
+    if (o.best_cos[i] > best_cos[i] || (o.best_cos[i] == best_cos[i] && o.best_class[i] < best_class[i])) {
+      best_cos[i] = o.best_cos[i];
+      best_class[i] = o.best_class[i];
+    }
+  }
 };
 
 // One row of one chunk, forward. `row` holds S_i· on entry and is overwritten (cosines, then the
@@ -214,6 +244,50 @@ at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// One thread's buffers, allocated before the parallel region (so allocation trackers see them):
+// the B×n fp32 tile, the fp32 copy of a weight chunk (half/bf16 inputs), dW chunk rows before the
+// projection (half/bf16), the dX accumulator, and the chunk's inverse norms.
+struct Workspace {
+  at::Tensor tile, w32, h32, acc;
+  std::vector<float> r;
+
+  Workspace(const at::Tensor& x, int64_t batch, int64_t dim, int64_t n_max, bool with_acc, bool with_h)
+      : r(n_max) {
+    const auto f32 = x.options().dtype(at::kFloat);
+    tile = at::empty({batch * n_max}, f32);
+    if (x.scalar_type() != at::kFloat) w32 = at::empty({n_max, dim}, f32);
+    if (with_h) h32 = at::empty({n_max * dim}, f32);
+    if (with_acc) acc = at::empty({batch, dim}, f32);
+  }
+};
+
+int thread_count(int64_t chunks) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks)));
+}
+
+// body(thread, chunk) for every chunk in [0, chunks), the chunks dealt dynamically to `threads`
+// OpenMP threads: one parallel region per call, so a loaded machine costs one barrier, not one per
+// chunk. Each thread calls ATen's GEMM on its own tile (single-threaded inside the region). The
+// first exception thrown by a body is rethrown after the region.
+template <typename Body>
+void run_chunks(int64_t chunks, int threads, const Body& body) {
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t k = 0; k < chunks; ++k) {
+    if (failed.load()) continue;
+    try {
+      body(omp_get_thread_num(), k);
+    } catch (...) {
+#pragma omp critical(marginfused_error)
+      {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace
 
 // Per-row partials over this weight's classes, written into the six output tensors (B,), every
@@ -241,36 +315,40 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     inverse_norms(xf.data_ptr<float>(), B, D, q.data());
 
     const int64_t n_max = std::min(chunk, C);
-    at::Tensor tile = at::empty({B * n_max}, x.options().dtype(at::kFloat));
-    at::Tensor w_buffer;
-    if (x.scalar_type() != at::kFloat) w_buffer = at::empty({n_max, D}, x.options().dtype(at::kFloat));
-    std::vector<float> r(n_max);
-    std::vector<double> logit_sum(B, 0.0);
-
-    Partials out{out_max.data_ptr<float>(),    out_sumexp.data_ptr<float>(),   out_target.data_ptr<float>(),
-                 logit_sum.data(),             out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>()};
-    std::fill(out.max, out.max + B, -std::numeric_limits<float>::infinity());
-    std::fill(out.sumexp, out.sumexp + B, 0.0f);
-    std::fill(out.target, out.target + B, 0.0f);
-    std::fill(out.best_cos, out.best_cos + B, -std::numeric_limits<float>::infinity());
-    std::fill(out.best_class, out.best_class + B, class_start);
+    const int64_t chunks = (C + n_max - 1) / n_max;
+    const int threads = thread_count(chunks);
+    std::vector<Workspace> work;
+    std::vector<Partials> partials;
+    for (int t = 0; t < threads; ++t) {
+      work.emplace_back(x, B, D, n_max, false, false);
+      partials.emplace_back(B, class_start);
+    }
     const int64_t* labels = y.data_ptr<int64_t>();
-
-    for (int64_t c0 = 0; c0 < C; c0 += n_max) {
-      const int64_t n = std::min(n_max, C - c0);
-      const at::Tensor wc = fp32_rows(w, c0, n, w_buffer);
-      inverse_norms(wc.data_ptr<float>(), n, D, r.data());
-      at::Tensor s_tile = front(tile, B, n);
+    run_chunks(chunks, threads, [&](int t, int64_t k) {
+      Workspace& ws = work[t];
+      const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
+      const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
+      inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
+      at::Tensor s_tile = front(ws.tile, B, n);
       at::mm_out(s_tile, xf, wc.t());
       float* s_data = s_tile.data_ptr<float>();
-      const int64_t chunk_start = class_start + c0;
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i)
-          forward_row(s_data + i * n, n, q[i], r.data(), labels[i], chunk_start, p, out, i);
-      });
+      for (int64_t i = 0; i < B; ++i)
+        forward_row(s_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, p, partials[t], i);
+    });
+
+    Partials& all = partials[0];
+    float* out[] = {out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), out_target.data_ptr<float>(),
+                    out_logit_sum.data_ptr<float>(), out_best_cos.data_ptr<float>()};
+    int64_t* out_class = out_best_class.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      for (int t = 1; t < threads; ++t) all.merge(partials[t], i);
+      out[0][i] = all.max[i];
+      out[1][i] = all.sumexp[i];
+      out[2][i] = all.target[i];
+      out[3][i] = static_cast<float>(all.logit_sum[i]);
+      out[4][i] = all.best_cos[i];
+      out_class[i] = all.best_class[i];
     }
-    float* ls = out_logit_sum.data_ptr<float>();
-    for (int64_t i = 0; i < B; ++i) ls[i] = static_cast<float>(logit_sum[i]);
   });
 }
 
@@ -303,54 +381,45 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     inverse_norms(xf.data_ptr<float>(), B, D, q.data());
 
     const int64_t n_max = std::min(chunk, C);
-    const auto f32 = x.options().dtype(at::kFloat);
-    at::Tensor tile = at::empty({B * n_max}, f32);
-    at::Tensor w_buffer, h_buffer;
-    if (!is_float) w_buffer = at::empty({n_max, D}, f32);
-    if (need_w && !is_float) h_buffer = at::empty({n_max * D}, f32);
-    // A = Σ_chunks U W_chunk, accumulated in fp32: in grad_x itself when that is fp32.
-    at::Tensor acc;
-    if (need_x) {
-      acc = is_float ? *grad_x : at::empty({B, D}, f32);
-      acc.zero_();
-    }
-    std::vector<float> r(n_max);
+    const int64_t chunks = (C + n_max - 1) / n_max;
+    const int threads = thread_count(chunks);
+    std::vector<Workspace> work;
+    // A = Σ_chunks U W_chunk, one fp32 accumulator per thread; thread 0's is grad_x itself when fp32.
+    for (int t = 0; t < threads; ++t)
+      work.emplace_back(x, B, D, n_max, need_x && !(is_float && t == 0), need_w && !is_float);
+    if (need_x && is_float) work[0].acc = *grad_x;
+    for (Workspace& ws : work)
+      if (need_x) ws.acc.zero_();
     const int64_t* labels = y.data_ptr<int64_t>();
     const double* lse_data = lse.data_ptr<double>();
     const float* up = grad_rows.data_ptr<float>();
     const float smooth_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
 
-    for (int64_t c0 = 0; c0 < C; c0 += n_max) {
-      const int64_t n = std::min(n_max, C - c0);
-      const at::Tensor wc = fp32_rows(w, c0, n, w_buffer);
-      inverse_norms(wc.data_ptr<float>(), n, D, r.data());
-      at::Tensor u_tile = front(tile, B, n);
+    run_chunks(chunks, threads, [&](int t, int64_t k) {
+      Workspace& ws = work[t];
+      const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
+      const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
+      inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
+      at::Tensor u_tile = front(ws.tile, B, n);
       at::mm_out(u_tile, xf, wc.t());
       float* u_data = u_tile.data_ptr<float>();
-      const int64_t chunk_start = class_start + c0;
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i)
-          backward_row(u_data + i * n, n, q[i], r.data(), labels[i], chunk_start, lse_data[i], up[i],
-                       smooth_per_class, p);
-      });
-      if (need_x) acc.addmm_(u_tile, wc);
+      for (int64_t i = 0; i < B; ++i)
+        backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, lse_data[i], up[i],
+                     smooth_per_class, p);
+      if (need_x) ws.acc.addmm_(u_tile, wc);
       if (need_w) {
-        if (is_float) {
-          at::Tensor h = grad_w->narrow(0, c0, n);
-          at::mm_out(h, u_tile.t(), xf);
-          float* hd = h.data_ptr<float>();
-          project_rows<float>(hd, wc.data_ptr<float>(), r.data(), n, D, hd);
-        } else {
-          at::Tensor h = front(h_buffer, n, D);
-          at::mm_out(h, u_tile.t(), xf);
-          project_rows<scalar_t>(h.data_ptr<float>(), wc.data_ptr<float>(), r.data(), n, D,
-                                 grad_w->data_ptr<scalar_t>() + c0 * D);
-        }
+        at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(ws.h32, n, D);
+        at::mm_out(h, u_tile.t(), xf);
+        project_rows<scalar_t>(h.data_ptr<float>(), wc.data_ptr<float>(), ws.r.data(), n, D,
+                               grad_w->data_ptr<scalar_t>() + c0 * D);
       }
-    }
+    });
+
     if (need_x) {
-      float* a = acc.data_ptr<float>();
-      project_rows<scalar_t>(a, xf.data_ptr<float>(), q.data(), B, D, grad_x->data_ptr<scalar_t>());
+      at::Tensor acc = work[0].acc;
+      for (int t = 1; t < threads; ++t) acc.add_(work[t].acc);
+      project_rows<scalar_t>(acc.data_ptr<float>(), xf.data_ptr<float>(), q.data(), B, D,
+                             grad_x->data_ptr<scalar_t>());
     }
   });
 }

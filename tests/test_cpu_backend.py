@@ -97,6 +97,25 @@ def test_awkward_shapes(ext, chunk, batch, classes, dim, chunk_classes):
     )
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_counts(ext, chunk, threads):
+    """Chunks are dealt to threads and per-thread partials merged: any thread count gives the loss."""
+    chunk(7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, y = make_inputs(10, 50, 12, ignored=1, seed=7)
+        assert_matches_truth("cpu", x, w, y, torch.float32, margin="expface", scale=30.0, reduction="none")
+        _, acc = mf.margin_cross_entropy(x.float(), w.float(), y, backend="cpu", return_accuracy=True)
+        _, ref = mf.margin_cross_entropy(x.float(), w.float(), y, backend="torch", return_accuracy=True)
+        assert float(acc) == float(ref)
+        config = LossConfig.build("expface", 30.0, "detached", -100, 0.0)
+        best = row_partials(x.float(), w.float(), y, config).best_class
+        assert torch.equal(best, torch.cosine_similarity(x.float()[:, None], w.float()[None], dim=2).argmax(1))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ignore_index_other_than_default(ext, chunk):
     chunk(8)
     x, w, y = make_inputs(12, 40, 16, seed=2)

@@ -40,7 +40,8 @@ from .config import LossConfig
 from .partials import RowPartials, row_loss
 
 TILE_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
-"""The budget of the B×chunk fp32 tile per device type: cache-sized on the CPU, bounded on a GPU."""
+"""The budget of one B×chunk fp32 tile per device type: cache-sized on the CPU (one tile per
+thread), bounded on a GPU (one tile, plus its half/bf16 copy for the backward GEMMs)."""
 
 MIN_CHUNK = 16
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,5 +1,7 @@
 # make test  — set up (if needed) and run the whole test suite
 # make bench — set up (if needed) and run the benchmark on whatever device is present
+# make check-cuda — compile every csrc/*.cu with nvcc for sm_80 and sm_90 (compile only, warnings
+#                   are errors; no GPU needed). The test suite runs the same check when nvcc exists.
 #
 # Setup: uses the active virtualenv, else creates .venv (seeing system packages, so a machine with
 # torch preinstalled keeps its build); installs torch only if it is missing (torch==2.13.0, the CPU
@@ -13,7 +15,7 @@ else
 PYTHON := $(VENV)/bin/python
 endif
 
-.PHONY: setup test bench
+.PHONY: setup test bench check-cuda
 
 setup:
 	@[ -n "$$VIRTUAL_ENV" ] || [ -x $(VENV)/bin/python ] || $(BOOT_PYTHON) -m venv --system-site-packages $(VENV)
@@ -28,3 +30,6 @@ test: setup
 bench: setup
 	$(PYTHON) -m bench
 	$(PYTHON) -m bench.report
+
+check-cuda: setup
+	$(PYTHON) tools/check_cuda.py

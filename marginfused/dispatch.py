@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-from typing import NoReturn, Optional
+from typing import Optional
 
 from torch import Tensor
 
 from .backend import Backend, BackendUnavailableError
+from .chunked import CpuBackend, CudaBackend
 from .config import LossConfig
 from .reference import TorchBackend
 from .triton_backend import TritonBackend
 
-
-class NotImplementedBackend(Backend):
-    """A reserved backend name whose implementation has not landed yet."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def unavailable_reason(self) -> Optional[str]:
-        return "not implemented yet"
-
-    def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
-        return "not implemented yet"
-
-    def _refuse(self, *args: object) -> NoReturn:
-        raise BackendUnavailableError(f"backend {self.name!r} is not implemented yet")
-
-    per_row_loss = row_partials = shard_backward = _refuse
-
-
 BACKENDS: dict[str, Backend] = {
     "triton": TritonBackend(),
-    "cuda": NotImplementedBackend("cuda"),
-    "cpu": NotImplementedBackend("cpu"),
+    "cuda": CudaBackend(),
+    "cpu": CpuBackend(),
     "torch": TorchBackend(),
 }
 """Every backend by name, fastest first."""

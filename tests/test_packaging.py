@@ -1,4 +1,6 @@
-"""The installed package: one importable `marginfused`, kernels inside it, importable from anywhere."""
+"""The installed package: one importable `marginfused`, with the Triton kernels inside it
+(`marginfused.kernels`) and the C++/CUDA sources shipped as `marginfused/csrc/`, where the JIT build
+finds them; importable from any directory."""
 
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
 
 
 @pytest.fixture(scope="module")
@@ -22,21 +25,27 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
-def test_wheel_holds_one_package_with_kernels_and_csrc_inside(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
+def test_wheel_holds_one_package_with_kernels_and_every_source_inside(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"marginfused"}
     assert "marginfused/kernels/__init__.py" in names
-    assert any(name.startswith("marginfused/csrc/") for name in names)
+    sources = [p.name for p in (REPO / "csrc").iterdir() if p.suffix in SOURCE_SUFFIXES]
+    assert {"cpu.cpp", "cuda.cu", "margin_math.h"} <= set(sources)
+    missing = [name for name in sources if f"marginfused/csrc/{name}" not in names]
+    assert not missing, f"sources missing from the wheel: {missing}"
 
 
-def test_installed_wheel_imports_from_another_directory(wheel, tmp_path):
+def test_installed_wheel_imports_from_another_directory_and_finds_its_sources(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
         check=True,
     )
-    script = "import marginfused as mf; print(mf.__file__); print(mf.available_backends()['torch'])"
+    script = (
+        "import marginfused as mf, marginfused.extension as e; print(mf.__file__); "
+        "print(mf.available_backends()['torch']); print(' '.join(p.name for p in e.source_files()))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,
@@ -45,6 +54,7 @@ def test_installed_wheel_imports_from_another_directory(wheel, tmp_path):
         text=True,
         check=True,
     )
-    location, torch_reason = result.stdout.split()
+    location, torch_reason, found = result.stdout.strip().splitlines()
     assert Path(location).is_relative_to(target)
     assert torch_reason == "None"
+    assert sorted(found.split()) == sorted(p.name for p in (REPO / "csrc").iterdir() if p.suffix in SOURCE_SUFFIXES)

@@ -1,0 +1,444 @@
+// The `cpu` backend: the chunked margin softmax loss for CPU tensors (ATen GEMM + OpenMP).
+//
+// Notation (DESIGN.md §1): x (B×D) embeddings, W (C×D) class centres (a shard: global classes
+// [class_start, class_start + C)), q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12),
+//   c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),  z_ij = s c_ij,  z_iy = s f(c_iy).
+//
+// Forward, per chunk of classes [c0, c0 + n) (n from the caller, so one B×n fp32 tile per thread
+// stays within a fixed budget whatever C is):
+//   r for the chunk's rows of W (no normalised copy of W); S = X W_chunkᵀ (one GEMM, fp32);
+//   one fused, vectorised pass per row: c = clamp(q_i r_j S_ij), the margin on the target
+//   column, then the online max / sum-exp, the target logit, the logit sum and the best cosine and
+//   its class. The outputs are the per-row partials of marginfused/partials.py over this weight's
+//   classes; the caller merges shards and forms the loss.
+//
+// Backward, per chunk, with lse_i over all classes and the upstream gradient u_i of ℓ_i:
+//   recompute S, then in place U_ij = u_i q_i r_j G_ij with
+//     G_ij = dℓ_i/dc_ij = s (p_ij - (1-ε)[j = y_i] - ε/C) (f'(c_iy) on the target in exact mode),
+//   A += U W_chunk (B×D) and H_chunk = Uᵀ X (n×D), two GEMMs on the raw inputs. Since
+//   A_i = q_i g_x̂_i and H_j = r_j g_ŵ_j, projecting through the normalisation is
+//     dℓ/dx_i = A_i - x̂_i (x̂_i·A_i),   dℓ/dw_j = H_j - ŵ_j (ŵ_j·H_j)
+//   (without the projection where |row| <= 1e-12, as F.normalize's clamp does).
+//
+// Threads: the chunks are dealt dynamically to the OpenMP threads in one parallel region per
+// call; each thread owns a tile, partials (forward) or a dX accumulator (backward), and runs the
+// GEMMs of its chunks single-threaded (its tile stays in its core's cache). The per-thread partials
+// and accumulators are merged at the end; dW rows of different chunks are disjoint. One barrier per
+// call, not several per chunk, keeps the backend fast on a machine whose cores are shared.
+//
+// Inputs in float32, float16 or bfloat16 are converted to fp32 per chunk; all arithmetic and
+// accumulation is fp32 (the logit sum is accumulated across chunks in double).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+#include "margin_math.h"
+
+namespace marginfused {
+namespace {
+
+constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
+
+// exp(v) in fp32 without a library call, so the loops over a tile row vectorise: Cody-Waite
+// range reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial for e^r, and 2^k built in the
+// exponent bits. Relative error < 1e-7 (8e-8 measured over [-87, 0]). Below -87 it returns e^-87
+// (1.6e-38) rather than underflowing (no branch, so the loops vectorise; every use adds it to sums >= 1 or
+// to gradients where 1e-38 is far below fp32 resolution).
+inline float exp_fp32(float v) {
+  v = v < -87.0f ? -87.0f : v;
+  v = v > 88.0f ? 88.0f : v;
+  // Round v·log2(e) to the nearest integer with the 1.5·2^23 trick (no floor: vectorises on SSE2).
+  float k = v * 1.44269504088896341f + 12582912.0f;
+  k -= 12582912.0f;
+  float r = v - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(float));
+  return poly * two_k;
+}
+
+// 1/max(|row|, 1e-12) of `rows` contiguous rows of length `dim`, into out.
+void inverse_norms(const float* rows, int64_t count, int64_t dim, float* out) {
+  at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* row = rows + i * dim;
+      float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t d = 0; d < dim; ++d) sq += row[d] * row[d];
+      out[i] = 1.0f / std::max(std::sqrt(sq), kNormEps);
+    }
+  });
+}
+
+// out_i = h_i - v̂_i (v̂_i·h_i) with v̂_i = inv_i v_i, or h_i where |v_i| <= 1e-12, for `count`
+// rows: the gradient through v ↦ v/max(|v|, 1e-12) given h = inv_i × (gradient w.r.t. v̂_i).
+template <typename out_t>
+void project_rows(const float* h, const float* v, const float* inv, int64_t count, int64_t dim, out_t* out) {
+  at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* hi = h + i * dim;
+      const float* vi = v + i * dim;
+      float vh = 0.0f, vv = 0.0f;
+#pragma omp simd reduction(+ : vh, vv)
+      for (int64_t d = 0; d < dim; ++d) {
+        vh += vi[d] * hi[d];
+        vv += vi[d] * vi[d];
+      }
+      const float coef = std::sqrt(vv) > kNormEps ? inv[i] * inv[i] * vh : 0.0f;
+      out_t* oi = out + i * dim;
+      for (int64_t d = 0; d < dim; ++d) oi[d] = static_cast<out_t>(hi[d] - coef * vi[d]);
+    }
+  });
+}
+
+// The per-row partials of the forward pass over the chunks one thread has walked.
+struct Partials {
+  std::vector<float> max, sumexp, target, best_cos;
+  std::vector<double> logit_sum;
+  std::vector<int64_t> best_class;
+
+  Partials(int64_t batch, int64_t class_start)
+      : max(batch, -std::numeric_limits<float>::infinity()),
+        sumexp(batch, 0.0f),
+        target(batch, 0.0f),
+        best_cos(batch, -std::numeric_limits<float>::infinity()),
+        logit_sum(batch, 0.0),
+        best_class(batch, class_start) {}
+
+  // Fold in another thread's partials of disjoint chunks (ties in best_cos: the smaller class).
+  void merge(const Partials& o, int64_t i) {
+    if (o.max[i] > -std::numeric_limits<float>::infinity()) {
+      const float top = std::max(max[i], o.max[i]);
+      sumexp[i] = sumexp[i] * std::exp(max[i] - top) + o.sumexp[i] * std::exp(o.max[i] - top);
+      max[i] = top;
+    }
+    target[i] += o.target[i];
+    logit_sum[i] += o.logit_sum[i];
+    if (o.best_cos[i] > best_cos[i] || (o.best_cos[i] == best_cos[i] && o.best_class[i] < best_class[i])) {
+      best_cos[i] = o.best_cos[i];
+      best_class[i] = o.best_class[i];
+    }
+  }
+};
+
+// One row of one chunk, forward. `row` holds S_i· on entry and is overwritten (cosines, then the
+// target's margin value) as scratch.
+inline void forward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
+                        const LossParams& p, Partials& out, int64_t i) {
+  float cmax = -std::numeric_limits<float>::infinity();
+  float csum = 0.0f;
+#pragma omp simd reduction(max : cmax) reduction(+ : csum)
+  for (int64_t j = 0; j < n; ++j) {
+    float c = row[j] * qi * r[j];
+    c = c < -1.0f ? -1.0f : c;
+    c = c > 1.0f ? 1.0f : c;
+    row[j] = c;
+    cmax = cmax > c ? cmax : c;
+    csum += c;
+  }
+  if (cmax > out.best_cos[i]) {  // strictly greater: the first maximal class wins, like argmax
+    int64_t j = 0;
+    while (row[j] != cmax) ++j;
+    out.best_cos[i] = cmax;
+    out.best_class[i] = chunk_start + j;
+  }
+  float zmax = cmax;  // in cosine units: max over the chunk of z / s
+  const int64_t local = label - chunk_start;
+  if (label != p.ignore_index && local >= 0 && local < n) {
+    const float ct = row[local];
+    const float ft = margin_value(p, ct);
+    row[local] = ft;
+    csum += ft - ct;
+    out.target[i] = p.scale * ft;
+    if (ct >= cmax) {  // the target held the maximum: take it again with the margin applied
+      zmax = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : zmax)
+      for (int64_t j = 0; j < n; ++j) zmax = zmax > row[j] ? zmax : row[j];
+    } else {
+      zmax = std::max(zmax, ft);
+    }
+  }
+  const float m_old = out.max[i];
+  const float m_new = std::max(m_old, p.scale * zmax);
+  float sum = 0.0f;
+  const float s = p.scale;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += exp_fp32(s * row[j] - m_new);
+  out.sumexp[i] = out.sumexp[i] * exp_fp32(m_old - m_new) + sum;
+  out.max[i] = m_new;
+  out.logit_sum[i] += static_cast<double>(p.scale) * static_cast<double>(csum);
+}
+
+// One row of one chunk, backward: S_i· in, U_i· out (in place).
+// lse_i arrives as a float64 split into lse_hi + lse_lo: z - lse_hi is exact where p_ij matters
+// (z near lse), so p_ij = exp((z - lse_hi) - lse_lo) keeps fp32 relative accuracy instead of
+// losing ulp(lse) ~ 4e-6 at s = 64 to the rounding of lse itself.
+inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
+                         double lse, float upstream, float smooth_per_class, const LossParams& p) {
+  if (label == p.ignore_index || upstream == 0.0f) {
+    std::fill(row, row + n, 0.0f);
+    return;
+  }
+  const int64_t local = label - chunk_start;
+  const bool has_target = local >= 0 && local < n;
+  float ct = 0.0f;
+  if (has_target) ct = clamp_unit(row[local] * qi * r[local]);
+  const float s = p.scale;
+  const float factor = s * upstream * qi;
+  const float lse_hi = static_cast<float>(lse);
+  const float lse_lo = static_cast<float>(lse - static_cast<double>(lse_hi));
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float c = row[j] * qi * r[j];
+    c = c < -1.0f ? -1.0f : c;
+    c = c > 1.0f ? 1.0f : c;
+    row[j] = factor * r[j] * (exp_fp32((s * c - lse_hi) - lse_lo) - smooth_per_class);
+  }
+  if (has_target) {
+    const float prob = exp_fp32((s * margin_value(p, ct) - lse_hi) - lse_lo);
+    row[local] = upstream * qi * r[local] * logit_grad(p, prob, true, ct, smooth_per_class);
+  }
+}
+
+// fp32 rows [start, start + n) of a float/half/bf16 matrix: a view when it is float already,
+// else converted into `buffer` (at least n rows).
+at::Tensor fp32_rows(const at::Tensor& m, int64_t start, int64_t n, at::Tensor& buffer) {
+  at::Tensor rows = m.narrow(0, start, n);
+  if (m.scalar_type() == at::kFloat) return rows;
+  at::Tensor out = buffer.narrow(0, 0, n);
+  out.copy_(rows);
+  return out;
+}
+
+at::Tensor as_fp32(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t;
+  at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+  out.copy_(t);
+  return out;
+}
+
+// A contiguous (rows, cols) fp32 view of the front of a flat buffer.
+at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// One thread's buffers, allocated before the parallel region (so allocation trackers see them):
+// the B×n fp32 tile, the fp32 copy of a weight chunk (half/bf16 inputs), dW chunk rows before the
+// projection (half/bf16), the dX accumulator, and the chunk's inverse norms.
+struct Workspace {
+  at::Tensor tile, w32, h32, acc;
+  std::vector<float> r;
+
+  Workspace(const at::Tensor& x, int64_t batch, int64_t dim, int64_t n_max, bool with_acc, bool with_h)
+      : r(n_max) {
+    const auto f32 = x.options().dtype(at::kFloat);
+    tile = at::empty({batch * n_max}, f32);
+    if (x.scalar_type() != at::kFloat) w32 = at::empty({n_max, dim}, f32);
+    if (with_h) h32 = at::empty({n_max * dim}, f32);
+    if (with_acc) acc = at::empty({batch, dim}, f32);
+  }
+};
+
+int thread_count(int64_t chunks) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks)));
+}
+
+// body(thread, chunk) for every chunk in [0, chunks), the chunks dealt dynamically to `threads`
+// OpenMP threads: one parallel region per call, so a loaded machine costs one barrier, not one per
+// chunk. Each thread calls ATen's GEMM on its own tile (single-threaded inside the region). The
+// first exception thrown by a body is rethrown after the region.
+template <typename Body>
+void run_chunks(int64_t chunks, int threads, const Body& body) {
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t k = 0; k < chunks; ++k) {
+    if (failed.load()) continue;
+    try {
+      body(omp_get_thread_num(), k);
+    } catch (...) {
+#pragma omp critical(marginfused_error)
+      {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace
+
+// Per-row partials over this weight's classes, written into the six output tensors (B,), every
+// element of each. Labels are global class ids; the weight holds [class_start, class_start + C).
+void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t class_start,
+                      int64_t chunk, int64_t kind, int64_t fallback, double p1, double p2, double p3, double scale,
+                      int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
+                      const at::Tensor& out_target, const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                      const at::Tensor& out_best_class) {
+  constexpr const char* op = "marginfused cpu forward_partials";
+  check_inputs(op, x, w, y, kCPU);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  check_ranges(op, class_start, C, class_start + C, chunk);
+  check_tensor(op, "out_max", out_max, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_sumexp", out_sumexp, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_target", out_target, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_logit_sum", out_logit_sum, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_best_cos", out_best_cos, kCPU, at::kFloat, {B});
+  check_tensor(op, "out_best_class", out_best_class, kCPU, at::kLong, {B});
+  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, false, 0.0, ignore_index);
+
+  MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const at::Tensor xf = as_fp32(x);
+    std::vector<float> q(B);
+    inverse_norms(xf.data_ptr<float>(), B, D, q.data());
+
+    const int64_t n_max = std::min(chunk, C);
+    const int64_t chunks = (C + n_max - 1) / n_max;
+    const int threads = thread_count(chunks);
+    std::vector<Workspace> work;
+    std::vector<Partials> partials;
+    for (int t = 0; t < threads; ++t) {
+      work.emplace_back(x, B, D, n_max, false, false);
+      partials.emplace_back(B, class_start);
+    }
+    const int64_t* labels = y.data_ptr<int64_t>();
+    run_chunks(chunks, threads, [&](int t, int64_t k) {
+      Workspace& ws = work[t];
+      const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
+      const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
+      inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
+      at::Tensor s_tile = front(ws.tile, B, n);
+      at::mm_out(s_tile, xf, wc.t());
+      float* s_data = s_tile.data_ptr<float>();
+      for (int64_t i = 0; i < B; ++i)
+        forward_row(s_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, p, partials[t], i);
+    });
+
+    Partials& all = partials[0];
+    float* out[] = {out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), out_target.data_ptr<float>(),
+                    out_logit_sum.data_ptr<float>(), out_best_cos.data_ptr<float>()};
+    int64_t* out_class = out_best_class.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      for (int t = 1; t < threads; ++t) all.merge(partials[t], i);
+      out[0][i] = all.max[i];
+      out[1][i] = all.sumexp[i];
+      out[2][i] = all.target[i];
+      out[3][i] = static_cast<float>(all.logit_sum[i]);
+      out[4][i] = all.best_cos[i];
+      out_class[i] = all.best_class[i];
+    }
+  });
+}
+
+// Gradients of Σ_i u_i ℓ_i with respect to x and this weight shard, given lse_i over all
+// `num_classes` classes (float64: see backward_row) and u = grad_rows (B,) fp32. Writes every element of grad_x (B×D) and
+// grad_w (C×D), each in the input dtype, either of which may be None (not computed). With
+// shards, the grad_x of every shard are summed.
+void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse,
+              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, int64_t kind,
+              int64_t fallback, double p1, double p2, double p3, double scale, bool exact_grad,
+              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
+              const std::optional<at::Tensor>& grad_w) {
+  constexpr const char* op = "marginfused cpu backward";
+  check_inputs(op, x, w, y, kCPU);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  check_ranges(op, class_start, C, num_classes, chunk);
+  check_tensor(op, "lse", lse, kCPU, at::kDouble, {B});
+  check_tensor(op, "grad_rows", grad_rows, kCPU, at::kFloat, {B});
+  const bool need_x = grad_x.has_value() && grad_x->defined();
+  const bool need_w = grad_w.has_value() && grad_w->defined();
+  if (need_x) check_tensor(op, "grad_x", *grad_x, kCPU, x.scalar_type(), {B, D});
+  if (need_w) check_tensor(op, "grad_w", *grad_w, kCPU, x.scalar_type(), {C, D});
+  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, exact_grad, label_smoothing, ignore_index);
+  if (!need_x && !need_w) return;
+
+  MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const bool is_float = x.scalar_type() == at::kFloat;
+    const at::Tensor xf = as_fp32(x);
+    std::vector<float> q(B);
+    inverse_norms(xf.data_ptr<float>(), B, D, q.data());
+
+    const int64_t n_max = std::min(chunk, C);
+    const int64_t chunks = (C + n_max - 1) / n_max;
+    const int threads = thread_count(chunks);
+    std::vector<Workspace> work;
+    // A = Σ_chunks U W_chunk, one fp32 accumulator per thread; thread 0's is grad_x itself when fp32.
+    for (int t = 0; t < threads; ++t)
+      work.emplace_back(x, B, D, n_max, need_x && !(is_float && t == 0), need_w && !is_float);
+    if (need_x && is_float) work[0].acc = *grad_x;
+    for (Workspace& ws : work)
+      if (need_x) ws.acc.zero_();
+    const int64_t* labels = y.data_ptr<int64_t>();
+    const double* lse_data = lse.data_ptr<double>();
+    const float* up = grad_rows.data_ptr<float>();
+    const float smooth_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
+
+    run_chunks(chunks, threads, [&](int t, int64_t k) {
+      Workspace& ws = work[t];
+      const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
+      const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
+      inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
+      at::Tensor u_tile = front(ws.tile, B, n);
+      at::mm_out(u_tile, xf, wc.t());
+      float* u_data = u_tile.data_ptr<float>();
+      for (int64_t i = 0; i < B; ++i)
+        backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, lse_data[i], up[i],
+                     smooth_per_class, p);
+      if (need_x) ws.acc.addmm_(u_tile, wc);
+      if (need_w) {
+        at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(ws.h32, n, D);
+        at::mm_out(h, u_tile.t(), xf);
+        project_rows<scalar_t>(h.data_ptr<float>(), wc.data_ptr<float>(), ws.r.data(), n, D,
+                               grad_w->data_ptr<scalar_t>() + c0 * D);
+      }
+    });
+
+    if (need_x) {
+      at::Tensor acc = work[0].acc;
+      for (int t = 1; t < threads; ++t) acc.add_(work[t].acc);
+      project_rows<scalar_t>(acc.data_ptr<float>(), xf.data_ptr<float>(), q.data(), B, D,
+                             grad_x->data_ptr<scalar_t>());
+    }
+  });
+}
+
+}  // namespace marginfused
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "marginfused cpu backend: chunked margin softmax loss (ATen GEMM + OpenMP)";
+  m.def("forward_partials", &marginfused::forward_partials, py::call_guard<py::gil_scoped_release>(),
+        "Per-row partials (max, sumexp, target, logit_sum, best_cos, best_class) over the weight's classes",
+        py::arg("x"), py::arg("w"), py::arg("y"), py::arg("class_start"), py::arg("chunk"), py::arg("kind"),
+        py::arg("fallback"), py::arg("p1"), py::arg("p2"), py::arg("p3"), py::arg("scale"), py::arg("ignore_index"),
+        py::arg("out_max"), py::arg("out_sumexp"), py::arg("out_target"), py::arg("out_logit_sum"),
+        py::arg("out_best_cos"), py::arg("out_best_class"));
+  m.def("backward", &marginfused::backward, py::call_guard<py::gil_scoped_release>(),
+        "Gradients w.r.t. x and the weight shard, given the global lse and the per-row upstream gradient",
+        py::arg("x"), py::arg("w"), py::arg("y"), py::arg("lse"), py::arg("grad_rows"), py::arg("class_start"),
+        py::arg("num_classes"), py::arg("chunk"), py::arg("kind"), py::arg("fallback"), py::arg("p1"),
+        py::arg("p2"), py::arg("p3"), py::arg("scale"), py::arg("exact_grad"), py::arg("label_smoothing"),
+        py::arg("ignore_index"), py::arg("grad_x"), py::arg("grad_w"));
+}

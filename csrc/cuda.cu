@@ -1,0 +1,413 @@
+// The `cuda` backend: the chunked margin softmax loss for CUDA tensors, where Triton cannot run.
+//
+// The algorithm and notation are those of csrc/cpu.cpp (read its header first):
+//   q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12), c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),
+//   z_ij = s c_ij, z_iy = s f(c_iy).
+// Per chunk of n classes (the B×n fp32 tile is bounded by the caller's chunk size):
+//   forward:  r for the chunk (inverse_norms_kernel), S = X W_chunkᵀ with ATen (cuBLAS; fp32 output
+//             also for half/bf16 inputs), then forward_chunk_kernel: one block per row folds the
+//             chunk into the row's running (max, sumexp), target logit, logit sum, best cosine.
+//   backward: recompute S, backward_chunk_kernel forms U_ij = u_i q_i r_j dℓ_i/dc_ij elementwise
+//             (in the input dtype for the GEMMs), A += U W_chunk and H = Uᵀ X with ATen, and
+//             project_rows_kernel turns H into dW rows: dw_j = H_j - ŵ_j (ŵ_j·H_j). After the
+//             last chunk the same projection turns A into dx.
+// Everything after the GEMMs is fp32; the logit sum is accumulated in double.
+//
+// Only ATen/c10 headers are used (no cuBLAS headers), so this file compiles with nvcc against the
+// headers of any torch build, which is what `make check-cuda` does on machines without a GPU.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+
+#include "common.h"
+#include "margin_math.h"
+
+namespace marginfused {
+namespace cuda {
+namespace {
+
+constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+int grid_for(int64_t work, int64_t per_block) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, 65535)));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// A running (max, sum of exp(z - max)) pair; merging two is the logaddexp of their sums.
+struct OnlineSum {
+  float m;
+  float s;
+};
+
+__device__ __forceinline__ OnlineSum merge(OnlineSum a, OnlineSum b) {
+  if (b.m == -INFINITY) return a;
+  if (a.m == -INFINITY) return b;
+  const float m = fmaxf(a.m, b.m);
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+
+// The best cosine and its (chunk-local) class; ties go to the smaller class, like argmax.
+struct Best {
+  float c;
+  int64_t j;
+};
+
+__device__ __forceinline__ Best better(Best a, Best b) {
+  return (b.c > a.c || (b.c == a.c && b.j < a.j)) ? b : a;
+}
+
+// 1/max(|row|, 1e-12) for `count` rows of length `dim`: one warp per row.
+template <typename scalar_t>
+__global__ void inverse_norms_kernel(const scalar_t* __restrict__ rows, int64_t count, int64_t dim,
+                                     float* __restrict__ out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; row < count;
+       row += warps) {
+    const scalar_t* v = rows + row * dim;
+    float sq = 0.0f;
+    for (int64_t d = lane; d < dim; d += kWarp) {
+      const float e = static_cast<float>(v[d]);
+      sq += e * e;
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) out[row] = 1.0f / fmaxf(sqrtf(sq), kNormEps);
+  }
+}
+
+// Start of the forward pass: the partials of an empty class range.
+__global__ void init_partials_kernel(int64_t batch, int64_t class_start, float* max, float* sumexp, float* target,
+                                     double* logit_sum, float* best_cos, int64_t* best_class) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    max[i] = -INFINITY;
+    sumexp[i] = 0.0f;
+    target[i] = 0.0f;
+    logit_sum[i] = 0.0;
+    best_cos[i] = -INFINITY;
+    best_class[i] = class_start;
+  }
+}
+
+__global__ void finish_partials_kernel(int64_t batch, const double* logit_sum, float* out_logit_sum) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out_logit_sum[i] = static_cast<float>(logit_sum[i]);
+}
+
+// One block per row: fold the row's n cosines of this chunk into its partials.
+__global__ void __launch_bounds__(kThreads)
+    forward_chunk_kernel(const float* __restrict__ s_tile, int64_t n, const float* __restrict__ q,
+                         const float* __restrict__ r, const int64_t* __restrict__ labels, int64_t chunk_start,
+                         LossParams p, float* max, float* sumexp, float* target, double* logit_sum, float* best_cos,
+                         int64_t* best_class) {
+  const int64_t i = blockIdx.x;
+  const float* row = s_tile + i * n;
+  const float qi = q[i];
+  const int64_t label = labels[i];
+  const int64_t local = label != p.ignore_index ? label - chunk_start : -1;
+
+  OnlineSum acc{-INFINITY, 0.0f};
+  Best best{-INFINITY, n};
+  float csum = 0.0f;  // Σ z / s over this thread's elements
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float c = clamp_unit(row[j] * qi * r[j]);
+    best = better(best, Best{c, j});
+    float zc = c;
+    if (j == local) {
+      zc = margin_value(p, c);
+      target[i] = p.scale * zc;  // the only writer: one chunk holds the target
+    }
+    csum += zc;
+    const float z = p.scale * zc;
+    if (z > acc.m) {
+      acc.s = acc.s * expf(acc.m - z) + 1.0f;
+      acc.m = z;
+    } else {
+      acc.s += expf(z - acc.m);
+    }
+  }
+
+  // Reduce within each warp, then across the block's warps through shared memory.
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const OnlineSum other{__shfl_xor_sync(kFullMask, acc.m, offset), __shfl_xor_sync(kFullMask, acc.s, offset)};
+    acc = merge(acc, other);
+    const Best other_best{__shfl_xor_sync(kFullMask, best.c, offset), __shfl_xor_sync(kFullMask, best.j, offset)};
+    best = better(best, other_best);
+    csum += __shfl_xor_sync(kFullMask, csum, offset);
+  }
+  __shared__ OnlineSum warp_acc[kThreads / kWarp];
+  __shared__ Best warp_best[kThreads / kWarp];
+  __shared__ float warp_csum[kThreads / kWarp];
+  const int warp = threadIdx.x / kWarp;
+  if (threadIdx.x % kWarp == 0) {
+    warp_acc[warp] = acc;
+    warp_best[warp] = best;
+    warp_csum[warp] = csum;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int warps = blockDim.x / kWarp;
+    for (int k = 1; k < warps; ++k) {
+      acc = merge(acc, warp_acc[k]);
+      best = better(best, warp_best[k]);
+      csum += warp_csum[k];
+    }
+    const OnlineSum total = merge(OnlineSum{max[i], sumexp[i]}, acc);
+    max[i] = total.m;
+    sumexp[i] = total.s;
+    logit_sum[i] += static_cast<double>(p.scale) * static_cast<double>(csum);
+    if (best.c > best_cos[i]) {  // strictly: an earlier chunk keeps a tie
+      best_cos[i] = best.c;
+      best_class[i] = chunk_start + best.j;
+    }
+  }
+}
+
+// Elementwise over the B×n tile: U_ij = u_i q_i r_j dℓ_i/dc_ij from S_ij, written as grad_t (the
+// input dtype, for the GEMMs; in place when that is float). lse_i = lse_hi + lse_lo (see cpu.cpp).
+template <typename grad_t>
+__global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64_t batch, int64_t n,
+                                      const float* __restrict__ q, const float* __restrict__ r,
+                                      const int64_t* __restrict__ labels, int64_t chunk_start,
+                                      const float* __restrict__ lse_hi, const float* __restrict__ lse_lo,
+                                      const float* __restrict__ upstream, float smooth_per_class, LossParams p) {
+  const int64_t total = batch * n;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / n;
+    const int64_t j = idx - i * n;
+    const int64_t label = labels[i];
+    const float u = upstream[i];
+    float value = 0.0f;
+    if (label != p.ignore_index && u != 0.0f) {
+      const float c = clamp_unit(s_tile[idx] * q[i] * r[j]);
+      const bool is_target = label - chunk_start == j;
+      const float zc = is_target ? margin_value(p, c) : c;
+      const float prob = expf((p.scale * zc - lse_hi[i]) - lse_lo[i]);
+      value = u * q[i] * r[j] * logit_grad(p, prob, is_target, c, smooth_per_class);
+    }
+    u_tile[idx] = static_cast<grad_t>(value);
+  }
+}
+
+__global__ void split_lse_kernel(int64_t batch, const double* lse, float* hi, float* lo) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float h = static_cast<float>(lse[i]);
+    hi[i] = h;
+    lo[i] = static_cast<float>(lse[i] - static_cast<double>(h));
+  }
+}
+
+// out_i = h_i - v̂_i (v̂_i·h_i), v̂_i = inv_i v_i (or h_i where |v_i| <= 1e-12): one warp per row.
+// `out` may alias `h` (each lane reads its elements before writing them).
+template <typename scalar_t, typename out_t>
+__global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__ v, const float* __restrict__ inv,
+                                    int64_t count, int64_t dim, out_t* out) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; row < count;
+       row += warps) {
+    const float* hi = h + row * dim;
+    const scalar_t* vi = v + row * dim;
+    float vh = 0.0f, vv = 0.0f;
+    for (int64_t d = lane; d < dim; d += kWarp) {
+      const float e = static_cast<float>(vi[d]);
+      vh += e * hi[d];
+      vv += e * e;
+    }
+    vh = warp_sum(vh);
+    vv = warp_sum(vv);
+    const float coef = sqrtf(vv) > kNormEps ? inv[row] * inv[row] * vh : 0.0f;
+    out_t* oi = out + row * dim;
+    for (int64_t d = lane; d < dim; d += kWarp) oi[d] = static_cast<out_t>(hi[d] - coef * static_cast<float>(vi[d]));
+  }
+}
+
+// S (B×n fp32, contiguous) = X W_chunkᵀ; fp32 output also for half/bf16 inputs.
+void cosine_gemm(at::Tensor& s_tile, const at::Tensor& x, const at::Tensor& wc) {
+  if (x.scalar_type() == at::kFloat) {
+    at::mm_out(s_tile, x, wc.t());
+  } else {
+    at::mm_out(s_tile, x, wc.t(), at::kFloat);
+  }
+}
+
+at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+}  // namespace
+
+void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t class_start,
+                      int64_t chunk, int64_t kind, int64_t fallback, double p1, double p2, double p3, double scale,
+                      int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
+                      const at::Tensor& out_target, const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                      const at::Tensor& out_best_class) {
+  constexpr const char* op = "marginfused cuda forward_partials";
+  check_inputs(op, x, w, y, kCUDA);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  check_ranges(op, class_start, C, class_start + C, chunk);
+  check_tensor(op, "out_max", out_max, kCUDA, at::kFloat, {B});
+  check_tensor(op, "out_sumexp", out_sumexp, kCUDA, at::kFloat, {B});
+  check_tensor(op, "out_target", out_target, kCUDA, at::kFloat, {B});
+  check_tensor(op, "out_logit_sum", out_logit_sum, kCUDA, at::kFloat, {B});
+  check_tensor(op, "out_best_cos", out_best_cos, kCUDA, at::kFloat, {B});
+  check_tensor(op, "out_best_class", out_best_class, kCUDA, at::kLong, {B});
+  for (const at::Tensor* t : {&out_max, &out_sumexp, &out_target, &out_logit_sum, &out_best_cos, &out_best_class})
+    check_same_device(op, "every output", *t, x);
+  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, false, 0.0, ignore_index);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n_max = std::min(chunk, C);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor tile = at::empty({B * n_max}, f32);
+  at::Tensor r = at::empty({n_max}, f32);
+  at::Tensor q = at::empty({B}, f32);
+  at::Tensor logit_sum = at::empty({B}, x.options().dtype(at::kDouble));
+
+  MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const int norm_blocks_x = grid_for(B, kThreads / kWarp);
+    inverse_norms_kernel<scalar_t><<<norm_blocks_x, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), B, D,
+                                                                          q.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    init_partials_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(
+        B, class_start, out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), out_target.data_ptr<float>(),
+        logit_sum.data_ptr<double>(), out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t c0 = 0; c0 < C; c0 += n_max) {
+      const int64_t n = std::min(n_max, C - c0);
+      const at::Tensor wc = w.narrow(0, c0, n);
+      inverse_norms_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
+          wc.data_ptr<scalar_t>(), n, D, r.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor s_tile = front(tile, B, n);
+      cosine_gemm(s_tile, x, wc);
+      TORCH_CHECK(B <= std::numeric_limits<int>::max(), op, ": batch too large for one grid");
+      forward_chunk_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+          s_tile.data_ptr<float>(), n, q.data_ptr<float>(), r.data_ptr<float>(), y.data_ptr<int64_t>(),
+          class_start + c0, p, out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), out_target.data_ptr<float>(),
+          logit_sum.data_ptr<double>(), out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    finish_partials_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, logit_sum.data_ptr<double>(),
+                                                                         out_logit_sum.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse,
+              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, int64_t kind,
+              int64_t fallback, double p1, double p2, double p3, double scale, bool exact_grad,
+              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
+              const std::optional<at::Tensor>& grad_w) {
+  constexpr const char* op = "marginfused cuda backward";
+  check_inputs(op, x, w, y, kCUDA);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  check_ranges(op, class_start, C, num_classes, chunk);
+  check_tensor(op, "lse", lse, kCUDA, at::kDouble, {B});
+  check_tensor(op, "grad_rows", grad_rows, kCUDA, at::kFloat, {B});
+  check_same_device(op, "lse", lse, x);
+  check_same_device(op, "grad_rows", grad_rows, x);
+  const bool need_x = grad_x.has_value() && grad_x->defined();
+  const bool need_w = grad_w.has_value() && grad_w->defined();
+  if (need_x) {
+    check_tensor(op, "grad_x", *grad_x, kCUDA, x.scalar_type(), {B, D});
+    check_same_device(op, "grad_x", *grad_x, x);
+  }
+  if (need_w) {
+    check_tensor(op, "grad_w", *grad_w, kCUDA, x.scalar_type(), {C, D});
+    check_same_device(op, "grad_w", *grad_w, x);
+  }
+  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, exact_grad, label_smoothing, ignore_index);
+  if (!need_x && !need_w) return;
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool is_float = x.scalar_type() == at::kFloat;
+  const int64_t n_max = std::min(chunk, C);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor tile = at::empty({B * n_max}, f32);
+  at::Tensor u_lowp = is_float ? tile : at::empty({B * n_max}, x.options());
+  at::Tensor r = at::empty({n_max}, f32);
+  at::Tensor q = at::empty({B}, f32);
+  at::Tensor lse_hi = at::empty({B}, f32);
+  at::Tensor lse_lo = at::empty({B}, f32);
+  at::Tensor acc, a_chunk, h_buffer;
+  if (need_x) {
+    acc = is_float ? *grad_x : at::empty({B, D}, f32);
+    acc.zero_();
+    if (!is_float) a_chunk = at::empty({B, D}, f32);
+  }
+  if (need_w && !is_float) h_buffer = at::empty({n_max * D}, f32);
+  const float smooth_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
+
+  MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    inverse_norms_kernel<scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), B, D, q.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    split_lse_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, lse.data_ptr<double>(),
+                                                                   lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t c0 = 0; c0 < C; c0 += n_max) {
+      const int64_t n = std::min(n_max, C - c0);
+      const at::Tensor wc = w.narrow(0, c0, n);
+      inverse_norms_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
+          wc.data_ptr<scalar_t>(), n, D, r.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor s_tile = front(tile, B, n);
+      cosine_gemm(s_tile, x, wc);
+      at::Tensor u_tile = front(u_lowp, B, n);  // the tile itself when float
+      backward_chunk_kernel<scalar_t><<<grid_for(B * n, kThreads), kThreads, 0, stream>>>(
+          s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, q.data_ptr<float>(), r.data_ptr<float>(),
+          y.data_ptr<int64_t>(), class_start + c0, lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(),
+          grad_rows.data_ptr<float>(), smooth_per_class, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_x) {
+        if (is_float) {
+          acc.addmm_(u_tile, wc);
+        } else {
+          at::mm_out(a_chunk, u_tile, wc, at::kFloat);
+          acc.add_(a_chunk);
+        }
+      }
+      if (need_w) {
+        at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(h_buffer, n, D);
+        if (is_float) {
+          at::mm_out(h, u_tile.t(), x);
+        } else {
+          at::mm_out(h, u_tile.t(), x, at::kFloat);
+        }
+        project_rows_kernel<scalar_t, scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
+            h.data_ptr<float>(), wc.data_ptr<scalar_t>(), r.data_ptr<float>(), n, D,
+            grad_w->data_ptr<scalar_t>() + c0 * D);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    if (need_x) {
+      project_rows_kernel<scalar_t, scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
+          acc.data_ptr<float>(), x.data_ptr<scalar_t>(), q.data_ptr<float>(), B, D, grad_x->data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace marginfused

@@ -1,0 +1,149 @@
+"""The `cuda` backend: its sources compile with nvcc on any machine with nvcc (DESIGN's CI has it;
+this is `make check-cuda` run from the test suite), and, on a CUDA GPU, the truth checks of the
+`cpu` backend repeated on CUDA tensors (GPU tests are skipped elsewhere by the `gpu` marker)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import marginfused as mf
+from marginfused import chunked, extension
+
+from helpers import assert_matches_truth, make_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "tools" / "check_cuda.py"
+sys.path.insert(0, str(CHECK.parent))
+from check_cuda import find_nvcc  # noqa: E402
+
+NVCC = find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine: the CUDA sources were not compiled")
+
+
+def _check(*files: str, timeout: int = 480) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CHECK), *files], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+@needs_nvcc
+def test_cuda_sources_compile_for_sm80_and_sm90():
+    """`make check-cuda`: every csrc/*.cu for sm_80 and sm_90, warnings as errors (~1 min)."""
+    result = _check()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all CUDA sources compile" in result.stdout
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("$ ") and ".cu " in line]
+    assert len(compiled) == len(list((ROOT / "csrc").glob("*.cu"))) >= 1
+
+
+@needs_nvcc
+def test_check_cuda_fails_on_a_warning(tmp_path):
+    source = tmp_path / "warns.cu"
+    source.write_text("__global__ void k(float* p) { int unused = 3; p[threadIdx.x] = 1.0f; }\n")
+    result = _check(str(source), timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "unused" in result.stdout
+
+
+def test_cuda_shares_the_margin_math_with_cpu():
+    """The margin f and f′ are written once, in margin_math.h, for both backends."""
+    csrc = ROOT / "csrc"
+    for name in ("cpu.cpp", "cuda.cu"):
+        text = (csrc / name).read_text()
+        assert '#include "margin_math.h"' in text
+        assert "acosf" not in text, f"{name} computes margin math itself"
+
+
+# --- on a GPU ----------------------------------------------------------------------------------
+
+MARGINS = {
+    "cosface": mf.CosFace(0.35),
+    "arcface": mf.ArcFace(0.5),
+    "arcface-linear": mf.ArcFace(0.5, fallback="linear"),
+    "arcface-easy": mf.ArcFace(0.5, fallback="easy"),
+    "sphereface": mf.SphereFace(1.7),
+    "expface": mf.ExpFace(0.7),
+    "combined": mf.CombinedMargin(1.0, 0.3, 0.2),
+}
+
+
+@pytest.fixture(scope="module")
+def cuda_ext():
+    reason = extension.unavailable_reason("cuda")
+    assert reason is None, f"the cuda extension did not build: {reason}"
+    return extension.load("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad_mode", ["detached", "exact"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mode, dtype):
+    monkeypatch.setenv("MARGINFUSED_CHUNK", "100")
+    x, w, y = make_inputs(37, 1031, 96, ignored=3, seed=11, device="cuda")
+    scale = 30.0 if dtype == torch.float32 else 64.0
+    assert_matches_truth("cuda", x, w, y, dtype, margin=MARGINS[margin], margin_grad=grad_mode, scale=scale,
+                         reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "batch, classes, dim, chunk_classes",
+    [(5, 1, 8, None), (6, 10, 7, None), (9, 50, 16, 7), (4, 33, 5, 16), (1, 64, 3, 64), (300, 129, 33, 1)],
+)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_awkward_shapes(cuda_ext, monkeypatch, batch, classes, dim, chunk_classes, reduction):
+    if chunk_classes is not None:
+        monkeypatch.setenv("MARGINFUSED_CHUNK", str(chunk_classes))
+    x, w, y = make_inputs(batch, classes, dim, seed=batch + classes, device="cuda")
+    assert_matches_truth("cuda", x, w, y, torch.float32, margin="sphereface", margin_grad="exact", scale=30.0,
+                         reduction=reduction)
+
+
+@pytest.mark.gpu
+def test_cuda_all_rows_ignored_and_accuracy(cuda_ext):
+    x, w, y = make_inputs(6, 50, 8, ignored=6, seed=4, device="cuda")
+    assert_matches_truth("cuda", x, w, y, torch.float32, reduction="sum", scale=30.0)
+    x, w, y = make_inputs(50, 97, 16, ignored=5, seed=3, device="cuda")
+    _, acc = mf.margin_cross_entropy(x.float(), w.float(), y, backend="cuda", return_accuracy=True)
+    _, ref = mf.margin_cross_entropy(x.float(), w.float(), y, backend="torch", return_accuracy=True)
+    assert float(acc) == float(ref)
+
+
+@pytest.mark.gpu
+def test_cuda_memory_does_not_grow_with_classes(cuda_ext, monkeypatch):
+    monkeypatch.delenv("MARGINFUSED_CHUNK", raising=False)
+    batch, dim = 256, 64
+    extra = {}
+    for classes in (200_000, 600_000):
+        x, w, y = make_inputs(batch, classes, dim, seed=1, device="cuda")
+        x, w = x.float().requires_grad_(), w.float().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        mf.margin_cross_entropy(x, w, y, backend="cuda").backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before - w.numel() * 4 - x.numel() * 4
+        extra[classes] = peak
+        assert peak < 4 * batch * classes, f"{peak} bytes: a B×C allocation"
+    tile = 4 * batch * chunked.chunk_size("cuda", batch)
+    assert abs(extra[600_000] - extra[200_000]) < tile, f"working memory grows with C: {extra}"
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_bad_inputs(cuda_ext):
+    x, w, y = make_inputs(6, 20, 8, device="cuda")
+    x, w = x.float(), w.float()
+    b = 6
+    outs = [torch.empty(b, device="cuda") for _ in range(5)] + [torch.empty(b, dtype=torch.long, device="cuda")]
+    with pytest.raises(RuntimeError, match="embeddings must be a CUDA tensor"):
+        cuda_ext.forward_partials(x.cpu(), w, y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, *outs)
+    with pytest.raises(RuntimeError, match="embeddings must be float32, float16 or bfloat16"):
+        cuda_ext.forward_partials(x.double(), w.double(), y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, *outs)
+    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+        cuda_ext.forward_partials(x, w.t().contiguous().t(), y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, *outs)
+    with pytest.raises(RuntimeError, match="out_max must be a CUDA tensor"):
+        cuda_ext.forward_partials(x, w, y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, torch.empty(b), *outs[1:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import ClassVar, NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
 from .config import LossConfig
@@ -32,7 +33,7 @@ class Backend(abc.ABC):
     """One implementation of the per-row margin softmax loss.
 
     A backend says whether it can run on this machine at all (`unavailable_reason`) and, if so,
-    whether it can run on the given tensors (`unsupported_reason`); both return None when it can,
+    whether it can run on tensors of a device type and dtype (`unsupported_reason`); both return None when it can,
     otherwise a sentence saying why not. Inputs reaching `per_row_loss` have passed
     `checks.check_inputs`.
     """
@@ -44,8 +45,8 @@ class Backend(abc.ABC):
         """None if this backend can run on this machine, else why not."""
 
     @abc.abstractmethod
-    def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
-        """None if this backend can run on these tensors with this config, else why not."""
+    def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
+        """None if this backend can run on tensors of this device type and dtype, else why not."""
 
     @abc.abstractmethod
     def per_row_loss(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig) -> RowLoss:

@@ -130,12 +130,12 @@ class ChunkedBackend(FusedBackend):
     def unavailable_reason(self) -> Optional[str]:
         return extension.unavailable_reason(self.device_type)
 
-    def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
-        if embeddings.device.type != self.device_type:
-            return f"the {self.name} backend runs on {self.device_type} tensors, got tensors on {embeddings.device}"
-        if embeddings.dtype not in SUPPORTED_DTYPES:
+    def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
+        if device_type != self.device_type:
+            return f"the {self.name} backend runs on {self.device_type} tensors, got {device_type} tensors"
+        if dtype not in SUPPORTED_DTYPES:
             return (
-                f"{embeddings.dtype} inputs are not supported (float32, float16 and bfloat16 are); "
+                f"{dtype} inputs are not supported (float32, float16 and bfloat16 are); "
                 "use backend='torch' for them"
             )
         return None

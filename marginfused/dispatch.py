@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .backend import Backend, BackendUnavailableError
@@ -32,27 +33,30 @@ def available_backends() -> dict[str, Optional[str]]:
     return {name: backend.unavailable_reason() for name, backend in BACKENDS.items()}
 
 
-def _reason(backend: Backend, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
-    return backend.unavailable_reason() or backend.unsupported_reason(embeddings, weight, config)
+@torch.compiler.assume_constant_result
+def _choose(name: str, device_type: str, dtype: torch.dtype) -> tuple[str, str]:
+    """(the backend to run, "") or ("", why none can): a constant for given arguments, which
+    torch.compile evaluates once when tracing instead of tracing into it."""
+    if name != "auto":
+        backend = BACKENDS[name]
+        reason = backend.unavailable_reason() or backend.unsupported_reason(device_type, dtype)
+        return ("", f"backend {name!r} cannot run here: {reason}") if reason else (name, "")
+    for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+        backend = BACKENDS[candidate]
+        if backend.unavailable_reason() is None and backend.unsupported_reason(device_type, dtype) is None:
+            return candidate, ""
+    return "", f"no backend can run on {device_type} tensors of {dtype}"
 
 
 def select_backend(name: str, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Backend:
     """The backend to run: `name` itself (or an error saying why it cannot), or the first usable
-    backend for the tensors' device when `name` is "auto"."""
+    backend for the tensors' device type and dtype when `name` is "auto"."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
-    if name == "auto":
-        order = AUTO_ORDER.get(embeddings.device.type, ("torch",))
-        for candidate in order:
-            backend = BACKENDS[candidate]
-            if _reason(backend, embeddings, weight, config) is None:
-                return backend
-        raise BackendUnavailableError(f"no backend can run on {embeddings.device}")
-    backend = BACKENDS.get(name)
-    if backend is None:
+    if name != "auto" and name not in BACKENDS:
         known = ", ".join(["auto", *BACKENDS])
         raise ValueError(f"backend must be one of {known}; got {name!r}")
-    reason = _reason(backend, embeddings, weight, config)
-    if reason is not None:
-        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reason}")
-    return backend
+    chosen, error = _choose(name, embeddings.device.type, embeddings.dtype)
+    if error:
+        raise BackendUnavailableError(error)
+    return BACKENDS[chosen]

@@ -74,7 +74,7 @@ class TorchBackend(Backend):
     def unavailable_reason(self) -> Optional[str]:
         return None
 
-    def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
+    def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
         return None
 
     def per_row_loss(self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig) -> RowLoss:

@@ -275,12 +275,11 @@ class TritonBackend(FusedBackend):
             )
         return None
 
-    def unsupported_reason(self, embeddings: Tensor, weight: Tensor, config: LossConfig) -> Optional[str]:
-        dtype = embeddings.dtype
+    def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
         if dtype not in SUPPORTED_DTYPES:
             hint = "; use backend='torch'" if dtype == torch.float64 else ""
             return f"{dtype} inputs are not supported (float32, float16, bfloat16 only){hint}"
-        device = embeddings.device.type
+        device = device_type
         if _interpreting():
             if device != "cpu":
                 return f"under TRITON_INTERPRET=1 the kernels run on CPU tensors only, got {device} tensors"

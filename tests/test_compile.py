@@ -80,3 +80,12 @@ def test_compiled_training_step_equals_eager(fused):
     compiled = loss_and_grads(torch.compile(step, fullgraph=True))
     for index, (got, want) in enumerate(zip(compiled, eager)):
         assert_close(f"output {index}", got.double(), want.double(), 1e-4 * max(1.0, want.abs().max().item()))
+
+
+def test_compiled_with_the_automatic_backend_choice():
+    torch.manual_seed(1)
+    network = torch.nn.Linear(16, 8)
+    head = mf.MarginSoftmaxLoss(8, 40)  # backend="auto"
+    x, y = torch.randn(10, 16), torch.randint(0, 40, (10,))
+    compiled = torch.compile(lambda x, y: head(network(x), y), fullgraph=True)
+    assert_close("loss", compiled(x, y).detach().double(), head(network(x), y).detach().double(), 1e-4)

@@ -26,7 +26,7 @@ def test_auto_picks_the_first_usable_backend_for_the_device():
     expected = next(
         name for name in AUTO_ORDER["cpu"]
         if BACKENDS[name].unavailable_reason() is None
-        and BACKENDS[name].unsupported_reason(x.float(), w.float(), config) is None
+        and BACKENDS[name].unsupported_reason("cpu", torch.float32) is None
     )
     assert select_backend("auto", x.float(), w.float(), config).name == expected
 

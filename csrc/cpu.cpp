@@ -20,7 +20,8 @@
 //     dℓ/dx_i = A_i - x̂_i (x̂_i·A_i),   dℓ/dw_j = H_j - ŵ_j (ŵ_j·H_j)
 //   (without the projection where |row| <= 1e-12, as F.normalize's clamp does).
 //
-// Threads: the chunks are dealt dynamically to the OpenMP threads in one parallel region per
+// Threads: the chunks are dealt dynamically to the OpenMP threads (statically under
+// torch.use_deterministic_algorithms(True), for bit-identical runs) in one parallel region per
 // call; each thread owns a tile, partials (forward) or a dX accumulator (backward), and runs the
 // GEMMs of its chunks single-threaded (its tile stays in its core's cache). The per-thread partials
 // and accumulators are merged at the end; dW rows of different chunks are disjoint. One barrier per
@@ -28,6 +29,7 @@
 //
 // Inputs in float32, float16 or bfloat16 are converted to fp32 per chunk; all arithmetic and
 // accumulation is fp32 (the logit sum is accumulated across chunks in double).
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -265,17 +267,19 @@ int thread_count(int64_t chunks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks)));
 }
 
-// body(thread, chunk) for every chunk in [0, chunks), the chunks dealt dynamically to `threads`
-// OpenMP threads: one parallel region per call, so a loaded machine costs one barrier, not one per
-// chunk. Each thread calls ATen's GEMM on its own tile (single-threaded inside the region). The
+// body(thread, chunk) for every chunk in [0, chunks) on `threads` OpenMP threads: one parallel
+// region per call, so a loaded machine costs one barrier, not one per chunk. Each thread calls
+// ATen's GEMM on its own tile (single-threaded inside the region). The chunks are dealt
+// dynamically (a slow core takes fewer), except under torch.use_deterministic_algorithms(True):
+// then statically, so that each thread sums the same chunks in the same order on every run and the
+// per-thread results, merged in thread order, are bit-identical for a given thread count. The
 // first exception thrown by a body is rethrown after the region.
 template <typename Body>
 void run_chunks(int64_t chunks, int threads, const Body& body) {
   std::exception_ptr error;
   std::atomic<bool> failed{false};
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t k = 0; k < chunks; ++k) {
-    if (failed.load()) continue;
+  auto run = [&](int64_t k) {
+    if (failed.load()) return;
     try {
       body(omp_get_thread_num(), k);
     } catch (...) {
@@ -284,6 +288,13 @@ void run_chunks(int64_t chunks, int threads, const Body& body) {
         if (!failed.exchange(true)) error = std::current_exception();
       }
     }
+  };
+  if (at::globalContext().deterministicAlgorithms()) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < chunks; ++k) run(k);
+  } else {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t k = 0; k < chunks; ++k) run(k);
   }
   if (error) std::rethrow_exception(error);
 }

@@ -22,6 +22,7 @@ B×C elements is ever allocated.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -179,6 +180,22 @@ def row_partials(x: Tensor, W: Tensor, y: Tensor, config: LossConfig, class_star
         return _merge_splits(_split_partials(x, W, y, config, int(class_start)))
 
 
+def _alert_atomic_adds() -> None:
+    """dW is summed over batch tiles with float32 atomic adds, in whatever order the GPU runs them:
+    refuse (or warn) the way PyTorch's own non-deterministic operations do."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        "the triton backend's backward (dW summed with atomic adds) does not have a deterministic "
+        "implementation, but you set 'torch.use_deterministic_algorithms(True)'; use backend='torch' "
+        "for bit-identical runs"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message)
+    else:
+        raise RuntimeError(message)
+
+
 def row_partials_backward(
     x: Tensor,
     W: Tensor,
@@ -213,6 +230,8 @@ def row_partials_backward(
     upstream = upstream.detach().to(torch.float32).contiguous()
 
     dx_part = _empty((n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
+    if need_w and x.device.type == "cuda":
+        _alert_atomic_adds()
     dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else row_max
     kernel = configs.autotuned_backward() if tuned else backward.grad_kernel
     margin_args, flags = _margin_args(config)

@@ -40,11 +40,15 @@ def check_bit_identical_or_refused(backend, device, classes=5170, runs=4):
 def test_cpu_backends_are_bit_identical(backend, deterministic, monkeypatch):
     # small chunks for the chunked backend: many chunks over the threads, as at large C
     monkeypatch.setenv("MARGINFUSED_CHUNK", "64")
-    torch.set_num_threads(max(2, torch.get_num_threads()))
-    if backend == "triton":  # the interpreter runs the programs one after another: keep it small
-        check_bit_identical_or_refused(backend, "cpu", classes=517, runs=2)
-    else:
-        check_bit_identical_or_refused(backend, "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        if backend == "triton":  # the interpreter runs the programs one after another: keep it small
+            check_bit_identical_or_refused(backend, "cpu", classes=517, runs=2)
+        else:
+            check_bit_identical_or_refused(backend, "cpu")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.gpu

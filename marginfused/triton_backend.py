@@ -311,26 +311,5 @@ class TritonBackend(FusedBackend):
             return f"needs CUDA tensors, got {device} tensors (or set TRITON_INTERPRET=1 for CPU tensors)"
         return None
 
-    def row_partials(
-        self, embeddings: Tensor, weight: Tensor, labels: Tensor, config: LossConfig, class_start: int
-    ) -> RowPartials:
-        return row_partials(embeddings, weight, labels, config, class_start)
-
-    def shard_backward(
-        self,
-        embeddings: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        config: LossConfig,
-        class_start: int,
-        num_classes: int,
-        row_max: Tensor,
-        row_sumexp: Tensor,
-        grad_rows: Tensor,
-        need_x: bool = True,
-        need_w: bool = True,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        return row_partials_backward(
-            embeddings, weight, labels, config, class_start, num_classes, row_max, row_sumexp, grad_rows,
-            need_x, need_w,
-        )
+    row_partials = staticmethod(row_partials)
+    shard_backward = staticmethod(row_partials_backward)

@@ -32,3 +32,63 @@ def test_class_centres_beyond_two_to_the_31_elements(backend):
         got, want = results[backend][index], results["torch"][index]
         assert_close(field, got, want, 0.05 * max(1.0, want.abs().max().item()))
     assert results[backend][2].abs().sum() > 0
+
+
+def test_cpu_backend_beyond_two_to_the_31_elements():
+    # C·D > 2³¹ on the CPU (~4.3 GB of bf16 class centres, as much again for their gradient): every
+    # row is one shared vector u except random rows at both ends, and the targets sit on the far
+    # rows. The truth needs no 4 GB reference: the reference's partials and backward on the end
+    # rows, merged with the analytic partials of the N identical middle rows (max s·c_u, sumexp N).
+    if mf.available_backends()["cpu"] is not None:
+        pytest.skip(f"cpu: {mf.available_backends()['cpu']}")
+    from marginfused.config import LossConfig
+    from marginfused.partials import RowPartials, merge_partials, row_loss
+    from marginfused.reference import TorchBackend, cosines
+
+    dim, ends = 64, 512
+    classes = 2**31 // dim + 2**17
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(dim, generator=g).bfloat16()
+    w_head = torch.randn(ends, dim, generator=g).bfloat16()
+    w_tail = torch.randn(ends, dim, generator=g).bfloat16()
+    y = torch.tensor([classes - 1, classes - 2, classes - ends, 3])
+    x = torch.cat([w_tail[[-1, -2, 0]], w_head[3:4]]).float() + 0.3 * torch.randn(4, dim, generator=g)
+    x = x.bfloat16()
+
+    w = torch.empty(classes, dim, dtype=torch.bfloat16)
+    w.copy_(u.expand(classes, dim))
+    w[:ends] = w_head
+    w[classes - ends:] = w_tail
+    w.requires_grad_()
+    xl = x.clone().requires_grad_()
+    loss = mf.margin_cross_entropy(xl, w, y, "arcface", backend="cpu", reduction="sum")
+    loss.backward()
+    far_grad = w.grad[classes - ends:].double()
+    middle_grad = w.grad[ends:ends + 4].double()
+    del w
+
+    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    reference = TorchBackend()
+    x64 = x.double()
+    middle = classes - 2 * ends
+    c_u = cosines(x64, u.double()[None]).squeeze(1)
+    middle_partials = RowPartials(
+        max=64.0 * c_u, sumexp=torch.full_like(c_u, float(middle)), target=torch.zeros_like(c_u),
+        logit_sum=64.0 * middle * c_u, best_cos=c_u, best_class=torch.full_like(y, ends),
+    )
+    merged = merge_partials(
+        merge_partials(reference.row_partials(x64, w_head.double(), y, config, 0), middle_partials),
+        reference.row_partials(x64, w_tail.double(), y, config, classes - ends),
+    )
+    expected_loss = row_loss(merged, y, -100, 0.0, classes).sum()
+    ones = torch.ones(4, dtype=torch.float64)
+    _, expected_far = reference.shard_backward(
+        x64, w_tail.double(), y, config, classes - ends, classes, merged.max, merged.sumexp, ones
+    )
+    _, expected_middle = reference.shard_backward(
+        x64, u.double().expand(4, dim), y, config, ends, classes, merged.max, merged.sumexp, ones
+    )
+    assert_close("loss", loss.detach().double(), expected_loss, 0.05)
+    assert_close("far rows of w grad", far_grad, expected_far, 0.02 * expected_far.abs().max().item())
+    assert_close("middle rows of w grad", middle_grad, expected_middle, 0.02 * expected_middle.abs().max().item() + 1e-6)
+    assert far_grad.abs().sum() > 0

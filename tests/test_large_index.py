@@ -52,8 +52,9 @@ def test_cpu_backend_beyond_two_to_the_31_elements():
     w_head = torch.randn(ends, dim, generator=g).bfloat16()
     w_tail = torch.randn(ends, dim, generator=g).bfloat16()
     y = torch.tensor([classes - 1, classes - 2, classes - ends, 3])
-    x = torch.cat([w_tail[[-1, -2, 0]], w_head[3:4]]).float() + 0.3 * torch.randn(4, dim, generator=g)
-    x = x.bfloat16()
+    # embeddings at random, not near their centres: p_target ≈ 1 would leave the target gradient
+    # s·(p − 1) below what float32 resolves next to 1
+    x = torch.randn(4, dim, generator=g).bfloat16()
 
     w = torch.empty(classes, dim, dtype=torch.bfloat16)
     w.copy_(u.expand(classes, dim))

@@ -1,0 +1,1 @@
+"""Benchmarks of marginfused: `python -m bench` (the sweep) and `python -m bench.report` (plots)."""

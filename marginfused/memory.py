@@ -2,8 +2,8 @@
 
 `AllocationTracker` is a TorchDispatchMode: every storage an operator creates inside it is
 counted until that storage is freed. It reports the peak of live bytes and the largest single
-allocation, which the benchmarks report as working memory and the tests use to prove that no
-B×C tensor is ever allocated. An operator's output counts as an allocation when its storage is
+allocation, which the tests use to prove that no B×C tensor is ever allocated (the benchmarks
+measure whole processes instead: see bench/worker.py). An operator's output counts as an allocation when its storage is
 not one of the operator's inputs' (views and in-place results are not allocations). The package's
 own custom operators are opened up: what their implementations allocate is counted too.
 """

@@ -19,6 +19,18 @@ from torch import Tensor
 
 import marginfused as mf
 
+MARGINS = {
+    "cosface": mf.CosFace(0.35),
+    "arcface": mf.ArcFace(0.5),
+    "arcface-linear": mf.ArcFace(0.9, fallback="linear"),  # m = 0.9: the switch point is reached
+    "arcface-easy": mf.ArcFace(0.5, fallback="easy"),
+    "sphereface": mf.SphereFace(1.7),
+    "sphereface4": mf.SphereFace(4.0),
+    "expface": mf.ExpFace(0.7),
+    "combined": mf.CombinedMargin(1.1, 0.3, 0.2),
+}
+"""Every margin kind and fallback, for the backends' truth tests."""
+
 ATOL = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,

@@ -24,17 +24,8 @@ from marginfused.dispatch import select_backend
 from marginfused.memory import AllocationTracker
 from marginfused.partials import merge_partials, row_loss
 
-from helpers import assert_close, assert_matches_truth, make_inputs, run
+from helpers import MARGINS, assert_close, assert_matches_truth, make_inputs, run
 
-MARGINS = {
-    "cosface": mf.CosFace(0.35),
-    "arcface": mf.ArcFace(0.5),
-    "arcface-linear": mf.ArcFace(0.5, fallback="linear"),
-    "arcface-easy": mf.ArcFace(0.5, fallback="easy"),
-    "sphereface": mf.SphereFace(1.7),
-    "expface": mf.ExpFace(0.7),
-    "combined": mf.CombinedMargin(1.0, 0.3, 0.2),
-}
 
 
 @pytest.fixture(scope="module")

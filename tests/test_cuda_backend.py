@@ -12,7 +12,7 @@ import torch
 import marginfused as mf
 from marginfused import chunked, extension
 
-from helpers import assert_matches_truth, make_inputs
+from helpers import MARGINS, assert_matches_truth, make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tools" / "check_cuda.py"
@@ -59,15 +59,6 @@ def test_cuda_shares_the_margin_math_with_cpu():
 
 # --- on a GPU ----------------------------------------------------------------------------------
 
-MARGINS = {
-    "cosface": mf.CosFace(0.35),
-    "arcface": mf.ArcFace(0.5),
-    "arcface-linear": mf.ArcFace(0.5, fallback="linear"),
-    "arcface-easy": mf.ArcFace(0.5, fallback="easy"),
-    "sphereface": mf.SphereFace(1.7),
-    "expface": mf.ExpFace(0.7),
-    "combined": mf.CombinedMargin(1.0, 0.3, 0.2),
-}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from marginfused.memory import AllocationTracker
 from marginfused.partials import RowPartials, log_sum_exp, merge_partials, row_loss
 from marginfused.reference import TorchBackend
 
-from helpers import assert_close, assert_matches_truth, make_inputs, run
+from helpers import MARGINS, assert_close, assert_matches_truth, make_inputs, run
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -30,16 +30,6 @@ from marginfused.kernels.margin import margin_slope, margin_value  # noqa: E402 
 
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
 
-MARGINS = {
-    "cosface": mf.CosFace(0.35),
-    "arcface": mf.ArcFace(0.5),
-    "arcface-linear": mf.ArcFace(0.9, fallback="linear"),
-    "arcface-easy": mf.ArcFace(0.5, fallback="easy"),
-    "sphereface": mf.SphereFace(1.7),
-    "sphereface4": mf.SphereFace(4.0),
-    "expface": mf.ExpFace(0.7),
-    "combined": mf.CombinedMargin(1.1, 0.3, 0.2),
-}
 
 
 @pytest.fixture

@@ -42,3 +42,22 @@ def test_autocast_on_another_device_type_changes_nothing():
     with torch.autocast("cuda", dtype=torch.float16, enabled=torch.cuda.is_available()):
         loss = mf.margin_cross_entropy(x.float(), w.float(), y)
     assert loss.item() == mf.margin_cross_entropy(x.float(), w.float(), y).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_cuda_autocast_equals_casting_the_inputs_once(backend):
+    if mf.available_backends()[backend] is not None:
+        pytest.skip(f"{backend}: {mf.available_backends()[backend]}")
+    x, w, y = make_inputs(6, 11, 16, seed=3, device="cuda")
+    x, w = x.float().requires_grad_(), w.float().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = mf.margin_cross_entropy(x * 1.0, w, y, backend=backend)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    xb, wb = x.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    expected = mf.margin_cross_entropy(xb, wb, y, backend=backend)
+    expected.backward()
+    assert_close("loss", loss.detach().double(), expected.detach().double(), 0.0)
+    assert_close("x grad", x.grad.double(), xb.grad.double(), 0.0)
+    assert_close("w grad", w.grad.double(), wb.grad.double(), 0.0)

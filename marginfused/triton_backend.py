@@ -1,8 +1,8 @@
-"""The `triton` backend: host launchers, the autograd Function and the Backend.
+"""The `triton` backend: host launchers, the shard building blocks and the Backend.
 
 The kernels live in `marginfused.kernels` (kernels/ in the source tree; the math is written out
-in kernels/forward.py, kernels/backward.py and kernels/project.py). Triton is imported lazily, on
-first use, so `import marginfused` stays fast and works where Triton is not installed.
+in kernels/forward.py, kernels/backward.py and kernels/project.py). The kernels are imported on
+first use, and `import marginfused` works where Triton is not installed.
 
 It is a `FusedBackend`: its per-row loss is the `marginfused::margin_loss` custom operator
 (fused.py) over the two building blocks here, which also serve class sharding:

@@ -14,10 +14,11 @@ def _require_tensor(name: str, value: object) -> Tensor:
     return value
 
 
-def _all_finite(t: Tensor) -> bool:
-    """No NaN or ±Inf in a non-empty tensor, without a temporary of its size (max and min
-    propagate NaN), so checking a C×D weight costs no C×D memory."""
-    return bool(torch.isfinite(t.amax())) and bool(torch.isfinite(t.amin()))
+def _all_finite(t: Tensor) -> Tensor:
+    """A 0-dim bool tensor: no NaN or ±Inf in a non-empty tensor. One pass and no temporary of its
+    size (the min and max propagate NaN), so checking a C×D weight costs no C×D memory."""
+    low, high = torch.aminmax(t)
+    return torch.isfinite(low) & torch.isfinite(high)
 
 
 def check_inputs(
@@ -71,12 +72,16 @@ def check_inputs(
 
     if torch.compiler.is_compiling():
         return  # the value checks below need the values; a traced graph has none
-    if not _all_finite(x):
-        raise ValueError("embeddings contain NaN or Inf")
-    if not _all_finite(w):
-        raise ValueError("weight contains NaN or Inf")
     out_of_range = ((y < 0) | (y >= num_classes)) & (y != ignore_index)
-    if bool(out_of_range.any()):
+    # one transfer to the host for the three checks: a single synchronisation on a GPU
+    x_finite, w_finite, labels_in_range = torch.stack(
+        [_all_finite(x), _all_finite(w), ~out_of_range.any()]
+    ).tolist()
+    if not x_finite:
+        raise ValueError("embeddings contain NaN or Inf")
+    if not w_finite:
+        raise ValueError("weight contains NaN or Inf")
+    if not labels_in_range:
         bad = y[out_of_range][0].item()
         raise ValueError(
             f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}, got {bad}"

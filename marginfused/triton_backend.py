@@ -23,7 +23,7 @@ B×C elements is ever allocated.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -89,16 +89,39 @@ def _margin_args(config: LossConfig) -> tuple[list, dict]:
     return [float(config.scale), float(m1), float(m2), float(m3), int(config.ignore_index)], flags
 
 
-def _launch_meta(tiles, tuned: bool) -> dict:
-    if tuned:
-        return {}
-    return {
+class _Plan(NamedTuple):
+    """How one pass (forward or backward) is launched."""
+
+    kernel: object  # the jitted kernel, or its autotuned wrapper
+    meta: dict  # block sizes and warps; empty when autotuning picks them
+    n_splits: int
+    per_split: int
+
+    def grid(self, batch: int):
+        return lambda meta: (_cdiv(batch, meta["BLOCK_B"]), self.n_splits)
+
+
+def _plan(direction: str, x: Tensor, num_classes: int) -> _Plan:
+    """The kernel, launch settings and class splits of the "forward" or "backward" pass."""
+    forward, backward, _, configs = _kernels()
+    tuned = configs.autotuning(x.dtype)
+    if direction == "forward":
+        tiles, candidates = configs.forward_tiles(x.dtype), configs.AUTOTUNE_FORWARD
+        kernel = configs.autotuned_forward() if tuned else forward.row_partials_kernel
+    else:
+        tiles, candidates = configs.backward_tiles(x.dtype), configs.AUTOTUNE_BACKWARD
+        kernel = configs.autotuned_backward() if tuned else backward.grad_kernel
+    # With autotuning, BLOCK_B varies by config: size the splits for the smallest one.
+    block_b = min(t.block_b for t in candidates) if tuned else tiles.block_b
+    n_splits, per_split = _class_splits(x.shape[0], num_classes, x.device, block_b)
+    meta = {} if tuned else {
         "BLOCK_B": tiles.block_b,
         "BLOCK_C": tiles.block_c,
         "BLOCK_D": tiles.block_d,
         "num_warps": tiles.num_warps,
         "num_stages": tiles.num_stages,
     }
+    return _Plan(kernel, meta, n_splits, per_split)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -111,15 +134,10 @@ def _bucket(batch: int) -> int:
 
 def _split_partials(x: Tensor, w: Tensor, y: Tensor, config: LossConfig, class_start: int) -> RowPartials:
     """Per-split partials: each field (n_splits, B)."""
-    forward, _, _, configs = _kernels()
     batch, dim = x.shape
     local = w.shape[0]
-    tiles = configs.forward_tiles(x.dtype)
-    tuned = configs.autotuning(x.dtype)
-    # With autotuning, BLOCK_B varies by config: size the splits for the smallest one.
-    block_b = min(t.block_b for t in configs.AUTOTUNE_FORWARD) if tuned else tiles.block_b
-    n_splits, per_split = _class_splits(batch, local, x.device, block_b)
-    shape = (n_splits, batch)
+    plan = _plan("forward", x, local)
+    shape = (plan.n_splits, batch)
     out = RowPartials(
         max=_empty(shape, torch.float32, x.device),
         sumexp=_empty(shape, torch.float32, x.device),
@@ -128,19 +146,14 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, config: LossConfig, class_s
         best_cos=_empty(shape, torch.float32, x.device),
         best_class=_empty(shape, torch.int64, x.device),
     )
-    kernel = configs.autotuned_forward() if tuned else forward.row_partials_kernel
     margin_args, flags = _margin_args(config)
-
-    def grid(meta):
-        return (_cdiv(batch, meta["BLOCK_B"]), n_splits)
-
-    kernel[grid](
+    plan.kernel[plan.grid(batch)](
         x, w, y, *out,
-        batch, local, dim, x.stride(0), w.stride(0), class_start, per_split, _bucket(batch),
+        batch, local, dim, x.stride(0), w.stride(0), class_start, plan.per_split, _bucket(batch),
         *margin_args,
         DOT_PRECISION=_dot_precision(x.dtype),
         **flags,
-        **_launch_meta(tiles, tuned),
+        **plan.meta,
     )
     return out
 
@@ -218,38 +231,30 @@ def row_partials_backward(
     full gradient) and the full dW of the shard; None for what is not needed.
     """
     x, W, y = _prepare(x, W, y)
-    _, backward, project, configs = _kernels()
+    _, _, project, configs = _kernels()
     batch, dim = x.shape
     local = W.shape[0]
-    tiles = configs.backward_tiles(x.dtype)
-    tuned = configs.autotuning(x.dtype)
-    block_b = min(t.block_b for t in configs.AUTOTUNE_BACKWARD) if tuned else tiles.block_b
-    n_splits, per_split = _class_splits(batch, local, x.device, block_b)
+    plan = _plan("backward", x, local)
     row_max = row_max.detach().to(torch.float32).contiguous()
     log_sumexp = torch.log(row_sumexp.detach().to(torch.float32)).contiguous()
     upstream = upstream.detach().to(torch.float32).contiguous()
 
-    dx_part = _empty((n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
+    dx_part = _empty((plan.n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
     if need_w and x.device.type == "cuda":
         _alert_atomic_adds()
     dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else row_max
-    kernel = configs.autotuned_backward() if tuned else backward.grad_kernel
     margin_args, flags = _margin_args(config)
     eps = float(config.label_smoothing)
-
-    def grid(meta):
-        return (_cdiv(batch, meta["BLOCK_B"]), n_splits)
-
-    kernel[grid](
+    plan.kernel[plan.grid(batch)](
         x, W, y, row_max, log_sumexp, upstream, dx_part, dw_acc,
-        batch, local, dim, x.stride(0), W.stride(0), int(class_start), per_split, _bucket(batch),
+        batch, local, dim, x.stride(0), W.stride(0), int(class_start), plan.per_split, _bucket(batch),
         *margin_args, 1.0 - eps, eps / num_classes,
         EXACT=config.margin_grad == "exact",
         NEED_DX=need_x,
         NEED_DW=need_w,
         DOT_PRECISION=_dot_precision(x.dtype),
         **flags,
-        **_launch_meta(tiles, tuned),
+        **plan.meta,
     )
 
     ptiles = configs.project_tiles()
@@ -257,7 +262,7 @@ def row_partials_backward(
     if need_x:
         dx = _empty((batch, dim), x.dtype, x.device)
         project.project_kernel[(_cdiv(batch, ptiles.block_b),)](
-            dx_part, x, dx, batch, dim, x.stride(0), n_splits,
+            dx_part, x, dx, batch, dim, x.stride(0), plan.n_splits,
             BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
         )
     if need_w:

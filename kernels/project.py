@@ -18,6 +18,16 @@ NORM_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
+def _gradient_and_rows(g_ptr, v_ptr, rows, d, mask, n_parts, part_stride, stride_v, D):
+    """The gradient summed over its n_parts buffers, and the input rows, at columns d (float32)."""
+    g = tl.zeros(mask.shape, tl.float32)
+    for k in range(0, n_parts):
+        g += tl.load(g_ptr + k * part_stride + rows[:, None] * D + d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return g, v
+
+
+@triton.jit
 def project_kernel(
     g_ptr, v_ptr, out_ptr, R, D, stride_v, n_parts,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -33,10 +43,7 @@ def project_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + dims
         mask = row_ok[:, None] & (d < D)[None, :]
-        g = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-        for k in range(0, n_parts):
-            g += tl.load(g_ptr + k * part_stride + rows[:, None] * D + d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        g, v = _gradient_and_rows(g_ptr, v_ptr, rows, d, mask, n_parts, part_stride, stride_v, D)
         v_sq += tl.sum(v * v, axis=1)
         v_dot_g += tl.sum(v * g, axis=1)
 
@@ -46,9 +53,6 @@ def project_kernel(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + dims
         mask = row_ok[:, None] & (d < D)[None, :]
-        g = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-        for k in range(0, n_parts):
-            g += tl.load(g_ptr + k * part_stride + rows[:, None] * D + d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        g, v = _gradient_and_rows(g_ptr, v_ptr, rows, d, mask, n_parts, part_stride, stride_v, D)
         out = (g - v * coef[:, None]) * inv[:, None]
         tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)

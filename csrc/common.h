@@ -59,6 +59,28 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
               x.device());
 }
 
+// An argument that must live beside the embeddings x: check_tensor on x's device type, and the
+// very device of x (the index too).
+inline void check_beside(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                         at::ScalarType dtype, std::initializer_list<int64_t> sizes) {
+  check_tensor(op, name, t, x.device().type(), dtype, sizes);
+  check_same_device(op, name, t, x);
+}
+
+// The six (B,) outputs of forward_partials.
+inline void check_partials_outputs(const char* op, const at::Tensor& x, const at::Tensor& out_max,
+                                   const at::Tensor& out_sumexp, const at::Tensor& out_target,
+                                   const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                                   const at::Tensor& out_best_class) {
+  const int64_t B = x.size(0);
+  check_beside(op, "out_max", out_max, x, at::kFloat, {B});
+  check_beside(op, "out_sumexp", out_sumexp, x, at::kFloat, {B});
+  check_beside(op, "out_target", out_target, x, at::kFloat, {B});
+  check_beside(op, "out_logit_sum", out_logit_sum, x, at::kFloat, {B});
+  check_beside(op, "out_best_cos", out_best_cos, x, at::kFloat, {B});
+  check_beside(op, "out_best_class", out_best_class, x, at::kLong, {B});
+}
+
 inline LossParams make_params(const char* op, int64_t kind, int64_t fallback, double p1, double p2, double p3,
                               double scale, bool exact_grad, double label_smoothing, int64_t ignore_index) {
   TORCH_CHECK(kind >= kCosFace && kind <= kCombined, op, ": unknown margin kind ", kind);

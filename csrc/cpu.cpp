@@ -312,12 +312,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   check_inputs(op, x, w, y, kCPU);
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
   check_ranges(op, class_start, C, class_start + C, chunk);
-  check_tensor(op, "out_max", out_max, kCPU, at::kFloat, {B});
-  check_tensor(op, "out_sumexp", out_sumexp, kCPU, at::kFloat, {B});
-  check_tensor(op, "out_target", out_target, kCPU, at::kFloat, {B});
-  check_tensor(op, "out_logit_sum", out_logit_sum, kCPU, at::kFloat, {B});
-  check_tensor(op, "out_best_cos", out_best_cos, kCPU, at::kFloat, {B});
-  check_tensor(op, "out_best_class", out_best_class, kCPU, at::kLong, {B});
+  check_partials_outputs(op, x, out_max, out_sumexp, out_target, out_logit_sum, out_best_cos, out_best_class);
   const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, false, 0.0, ignore_index);
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -376,12 +371,12 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
   check_inputs(op, x, w, y, kCPU);
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
   check_ranges(op, class_start, C, num_classes, chunk);
-  check_tensor(op, "lse", lse, kCPU, at::kDouble, {B});
-  check_tensor(op, "grad_rows", grad_rows, kCPU, at::kFloat, {B});
+  check_beside(op, "lse", lse, x, at::kDouble, {B});
+  check_beside(op, "grad_rows", grad_rows, x, at::kFloat, {B});
   const bool need_x = grad_x.has_value() && grad_x->defined();
   const bool need_w = grad_w.has_value() && grad_w->defined();
-  if (need_x) check_tensor(op, "grad_x", *grad_x, kCPU, x.scalar_type(), {B, D});
-  if (need_w) check_tensor(op, "grad_w", *grad_w, kCPU, x.scalar_type(), {C, D});
+  if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
+  if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {C, D});
   const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, exact_grad, label_smoothing, ignore_index);
   if (!need_x && !need_w) return;
 

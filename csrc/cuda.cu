@@ -264,14 +264,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   check_inputs(op, x, w, y, kCUDA);
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
   check_ranges(op, class_start, C, class_start + C, chunk);
-  check_tensor(op, "out_max", out_max, kCUDA, at::kFloat, {B});
-  check_tensor(op, "out_sumexp", out_sumexp, kCUDA, at::kFloat, {B});
-  check_tensor(op, "out_target", out_target, kCUDA, at::kFloat, {B});
-  check_tensor(op, "out_logit_sum", out_logit_sum, kCUDA, at::kFloat, {B});
-  check_tensor(op, "out_best_cos", out_best_cos, kCUDA, at::kFloat, {B});
-  check_tensor(op, "out_best_class", out_best_class, kCUDA, at::kLong, {B});
-  for (const at::Tensor* t : {&out_max, &out_sumexp, &out_target, &out_logit_sum, &out_best_cos, &out_best_class})
-    check_same_device(op, "every output", *t, x);
+  check_partials_outputs(op, x, out_max, out_sumexp, out_target, out_logit_sum, out_best_cos, out_best_class);
   const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, false, 0.0, ignore_index);
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -322,20 +315,12 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
   check_inputs(op, x, w, y, kCUDA);
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
   check_ranges(op, class_start, C, num_classes, chunk);
-  check_tensor(op, "lse", lse, kCUDA, at::kDouble, {B});
-  check_tensor(op, "grad_rows", grad_rows, kCUDA, at::kFloat, {B});
-  check_same_device(op, "lse", lse, x);
-  check_same_device(op, "grad_rows", grad_rows, x);
+  check_beside(op, "lse", lse, x, at::kDouble, {B});
+  check_beside(op, "grad_rows", grad_rows, x, at::kFloat, {B});
   const bool need_x = grad_x.has_value() && grad_x->defined();
   const bool need_w = grad_w.has_value() && grad_w->defined();
-  if (need_x) {
-    check_tensor(op, "grad_x", *grad_x, kCUDA, x.scalar_type(), {B, D});
-    check_same_device(op, "grad_x", *grad_x, x);
-  }
-  if (need_w) {
-    check_tensor(op, "grad_w", *grad_w, kCUDA, x.scalar_type(), {C, D});
-    check_same_device(op, "grad_w", *grad_w, x);
-  }
+  if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
+  if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {C, D});
   const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, exact_grad, label_smoothing, ignore_index);
   if (!need_x && !need_w) return;
 

@@ -36,11 +36,19 @@ def main() -> None:
 
     gpu = torch.cuda.is_available()
     dist.init_process_group("nccl" if gpu else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
+    losses = train(args, device)
+    if dist.get_rank() == 0:
+        print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
+    # the DDP model and the head are gone with train()'s frame: only now the group may go
+    dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, device: torch.device) -> list[float]:
+    """Train for args.steps steps; return this rank's loss (the global loss) of every step."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
     input_dim, embedding_dim, noise = 64, 128, 0.6
     torch.manual_seed(0)  # the same identities and the same backbone initialisation on every rank
     identities = nn.functional.normalize(torch.randn(args.classes, input_dim), dim=1).to(device)
@@ -64,9 +72,7 @@ def main() -> None:
         losses.append(loss.item())
         if rank == 0 and args.log_every and (step == 1 or step % args.log_every == 0):
             print(f"step {step:5d}  loss {loss.item():8.4f}")
-    if rank == 0:
-        print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
-    dist.destroy_process_group()
+    return losses
 
 
 if __name__ == "__main__":

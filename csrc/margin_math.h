@@ -29,11 +29,12 @@
 
 namespace marginfused {
 
-// Values shared with marginfused/margins.py (MarginKind, ArcFaceFallback, DERIVATIVE_EPS) and
-// marginfused/reference.py (NORM_EPS).
+// Copies of marginfused/margins.py's MarginKind and ArcFaceFallback and of
+// marginfused/constants.py's DERIVATIVE_EPS (2^-23) and NORM_EPS; tests/test_constants.py reads
+// this header and fails when a copy drifts.
 enum MarginKind : int32_t { kCosFace = 0, kArcFace = 1, kSphereFace = 2, kExpFace = 3, kCombined = 4 };
 enum ArcFaceFallback : int32_t { kFallbackNone = 0, kFallbackLinear = 1, kFallbackEasy = 2 };
-constexpr float kDerivativeEps = 1e-6f;
+constexpr float kDerivativeEps = 1.1920928955078125e-07f;
 constexpr float kNormEps = 1e-12f;
 constexpr float kPi = 3.14159265358979323846f;
 

@@ -14,7 +14,7 @@ same table and is the truth):
     EXPFACE     f = cos(π (θ/π)^m1)                  f′ = m1 (θ/π)^(m1−1) sin(π (θ/π)^m1) / sin θ
     COMBINED    f = cos(m1 θ + m2) − m3              f′ = m1 sin(m1 θ + m2) / sin θ
 
-f takes θ from c clamped to [−1, 1]; f′ from c clamped to [−1 + ε, 1 − ε] (ε = marginfused.margins.DERIVATIVE_EPS = 2⁻²³),
+f takes θ from c clamped to [−1, 1]; f′ from c clamped to [−1 + ε, 1 − ε] (ε = marginfused.constants.DERIVATIVE_EPS = 2⁻²³),
 so sin θ > 0. `kind` and `fallback` are `tl.constexpr` (one compiled variant each, dead branches
 removed); m1, m2, m3 are runtime floats.
 
@@ -26,12 +26,12 @@ acos|c| = 2·asin(√((1−|c|)/2)) for |c| > ½ and acos(−c) = π − acos(c)
 import triton
 import triton.language as tl
 
-from .. import margins
+from .. import constants
 
 # π and π/2 appear as literals (3.141592653589793, 1.5707963267948966) in the jit bodies:
 # a module-level constexpr on the left of an operator breaks Triton's interpreter.
 
-DERIVATIVE_EPS = tl.constexpr(margins.DERIVATIVE_EPS)
+DERIVATIVE_EPS = tl.constexpr(constants.DERIVATIVE_EPS)
 
 # KIND and FALLBACK are the integer values of marginfused.margins.MarginKind
 # (COSFACE 0, ARCFACE 1, SPHEREFACE 2, EXPFACE 3, COMBINED 4) and ArcFaceFallback

@@ -14,7 +14,9 @@ buffer: every element is read before it is written, by the same program.
 import triton
 import triton.language as tl
 
-NORM_EPS = tl.constexpr(1e-12)
+from .. import constants
+
+NORM_EPS = tl.constexpr(constants.NORM_EPS)
 
 
 @triton.jit

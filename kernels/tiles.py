@@ -11,9 +11,10 @@ logits z = s·c with s·f(c_iy) on the target column.
 import triton
 import triton.language as tl
 
+from .. import constants
 from .margin import margin_slope, margin_value
 
-NORM_EPS = tl.constexpr(1e-12)
+NORM_EPS = tl.constexpr(constants.NORM_EPS)
 
 
 @triton.jit

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .backend import Backend
+from .autocast import cast_for_autocast
 from .checks import check_inputs
 from .config import LossConfig, check_reduction
 from .dispatch import select_backend
@@ -219,9 +220,22 @@ def sharded_margin_cross_entropy(
     on every rank ("mean" over its rows not ignored, or "sum"); with reduction="none", the
     per-row losses of this rank's rows. Gradients: w_shard gets ∂L/∂w_shard, x_local gets
     world_size × ∂L/∂x_local (see the module docstring). `sample_rate` < 1 is Partial FC's class
-    sampling, drawing with `generator`. Other arguments as in `margin_cross_entropy`.
+    sampling, drawing with `generator`. Under `torch.autocast` the inputs are cast once, as in
+    `margin_cross_entropy` (`marginfused.autocast`). Other arguments as in `margin_cross_entropy`.
     """
     world_size, rank = _group_size_and_rank(group)
+    x_local, w_shard, autocast_off = cast_for_autocast(x_local, w_shard)
+    with autocast_off:
+        return _sharded_margin_cross_entropy(
+            x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction,
+            ignore_index, label_smoothing, sample_rate, backend, generator, world_size, rank,
+        )
+
+
+def _sharded_margin_cross_entropy(
+    x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction, ignore_index,
+    label_smoothing, sample_rate, backend, generator, world_size, rank,
+) -> Tensor:
     problem: Optional[Exception] = None
     try:
         config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)

@@ -7,6 +7,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .autocast import cast_for_autocast
 from .checks import check_inputs
 from .config import LossConfig, check_reduction
 from .dispatch import select_backend
@@ -61,20 +62,21 @@ def margin_cross_entropy(
 
     Under `torch.autocast` for the inputs' device, embeddings and weight are cast once to the
     autocast dtype (so they may arrive in different dtypes), the cosine matmul runs in it, and
-    everything after the matmul stays in float32; gradients flow back to the original dtypes.
+    everything after the matmul stays in float32; gradients flow back to the original dtypes
+    (see `marginfused.autocast`).
     """
-    device_type = embeddings.device.type if isinstance(embeddings, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        embeddings, weight = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (embeddings, weight)
+    embeddings, weight, autocast_off = cast_for_autocast(embeddings, weight)
+    with autocast_off:
+        return _margin_cross_entropy(
+            embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
+            backend, return_accuracy,
         )
-        with torch.autocast(device_type, enabled=False):
-            return margin_cross_entropy(
-                embeddings, weight, labels, margin, scale=scale, margin_grad=margin_grad, reduction=reduction,
-                ignore_index=ignore_index, label_smoothing=label_smoothing, backend=backend,
-                return_accuracy=return_accuracy,
-            )
+
+
+def _margin_cross_entropy(
+    embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing, backend,
+    return_accuracy,
+):
     config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
     check_reduction(reduction)
     check_inputs(embeddings, weight, labels, ignore_index)

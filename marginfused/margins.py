@@ -32,10 +32,8 @@ from typing import ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
-DERIVATIVE_EPS = 2.0**-23
-"""How far inside ±1 the cosine is clamped before f′ divides by sin θ: one float32 step below 1,
-exactly representable in float32 and float64, so every backend clamps at the same point
-(θ ≥ 4.9e-4)."""
+from .constants import DERIVATIVE_EPS
+
 
 
 class MarginKind(enum.IntEnum):

@@ -23,9 +23,8 @@ from torch import Tensor
 
 from .backend import Backend, RowLoss
 from .config import LossConfig
+from .constants import NORM_EPS
 from .partials import RowPartials
-
-NORM_EPS = 1e-12
 
 
 def cosines(embeddings: Tensor, weight: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import marginfused as mf
 from marginfused.distributed import ShardedMarginSoftmaxLoss, sample_classes, shard_range, sharded_margin_cross_entropy
 
-from helpers import assert_close, make_inputs
+from helpers import UNIT_ROUNDOFF, assert_close, budgets, make_inputs, working_dtype
 
 LOCAL_BATCH, NUM_CLASSES, DIM = 5, 23, 12
 MARGINS = [mf.CosFace(), mf.ArcFace(fallback="linear"), mf.SphereFace(), mf.ExpFace(), mf.CombinedMargin()]
@@ -60,13 +60,17 @@ def _cases(backends):
         )
 
 
-def _reference(x, w, y, upstream, **options):
-    """Single-process float64 loss and gradients."""
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
-    loss = mf.margin_cross_entropy(x, w, y, scale=30.0, backend="torch", **options)
-    loss.backward(upstream if options["reduction"] == "none" else None)
-    return loss.detach(), x.grad, w.grad
+def _reference(x, w, y, upstream, dtype, world, **options):
+    """The single-process float64 truth and, per field, how far a correct sharded run in `dtype`
+    may be from it: the suite's budget (tests/helpers.py) plus the all-reduces' float rounding,
+    `world` additions of values up to each field's largest (the loss's partials, the embeddings'
+    gradient)."""
+    truth, limits = budgets(x, w, y, dtype, upstream if options["reduction"] == "none" else None,
+                            scale=30.0, **options)
+    unit = UNIT_ROUNDOFF[working_dtype(dtype)]
+    for field in limits:
+        limits[field] += world * unit * float(getattr(truth, field).abs().nan_to_num(0.0).max())
+    return truth, limits
 
 
 def _sharded(x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=1.0, generator=None, **options):
@@ -82,19 +86,20 @@ def _sharded(x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=1
     return loss.detach().double(), x.grad.double(), w.grad.double(), rows, (start, stop)
 
 
-def _check_case(rank, world, backend, dtype, tolerance, **options):
+def _check_case(rank, world, backend, dtype, **options):
     x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=2, seed=world)
     upstream = torch.linspace(-1.0, 2.0, world * LOCAL_BATCH, dtype=torch.float64)
-    loss, gx, gw = _reference(x_full, w_full, y_full, upstream, **options)
+    truth, limits = _reference(x_full, w_full, y_full, upstream, dtype, world, **options)
     got_loss, got_gx, got_gw, rows, (start, stop) = _sharded(
         x_full, w_full, y_full, upstream, rank, world, dtype, backend=backend, **options
     )
-    assert_close("loss", got_loss, loss[rows] if options["reduction"] == "none" else loss, tolerance)
-    assert_close("x grad", got_gx, world * gx[rows], tolerance * 10)
-    assert_close("w grad", got_gw, gw[start:stop], tolerance * 10)
+    expected_loss = truth.loss[rows] if options["reduction"] == "none" else truth.loss
+    assert_close("loss", got_loss, expected_loss, limits["loss"])
+    assert_close("x grad", got_gx, world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
+    assert_close("w grad", got_gw, truth.grad_weight[start:stop], limits["grad_weight"])
 
 
-def _check_sampling(rank, world, backend, dtype, tolerance):
+def _check_sampling(rank, world, backend, dtype):
     x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=1, seed=world + 10)
     upstream = torch.zeros(world * LOCAL_BATCH, dtype=torch.float64)
     start, stop = shard_range(NUM_CLASSES, rank, world)
@@ -104,17 +109,18 @@ def _check_sampling(rank, world, backend, dtype, tolerance):
         for r, (s, e) in enumerate(shard_range(NUM_CLASSES, r, world) for r in range(world))
     ])
     renumbered = torch.where(y_full == -100, y_full, torch.searchsorted(sampled, y_full.clamp(min=0)))
-    loss, gx, gw_sampled = _reference(x_full, w_full[sampled], renumbered, upstream, margin="arcface", reduction="mean")
+    truth, limits = _reference(x_full, w_full[sampled], renumbered, upstream, dtype, world,
+                               margin="arcface", reduction="mean")
     got_loss, got_gx, got_gw, rows, _ = _sharded(
         x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=0.5,
         generator=torch.Generator().manual_seed(100 + rank), backend=backend, margin="arcface", reduction="mean",
     )
-    assert_close("loss", got_loss, loss, tolerance)
-    assert_close("x grad", got_gx, world * gx[rows], tolerance * 10)
+    assert_close("loss", got_loss, truth.loss, limits["loss"])
+    assert_close("x grad", got_gx, world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
     expected_gw = torch.zeros(stop - start, DIM, dtype=torch.float64)
     mine = (sampled >= start) & (sampled < stop)
-    expected_gw[sampled[mine] - start] = gw_sampled[mine]
-    assert_close("w grad (unsampled rows zero)", got_gw, expected_gw, tolerance * 10)
+    expected_gw[sampled[mine] - start] = truth.grad_weight[mine]
+    assert_close("w grad (unsampled rows zero)", got_gw, expected_gw, limits["grad_weight"])
 
 
 def _check_errors(rank, world):
@@ -135,16 +141,38 @@ def _check_errors(rank, world):
     assert torch.isfinite(head(x, y))
 
 
+def _check_autocast(rank, world):
+    """The sharded head under CPU bfloat16 autocast, as an autocast backbone feeds it (float32
+    centres, bfloat16 embeddings): the bfloat16 loss and gradients by the suite's rule against the
+    float64 single-process truth, the gradients in the original dtypes."""
+    x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=1, seed=world + 20)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    start, stop = shard_range(NUM_CLASSES, rank, world)
+    head = ShardedMarginSoftmaxLoss(DIM, NUM_CLASSES, scale=30.0)
+    with torch.no_grad():
+        head.weight.copy_(w_full[start:stop])
+    x = x_full[rows].float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(x.bfloat16(), y_full[rows])  # what an autocast backbone hands over
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert x.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    truth, limits = _reference(x_full, w_full, y_full, None, torch.bfloat16, world, margin="arcface", reduction="mean")
+    assert_close("loss", loss.detach().double(), truth.loss, limits["loss"])
+    assert_close("x grad", x.grad.double(), world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
+    assert_close("w grad", head.weight.grad.double(), truth.grad_weight[start:stop], limits["grad_weight"])
+
+
 def _worker(rank, world, store, out_dir, backends):
     failures = []
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        checks = [(name, lambda o=options: _check_case(rank, world, dtype=torch.float64 if o["backend"] == "torch" else torch.float32,
-                                                      tolerance=1e-9 if o["backend"] == "torch" else 2e-4, **o))
+        dtypes = {name: torch.float64 if name == "torch" else torch.float32 for name in backends}
+        checks = [(name, lambda o=options: _check_case(rank, world, dtype=dtypes[o["backend"]], **o))
                   for name, options in _cases(backends)]
-        checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, torch.float64 if b == "torch" else torch.float32,
-                                                                 1e-9 if b == "torch" else 2e-4)) for b in backends]
+        checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, dtypes[b])) for b in backends]
         checks.append(("errors", lambda: _check_errors(rank, world)))
+        checks.append(("autocast", lambda: _check_autocast(rank, world)))
         for name, check in checks:
             try:
                 check()

@@ -5,7 +5,7 @@ import torch
 
 import marginfused as mf
 
-from helpers import assert_close
+from helpers import LAMBDA, UNIT_ROUNDOFF, assert_close, cosine_bound
 
 
 @pytest.mark.gpu
@@ -89,7 +89,18 @@ def test_cpu_backend_beyond_two_to_the_31_elements():
     _, expected_middle = reference.shard_backward(
         x64, u.double().expand(4, dim), y, config, ends, classes, merged.max, merged.sumexp, ones
     )
-    assert_close("loss", loss.detach().double(), expected_loss, 0.05)
-    assert_close("far rows of w grad", far_grad, expected_far, 0.02 * expected_far.abs().max().item())
-    assert_close("middle rows of w grad", middle_grad, expected_middle, 0.02 * expected_middle.abs().max().item() + 1e-6)
+    # The suite's first-order bound (tests/helpers.py) with the inputs already in bfloat16 (the
+    # truth is computed from them): per row δℓ = 2δz + λ√C·u·(2s + |ℓ|); a gradient term moves by
+    # ρ relative, and a row of W receives at most Σ_i s·(p_ij + t_ij) ≤ 2·4·s of terms over its
+    # norm (4 rows, p ≤ 1, t ≤ 1).
+    scale, unit = 64.0, 2.0**-24
+    per_row = row_loss(merged, y, -100, 0.0, classes)
+    delta_z = scale * float(mf.ArcFace().derivative(c_u).abs().clamp_min(1.0).max()) * cosine_bound(torch.float32, dim)
+    loss_bound = float((2 * delta_z + LAMBDA * classes**0.5 * unit * (2 * scale + per_row.abs())).sum())
+    rho = 2 * delta_z + LAMBDA * (4 + classes + dim) ** 0.5 * unit + 2 * UNIT_ROUNDOFF[torch.bfloat16]
+    smallest_norm = min(float(w_tail.double().norm(dim=1).min()), float(u.double().norm()))
+    grad_bound = rho * 8 * scale / smallest_norm
+    assert_close("loss", loss.detach().double(), expected_loss, loss_bound)
+    assert_close("far rows of w grad", far_grad, expected_far, grad_bound)
+    assert_close("middle rows of w grad", middle_grad, expected_middle, grad_bound)
     assert far_grad.abs().sum() > 0

@@ -1,0 +1,13 @@
+"""Numerical constants every backend shares, each defined once here.
+
+The Triton kernels import them; the C++/CUDA sources cannot, so csrc/margin_math.h repeats them
+and tests/test_constants.py fails when a copy drifts.
+"""
+
+NORM_EPS = 1e-12
+"""x̂ = x / max(‖x‖, NORM_EPS): F.normalize's default eps, the floor of every row norm."""
+
+DERIVATIVE_EPS = 2.0**-23
+"""How far inside ±1 the cosine is clamped before f′ divides by sin θ: one float32 step below 1,
+exactly representable in float32 and float64, so every backend clamps at the same point
+(θ ≥ 4.9e-4)."""

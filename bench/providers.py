@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 import marginfused as mf
-from marginfused.config import LossConfig
-from marginfused.reference import TorchBackend
+from marginfused.backends.torch import TorchBackend
+from marginfused.settings import LossSettings
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -51,11 +51,11 @@ def make_loss(provider: str, margin: str) -> LossFn:
     if provider in PACKAGE_BACKENDS:
         return lambda x, w, y: mf.margin_cross_entropy(x, w, y, margin, backend=provider)
     if provider == "torch-compile":
-        config = LossConfig.build(margin, 64.0, "detached", -100, 0.0)
+        settings = LossSettings.build(margin, 64.0, "detached", -100, 0.0)
         reference = TorchBackend()
 
         def reference_mean(x: Tensor, w: Tensor, y: Tensor) -> Tensor:
-            return reference.per_row_loss(x, w, y, config).loss.mean()
+            return reference.per_row_loss(x, w, y, settings).loss.mean()
 
         return torch.compile(reference_mean, dynamic=False)
     if provider == "cut-cross-entropy":

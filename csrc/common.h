@@ -1,13 +1,25 @@
-// Input checks and the one dtype dispatch macro, shared by the CPU and CUDA translation units.
+// What the CPU and CUDA translation units share: the entry points' signatures and argument checks,
+// the per-element gradient, the norm floor, and the one dtype dispatch macro.
+//
+// Both backends are margin-agnostic: the caller supplies each row's target logit z_iy = s f(c_iy)
+// and its slope σ_i = ∂z_iy/∂c_iy, whatever the margin f; the kernels compute the cosines, every
+// other logit z_ij = s c_ij, and the gradient through the normalisations.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <string>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
 
-#include "margin_math.h"
+#if defined(__CUDACC__)
+#define MF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MF_HOST_DEVICE inline
+#endif
 
 // Dispatch over the input dtypes the fused backends compute from: float, half, bfloat16.
 // Inside, `scalar_t` is the C++ type of the embeddings and weight; everything else is fp32.
@@ -18,6 +30,72 @@
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 namespace marginfused {
+
+// x̂ = x / max(|x|, kNormEps): a copy of marginfused/constants.py's NORM_EPS = 1e-12 (F.normalize's
+// default eps); tests/test_constants.py reads this header and fails when the copy drifts.
+constexpr float kNormEps = 1e-12f;
+
+MF_HOST_DEVICE float clamp_unit(float c) { return fminf(fmaxf(c, -1.0f), 1.0f); }
+
+// The scalars of one call, plain data passed by value to kernels.
+struct LossParams {
+  float scale;            // s: z_ij = s c_ij off the target
+  float label_smoothing;  // ε
+  int64_t ignore_index;   // rows with this label have no loss and no gradient
+};
+
+// The target's column in the chunk of classes [chunk_start, chunk_start + n), or -1 when the row
+// is ignored (label == ignore_index) or its label lies outside the chunk.
+MF_HOST_DEVICE int64_t target_column(int64_t label, int64_t chunk_start, int64_t n, int64_t ignore_index) {
+  const int64_t local = label - chunk_start;
+  return label != ignore_index && local >= 0 && local < n ? local : -1;
+}
+
+// lse_i (float64) as fp32 hi + lo: z - hi is exact where p_ij matters (z near lse), so
+// p_ij = exp((z - hi) - lo) keeps fp32 relative accuracy instead of losing ulp(lse) ~ 4e-6 at s = 64
+// to the rounding of lse itself.
+struct SplitLse {
+  float hi, lo;
+};
+
+MF_HOST_DEVICE SplitLse split_lse(double lse) {
+  const float hi = static_cast<float>(lse);
+  return SplitLse{hi, static_cast<float>(lse - static_cast<double>(hi))};
+}
+
+// ∂ℓ_i/∂c_ij of one element, before the row's upstream gradient and the normalisations:
+//   slope · (p_ij − (1−ε)[j = y_i] − ε/C),   p_ij = exp(z_ij − lse_i),
+// with slope = ∂z_ij/∂c_ij: s off the target, σ_i on it; smooth_per_class = ε/C.
+MF_HOST_DEVICE float logit_grad(float prob, float slope, bool is_target, float label_smoothing,
+                                float smooth_per_class) {
+  const float g = prob - smooth_per_class;
+  return slope * (is_target ? g - (1.0f - label_smoothing) : g);
+}
+
+// The entry points of both extensions (cpu.cpp, cuda.cu), bound to Python by bindings.h.
+//
+// forward_partials: per-row partials over this weight shard's classes [class_start, class_start + C),
+// into the five (B,) outputs: max_j z_ij, Σ_j exp(z_ij − max), Σ_j z_ij, max_j c_ij and its global
+// class (the first on ties). target_logit (B,) fp32 is z_iy, read only where y_i is in this shard.
+using ForwardPartialsFn = void(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
+                               const at::Tensor& target_logit, int64_t class_start, int64_t chunk, double scale,
+                               int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
+                               const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                               const at::Tensor& out_best_class);
+
+// backward: the gradients of Σ_i u_i ℓ_i w.r.t. x and this weight shard, given lse_i (B,) float64 over
+// all num_classes classes, u = grad_rows (B,) fp32, z_iy = target_logit and σ_i = target_slope (B,)
+// fp32. grad_x (B×D) and grad_w (C×D), in the input dtype, are written whole; either may be None.
+using BackwardFn = void(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
+                        const at::Tensor& target_logit, const at::Tensor& target_slope, const at::Tensor& lse,
+                        const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk,
+                        double scale, double label_smoothing, int64_t ignore_index,
+                        const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w);
+
+// A contiguous (rows, cols) view of the front of a flat buffer.
+inline at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
 
 // Every tensor argument of an entry point: on `device_type`, contiguous, of `dtype`, with `sizes`
 // (a size of -1 matches anything). The message names the entry point and the argument.
@@ -54,51 +132,13 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(y.device() == x.device(), op, ": labels are on ", y.device(), " but embeddings are on ", x.device());
 }
 
-inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but embeddings are on ",
-              x.device());
-}
-
 // An argument that must live beside the embeddings x: check_tensor on x's device type, and the
 // very device of x (the index too).
 inline void check_beside(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                          at::ScalarType dtype, std::initializer_list<int64_t> sizes) {
   check_tensor(op, name, t, x.device().type(), dtype, sizes);
-  check_same_device(op, name, t, x);
-}
-
-// The six (B,) outputs of forward_partials.
-inline void check_partials_outputs(const char* op, const at::Tensor& x, const at::Tensor& out_max,
-                                   const at::Tensor& out_sumexp, const at::Tensor& out_target,
-                                   const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
-                                   const at::Tensor& out_best_class) {
-  const int64_t B = x.size(0);
-  check_beside(op, "out_max", out_max, x, at::kFloat, {B});
-  check_beside(op, "out_sumexp", out_sumexp, x, at::kFloat, {B});
-  check_beside(op, "out_target", out_target, x, at::kFloat, {B});
-  check_beside(op, "out_logit_sum", out_logit_sum, x, at::kFloat, {B});
-  check_beside(op, "out_best_cos", out_best_cos, x, at::kFloat, {B});
-  check_beside(op, "out_best_class", out_best_class, x, at::kLong, {B});
-}
-
-inline LossParams make_params(const char* op, int64_t kind, int64_t fallback, double p1, double p2, double p3,
-                              double scale, bool exact_grad, double label_smoothing, int64_t ignore_index) {
-  TORCH_CHECK(kind >= kCosFace && kind <= kCombined, op, ": unknown margin kind ", kind);
-  TORCH_CHECK(fallback >= kFallbackNone && fallback <= kFallbackEasy, op, ": unknown ArcFace fallback ", fallback);
-  TORCH_CHECK(scale > 0.0, op, ": scale must be > 0, got ", scale);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing < 1.0, op, ": label_smoothing must be in [0, 1), got ",
-              label_smoothing);
-  LossParams p;
-  p.kind = static_cast<int32_t>(kind);
-  p.fallback = static_cast<int32_t>(fallback);
-  p.p1 = static_cast<float>(p1);
-  p.p2 = static_cast<float>(p2);
-  p.p3 = static_cast<float>(p3);
-  p.scale = static_cast<float>(scale);
-  p.exact_grad = exact_grad ? 1 : 0;
-  p.label_smoothing = static_cast<float>(label_smoothing);
-  p.ignore_index = ignore_index;
-  return p;
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but embeddings are on ",
+              x.device());
 }
 
 inline void check_ranges(const char* op, int64_t class_start, int64_t local_classes, int64_t num_classes,
@@ -107,6 +147,60 @@ inline void check_ranges(const char* op, int64_t class_start, int64_t local_clas
   TORCH_CHECK(num_classes >= class_start + local_classes, op, ": num_classes (", num_classes,
               ") must cover the weight's classes [", class_start, ", ", class_start + local_classes, ")");
   TORCH_CHECK(chunk > 0, op, ": chunk must be > 0, got ", chunk);
+}
+
+inline LossParams make_params(const char* op, double scale, double label_smoothing, int64_t ignore_index) {
+  TORCH_CHECK(scale > 0.0, op, ": scale must be > 0, got ", scale);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing < 1.0, op, ": label_smoothing must be in [0, 1), got ",
+              label_smoothing);
+  return LossParams{static_cast<float>(scale), static_cast<float>(label_smoothing), ignore_index};
+}
+
+// Every check of forward_partials' arguments on `device_type`; the call's scalars.
+inline LossParams check_forward_partials(const char* op, c10::DeviceType device_type, const at::Tensor& x,
+                                         const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
+                                         int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
+                                         const at::Tensor& out_max, const at::Tensor& out_sumexp,
+                                         const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                                         const at::Tensor& out_best_class) {
+  check_inputs(op, x, w, y, device_type);
+  const int64_t B = x.size(0), C = w.size(0);
+  check_ranges(op, class_start, C, class_start + C, chunk);
+  check_beside(op, "target_logit", target_logit, x, at::kFloat, {B});
+  check_beside(op, "out_max", out_max, x, at::kFloat, {B});
+  check_beside(op, "out_sumexp", out_sumexp, x, at::kFloat, {B});
+  check_beside(op, "out_logit_sum", out_logit_sum, x, at::kFloat, {B});
+  check_beside(op, "out_best_cos", out_best_cos, x, at::kFloat, {B});
+  check_beside(op, "out_best_class", out_best_class, x, at::kLong, {B});
+  return make_params(op, scale, 0.0, ignore_index);
+}
+
+// backward's scalars and which of grad_x, grad_w are wanted (given, not None).
+struct BackwardPlan {
+  LossParams params;
+  bool need_x;
+  bool need_w;
+};
+
+// Every check of backward's arguments on `device_type`.
+inline BackwardPlan check_backward(const char* op, c10::DeviceType device_type, const at::Tensor& x,
+                                   const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
+                                   const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows,
+                                   int64_t class_start, int64_t num_classes, int64_t chunk, double scale,
+                                   double label_smoothing, int64_t ignore_index,
+                                   const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
+  check_inputs(op, x, w, y, device_type);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  check_ranges(op, class_start, C, num_classes, chunk);
+  check_beside(op, "target_logit", target_logit, x, at::kFloat, {B});
+  check_beside(op, "target_slope", target_slope, x, at::kFloat, {B});
+  check_beside(op, "lse", lse, x, at::kDouble, {B});
+  check_beside(op, "grad_rows", grad_rows, x, at::kFloat, {B});
+  const bool need_x = grad_x.has_value() && grad_x->defined();
+  const bool need_w = grad_w.has_value() && grad_w->defined();
+  if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
+  if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {C, D});
+  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), need_x, need_w};
 }
 
 }  // namespace marginfused

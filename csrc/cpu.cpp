@@ -1,23 +1,27 @@
-// The `cpu` backend: the chunked margin softmax loss for CPU tensors (ATen GEMM + OpenMP).
+// The `cpu` backend: the chunked softmax loss for CPU tensors (ATen GEMM + OpenMP), margin-agnostic.
 //
 // Notation (DESIGN.md §1): x (B×D) embeddings, W (C×D) class centres (a shard: global classes
 // [class_start, class_start + C)), q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12),
-//   c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),  z_ij = s c_ij,  z_iy = s f(c_iy).
+//   c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),  z_ij = s c_ij (j ≠ y_i),  z_iy = t_i,
+// where the caller gives each row's target logit t_i = s f(c_iy) and its slope σ_i = ∂t_i/∂c_iy
+// (whatever the margin f; this file never evaluates one). A row whose label is ignore_index, or
+// outside this shard, has no target here: all its logits are s c_ij.
 //
 // Forward, per chunk of classes [c0, c0 + n) (n from the caller, so one B×n fp32 tile per thread
 // stays within a fixed budget whatever C is):
 //   r for the chunk's rows of W (no normalised copy of W); S = X W_chunkᵀ (one GEMM, fp32);
-//   one fused, vectorised pass per row: c = clamp(q_i r_j S_ij), the margin on the target
-//   column, then the online max / sum-exp, the target logit, the logit sum and the best cosine and
-//   its class. The outputs are the per-row partials of marginfused/partials.py over this weight's
-//   classes; the caller merges shards and forms the loss.
+//   one fused, vectorised pass per row: c = clamp(q_i r_j S_ij), the logit sum and the best cosine
+//   and its class; then the online max / sum-exp of the logits, the target column taking t_i. The
+//   outputs are the per-row partials of marginfused/partials.py over this weight's classes; the
+//   caller merges shards and forms the loss.
 //
 // Backward, per chunk, with lse_i over all classes and the upstream gradient u_i of ℓ_i:
-//   recompute S, then in place U_ij = u_i q_i r_j G_ij with
-//     G_ij = dℓ_i/dc_ij = s (p_ij - (1-ε)[j = y_i] - ε/C) (f'(c_iy) on the target in exact mode),
-//   A += U W_chunk (B×D) and H_chunk = Uᵀ X (n×D), two GEMMs on the raw inputs. Since
-//   A_i = q_i g_x̂_i and H_j = r_j g_ŵ_j, projecting through the normalisation is
-//     dℓ/dx_i = A_i - x̂_i (x̂_i·A_i),   dℓ/dw_j = H_j - ŵ_j (ŵ_j·H_j)
+//   recompute S, then in place U_ij = u_i q_i r_j G_ij with p_ij = exp(z_ij - lse_i) and
+//     G_ij = ∂ℓ_i/∂c_ij = s (p_ij - ε/C)               for j ≠ y_i,
+//     G_iy = ∂ℓ_i/∂c_iy = σ_i (p_iy - (1-ε) - ε/C)
+//   (U_i· = 0 on ignored rows), A += U W_chunk (B×D) and H_chunk = Uᵀ X (n×D), two GEMMs on the raw
+//   inputs. Since A_i = q_i g_x̂_i and H_j = r_j g_ŵ_j, projecting through the normalisation is
+//     ∂ℓ/∂x_i = A_i - x̂_i (x̂_i·A_i),   ∂ℓ/∂w_j = H_j - ŵ_j (ŵ_j·H_j)
 //   (without the projection where |row| <= 1e-12, as F.normalize's clamp does).
 //
 // Threads: the chunks are dealt dynamically to the OpenMP threads (statically under
@@ -35,7 +39,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <omp.h>
 
@@ -47,8 +50,8 @@
 #include <optional>
 #include <vector>
 
+#include "bindings.h"
 #include "common.h"
-#include "margin_math.h"
 
 namespace marginfused {
 namespace {
@@ -117,14 +120,13 @@ void project_rows(const float* h, const float* v, const float* inv, int64_t coun
 
 // The per-row partials of the forward pass over the chunks one thread has walked.
 struct Partials {
-  std::vector<float> max, sumexp, target, best_cos;
+  std::vector<float> max, sumexp, best_cos;
   std::vector<double> logit_sum;
   std::vector<int64_t> best_class;
 
   Partials(int64_t batch, int64_t class_start)
       : max(batch, -std::numeric_limits<float>::infinity()),
         sumexp(batch, 0.0f),
-        target(batch, 0.0f),
         best_cos(batch, -std::numeric_limits<float>::infinity()),
         logit_sum(batch, 0.0),
         best_class(batch, class_start) {}
@@ -136,7 +138,6 @@ struct Partials {
       sumexp[i] = sumexp[i] * std::exp(max[i] - top) + o.sumexp[i] * std::exp(o.max[i] - top);
       max[i] = top;
     }
-    target[i] += o.target[i];
     logit_sum[i] += o.logit_sum[i];
     if (o.best_cos[i] > best_cos[i] || (o.best_cos[i] == best_cos[i] && o.best_class[i] < best_class[i])) {
       best_cos[i] = o.best_cos[i];
@@ -145,10 +146,11 @@ struct Partials {
   }
 };
 
-// One row of one chunk, forward. `row` holds S_i· on entry and is overwritten (cosines, then the
-// target's margin value) as scratch.
+// One row of one chunk, forward. `row` holds S_i· on entry and is overwritten with the cosines as
+// scratch. t_i (`target_logit`) is read only where the target is in the chunk.
 inline void forward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
-                        const LossParams& p, Partials& out, int64_t i) {
+                        float target_logit, const LossParams& p, Partials& out, int64_t i) {
+  const float s = p.scale;
   float cmax = -std::numeric_limits<float>::infinity();
   float csum = 0.0f;
 #pragma omp simd reduction(max : cmax) reduction(+ : csum)
@@ -166,61 +168,59 @@ inline void forward_row(float* row, int64_t n, float qi, const float* r, int64_t
     out.best_cos[i] = cmax;
     out.best_class[i] = chunk_start + j;
   }
-  float zmax = cmax;  // in cosine units: max over the chunk of z / s
-  const int64_t local = label - chunk_start;
-  if (label != p.ignore_index && local >= 0 && local < n) {
-    const float ct = row[local];
-    const float ft = margin_value(p, ct);
-    row[local] = ft;
-    csum += ft - ct;
-    out.target[i] = p.scale * ft;
-    if (ct >= cmax) {  // the target held the maximum: take it again with the margin applied
-      zmax = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : zmax)
-      for (int64_t j = 0; j < n; ++j) zmax = zmax > row[j] ? zmax : row[j];
-    } else {
-      zmax = std::max(zmax, ft);
+  const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
+  double logits = static_cast<double>(s) * static_cast<double>(csum);  // Σ_j z_ij over the chunk
+  float zmax = s * cmax;
+  if (target >= 0) {
+    // The target's logit is t_i, not s c: take its cosine out of the row (exp of -inf adds e^-87,
+    // see exp_fp32) and fold t_i in separately.
+    const float ct = row[target];
+    row[target] = -std::numeric_limits<float>::infinity();
+    logits += static_cast<double>(target_logit) - static_cast<double>(s) * static_cast<double>(ct);
+    float others = cmax;
+    if (ct >= cmax) {  // the target held the maximum: the largest other cosine
+      others = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : others)
+      for (int64_t j = 0; j < n; ++j) others = others > row[j] ? others : row[j];
     }
+    zmax = std::max(s * others, target_logit);
   }
   const float m_old = out.max[i];
-  const float m_new = std::max(m_old, p.scale * zmax);
+  const float m_new = std::max(m_old, zmax);
   float sum = 0.0f;
-  const float s = p.scale;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) sum += exp_fp32(s * row[j] - m_new);
+  if (target >= 0) sum += exp_fp32(target_logit - m_new);
   out.sumexp[i] = out.sumexp[i] * exp_fp32(m_old - m_new) + sum;
   out.max[i] = m_new;
-  out.logit_sum[i] += static_cast<double>(p.scale) * static_cast<double>(csum);
+  out.logit_sum[i] += logits;
 }
 
-// One row of one chunk, backward: S_i· in, U_i· out (in place).
-// lse_i arrives as a float64 split into lse_hi + lse_lo: z - lse_hi is exact where p_ij matters
-// (z near lse), so p_ij = exp((z - lse_hi) - lse_lo) keeps fp32 relative accuracy instead of
-// losing ulp(lse) ~ 4e-6 at s = 64 to the rounding of lse itself.
+// One row of one chunk, backward: S_i· in, U_i· out (in place); zero on an ignored row (or u_i = 0).
+// t_i and σ_i (`target_logit`, `target_slope`) are read only where the target is in the chunk;
+// lse_i is float64, split by split_lse.
 inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
-                         double lse, float upstream, float smooth_per_class, const LossParams& p) {
+                         float target_logit, float target_slope, double lse, float upstream,
+                         float smooth_per_class, const LossParams& p) {
   if (label == p.ignore_index || upstream == 0.0f) {
     std::fill(row, row + n, 0.0f);
     return;
   }
-  const int64_t local = label - chunk_start;
-  const bool has_target = local >= 0 && local < n;
-  float ct = 0.0f;
-  if (has_target) ct = clamp_unit(row[local] * qi * r[local]);
-  const float s = p.scale;
-  const float factor = s * upstream * qi;
-  const float lse_hi = static_cast<float>(lse);
-  const float lse_lo = static_cast<float>(lse - static_cast<double>(lse_hi));
+  const float s = p.scale, eps = p.label_smoothing;
+  const float uq = upstream * qi;
+  const SplitLse split = split_lse(lse);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     float c = row[j] * qi * r[j];
     c = c < -1.0f ? -1.0f : c;
     c = c > 1.0f ? 1.0f : c;
-    row[j] = factor * r[j] * (exp_fp32((s * c - lse_hi) - lse_lo) - smooth_per_class);
+    const float prob = exp_fp32((s * c - split.hi) - split.lo);
+    row[j] = uq * r[j] * logit_grad(prob, s, false, eps, smooth_per_class);
   }
-  if (has_target) {
-    const float prob = exp_fp32((s * margin_value(p, ct) - lse_hi) - lse_lo);
-    row[local] = upstream * qi * r[local] * logit_grad(p, prob, true, ct, smooth_per_class);
+  const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
+  if (target >= 0) {
+    const float prob = exp_fp32((target_logit - split.hi) - split.lo);
+    row[target] = uq * r[target] * logit_grad(prob, target_slope, true, eps, smooth_per_class);
   }
 }
 
@@ -239,11 +239,6 @@ at::Tensor as_fp32(const at::Tensor& t) {
   at::Tensor out = at::empty(t.sizes(), t.options().dtype(at::kFloat));
   out.copy_(t);
   return out;
-}
-
-// A contiguous (rows, cols) fp32 view of the front of a flat buffer.
-at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
-  return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
 // One thread's buffers, allocated before the parallel region (so allocation trackers see them):
@@ -301,19 +296,17 @@ void run_chunks(int64_t chunks, int threads, const Body& body) {
 
 }  // namespace
 
-// Per-row partials over this weight's classes, written into the six output tensors (B,), every
-// element of each. Labels are global class ids; the weight holds [class_start, class_start + C).
-void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t class_start,
-                      int64_t chunk, int64_t kind, int64_t fallback, double p1, double p2, double p3, double scale,
-                      int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
-                      const at::Tensor& out_target, const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
-                      const at::Tensor& out_best_class) {
+// forward_partials (common.h): every element of the five (B,) outputs. Labels are global class
+// ids; the weight holds [class_start, class_start + C).
+void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
+                      int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
+                      const at::Tensor& out_max, const at::Tensor& out_sumexp, const at::Tensor& out_logit_sum,
+                      const at::Tensor& out_best_cos, const at::Tensor& out_best_class) {
   constexpr const char* op = "marginfused cpu forward_partials";
-  check_inputs(op, x, w, y, kCPU);
+  const LossParams p = check_forward_partials(op, kCPU, x, w, y, target_logit, class_start, chunk, scale,
+                                              ignore_index, out_max, out_sumexp, out_logit_sum, out_best_cos,
+                                              out_best_class);
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
-  check_ranges(op, class_start, C, class_start + C, chunk);
-  check_partials_outputs(op, x, out_max, out_sumexp, out_target, out_logit_sum, out_best_cos, out_best_class);
-  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, false, 0.0, ignore_index);
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const at::Tensor xf = as_fp32(x);
@@ -330,6 +323,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       partials.emplace_back(B, class_start);
     }
     const int64_t* labels = y.data_ptr<int64_t>();
+    const float* targets = target_logit.data_ptr<float>();
     run_chunks(chunks, threads, [&](int t, int64_t k) {
       Workspace& ws = work[t];
       const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
@@ -339,46 +333,36 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       at::mm_out(s_tile, xf, wc.t());
       float* s_data = s_tile.data_ptr<float>();
       for (int64_t i = 0; i < B; ++i)
-        forward_row(s_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, p, partials[t], i);
+        forward_row(s_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], p, partials[t], i);
     });
 
     Partials& all = partials[0];
-    float* out[] = {out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), out_target.data_ptr<float>(),
-                    out_logit_sum.data_ptr<float>(), out_best_cos.data_ptr<float>()};
+    float* out[] = {out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), out_logit_sum.data_ptr<float>(),
+                    out_best_cos.data_ptr<float>()};
     int64_t* out_class = out_best_class.data_ptr<int64_t>();
     for (int64_t i = 0; i < B; ++i) {
       for (int t = 1; t < threads; ++t) all.merge(partials[t], i);
       out[0][i] = all.max[i];
       out[1][i] = all.sumexp[i];
-      out[2][i] = all.target[i];
-      out[3][i] = static_cast<float>(all.logit_sum[i]);
-      out[4][i] = all.best_cos[i];
+      out[2][i] = static_cast<float>(all.logit_sum[i]);
+      out[3][i] = all.best_cos[i];
       out_class[i] = all.best_class[i];
     }
   });
 }
 
-// Gradients of Σ_i u_i ℓ_i with respect to x and this weight shard, given lse_i over all
-// `num_classes` classes (float64: see backward_row) and u = grad_rows (B,) fp32. Writes every element of grad_x (B×D) and
-// grad_w (C×D), each in the input dtype, either of which may be None (not computed). With
-// shards, the grad_x of every shard are summed.
-void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse,
-              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, int64_t kind,
-              int64_t fallback, double p1, double p2, double p3, double scale, bool exact_grad,
-              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
-              const std::optional<at::Tensor>& grad_w) {
+// backward (common.h): lse is float64 (see backward_row). With shards, the grad_x of every shard
+// are summed by the caller.
+void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
+              const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows, int64_t class_start,
+              int64_t num_classes, int64_t chunk, double scale, double label_smoothing, int64_t ignore_index,
+              const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
   constexpr const char* op = "marginfused cpu backward";
-  check_inputs(op, x, w, y, kCPU);
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
-  check_ranges(op, class_start, C, num_classes, chunk);
-  check_beside(op, "lse", lse, x, at::kDouble, {B});
-  check_beside(op, "grad_rows", grad_rows, x, at::kFloat, {B});
-  const bool need_x = grad_x.has_value() && grad_x->defined();
-  const bool need_w = grad_w.has_value() && grad_w->defined();
-  if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
-  if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {C, D});
-  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, exact_grad, label_smoothing, ignore_index);
+  const BackwardPlan plan = check_backward(op, kCPU, x, w, y, target_logit, target_slope, lse, grad_rows, class_start,
+                                           num_classes, chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
+  const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const bool is_float = x.scalar_type() == at::kFloat;
@@ -397,6 +381,8 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     for (Workspace& ws : work)
       if (need_x) ws.acc.zero_();
     const int64_t* labels = y.data_ptr<int64_t>();
+    const float* targets = target_logit.data_ptr<float>();
+    const float* slopes = target_slope.data_ptr<float>();
     const double* lse_data = lse.data_ptr<double>();
     const float* up = grad_rows.data_ptr<float>();
     const float smooth_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
@@ -410,8 +396,8 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       at::mm_out(u_tile, xf, wc.t());
       float* u_data = u_tile.data_ptr<float>();
       for (int64_t i = 0; i < B; ++i)
-        backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, lse_data[i], up[i],
-                     smooth_per_class, p);
+        backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
+                     lse_data[i], up[i], smooth_per_class, plan.params);
       if (need_x) ws.acc.addmm_(u_tile, wc);
       if (need_w) {
         at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(ws.h32, n, D);
@@ -433,18 +419,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
 }  // namespace marginfused
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
-  m.doc() = "marginfused cpu backend: chunked margin softmax loss (ATen GEMM + OpenMP)";
-  m.def("forward_partials", &marginfused::forward_partials, py::call_guard<py::gil_scoped_release>(),
-        "Per-row partials (max, sumexp, target, logit_sum, best_cos, best_class) over the weight's classes",
-        py::arg("x"), py::arg("w"), py::arg("y"), py::arg("class_start"), py::arg("chunk"), py::arg("kind"),
-        py::arg("fallback"), py::arg("p1"), py::arg("p2"), py::arg("p3"), py::arg("scale"), py::arg("ignore_index"),
-        py::arg("out_max"), py::arg("out_sumexp"), py::arg("out_target"), py::arg("out_logit_sum"),
-        py::arg("out_best_cos"), py::arg("out_best_class"));
-  m.def("backward", &marginfused::backward, py::call_guard<py::gil_scoped_release>(),
-        "Gradients w.r.t. x and the weight shard, given the global lse and the per-row upstream gradient",
-        py::arg("x"), py::arg("w"), py::arg("y"), py::arg("lse"), py::arg("grad_rows"), py::arg("class_start"),
-        py::arg("num_classes"), py::arg("chunk"), py::arg("kind"), py::arg("fallback"), py::arg("p1"),
-        py::arg("p2"), py::arg("p3"), py::arg("scale"), py::arg("exact_grad"), py::arg("label_smoothing"),
-        py::arg("ignore_index"), py::arg("grad_x"), py::arg("grad_w"));
+  marginfused::bind_entry_points(m, "marginfused cpu backend: chunked softmax loss partials and gradients, "
+                                    "margin-agnostic (ATen GEMM + OpenMP)",
+                                 &marginfused::forward_partials, &marginfused::backward);
 }

@@ -1,13 +1,15 @@
-// The `cuda` backend: the chunked margin softmax loss for CUDA tensors, where Triton cannot run.
+// The `cuda` backend: the chunked softmax loss for CUDA tensors, where Triton cannot run;
+// margin-agnostic like the `cpu` backend.
 //
 // The algorithm and notation are those of csrc/cpu.cpp (read its header first):
 //   q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12), c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),
-//   z_ij = s c_ij, z_iy = s f(c_iy).
+//   z_ij = s c_ij (j ≠ y_i), z_iy = t_i, the caller's target logit, with slope σ_i = ∂t_i/∂c_iy;
+//   ∂ℓ_i/∂c_ij = s (p_ij - ε/C) off the target, σ_i (p_iy - (1-ε) - ε/C) on it (logit_grad).
 // Per chunk of n classes (the B×n fp32 tile is bounded by the caller's chunk size):
 //   forward:  r for the chunk (inverse_norms_kernel), S = X W_chunkᵀ with ATen (cuBLAS; fp32 output
 //             also for half/bf16 inputs), then forward_chunk_kernel: one block per row folds the
-//             chunk into the row's running (max, sumexp), target logit, logit sum, best cosine.
-//   backward: recompute S, backward_chunk_kernel forms U_ij = u_i q_i r_j dℓ_i/dc_ij elementwise
+//             chunk's logits into the row's running (max, sumexp), logit sum and best cosine.
+//   backward: recompute S, backward_chunk_kernel forms U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij elementwise
 //             (in the input dtype for the GEMMs), A += U W_chunk and H = Uᵀ X with ATen, and
 //             project_rows_kernel turns H into dW rows: dw_j = H_j - ŵ_j (ŵ_j·H_j). After the
 //             last chunk the same projection turns A into dx.
@@ -26,9 +28,9 @@
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "common.h"
-#include "margin_math.h"
 
 namespace marginfused {
 namespace cuda {
@@ -91,13 +93,12 @@ __global__ void inverse_norms_kernel(const scalar_t* __restrict__ rows, int64_t 
 }
 
 // Start of the forward pass: the partials of an empty class range.
-__global__ void init_partials_kernel(int64_t batch, int64_t class_start, float* max, float* sumexp, float* target,
-                                     double* logit_sum, float* best_cos, int64_t* best_class) {
+__global__ void init_partials_kernel(int64_t batch, int64_t class_start, float* max, float* sumexp, double* logit_sum,
+                                     float* best_cos, int64_t* best_class) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     max[i] = -INFINITY;
     sumexp[i] = 0.0f;
-    target[i] = 0.0f;
     logit_sum[i] = 0.0;
     best_cos[i] = -INFINITY;
     best_class[i] = class_start;
@@ -110,31 +111,31 @@ __global__ void finish_partials_kernel(int64_t batch, const double* logit_sum, f
     out_logit_sum[i] = static_cast<float>(logit_sum[i]);
 }
 
-// One block per row: fold the row's n cosines of this chunk into its partials.
+// One block per row: fold the row's n logits of this chunk into its partials; the target's is t_i
+// (target_logit, read only where the target is in the chunk).
 __global__ void __launch_bounds__(kThreads)
     forward_chunk_kernel(const float* __restrict__ s_tile, int64_t n, const float* __restrict__ q,
-                         const float* __restrict__ r, const int64_t* __restrict__ labels, int64_t chunk_start,
-                         LossParams p, float* max, float* sumexp, float* target, double* logit_sum, float* best_cos,
-                         int64_t* best_class) {
+                         const float* __restrict__ r, const int64_t* __restrict__ labels,
+                         const float* __restrict__ target_logit, int64_t chunk_start, LossParams p, float* max,
+                         float* sumexp, double* logit_sum, float* best_cos, int64_t* best_class) {
   const int64_t i = blockIdx.x;
   const float* row = s_tile + i * n;
   const float qi = q[i];
-  const int64_t label = labels[i];
-  const int64_t local = label != p.ignore_index ? label - chunk_start : -1;
+  const int64_t target = target_column(labels[i], chunk_start, n, p.ignore_index);
 
   OnlineSum acc{-INFINITY, 0.0f};
   Best best{-INFINITY, n};
-  float csum = 0.0f;  // Σ z / s over this thread's elements
+  float csum = 0.0f;  // Σ c over this thread's elements other than the target
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const float c = clamp_unit(row[j] * qi * r[j]);
     best = better(best, Best{c, j});
-    float zc = c;
-    if (j == local) {
-      zc = margin_value(p, c);
-      target[i] = p.scale * zc;  // the only writer: one chunk holds the target
+    float z;
+    if (j == target) {
+      z = target_logit[i];
+    } else {
+      z = p.scale * c;
+      csum += c;
     }
-    csum += zc;
-    const float z = p.scale * zc;
     if (z > acc.m) {
       acc.s = acc.s * expf(acc.m - z) + 1.0f;
       acc.m = z;
@@ -171,7 +172,9 @@ __global__ void __launch_bounds__(kThreads)
     const OnlineSum total = merge(OnlineSum{max[i], sumexp[i]}, acc);
     max[i] = total.m;
     sumexp[i] = total.s;
-    logit_sum[i] += static_cast<double>(p.scale) * static_cast<double>(csum);
+    double logits = static_cast<double>(p.scale) * static_cast<double>(csum);  // Σ_j z_ij over the chunk
+    if (target >= 0) logits += static_cast<double>(target_logit[i]);
+    logit_sum[i] += logits;
     if (best.c > best_cos[i]) {  // strictly: an earlier chunk keeps a tie
       best_cos[i] = best.c;
       best_class[i] = chunk_start + best.j;
@@ -179,12 +182,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Elementwise over the B×n tile: U_ij = u_i q_i r_j dℓ_i/dc_ij from S_ij, written as grad_t (the
-// input dtype, for the GEMMs; in place when that is float). lse_i = lse_hi + lse_lo (see cpu.cpp).
+// Elementwise over the B×n tile: U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij from S_ij (zero on ignored rows),
+// written as grad_t (the input dtype, for the GEMMs; in place when that is float). t_i and σ_i
+// (target_logit, target_slope) are read only on the target. lse_i = lse_hi + lse_lo (split_lse).
 template <typename grad_t>
 __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64_t batch, int64_t n,
                                       const float* __restrict__ q, const float* __restrict__ r,
-                                      const int64_t* __restrict__ labels, int64_t chunk_start,
+                                      const int64_t* __restrict__ labels, const float* __restrict__ target_logit,
+                                      const float* __restrict__ target_slope, int64_t chunk_start,
                                       const float* __restrict__ lse_hi, const float* __restrict__ lse_lo,
                                       const float* __restrict__ upstream, float smooth_per_class, LossParams p) {
   const int64_t total = batch * n;
@@ -196,11 +201,11 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
     const float u = upstream[i];
     float value = 0.0f;
     if (label != p.ignore_index && u != 0.0f) {
-      const float c = clamp_unit(s_tile[idx] * q[i] * r[j]);
       const bool is_target = label - chunk_start == j;
-      const float zc = is_target ? margin_value(p, c) : c;
-      const float prob = expf((p.scale * zc - lse_hi[i]) - lse_lo[i]);
-      value = u * q[i] * r[j] * logit_grad(p, prob, is_target, c, smooth_per_class);
+      const float z = is_target ? target_logit[i] : p.scale * clamp_unit(s_tile[idx] * q[i] * r[j]);
+      const float slope = is_target ? target_slope[i] : p.scale;
+      const float prob = expf((z - lse_hi[i]) - lse_lo[i]);
+      value = u * q[i] * r[j] * logit_grad(prob, slope, is_target, p.label_smoothing, smooth_per_class);
     }
     u_tile[idx] = static_cast<grad_t>(value);
   }
@@ -209,9 +214,9 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
 __global__ void split_lse_kernel(int64_t batch, const double* lse, float* hi, float* lo) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float h = static_cast<float>(lse[i]);
-    hi[i] = h;
-    lo[i] = static_cast<float>(lse[i] - static_cast<double>(h));
+    const SplitLse l = split_lse(lse[i]);
+    hi[i] = l.hi;
+    lo[i] = l.lo;
   }
 }
 
@@ -249,23 +254,18 @@ void cosine_gemm(at::Tensor& s_tile, const at::Tensor& x, const at::Tensor& wc) 
   }
 }
 
-at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
-  return flat.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 }  // namespace
 
-void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t class_start,
-                      int64_t chunk, int64_t kind, int64_t fallback, double p1, double p2, double p3, double scale,
-                      int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
-                      const at::Tensor& out_target, const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
-                      const at::Tensor& out_best_class) {
+// forward_partials (common.h): every element of the five (B,) outputs.
+void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
+                      int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
+                      const at::Tensor& out_max, const at::Tensor& out_sumexp, const at::Tensor& out_logit_sum,
+                      const at::Tensor& out_best_cos, const at::Tensor& out_best_class) {
   constexpr const char* op = "marginfused cuda forward_partials";
-  check_inputs(op, x, w, y, kCUDA);
+  const LossParams p = check_forward_partials(op, kCUDA, x, w, y, target_logit, class_start, chunk, scale,
+                                              ignore_index, out_max, out_sumexp, out_logit_sum, out_best_cos,
+                                              out_best_class);
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
-  check_ranges(op, class_start, C, class_start + C, chunk);
-  check_partials_outputs(op, x, out_max, out_sumexp, out_target, out_logit_sum, out_best_cos, out_best_class);
-  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, false, 0.0, ignore_index);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -282,8 +282,8 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                                                                           q.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     init_partials_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(
-        B, class_start, out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), out_target.data_ptr<float>(),
-        logit_sum.data_ptr<double>(), out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>());
+        B, class_start, out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), logit_sum.data_ptr<double>(),
+        out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int64_t c0 = 0; c0 < C; c0 += n_max) {
       const int64_t n = std::min(n_max, C - c0);
@@ -296,8 +296,9 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       TORCH_CHECK(B <= std::numeric_limits<int>::max(), op, ": batch too large for one grid");
       forward_chunk_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
           s_tile.data_ptr<float>(), n, q.data_ptr<float>(), r.data_ptr<float>(), y.data_ptr<int64_t>(),
-          class_start + c0, p, out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), out_target.data_ptr<float>(),
-          logit_sum.data_ptr<double>(), out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>());
+          target_logit.data_ptr<float>(), class_start + c0, p, out_max.data_ptr<float>(),
+          out_sumexp.data_ptr<float>(), logit_sum.data_ptr<double>(), out_best_cos.data_ptr<float>(),
+          out_best_class.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     finish_partials_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, logit_sum.data_ptr<double>(),
@@ -306,23 +307,18 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   });
 }
 
-void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& lse,
-              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, int64_t kind,
-              int64_t fallback, double p1, double p2, double p3, double scale, bool exact_grad,
-              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
-              const std::optional<at::Tensor>& grad_w) {
+// backward (common.h).
+void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
+              const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows, int64_t class_start,
+              int64_t num_classes, int64_t chunk, double scale, double label_smoothing, int64_t ignore_index,
+              const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
   constexpr const char* op = "marginfused cuda backward";
-  check_inputs(op, x, w, y, kCUDA);
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
-  check_ranges(op, class_start, C, num_classes, chunk);
-  check_beside(op, "lse", lse, x, at::kDouble, {B});
-  check_beside(op, "grad_rows", grad_rows, x, at::kFloat, {B});
-  const bool need_x = grad_x.has_value() && grad_x->defined();
-  const bool need_w = grad_w.has_value() && grad_w->defined();
-  if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
-  if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {C, D});
-  const LossParams p = make_params(op, kind, fallback, p1, p2, p3, scale, exact_grad, label_smoothing, ignore_index);
+  const BackwardPlan plan = check_backward(op, kCUDA, x, w, y, target_logit, target_slope, lse, grad_rows,
+                                           class_start, num_classes, chunk, scale, label_smoothing, ignore_index,
+                                           grad_x, grad_w);
+  const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -362,8 +358,9 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       at::Tensor u_tile = front(u_lowp, B, n);  // the tile itself when float
       backward_chunk_kernel<scalar_t><<<grid_for(B * n, kThreads), kThreads, 0, stream>>>(
           s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, q.data_ptr<float>(), r.data_ptr<float>(),
-          y.data_ptr<int64_t>(), class_start + c0, lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(),
-          grad_rows.data_ptr<float>(), smooth_per_class, p);
+          y.data_ptr<int64_t>(), target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), class_start + c0,
+          lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), smooth_per_class,
+          plan.params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_x) {
         if (is_float) {
@@ -393,6 +390,10 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     }
   });
 }
+
+// The definitions above are those cuda_bindings.cpp declares through these types.
+static_assert(std::is_same_v<decltype(forward_partials), ForwardPartialsFn>);
+static_assert(std::is_same_v<decltype(backward), BackwardFn>);
 
 }  // namespace cuda
 }  // namespace marginfused

@@ -8,8 +8,10 @@ saved row statistics over all C classes, M_i = max_j z_ij and log S_i = log Σ_j
                                              for a confident row would inherit that error)
 
     ∂ℓ_i/∂z_ij = p_ij − (1−ε)·[j = y_i] − ε/C
-    G_ij = ∂(u·ℓ)/∂c_ij = u_i · s · (p_ij − (1−ε)·[j = y_i] − ε/C) · (f′(c_iy) if j = y_i and
-           margin_grad = "exact", else 1)
+    G_ij = ∂(u·ℓ)/∂c_ij = u_i · s · (p_ij − ε/C)                         j ≠ y_i
+    G_iy = u_i · σ_i · (p_iy − (1−ε) − ε/C)        σ_i = ∂z_iy/∂c_iy, the caller's target slope
+                                                   (s, or s·f′(c_iy) for margin_grad="exact")
+    with z_iy the caller's target logit (the kernel never evaluates a margin)
     (the clamp of c to [−1, 1] bounds the value only; the gradient passes through it)
     dX̂_i = Σ_j G_ij ŵ_j            dŴ_j = Σ_i G_ij x̂_i
 
@@ -34,15 +36,15 @@ global (over every shard).
 import triton
 import triton.language as tl
 
-from .tiles import cos_tile, margin_logits, target_in_tile
+from .tiles import cos_tile, target_in_tile, target_logits
 
 
 @triton.jit
 def grad_kernel(
-    x_ptr, w_ptr, y_ptr, row_max_ptr, log_sumexp_ptr, upstream_ptr, dx_part_ptr, dw_acc_ptr,
+    x_ptr, w_ptr, y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr,
+    dx_part_ptr, dw_acc_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
-    scale, m1, m2, m3, ignore_index, target_weight, smoothing_per_class,
-    KIND: tl.constexpr, FALLBACK: tl.constexpr, EXACT: tl.constexpr,
+    scale, ignore_index, target_weight, smoothing_per_class,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -58,8 +60,11 @@ def grad_kernel(
     target_col = tl.where(valid & (local >= 0) & (local < C_local), local, -1)
     row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     log_sumexp = tl.load(log_sumexp_ptr + rows, mask=row_ok, other=0.0)
-    upstream = tl.load(upstream_ptr + rows, mask=row_ok, other=0.0)
-    upstream = tl.where(valid, upstream, 0.0) * scale
+    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
+    grad_rows = tl.where(valid, grad_rows, 0.0)
+    target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
+    slope_ratio = tl.load(target_slope_ptr + rows, mask=row_ok, other=0.0) / scale  # σ_i / s
+    row_factor = grad_rows * scale
 
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C_local)
@@ -71,11 +76,11 @@ def grad_kernel(
         cos, inv_x, inv_w = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
                                      BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
         is_target = target_in_tile(target_col, c0, BLOCK_C)
-        z, slope = margin_logits(cos, is_target, scale, m1, m2, m3, KIND, FALLBACK, EXACT)
+        z = target_logits(cos, is_target, target_logit, scale)
         p = tl.exp((z - row_max[:, None]) - log_sumexp[:, None])
         dz = p - tl.where(is_target, target_weight, 0.0) - smoothing_per_class
-        dz = tl.where(is_target, dz * slope[:, None], dz)
-        g = dz * upstream[:, None]
+        dz = tl.where(is_target, dz * slope_ratio[:, None], dz)
+        g = dz * row_factor[:, None]
         g = tl.where(col_ok[None, :] & valid[:, None], g, 0.0)
         g_in = g.to(x_ptr.dtype.element_ty)
         later_tile = (dims * 0 + c0) != c_begin  # a vector: the interpreter rejects scalar masks

@@ -7,7 +7,7 @@ forward, backward and projection kernels with their default GPU launch configura
 (LLVM, bundled ptxas), with the alignment hints a real launch gets (16-byte aligned pointers;
 D, strides and the split size divisible by 16), and prints ptxas's register and spill counts.
 
-    python -m marginfused.kernels.compile_check [--arch 90] [--dtype bf16 fp16 fp32] [--kind 0 1 2 3 4]
+    python -m marginfused.kernels.compile_check [--arch 90] [--dtype bf16 fp16 fp32]
 
 Must run without TRITON_INTERPRET set (the kernels are defined as interpreted functions then);
 exits non-zero if any compile fails.
@@ -79,7 +79,7 @@ def _ptxas_report(kernel, arch: int) -> str:
     return "; ".join(lines)
 
 
-def check(arch: int, dtypes, kinds, report: bool) -> int:
+def check(arch: int, dtypes, report: bool) -> int:
     from . import configs
     from .backward import grad_kernel
     from .forward import row_partials_kernel
@@ -91,38 +91,31 @@ def check(arch: int, dtypes, kinds, report: bool) -> int:
         torch_name = "torch.float32" if dtype == "fp32" else "torch.half"
         precision = "ieee" if dtype == "fp32" else "tf32"
         scalars = dict(B="i32", C_local="i32", D="i32", stride_x="i32", stride_w="i32", class_start="i64",
-                       classes_per_split="i32", batch_bucket="i32", scale="fp32", m1="fp32", m2="fp32",
-                       m3="fp32", ignore_index="i32", target_weight="fp32", smoothing_per_class="fp32")
-        pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", y_ptr="*i64", max_ptr="*fp32",
-                        sumexp_ptr="*fp32", target_ptr="*fp32", logit_sum_ptr="*fp32", best_cos_ptr="*fp32",
-                        best_class_ptr="*i64", row_max_ptr="*fp32", log_sumexp_ptr="*fp32",
-                        upstream_ptr="*fp32", dx_part_ptr="*fp32", dw_acc_ptr="*fp32")
+                       classes_per_split="i32", batch_bucket="i32", scale="fp32", ignore_index="i32",
+                       target_weight="fp32", smoothing_per_class="fp32")
+        pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", y_ptr="*i64", target_logit_ptr="*fp32",
+                        target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32", logit_sum_ptr="*fp32",
+                        best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32", log_sumexp_ptr="*fp32",
+                        grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_acc_ptr="*fp32")
         types = {**scalars, **pointers}
-        jobs = []
         forward_tiles = configs.FORWARD_GPU[configs._width(torch_name)]
         backward_tiles = configs.BACKWARD_GPU[configs._width(torch_name)]
-        for kind in kinds:
-            fallbacks = (0, 1, 2) if kind == 1 else (0,)
-            for fallback in fallbacks:
-                blocks = dict(BLOCK_B=forward_tiles.block_b, BLOCK_C=forward_tiles.block_c,
-                              BLOCK_D=forward_tiles.block_d)
-                jobs.append((f"forward  {dtype} kind={kind} fallback={fallback}", row_partials_kernel,
-                             dict(KIND=kind, FALLBACK=fallback, DOT_PRECISION=precision, **blocks),
-                             forward_tiles))
-            for exact in (False, True):
-                blocks = dict(BLOCK_B=backward_tiles.block_b, BLOCK_C=backward_tiles.block_c,
-                              BLOCK_D=backward_tiles.block_d)
-                jobs.append((f"backward {dtype} kind={kind} exact={exact}", grad_kernel,
-                             dict(KIND=kind, FALLBACK=0, EXACT=exact, NEED_DX=True, NEED_DW=True,
-                                  DOT_PRECISION=precision, **blocks), backward_tiles))
-        project_types = dict(g_ptr="*fp32", v_ptr=f"*{element}", out_ptr=f"*{element}", R="i32", D="i32",
-                             stride_v="i32", n_parts="i32")
-        tiles = configs.PROJECT_GPU
-        jobs.append((f"project  {dtype}", project_kernel,
-                     dict(BLOCK_R=tiles.block_b, BLOCK_D=tiles.block_d), tiles))
-        for label, fn, constexprs, tiles in jobs:
+        project_tiles = configs.PROJECT_GPU
+        jobs = [
+            (f"forward  {dtype}", row_partials_kernel, types,
+             dict(DOT_PRECISION=precision, BLOCK_B=forward_tiles.block_b, BLOCK_C=forward_tiles.block_c,
+                  BLOCK_D=forward_tiles.block_d), forward_tiles),
+            (f"backward {dtype}", grad_kernel, types,
+             dict(NEED_DX=True, NEED_DW=True, DOT_PRECISION=precision, BLOCK_B=backward_tiles.block_b,
+                  BLOCK_C=backward_tiles.block_c, BLOCK_D=backward_tiles.block_d), backward_tiles),
+            (f"project  {dtype}", project_kernel,
+             dict(g_ptr="*fp32", v_ptr=f"*{element}", out_ptr=f"*{element}", R="i32", D="i32", stride_v="i32",
+                  n_parts="i32"),
+             dict(BLOCK_R=project_tiles.block_b, BLOCK_D=project_tiles.block_d), project_tiles),
+        ]
+        for label, fn, signature_types, constexprs, tiles in jobs:
             try:
-                kernel = _compile(fn, project_types if fn is project_kernel else types, constexprs, tiles, arch)
+                kernel = _compile(fn, signature_types, constexprs, tiles, arch)
             except Exception as error:  # report every failure, then exit non-zero
                 failures += 1
                 print(f"FAILED {label}: {type(error).__name__}: {error}", flush=True)
@@ -137,14 +130,12 @@ def main(argv=None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for sm_90")
     parser.add_argument("--dtype", nargs="+", default=list(TYPES), choices=list(TYPES))
-    parser.add_argument("--kind", nargs="+", type=int, default=[0, 1, 2, 3, 4],
-                        help="margin kinds (MarginKind values)")
     parser.add_argument("--no-report", action="store_true", help="skip ptxas -v register/spill counts")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the kernels would be interpreted functions)")
         return 2
-    return 1 if check(args.arch, args.dtype, args.kind, not args.no_report) else 0
+    return 1 if check(args.arch, args.dtype, not args.no_report) else 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Forward kernel: per-row partials of the margin logits over a range of classes.
+"""Forward kernel: per-row partials of the logits over a range of classes.
 
-Math (x̂, ŵ the L2-normalised rows, eps 1e-12; s the scale, f the margin; y_i a global class id):
+Math (x̂, ŵ the L2-normalised rows, eps 1e-12; s the scale; y_i a global class id; z_iy the
+target logit the caller supplies, s·f(c_iy) for a margin f evaluated in PyTorch):
 
     c_ij = clamp(x̂_i · ŵ_j, −1, 1)
-    z_ij = s·c_ij  (j ≠ y_i),   z_iy = s·f(c_iy)
+    z_ij = s·c_ij  (j ≠ y_i),   z_iy = target_logit_i
     over the classes j of one split, per row i:
         max_i       = max_j z_ij
         sumexp_i    = Σ_j exp(z_ij − max_i)        (online: rescaled as the max grows)
-        target_i    = z_iy if y_i is in the split (and not ignore_index), else 0
         logit_sum_i = Σ_j z_ij                      (label smoothing)
         best_cos_i  = max_j c_ij,  best_class_i = argmax_j c_ij (global id, first on ties)
 
@@ -16,7 +16,7 @@ Grid: (cdiv(B, BLOCK_B), n_splits). Program (b, k) owns rows [b·BLOCK_B, …) a
 BLOCK_C tiles; each tile's D loop loads x and W chunks once for the dot product and the norms
 (`tiles.cos_tile`). It writes one partial per row into row k of each (n_splits, B) output; the host
 merges the splits (`marginfused.partials.merge_partials`) and the loss is
-ℓ_i = lse_i − (1−ε)·target_i − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
+ℓ_i = lse_i − (1−ε)·z_iy − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
 
 Saved for the backward pass: only max_i and log sumexp_i of the merged partials (2·B floats;
 lse_i = max_i + log sumexp_i). The backward kernel recomputes each cosine tile and the norms
@@ -30,16 +30,16 @@ All offsets are int64.
 import triton
 import triton.language as tl
 
-from .tiles import cos_tile, margin_logits, target_in_tile
+from .tiles import cos_tile, target_in_tile, target_logits
 
 
 @triton.jit
 def row_partials_kernel(
-    x_ptr, w_ptr, y_ptr,
-    max_ptr, sumexp_ptr, target_ptr, logit_sum_ptr, best_cos_ptr, best_class_ptr,
+    x_ptr, w_ptr, y_ptr, target_logit_ptr,
+    max_ptr, sumexp_ptr, logit_sum_ptr, best_cos_ptr, best_class_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
-    scale, m1, m2, m3, ignore_index,
-    KIND: tl.constexpr, FALLBACK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    scale, ignore_index,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # batch_bucket: unused in the body; the autotuning key (B rounded up to a power of two).
@@ -51,10 +51,10 @@ def row_partials_kernel(
     local = labels - class_start
     has_target = row_ok & (labels != ignore_index) & (local >= 0) & (local < C_local)
     target_col = tl.where(has_target, local, -1)
+    target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
 
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
-    target = tl.zeros((BLOCK_B,), tl.float32)
     logit_sum = tl.zeros((BLOCK_B,), tl.float32)
     best_cos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     best_class = tl.zeros((BLOCK_B,), tl.int64) + class_start
@@ -68,13 +68,12 @@ def row_partials_kernel(
         cos, inv_x, inv_w = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
                                      BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
         is_target = target_in_tile(target_col, c0, BLOCK_C)
-        z, _ = margin_logits(cos, is_target, scale, m1, m2, m3, KIND, FALLBACK, False)
+        z = target_logits(cos, is_target, target_logit, scale)
         z = tl.where(col_ok[None, :], z, float("-inf"))
 
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
-        target += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         logit_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
 
         cos = tl.where(col_ok[None, :], cos, float("-inf"))
@@ -87,7 +86,6 @@ def row_partials_kernel(
     out = split * B + rows
     tl.store(max_ptr + out, run_max, mask=row_ok)
     tl.store(sumexp_ptr + out, run_sum, mask=row_ok)
-    tl.store(target_ptr + out, target, mask=row_ok)
     tl.store(logit_sum_ptr + out, logit_sum, mask=row_ok)
     tl.store(best_cos_ptr + out, best_cos, mask=row_ok)
     tl.store(best_class_ptr + out, best_class, mask=row_ok)

@@ -1,18 +1,17 @@
-"""Shared `@triton.jit` helpers: the cosine tile and the per-tile margin logits.
+"""Shared `@triton.jit` helpers: the cosine tile and the logits with each row's target.
 
 Both the forward and the backward kernel walk the same (BLOCK_B × BLOCK_C) tiles of
 c_ij = clamp(x_i·w_j / (max(‖x_i‖, 1e-12)·max(‖w_j‖, 1e-12)), −1, 1): `cos_tile` accumulates
 the raw dot products over D in float32 and, from the very x and W chunks the matmul loads,
-‖x_i‖² and ‖w_j‖² (no normalised copy of x or W exists anywhere). `margin_logits` picks the
-target cosine out of the tile (one per row), applies the margin to it alone and returns the
-logits z = s·c with s·f(c_iy) on the target column.
+‖x_i‖² and ‖w_j‖² (no normalised copy of x or W exists anywhere). `target_logits` returns the
+logits z = s·c with each row's supplied target logit z_iy on its target column: the kernels never
+evaluate a margin (docs/design.md §3.1).
 """
 
 import triton
 import triton.language as tl
 
 from .. import constants
-from .margin import margin_slope, margin_value
 
 NORM_EPS = tl.constexpr(constants.NORM_EPS)
 
@@ -57,17 +56,6 @@ def target_in_tile(target_col, c0, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def margin_logits(
-    cos, is_target, scale, m1, m2, m3,
-    KIND: tl.constexpr, FALLBACK: tl.constexpr, WITH_SLOPE: tl.constexpr,
-):
-    """(z, slope): z = s·c with s·f(c_iy) where `is_target`; slope = f′(c_iy) per row if
-    WITH_SLOPE else 1. Rows without a target in the tile get f(0) computed and unused."""
-    c_target = tl.sum(tl.where(is_target, cos, 0.0), axis=1)
-    z_target = scale * margin_value(c_target, m1, m2, m3, KIND, FALLBACK)
-    z = tl.where(is_target, z_target[:, None], scale * cos)
-    if WITH_SLOPE:
-        slope = margin_slope(c_target, m1, m2, m3, KIND, FALLBACK)
-    else:
-        slope = tl.full(c_target.shape, 1.0, tl.float32)
-    return z, slope
+def target_logits(cos, is_target, target_logit, scale):
+    """z = s·c, with the row's target logit z_iy where `is_target`."""
+    return tl.where(is_target, target_logit[:, None], scale * cos)

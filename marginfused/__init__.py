@@ -6,8 +6,7 @@ very many classes, fused so the batch × classes logits never exist in memory.
     head = mf.MarginSoftmaxLoss(512, 1_000_000, margin=mf.ArcFace(m=0.5), scale=64.0)
 """
 
-from .backend import BackendUnavailableError
-from .dispatch import available_backends
+from .backends import BackendUnavailableError, available_backends, explain_backend
 from .functional import margin_cross_entropy
 from .margins import ArcFace, CombinedMargin, CosFace, ExpFace, Margin, SphereFace
 from .modules import MarginSoftmaxLoss
@@ -24,5 +23,6 @@ __all__ = [
     "MarginSoftmaxLoss",
     "SphereFace",
     "available_backends",
+    "explain_backend",
     "margin_cross_entropy",
 ]

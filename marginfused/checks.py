@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .margins import MarginFunction, per_row_parameters
+
 
 def _require_tensor(name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
@@ -22,13 +24,19 @@ def _all_finite(t: Tensor) -> Tensor:
 
 
 def check_inputs(
-    embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, num_classes: Optional[int] = None
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    num_classes: Optional[int] = None,
+    margin: Optional[MarginFunction] = None,
 ) -> None:
     """Check shapes, dtypes, devices, finiteness and label range of the loss's inputs.
 
     embeddings: (B, D) floating; weight: (C, D), same dtype and device; labels: (B,) integer,
     each in [0, num_classes) or equal to `ignore_index`, num_classes being C unless given (a shard
-    of the classes takes global labels). Raises TypeError or ValueError naming the argument.
+    of the classes takes global labels); a margin's per-row parameters one value per row, on the
+    embeddings' device. Raises TypeError or ValueError naming the argument.
     Under torch.compile only shapes, dtypes and devices are checked, not values.
     """
     x = _require_tensor("embeddings", embeddings)
@@ -69,6 +77,11 @@ def check_inputs(
         raise ValueError(f"weight is on {w.device} but embeddings are on {x.device}")
     if y.device != x.device:
         raise ValueError(f"labels are on {y.device} but embeddings are on {x.device}")
+    for name, value in per_row_parameters(margin).items():
+        if value.shape != (batch,):
+            raise ValueError(f"margin parameter {name} must hold one value per row ({batch}), got shape {tuple(value.shape)}")
+        if value.device != x.device:
+            raise ValueError(f"margin parameter {name} is on {value.device} but embeddings are on {x.device}")
 
     if torch.compiler.is_compiling():
         return  # the value checks below need the values; a traced graph has none

@@ -1,7 +1,7 @@
 """Numerical constants every backend shares, each defined once here.
 
-The Triton kernels import them; the C++/CUDA sources cannot, so csrc/margin_math.h repeats them
-and tests/test_constants.py fails when a copy drifts.
+The Triton kernels import them; the C++/CUDA sources cannot, so csrc/common.h repeats NORM_EPS
+and tests/test_constants.py fails when the copy drifts.
 """
 
 NORM_EPS = 1e-12

@@ -35,14 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .backend import Backend
 from .autocast import cast_for_autocast
+from .backends import Backend, select_backend
 from .checks import check_inputs
-from .config import LossConfig, check_reduction
-from .dispatch import select_backend
 from .margins import MarginLike
 from .modules import WEIGHT_INIT_STD, store_settings
-from .partials import RowPartials, row_loss
+from .partials import RowPartials, row_loss, target_probability_grad
+from .settings import LossSettings, check_reduction
+from .target import target_cosines, target_logits
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -78,13 +78,24 @@ def _all_reduce_partials(local: RowPartials, group: Optional[dist.ProcessGroup])
     """The partials of all shards together: max, then rescaled sums, then the best class."""
     top = local.max.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    sums = torch.stack([local.sumexp * torch.exp(local.max - top), local.target, local.logit_sum])
+    sums = torch.stack([local.sumexp * torch.exp(local.max - top), local.logit_sum])
     dist.all_reduce(sums, group=group)
     best_cos = local.best_cos.clone()
     dist.all_reduce(best_cos, op=dist.ReduceOp.MAX, group=group)
     best_class = torch.where(local.best_cos == best_cos, local.best_class, torch.iinfo(torch.int64).max)
     dist.all_reduce(best_class, op=dist.ReduceOp.MIN, group=group)
-    return RowPartials(top, sums[0], sums[1], sums[2], best_cos, best_class)
+    return RowPartials(top, sums[0], sums[1], best_cos, best_class)
+
+
+def _target_cosines(x: Tensor, w_shard: Tensor, labels: Tensor, class_start: int, ignore_index: int,
+                    group: Optional[dist.ProcessGroup]) -> Tensor:
+    """c_iy of every row of the gathered batch: the rank holding class y_i computes it from its
+    row of W, the others contribute 0, and an all-reduce sums them."""
+    local = labels - class_start
+    mine = (labels != ignore_index) & (local >= 0) & (local < len(w_shard))
+    cos = target_cosines(x, w_shard, local, mine)
+    dist.all_reduce(cos, group=group)
+    return cos
 
 
 def sample_classes(
@@ -126,7 +137,7 @@ def _sampled_labels(
     return renumbered, offset, sum(counts)
 
 
-def _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, ignore_index, rank, world_size) -> None:
+def _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, settings, rank, world_size) -> None:
     """This rank's own checks of its arguments."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -137,7 +148,7 @@ def _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rat
             f"w_shard must hold the classes shard_range({num_classes}, {rank}, {world_size}) = "
             f"[{expected[0]}, {expected[1]}), got class_start={class_start} with {rows} rows"
         )
-    check_inputs(x_local, w_shard, y_local, ignore_index, num_classes=num_classes)
+    check_inputs(x_local, w_shard, y_local, settings.ignore_index, num_classes=num_classes, margin=settings.margin)
 
 
 def _agree_on_inputs(problem: Optional[Exception], x_local: object, group: Optional[dist.ProcessGroup]) -> None:
@@ -157,40 +168,50 @@ def _agree_on_inputs(problem: Optional[Exception], x_local: object, group: Optio
 
 
 class _ShardedLoss(torch.autograd.Function):
-    """Forward: gather the batch, shard partials, all-reduce, loss. Backward: shard gradients,
-    all-reduce of the embeddings' gradient, world_size × this rank's rows."""
+    """Forward: the gathered batch's target logits and shard partials, all-reduced into the loss.
+    Backward: shard gradients, all-reduce of the embeddings' gradient, world_size × this rank's
+    rows; and ∂L/∂z_iy of this rank's rows (world_size × as well), into the margin's own graph."""
 
     @staticmethod
-    def forward(ctx, x_local, w_shard, labels, backend: Backend, config: LossConfig, class_start: int,
-                num_classes: int, reduction: str, group):
+    def forward(ctx, x_local, w_shard, z_local, x, labels, slope, backend: Backend, settings: LossSettings,
+                class_start: int, num_classes: int, reduction: str, group):
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-        x = _all_gather(x_local.detach(), group)
-        partials = _all_reduce_partials(backend.row_partials(x, w_shard.detach(), labels, config, class_start), group)
-        per_row = row_loss(partials, labels, config.ignore_index, config.label_smoothing, num_classes)
-        valid = labels != config.ignore_index
-        ctx.save_for_backward(x, w_shard, labels, valid.sum(), partials.max, partials.sumexp)
-        ctx.settings = (backend, config, class_start, num_classes, reduction, group, world_size, rank)
+        z = _all_gather(z_local.detach(), group)
+        partials = _all_reduce_partials(backend.row_partials(x, w_shard.detach(), labels, z, settings, class_start), group)
+        per_row = row_loss(partials, z, labels, settings.ignore_index, settings.label_smoothing, num_classes)
+        valid = labels != settings.ignore_index
+        ctx.save_for_backward(x, w_shard, labels, z, slope, valid.sum(), partials.max, partials.sumexp)
+        ctx.settings = (backend, settings, class_start, num_classes, reduction, group, world_size, rank)
+        ctx.local_dtype = x_local.dtype
         if reduction == "none":
             return per_row.chunk(world_size)[rank].clone()
         return per_row.sum() if reduction == "sum" else per_row.sum() / valid.sum()
 
     @staticmethod
     def backward(ctx, grad):
-        x, w_shard, labels, valid_count, row_max, row_sumexp = ctx.saved_tensors
-        backend, config, class_start, num_classes, reduction, group, world_size, rank = ctx.settings
+        x, w_shard, labels, z, slope, valid_count, row_max, row_sumexp = ctx.saved_tensors
+        backend, settings, class_start, num_classes, reduction, group, world_size, rank = ctx.settings
         if reduction == "none":
             grad_rows = _all_gather(grad.contiguous(), group)
         else:
             scale = grad if reduction == "sum" else grad / valid_count
             grad_rows = scale.expand(labels.shape[0])
         accumulate = torch.promote_types(x.dtype, torch.float32)
-        grad_x, grad_w = backend.shard_backward(
-            x, w_shard, labels, config, class_start, num_classes, row_max, row_sumexp, grad_rows.to(accumulate)
+        grad_rows = grad_rows.to(accumulate)
+        need_x, need_w, need_z = ctx.needs_input_grad[:3]
+        grad_x, grad_w = backend.backward(
+            x, w_shard, labels, z, slope, row_max, row_sumexp, grad_rows, settings, class_start, num_classes,
+            True, need_w,
         )
         grad_x = grad_x.to(accumulate)
         dist.all_reduce(grad_x, group=group)
-        grad_x_local = (world_size * grad_x.chunk(world_size)[rank]).to(x.dtype)
-        return grad_x_local, grad_w, None, None, None, None, None, None, None
+        grad_x_local = (world_size * grad_x.chunk(world_size)[rank]).to(ctx.local_dtype) if need_x else None
+        grad_z_local = None
+        if need_z:
+            grad_z = target_probability_grad(row_max, row_sumexp, z, grad_rows, labels, settings.ignore_index,
+                                             settings.label_smoothing, num_classes)
+            grad_z_local = world_size * grad_z.chunk(world_size)[rank]
+        return (grad_x_local, grad_w, grad_z_local) + (None,) * 9
 
 
 def sharded_margin_cross_entropy(
@@ -238,9 +259,9 @@ def _sharded_margin_cross_entropy(
 ) -> Tensor:
     problem: Optional[Exception] = None
     try:
-        config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+        settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing)
         check_reduction(reduction)
-        _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, ignore_index, rank, world_size)
+        _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, settings, rank, world_size)
     except (TypeError, ValueError) as error:
         problem = error
     _agree_on_inputs(problem, x_local, group)
@@ -250,8 +271,16 @@ def _sharded_margin_cross_entropy(
         index = sample_classes(labels, class_start, len(w_shard), sample_rate, ignore_index, generator)
         labels, class_start, num_classes = _sampled_labels(labels, index, class_start, ignore_index, group)
         w_shard = w_shard[index]
-    implementation = select_backend(backend, x_local, w_shard, config)
-    return _ShardedLoss.apply(x_local, w_shard, labels, implementation, config, class_start, num_classes, reduction, group)
+    implementation = select_backend(backend, x_local)
+    x = _all_gather(x_local.detach(), group)
+    cos = _target_cosines(x, w_shard, labels, class_start, ignore_index, group)
+    rows = slice(rank * len(x_local), (rank + 1) * len(x_local))
+    target = target_logits(cos[rows], y_local != ignore_index, settings)
+    slope = _all_gather(target.slope, group)
+    return _ShardedLoss.apply(
+        x_local, w_shard, target.logit, x, labels, slope, implementation, settings, class_start, num_classes,
+        reduction, group,
+    )
 
 
 class ShardedMarginSoftmaxLoss(nn.Module):

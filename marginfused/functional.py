@@ -9,8 +9,8 @@ from torch import Tensor
 
 from .autocast import cast_for_autocast
 from .checks import check_inputs
-from .config import LossConfig, check_reduction
-from .dispatch import select_backend
+from .backends import select_backend
+from .settings import LossSettings, check_reduction
 from .margins import MarginLike
 
 
@@ -41,11 +41,16 @@ def margin_cross_entropy(
         weight: (C, D) class centres, same dtype and device as `embeddings`.
         labels: (B,) integer class ids in [0, C), or `ignore_index` for rows that take no part.
         margin: a name ("cosface"/"additive", "arcface"/"angular", "sphereface"/"multiplicative",
-            "expface"/"exponential", "combined") with literature defaults, or a margin object
-            (`CosFace`, `ArcFace`, `SphereFace`, `ExpFace`, `CombinedMargin`).
+            "expface"/"exponential", "combined") with literature defaults, a margin object
+            (`CosFace`, `ArcFace`, `SphereFace`, `ExpFace`, `CombinedMargin`) whose parameters may
+            be floats or (B,) tensors of per-row values, or any differentiable callable
+            f(cos) -> cos' on the (B,) tensor of target cosines (e.g.
+            `lambda c: torch.cos(torch.acos(c) + 0.3) - 0.1`). The margin runs in PyTorch on the
+            target cosines only (`marginfused.target`); autograd reaches whatever it depends on.
         scale: s, the logit scale (> 0).
         margin_grad: "detached" — ∂z_iy/∂c_iy = s (straight-through, InsightFace's choice);
-            "exact" — ∂z_iy/∂c_iy = s·f′(c_iy).
+            "exact" — ∂z_iy/∂c_iy = s·f′(c_iy) (a margin object's closed form, or autograd for
+            a callable).
         reduction: "mean" over rows not ignored (NaN if every row is ignored, like
             `F.cross_entropy`), "sum", or "none" (per-row, 0 for ignored rows).
         ignore_index: label value marking rows that take no part.
@@ -77,12 +82,12 @@ def _margin_cross_entropy(
     embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing, backend,
     return_accuracy,
 ):
-    config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing)
     check_reduction(reduction)
-    check_inputs(embeddings, weight, labels, ignore_index)
+    check_inputs(embeddings, weight, labels, ignore_index, margin=settings.margin)
     labels = labels.long()
-    implementation = select_backend(backend, embeddings, weight, config)
-    per_row, prediction = implementation.per_row_loss(embeddings, weight, labels, config)
+    implementation = select_backend(backend, embeddings)
+    per_row, prediction = implementation.per_row_loss(embeddings, weight, labels, settings)
 
     valid = labels != ignore_index
     if reduction == "none":

@@ -1,4 +1,4 @@
-"""The margins: the function f(c) that replaces the target cosine c = cos θ.
+"""The margins: the function f(c) that replaces the target cosine c = cos θ, in PyTorch.
 
 Every margin softmax loss computes, for embedding i and its label y_i,
 
@@ -16,42 +16,28 @@ and then a softmax cross-entropy over z. The margins differ only in f:
 with θ = arccos(c). Where f′ divides by sin θ, θ is taken from c clamped to
 [−1 + DERIVATIVE_EPS, 1 − DERIVATIVE_EPS], so f′ stays finite at c = ±1.
 
-A margin object called on a tensor of cosines returns f(c), exact and differentiable,
-in the tensor's dtype (the trigonometry runs in at least float32). `derivative` returns f′(c).
-The fused backends read `kind` and `params` to pick their compiled variant.
+This module is the only place a margin formula exists: the fused kernels never evaluate one (they
+take each row's target logit and slope, `marginfused.target`). A margin is any differentiable
+PyTorch function of a (B,) tensor of target cosines; the built-in ones are frozen dataclasses whose
+parameters are floats or (B,) tensors of per-row values (AdaFace-style adaptive margins, or a
+margin per identity), and which also give f′ in closed form (`derivative`). Any other callable
+f(cos) → cos′ works too; its f′ comes from autograd.
 """
 
 from __future__ import annotations
 
 import abc
-import enum
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .constants import DERIVATIVE_EPS
 
-
-
-class MarginKind(enum.IntEnum):
-    """The compile-time variant of a margin, as the fused kernels see it."""
-
-    COSFACE = 0
-    ARCFACE = 1
-    SPHEREFACE = 2
-    EXPFACE = 3
-    COMBINED = 4
-
-
-class ArcFaceFallback(enum.IntEnum):
-    """What ArcFace does where cos(θ + m) stops decreasing in θ (see `ArcFace`)."""
-
-    NONE = 0
-    LINEAR = 1
-    EASY = 2
+Parameter = Union[float, Tensor]
+"""A margin parameter: one value for every row, or a (B,) tensor of per-row values."""
 
 
 def _working_dtype(cos: Tensor) -> torch.dtype:
@@ -69,19 +55,39 @@ def _theta_inside(cos: Tensor) -> Tensor:
     return torch.acos(c.clamp(-1.0 + DERIVATIVE_EPS, 1.0 - DERIVATIVE_EPS))
 
 
-def _check_finite(owner: str, name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value}")
+def _check_parameter(owner: str, name: str, value: object, low: float, high: float = math.inf,
+                     low_open: bool = False, high_open: bool = False) -> Parameter:
+    """A float in the range, or a floating tensor of at most one dimension whose values all are."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point() or value.dim() > 1:
+            raise TypeError(f"{owner}: {name} must be a float or a 1-D floating tensor of per-row values, "
+                            f"got a {value.dim()}-D {value.dtype} tensor")
+        values = value.detach()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a real number or a (B,) tensor, got {type(value).__name__}")
+    else:
+        value = float(value)
+        values = torch.tensor([value], dtype=torch.float64)
+    if values.numel() == 0:
+        return value
+    finite = bool(torch.isfinite(values).all())
+    too_low = bool((values <= low).any()) if low_open else bool((values < low).any())
+    too_high = bool((values >= high).any()) if high_open else bool((values > high).any())
+    if not finite or too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        shown = value if isinstance(value, float) else f"values in [{values.min():g}, {values.max():g}]"
+        raise ValueError(f"{owner}: {name} must be finite and in {interval}, got {shown}")
     return value
 
 
-class Margin(abc.ABC):
-    """A margin f applied to the target cosine. Subclasses are frozen dataclasses."""
+def _per_row(value: Parameter, like: Tensor) -> Union[float, Tensor]:
+    """A parameter ready to combine with the (B,) cosines `like`: a float, or a tensor in their
+    dtype and device (its own autograd graph kept)."""
+    return value.to(device=like.device, dtype=like.dtype) if isinstance(value, Tensor) else value
 
-    kind: ClassVar[MarginKind]
+
+class Margin(abc.ABC):
+    """A built-in margin f applied to the target cosines; subclasses are frozen dataclasses."""
 
     @abc.abstractmethod
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
@@ -91,18 +97,8 @@ class Margin(abc.ABC):
     def _slope(self, theta: Tensor, cos: Tensor) -> Tensor:
         """f′(c) with θ strictly inside (0, π)."""
 
-    @property
-    @abc.abstractmethod
-    def params(self) -> tuple[float, float, float]:
-        """The margin's parameters as three floats, for the fused kernels."""
-
-    @property
-    def fallback_code(self) -> ArcFaceFallback:
-        """ArcFace's fallback as the kernels see it; NONE for every other margin."""
-        return ArcFaceFallback.NONE
-
     def __call__(self, cos: Tensor) -> Tensor:
-        """f(c), exact and differentiable, in the dtype of `cos`."""
+        """f(c), differentiable (in c and in tensor parameters), in the dtype of `cos`."""
         c = cos.to(_working_dtype(cos))
         return self._value(_theta(cos), c).to(cos.dtype)
 
@@ -119,21 +115,13 @@ class CosFace(Margin):
     Literature: m = 0.35 with s = 64 (CosFace), s = 30 (AM-Softmax); InsightFace configs use m = 0.4.
     """
 
-    m: float = 0.35
-    kind: ClassVar[MarginKind] = MarginKind.COSFACE
+    m: Parameter = 0.35
 
     def __post_init__(self) -> None:
-        m = _check_finite("CosFace", "m", self.m)
-        if m < 0:
-            raise ValueError(f"CosFace: m must be >= 0, got {m}")
-        object.__setattr__(self, "m", m)
-
-    @property
-    def params(self) -> tuple[float, float, float]:
-        return (self.m, 0.0, 0.0)
+        object.__setattr__(self, "m", _check_parameter("CosFace", "m", self.m, 0.0))
 
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
-        return cos - self.m
+        return cos - _per_row(self.m, cos)
 
     def _slope(self, theta: Tensor, cos: Tensor) -> Tensor:
         return torch.ones_like(cos)
@@ -153,47 +141,35 @@ class ArcFace(Margin):
     Literature: m = 0.5, s = 64.
     """
 
-    m: float = 0.5
+    m: Parameter = 0.5
     fallback: Optional[str] = None
-    kind: ClassVar[MarginKind] = MarginKind.ARCFACE
 
     def __post_init__(self) -> None:
-        m = _check_finite("ArcFace", "m", self.m)
-        if not 0 <= m < math.pi:
-            raise ValueError(f"ArcFace: m must be in [0, π), got {m}")
+        object.__setattr__(self, "m", _check_parameter("ArcFace", "m", self.m, 0.0, math.pi, high_open=True))
         if self.fallback not in (None, "linear", "easy"):
-            raise ValueError(
-                f'ArcFace: fallback must be None, "linear" or "easy", got {self.fallback!r}'
-            )
-        object.__setattr__(self, "m", m)
+            raise ValueError(f'ArcFace: fallback must be None, "linear" or "easy", got {self.fallback!r}')
 
-    @property
-    def params(self) -> tuple[float, float, float]:
-        return (self.m, 0.0, 0.0)
-
-    @property
-    def fallback_code(self) -> ArcFaceFallback:
-        return ArcFaceFallback[(self.fallback or "none").upper()]
-
-    def _outside(self, cos: Tensor) -> Optional[Tensor]:
+    def _outside(self, cos: Tensor, m: Union[float, Tensor]) -> Optional[Tensor]:
         """Where the fallback replaces cos(θ + m), or None without a fallback."""
         if self.fallback == "linear":
-            return cos <= math.cos(math.pi - self.m)
+            return cos <= torch.cos(math.pi - torch.as_tensor(m, dtype=cos.dtype, device=cos.device))
         if self.fallback == "easy":
             return cos <= 0
         return None
 
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
-        arc = torch.cos(theta + self.m)
-        outside = self._outside(cos)
+        m = _per_row(self.m, cos)
+        arc = torch.cos(theta + m)
+        outside = self._outside(cos, m)
         if outside is None:
             return arc
-        replacement = cos - self.m * math.sin(self.m) if self.fallback == "linear" else cos
+        replacement = cos - m * torch.sin(torch.as_tensor(m, dtype=cos.dtype, device=cos.device)) if self.fallback == "linear" else cos
         return torch.where(outside, replacement, arc)
 
     def _slope(self, theta: Tensor, cos: Tensor) -> Tensor:
-        arc = torch.sin(theta + self.m) / torch.sin(theta)
-        outside = self._outside(cos)
+        m = _per_row(self.m, cos)
+        arc = torch.sin(theta + m) / torch.sin(theta)
+        outside = self._outside(cos, m)
         if outside is None:
             return arc
         return torch.where(outside, torch.ones_like(arc), arc)
@@ -208,30 +184,26 @@ class SphereFace(Margin):
     Literature: m = 1.7 with s = 30 or 64 (SphereFace-R); the original paper used m = 4.
     """
 
-    m: float = 1.7
-    kind: ClassVar[MarginKind] = MarginKind.SPHEREFACE
+    m: Parameter = 1.7
 
     def __post_init__(self) -> None:
-        m = _check_finite("SphereFace", "m", self.m)
-        if m < 1:
-            raise ValueError(f"SphereFace: m must be >= 1, got {m}")
-        object.__setattr__(self, "m", m)
+        object.__setattr__(self, "m", _check_parameter("SphereFace", "m", self.m, 1.0))
 
-    @property
-    def params(self) -> tuple[float, float, float]:
-        return (self.m, 0.0, 0.0)
-
-    def _k_and_sign(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        k = torch.floor(self.m * theta.detach() / math.pi)
+    def _k_and_sign(self, theta: Tensor, m) -> tuple[Tensor, Tensor]:
+        k = torch.floor(m * theta.detach() / math.pi)
+        if isinstance(m, Tensor):
+            k = k.detach()
         return k, 1.0 - 2.0 * torch.remainder(k, 2.0)
 
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
-        k, sign = self._k_and_sign(theta)
-        return sign * torch.cos(self.m * theta) - 2.0 * k
+        m = _per_row(self.m, cos)
+        k, sign = self._k_and_sign(theta, m)
+        return sign * torch.cos(m * theta) - 2.0 * k
 
     def _slope(self, theta: Tensor, cos: Tensor) -> Tensor:
-        _, sign = self._k_and_sign(theta)
-        return sign * self.m * torch.sin(self.m * theta) / torch.sin(theta)
+        m = _per_row(self.m, cos)
+        _, sign = self._k_and_sign(theta, m)
+        return sign * m * torch.sin(m * theta) / torch.sin(theta)
 
 
 @dataclass(frozen=True)
@@ -244,30 +216,18 @@ class ExpFace(Margin):
     published training code uses margin_grad="detached". Literature: m = 0.7, s = 64.
     """
 
-    m: float = 0.7
-    kind: ClassVar[MarginKind] = MarginKind.EXPFACE
+    m: Parameter = 0.7
 
     def __post_init__(self) -> None:
-        m = _check_finite("ExpFace", "m", self.m)
-        if m <= 0:
-            raise ValueError(f"ExpFace: m must be > 0, got {m}")
-        object.__setattr__(self, "m", m)
-
-    @property
-    def params(self) -> tuple[float, float, float]:
-        return (self.m, 0.0, 0.0)
+        object.__setattr__(self, "m", _check_parameter("ExpFace", "m", self.m, 0.0, low_open=True))
 
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
-        return torch.cos(math.pi * (theta / math.pi) ** self.m)
+        return torch.cos(math.pi * (theta / math.pi) ** _per_row(self.m, cos))
 
     def _slope(self, theta: Tensor, cos: Tensor) -> Tensor:
+        m = _per_row(self.m, cos)
         ratio = theta / math.pi
-        return (
-            self.m
-            * ratio ** (self.m - 1)
-            * torch.sin(math.pi * ratio**self.m)
-            / torch.sin(theta)
-        )
+        return m * ratio ** (m - 1) * torch.sin(math.pi * ratio**m) / torch.sin(theta)
 
 
 @dataclass(frozen=True)
@@ -278,34 +238,21 @@ class CombinedMargin(Margin):
     combined configuration.
     """
 
-    m1: float = 1.0
-    m2: float = 0.3
-    m3: float = 0.2
-    kind: ClassVar[MarginKind] = MarginKind.COMBINED
+    m1: Parameter = 1.0
+    m2: Parameter = 0.3
+    m3: Parameter = 0.2
 
     def __post_init__(self) -> None:
-        m1 = _check_finite("CombinedMargin", "m1", self.m1)
-        m2 = _check_finite("CombinedMargin", "m2", self.m2)
-        m3 = _check_finite("CombinedMargin", "m3", self.m3)
-        if m1 <= 0:
-            raise ValueError(f"CombinedMargin: m1 must be > 0, got {m1}")
-        if not 0 <= m2 < math.pi:
-            raise ValueError(f"CombinedMargin: m2 must be in [0, π), got {m2}")
-        if m3 < 0:
-            raise ValueError(f"CombinedMargin: m3 must be >= 0, got {m3}")
-        object.__setattr__(self, "m1", m1)
-        object.__setattr__(self, "m2", m2)
-        object.__setattr__(self, "m3", m3)
-
-    @property
-    def params(self) -> tuple[float, float, float]:
-        return (self.m1, self.m2, self.m3)
+        object.__setattr__(self, "m1", _check_parameter("CombinedMargin", "m1", self.m1, 0.0, low_open=True))
+        object.__setattr__(self, "m2", _check_parameter("CombinedMargin", "m2", self.m2, 0.0, math.pi, high_open=True))
+        object.__setattr__(self, "m3", _check_parameter("CombinedMargin", "m3", self.m3, 0.0))
 
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
-        return torch.cos(self.m1 * theta + self.m2) - self.m3
+        return torch.cos(_per_row(self.m1, cos) * theta + _per_row(self.m2, cos)) - _per_row(self.m3, cos)
 
     def _slope(self, theta: Tensor, cos: Tensor) -> Tensor:
-        return self.m1 * torch.sin(self.m1 * theta + self.m2) / torch.sin(theta)
+        m1 = _per_row(self.m1, cos)
+        return m1 * torch.sin(m1 * theta + _per_row(self.m2, cos)) / torch.sin(theta)
 
 
 MARGIN_NAMES: dict[str, type[Margin]] = {
@@ -321,37 +268,31 @@ MARGIN_NAMES: dict[str, type[Margin]] = {
 }
 """String names and aliases; each builds its class with the literature defaults."""
 
-MarginLike = Union[str, Margin]
+MarginFunction = Callable[[Tensor], Tensor]
+"""What the loss applies to the (B,) target cosines: a built-in `Margin` or any callable."""
+
+MarginLike = Union[str, MarginFunction]
 
 
-def resolve_margin(margin: MarginLike) -> Margin:
-    """A margin object from a name or alias (literature defaults) or a margin object itself."""
-    if isinstance(margin, Margin):
-        return margin
+def resolve_margin(margin: MarginLike) -> MarginFunction:
+    """A margin function from a name or alias (literature defaults), a margin object, or any
+    callable f(cos) → cos′ on a (B,) tensor."""
     if isinstance(margin, str):
         cls = MARGIN_NAMES.get(margin.lower())
         if cls is None:
             known = ", ".join(sorted(MARGIN_NAMES))
             raise ValueError(f"margin: unknown name {margin!r}; known names: {known}")
         return cls()
+    if callable(margin):
+        return margin
     raise TypeError(
-        f"margin must be a name or a Margin object (CosFace, ArcFace, ...), "
+        f"margin must be a name, a margin object (CosFace, ArcFace, ...) or a callable f(cos) -> cos', "
         f"got {type(margin).__name__}"
     )
 
 
-def margin_from_spec(kind: int, params: tuple[float, float, float], fallback: int) -> Margin:
-    """The margin whose `kind`, `params` and `fallback_code` these are (what crosses into a
-    custom operator, which takes numbers, not margin objects)."""
-    m1, m2, m3 = params
-    kind = MarginKind(kind)
-    if kind == MarginKind.COSFACE:
-        return CosFace(m1)
-    if kind == MarginKind.ARCFACE:
-        code = ArcFaceFallback(fallback)
-        return ArcFace(m1, None if code == ArcFaceFallback.NONE else code.name.lower())
-    if kind == MarginKind.SPHEREFACE:
-        return SphereFace(m1)
-    if kind == MarginKind.EXPFACE:
-        return ExpFace(m1)
-    return CombinedMargin(m1, m2, m3)
+def per_row_parameters(margin: MarginFunction) -> dict[str, Tensor]:
+    """The margin's parameters given as tensors of per-row values, by name (none for callables)."""
+    if not isinstance(margin, Margin):
+        return {}
+    return {name: value for name, value in vars(margin).items() if isinstance(value, Tensor) and value.dim() == 1}

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .config import LossConfig, check_reduction
+from .settings import LossSettings, check_reduction
 from .functional import margin_cross_entropy
 from .margins import MarginLike
 
@@ -32,15 +32,15 @@ def store_settings(
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    config = LossConfig.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing)
     module.embedding_dim = embedding_dim
     module.num_classes = num_classes
-    module.margin = config.margin
-    module.scale = config.scale
-    module.margin_grad = config.margin_grad
+    module.margin = settings.margin
+    module.scale = settings.scale
+    module.margin_grad = settings.margin_grad
     module.reduction = check_reduction(reduction)
-    module.ignore_index = config.ignore_index
-    module.label_smoothing = config.label_smoothing
+    module.ignore_index = settings.ignore_index
+    module.label_smoothing = settings.label_smoothing
     module.backend = backend
 
 

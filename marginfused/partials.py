@@ -4,13 +4,14 @@ A fused backend never holds a row of logits. Walking the classes [start, stop) i
 
     max        m_i = max_j z_ij
     sumexp     s_i = Σ_j exp(z_ij − m_i)
-    target     z_iy   if start ≤ y_i < stop, else 0
     logit_sum  Σ_j z_ij                       (for label smoothing)
     best_cos   max_j c_ij,  best_class = argmax_j c_ij as a global class id
 
-Partials of disjoint class ranges merge exactly (logaddexp of the (max, sumexp) pairs; sums add;
-the larger cosine wins), so a range can be a tile, a split of the classes across thread blocks,
-or a shard of W on another rank. Over all C classes, with lse_i = m_i + log s_i,
+where z_ij = s·c_ij, except on each row's target column, which takes the target logit z_iy the
+caller supplies (`marginfused.target`). Partials of disjoint class ranges merge exactly (logaddexp
+of the (max, sumexp) pairs; sums add; the larger cosine wins), so a range can be a tile, a split of
+the classes across thread blocks, or a shard of W on another rank. Over all C classes, with
+lse_i = m_i + log s_i,
 
     ℓ_i = lse_i − (1 − ε)·z_iy − (ε / C)·Σ_j z_ij
 
@@ -30,7 +31,6 @@ class RowPartials(NamedTuple):
 
     max: Tensor
     sumexp: Tensor
-    target: Tensor
     logit_sum: Tensor
     best_cos: Tensor
     best_class: Tensor
@@ -44,7 +44,6 @@ def merge_partials(a: RowPartials, b: RowPartials) -> RowPartials:
     return RowPartials(
         max=top,
         sumexp=sumexp,
-        target=a.target + b.target,
         logit_sum=a.logit_sum + b.logit_sum,
         best_cos=torch.where(b_wins, b.best_cos, a.best_cos),
         best_class=torch.where(b_wins, b.best_class, a.best_class),
@@ -57,12 +56,24 @@ def log_sum_exp(partials: RowPartials) -> Tensor:
 
 
 def row_loss(
-    partials: RowPartials, labels: Tensor, ignore_index: int, label_smoothing: float, num_classes: int
+    partials: RowPartials, target_logit: Tensor, y: Tensor, ignore_index: int, label_smoothing: float,
+    num_classes: int,
 ) -> Tensor:
-    """ℓ_i from partials over all `num_classes` classes; 0 where labels == ignore_index."""
+    """ℓ_i from partials over all `num_classes` classes and the target logits z_iy; 0 where
+    y == ignore_index."""
     loss = (
         log_sum_exp(partials)
-        - (1.0 - label_smoothing) * partials.target
+        - (1.0 - label_smoothing) * target_logit
         - (label_smoothing / num_classes) * partials.logit_sum
     )
-    return torch.where(labels == ignore_index, torch.zeros_like(loss), loss)
+    return torch.where(y == ignore_index, torch.zeros_like(loss), loss)
+
+
+def target_probability_grad(
+    partials_max: Tensor, partials_sumexp: Tensor, target_logit: Tensor, grad_rows: Tensor, y: Tensor,
+    ignore_index: int, label_smoothing: float, num_classes: int,
+) -> Tensor:
+    """∂(Σ_i g_i ℓ_i)/∂z_iy = g_i·(p_iy − (1 − ε) − ε/C), p_iy = exp(z_iy − lse_i); 0 for ignored rows."""
+    p = torch.exp((target_logit - partials_max) - torch.log(partials_sumexp))
+    grad = grad_rows * (p - (1.0 - label_smoothing) - label_smoothing / num_classes)
+    return torch.where(y == ignore_index, torch.zeros_like(grad), grad)

@@ -63,6 +63,7 @@ from torch import Tensor
 
 import marginfused as mf
 from marginfused.margins import resolve_margin
+from marginfused.target import margin_slope
 
 MARGINS = {
     "cosface": mf.CosFace(0.35),
@@ -205,10 +206,10 @@ def arithmetic_bounds(
     rows = torch.where(valid, y, torch.zeros_like(y))
     cos = (F.normalize(x, dim=1) @ F.normalize(w, dim=1).T).clamp(-1.0, 1.0)
     c_target = cos.gather(1, rows[:, None]).squeeze(1)
-    slope = margin.derivative(c_target).abs().where(valid, torch.ones_like(c_target))
+    slope = margin_slope(margin, c_target).abs().where(valid, torch.ones_like(c_target))
     lipschitz = max(1.0, float(slope.max()))
     logits = scale * cos
-    logits[valid, rows[valid]] = scale * margin(c_target[valid])
+    logits[valid, rows[valid]] = scale * margin(c_target)[valid].detach()
     lse = torch.logsumexp(logits, dim=1)
     loss = lse - (1 - smoothing) * logits.gather(1, rows[:, None]).squeeze(1) - smoothing * logits.mean(dim=1)
 
@@ -303,7 +304,7 @@ def assert_predictions_are_nearest(prediction: Tensor, x: Tensor, w: Tensor, dty
 
 def usable_backends(device: str = "cpu") -> list[str]:
     """The backends that can run on float32 tensors of `device` here (the reference included)."""
-    from marginfused.dispatch import BACKENDS
+    from marginfused.backends import REGISTRY as BACKENDS
 
     return [
         name for name, backend in BACKENDS.items()
@@ -315,8 +316,18 @@ def skip_unless_supported(backend: str, x: Tensor, w: Tensor) -> None:
     """pytest.skip, with the backend's own reason, when it cannot take these tensors."""
     import pytest
 
-    from marginfused.dispatch import BACKENDS
+    from marginfused.backends import REGISTRY as BACKENDS
 
     reason = BACKENDS[backend].unsupported_reason(x.device.type, x.dtype)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
+
+
+def shard_targets(x: Tensor, w: Tensor, y: Tensor, settings) -> tuple[Tensor, Tensor]:
+    """(target logits, slopes) of the rows of y over all of w, as the loss's pre-pass computes them
+    (`marginfused.target`), for tests that call a backend's shard pieces directly."""
+    from marginfused.target import target_cosines, target_logits
+
+    valid = y != settings.ignore_index
+    target = target_logits(target_cosines(x, w, y, valid), valid, settings)
+    return target.logit.detach(), target.slope

@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 import marginfused as mf
-from marginfused.config import LossConfig
-from marginfused.dispatch import BACKENDS
-from marginfused.fused import FusedBackend, _settings, margin_loss
-from marginfused.reference import TorchBackend
+from marginfused.backends import REGISTRY as BACKENDS
+from marginfused.backends.ops import FusedBackend, margin_loss
+from marginfused.backends.torch import TorchBackend
+from marginfused.settings import LossSettings
 
-from helpers import LAMBDA, assert_close, assert_matches_truth, budgets, cosine_bound, make_inputs, usable_backends
+from helpers import (
+    LAMBDA, assert_close, assert_matches_truth, budgets, cosine_bound, make_inputs, shard_targets, usable_backends,
+)
 
 
 class ReferenceFused(FusedBackend):
@@ -21,7 +23,7 @@ class ReferenceFused(FusedBackend):
     unavailable_reason = TorchBackend.unavailable_reason
     unsupported_reason = TorchBackend.unsupported_reason
     row_partials = TorchBackend.row_partials
-    shard_backward = TorchBackend.shard_backward
+    backward = TorchBackend.backward
     _range_logits = TorchBackend._range_logits
 
 
@@ -51,8 +53,10 @@ def test_the_operator_gives_the_reference_gradients(reference_fused, margin_grad
 
 def test_opcheck(reference_fused):
     x, w, y = make_inputs(5, 9, 8, ignored=1, seed=1)
-    config = LossConfig.build(mf.ArcFace(fallback="easy"), 30.0, "exact", -100, 0.1)
-    args = (x.float().requires_grad_(), w.float().requires_grad_(), y, reference_fused, *_settings(config))
+    settings = LossSettings.build(mf.ArcFace(fallback="easy"), 30.0, "exact", -100, 0.1)
+    logit, slope = shard_targets(x.float(), w.float(), y, settings)
+    args = (x.float().requires_grad_(), w.float().requires_grad_(), y, logit.float().requires_grad_(), slope.float(),
+            reference_fused, 30.0, -100, 0.1)
     torch.library.opcheck(margin_loss, args)
 
 

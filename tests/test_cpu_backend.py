@@ -1,7 +1,7 @@
 """The `cpu` backend (csrc/cpu.cpp, JIT-built on first use) against float64 truth (DESIGN §4),
 its memory bound, its C++ input checks, the shard API and how build failures are reported.
 
-MARGINFUSED_CHUNK forces small chunks so that small class counts span many chunks.
+The `chunk` fixture forces small chunks so that small class counts span many chunks.
 
 The float32 gradient checks use s = 30 (SphereFace-R, AM-Softmax). At s = 64 a row whose two top
 classes are nearly tied (p ≈ 0.5 each) amplifies the ~1e-7 rounding of its cosines into gradient
@@ -16,16 +16,14 @@ import pytest
 import torch
 
 import marginfused as mf
-from marginfused import chunked, extension
-from marginfused.backend import BackendUnavailableError
-from marginfused.chunked import row_partials, row_partials_backward
-from marginfused.config import LossConfig
-from marginfused.dispatch import select_backend
-from marginfused.memory import AllocationTracker
+from marginfused.backends import BackendUnavailableError, extension, select_backend
+from marginfused.backends.cpu import CpuBackend
+from marginfused.settings import LossSettings
+from allocations import AllocationTracker
 from marginfused.partials import merge_partials, row_loss
 
 from helpers import (
-    MARGINS, assert_close, assert_matches_truth, assert_predictions_are_nearest, budgets, make_inputs, run,
+    MARGINS, shard_targets, assert_close, assert_matches_truth, assert_predictions_are_nearest, budgets, make_inputs, run,
 )
 
 
@@ -40,10 +38,10 @@ def ext():
 
 @pytest.fixture
 def chunk(monkeypatch):
-    """Set the classes per chunk for the test (MARGINFUSED_CHUNK)."""
+    """Set the classes per chunk for the test."""
 
     def set_chunk(value: int) -> None:
-        monkeypatch.setenv("MARGINFUSED_CHUNK", str(value))
+        monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: value)
 
     return set_chunk
 
@@ -99,8 +97,9 @@ def test_thread_counts(ext, chunk, threads):
     try:
         x, w, y = make_inputs(10, 50, 12, ignored=1, seed=7)
         assert_matches_truth("cpu", x, w, y, torch.float32, margin="expface", scale=30.0, reduction="none")
-        config = LossConfig.build("expface", 30.0, "detached", -100, 0.0)
-        best = row_partials(x.float(), w.float(), y, config).best_class
+        settings = LossSettings.build("expface", 30.0, "detached", -100, 0.0)
+        logit, _ = shard_targets(x.float(), w.float(), y, settings)
+        best = CpuBackend().row_partials(x.float(), w.float(), y, logit, settings, 0).best_class
         assert_predictions_are_nearest(best, x, w, torch.float32)
     finally:
         torch.set_num_threads(before)
@@ -156,8 +155,9 @@ def test_accuracy_matches_reference(ext, chunk):
     chunk(10)
     x, w, y = make_inputs(50, 97, 16, ignored=5, seed=3)
     y[:20] = torch.cosine_similarity(x[:20, None, :], w[None], dim=2).argmax(1)  # some rows correct
-    config = LossConfig.build("cosface", 64.0, "detached", -100, 0.0)
-    prediction = row_partials(x.float(), w.float(), y, config).best_class
+    settings = LossSettings.build("cosface", 64.0, "detached", -100, 0.0)
+    logit, _ = shard_targets(x.float(), w.float(), y, settings)
+    prediction = CpuBackend().row_partials(x.float(), w.float(), y, logit, settings, 0).best_class
     assert_predictions_are_nearest(prediction, x, w, torch.float32)
     _, accuracy = mf.margin_cross_entropy(x.float(), w.float(), y, backend="cpu", return_accuracy=True, margin="cosface")
     valid = y != -100
@@ -166,9 +166,8 @@ def test_accuracy_matches_reference(ext, chunk):
 
 def test_dispatch(ext):
     x, w, y = make_inputs(4, 10, 8)
-    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
-    assert select_backend("auto", x.float(), w.float(), config).name == "cpu"
-    assert select_backend("auto", x, w, config).name == "torch"  # float64: cpu does not take it
+    assert select_backend("auto", x.float()).name == "cpu"
+    assert select_backend("auto", x).name == "torch"  # float64: cpu does not take it
     with pytest.raises(BackendUnavailableError, match="float64 inputs are not supported"):
         mf.margin_cross_entropy(x, w, y, backend="cpu")
     assert mf.available_backends()["cpu"] is None
@@ -191,7 +190,6 @@ def _live_allocations(run_once):
 
 
 def test_no_batch_by_classes_allocation(ext, monkeypatch):
-    monkeypatch.delenv("MARGINFUSED_CHUNK", raising=False)
     batch, dim = 64, 16
     largest = {}
     for classes in (20_000, 60_000):
@@ -202,7 +200,7 @@ def test_no_batch_by_classes_allocation(ext, monkeypatch):
             mf.margin_cross_entropy(x, w, y, margin="arcface", backend="cpu").backward()
 
         seen, tracker = _live_allocations(run_once)
-        chunk_classes = chunked.chunk_size("cpu", batch)
+        chunk_classes = extension.chunk_size("cpu", batch)
         # The tracker sees the C++ extension's own ATen allocations (here the B×chunk tile).
         assert ((batch * chunk_classes,), 4 * batch * chunk_classes) in seen
         others = [nbytes for shape, nbytes in seen if shape not in (tuple(w.shape), tuple(x.shape))]
@@ -218,8 +216,8 @@ def _forward_args(x, w, y, **override):
     """Valid arguments of the extension's forward_partials, with `override` applied."""
     b = x.shape[0]
     args = dict(
-        x=x, w=w, y=y, class_start=0, chunk=8, kind=1, fallback=0, p1=0.5, p2=0.0, p3=0.0, scale=64.0,
-        ignore_index=-100, out_max=torch.empty(b), out_sumexp=torch.empty(b), out_target=torch.empty(b),
+        x=x, w=w, y=y, target_logit=torch.zeros(b), class_start=0, chunk=8, scale=64.0,
+        ignore_index=-100, out_max=torch.empty(b), out_sumexp=torch.empty(b),
         out_logit_sum=torch.empty(b), out_best_cos=torch.empty(b), out_best_class=torch.empty(b, dtype=torch.long),
     )
     args.update(override)
@@ -230,8 +228,9 @@ def _backward_args(x, w, y, **override):
     """Valid arguments of the extension's backward, with `override` applied."""
     b = x.shape[0]
     args = dict(
-        x=x, w=w, y=y, lse=torch.zeros(b, dtype=torch.float64), grad_rows=torch.ones(b), class_start=0, num_classes=w.shape[0], chunk=8,
-        kind=1, fallback=0, p1=0.5, p2=0.0, p3=0.0, scale=64.0, exact_grad=False, label_smoothing=0.0,
+        x=x, w=w, y=y, target_logit=torch.zeros(b), target_slope=torch.full((b,), 64.0),
+        lse=torch.zeros(b, dtype=torch.float64), grad_rows=torch.ones(b), class_start=0, num_classes=w.shape[0],
+        chunk=8, scale=64.0, label_smoothing=0.0,
         ignore_index=-100, grad_x=torch.empty_like(x), grad_w=torch.empty_like(w),
     )
     args.update(override)
@@ -256,7 +255,7 @@ BAD_FORWARD = {
     "output dtype": (lambda x, w, y: dict(out_best_class=torch.empty(6)), "out_best_class must have dtype Long"),
     "chunk": (lambda x, w, y: dict(chunk=0), "chunk must be > 0"),
     "class_start": (lambda x, w, y: dict(class_start=-1), "class_start must be >= 0"),
-    "margin kind": (lambda x, w, y: dict(kind=9), "unknown margin kind 9"),
+    "target_logit size": (lambda x, w, y: dict(target_logit=torch.zeros(5)), "target_logit must have size 6"),
     "scale": (lambda x, w, y: dict(scale=0.0), "scale must be > 0"),
 }
 
@@ -280,7 +279,8 @@ BAD_BACKWARD = {
     "grad_w non-contiguous": (lambda x, w, y: dict(grad_w=torch.empty(8, 20).t()), "grad_w must be contiguous"),
     "num_classes": (lambda x, w, y: dict(num_classes=10), r"num_classes \(10\) must cover"),
     "smoothing": (lambda x, w, y: dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
-    "ArcFace fallback": (lambda x, w, y: dict(fallback=3), "unknown ArcFace fallback 3"),
+    "target_slope dtype": (lambda x, w, y: dict(target_slope=torch.ones(6, dtype=torch.float64)),
+                           "target_slope must have dtype Float"),
 }
 
 
@@ -299,11 +299,11 @@ def test_every_output_element_is_written(ext, dtype):
     x, w, y = make_inputs(13, 45, 9, ignored=2)
     x, w = x.to(dtype), w.to(dtype)
     forward = _forward_args(x, w, y, chunk=7)
-    for name in ("out_max", "out_sumexp", "out_target", "out_logit_sum", "out_best_cos"):
+    for name in ("out_max", "out_sumexp", "out_logit_sum", "out_best_cos"):
         forward[name].fill_(float("nan"))
     forward["out_best_class"].fill_(-12345)
     ext.forward_partials(**forward)
-    for name in ("out_max", "out_sumexp", "out_target", "out_logit_sum", "out_best_cos"):
+    for name in ("out_max", "out_sumexp", "out_logit_sum", "out_best_cos"):
         assert torch.isfinite(forward[name]).all(), name
     assert ((forward["out_best_class"] >= 0) & (forward["out_best_class"] < 45)).all()
     backward = _backward_args(x, w, y, chunk=7, lse=torch.full((13,), 5.0, dtype=torch.float64), grad_rows=torch.randn(13))
@@ -327,21 +327,23 @@ def test_shards_merge_into_the_full_loss_and_gradients(ext, chunk, smoothing):
     options = dict(margin=margin, scale=32.0, margin_grad="exact", label_smoothing=smoothing, reduction="sum")
     truth, limits = budgets(x, w, y, torch.float32, **options)
     per_row_truth, per_row_limits = budgets(x, w, y, torch.float32, **{**options, "reduction": "none"})
-    config = LossConfig.build(margin, 32.0, "exact", -100, smoothing)
+    settings = LossSettings.build(margin, 32.0, "exact", -100, smoothing)
     xf, wf = x.float(), w.float()
+    logit, slope = shard_targets(xf, wf, y, settings)
+    backend = CpuBackend()
     bounds = [0, 13, 14, 50, 70]
-    parts = [row_partials(xf, wf[a:b], y, config, class_start=a) for a, b in zip(bounds, bounds[1:])]
+    parts = [backend.row_partials(xf, wf[a:b], y, logit, settings, a) for a, b in zip(bounds, bounds[1:])]
     merged = parts[0]
     for part in parts[1:]:
         merged = merge_partials(merged, part)
-    whole = row_partials(xf, wf, y, config)
+    whole = backend.row_partials(xf, wf, y, logit, settings, 0)
     for name, partials in (("sharded", merged), ("whole", whole)):
-        loss = row_loss(partials, y, -100, smoothing, 70).double()
+        loss = row_loss(partials, logit, y, -100, smoothing, 70).double()
         assert_close(f"{name} loss", loss, per_row_truth.loss, per_row_limits["loss"])
         assert_predictions_are_nearest(partials.best_class, x, w, torch.float32)
 
     grad_rows = torch.ones(11)
-    grads = [row_partials_backward(xf, wf[a:b], y, config, a, 70, merged.max, merged.sumexp, grad_rows)
+    grads = [backend.backward(xf, wf[a:b], y, logit, slope, merged.max, merged.sumexp, grad_rows, settings, a, 70)
              for a, b in zip(bounds, bounds[1:])]
     grad_x = sum(g[0] for g in grads)
     grad_w = torch.cat([g[1] for g in grads])

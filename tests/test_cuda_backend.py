@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import marginfused as mf
-from marginfused import chunked, extension
+from marginfused.backends import extension
 
 from helpers import MARGINS, assert_matches_truth, make_inputs
 
@@ -48,13 +48,15 @@ def test_check_cuda_fails_on_a_warning(tmp_path):
     assert "unused" in result.stdout
 
 
-def test_cuda_shares_the_margin_math_with_cpu():
-    """The margin f and f′ are written once, in margin_math.h, for both backends."""
+def test_cuda_and_cpu_share_their_checks_and_bindings():
+    """The entry points' argument checks (common.h) and Python bindings (bindings.h) are written
+    once for both backends."""
     csrc = ROOT / "csrc"
+    assert '#include "bindings.h"' in (csrc / "cpu.cpp").read_text()
+    assert '#include "bindings.h"' in (csrc / "cuda_bindings.cpp").read_text()
     for name in ("cpu.cpp", "cuda.cu"):
         text = (csrc / name).read_text()
-        assert '#include "margin_math.h"' in text
-        assert "acosf" not in text, f"{name} computes margin math itself"
+        assert "check_forward_partials(" in text and "check_backward(" in text, name
 
 
 # --- on a GPU ----------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def cuda_ext():
 @pytest.mark.parametrize("grad_mode", ["detached", "exact"])
 @pytest.mark.parametrize("margin", list(MARGINS))
 def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mode, dtype):
-    monkeypatch.setenv("MARGINFUSED_CHUNK", "100")
+    monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: 100)
     x, w, y = make_inputs(37, 1031, 96, ignored=3, seed=11, device="cuda")
     scale = 30.0 if dtype == torch.float32 else 64.0
     assert_matches_truth("cuda", x, w, y, dtype, margin=MARGINS[margin], margin_grad=grad_mode, scale=scale,
@@ -88,7 +90,7 @@ def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mo
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cuda_awkward_shapes(cuda_ext, monkeypatch, batch, classes, dim, chunk_classes, reduction):
     if chunk_classes is not None:
-        monkeypatch.setenv("MARGINFUSED_CHUNK", str(chunk_classes))
+        monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: chunk_classes)
     x, w, y = make_inputs(batch, classes, dim, seed=batch + classes, device="cuda")
     assert_matches_truth("cuda", x, w, y, torch.float32, margin="sphereface", margin_grad="exact", scale=30.0,
                          reduction=reduction)
@@ -106,7 +108,6 @@ def test_cuda_all_rows_ignored_and_accuracy(cuda_ext):
 
 @pytest.mark.gpu
 def test_cuda_memory_does_not_grow_with_classes(cuda_ext, monkeypatch):
-    monkeypatch.delenv("MARGINFUSED_CHUNK", raising=False)
     batch, dim = 256, 64
     extra = {}
     for classes in (200_000, 600_000):
@@ -120,7 +121,7 @@ def test_cuda_memory_does_not_grow_with_classes(cuda_ext, monkeypatch):
         peak = torch.cuda.max_memory_allocated() - before - w.numel() * 4 - x.numel() * 4
         extra[classes] = peak
         assert peak < 4 * batch * classes, f"{peak} bytes: a B×C allocation"
-    tile = 4 * batch * chunked.chunk_size("cuda", batch)
+    tile = 4 * batch * extension.chunk_size("cuda", batch)
     assert abs(extra[600_000] - extra[200_000]) < tile, f"working memory grows with C: {extra}"
 
 

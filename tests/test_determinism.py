@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import marginfused as mf
+from marginfused.backends import extension
 
 from helpers import make_inputs, usable_backends
 
@@ -39,7 +40,7 @@ def check_bit_identical_or_refused(backend, device, classes=5170, runs=4):
 @pytest.mark.parametrize("backend", usable_backends("cpu"))
 def test_cpu_backends_are_bit_identical(backend, deterministic, monkeypatch):
     # small chunks for the chunked backend: many chunks over the threads, as at large C
-    monkeypatch.setenv("MARGINFUSED_CHUNK", "64")
+    monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: 64)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
@@ -61,7 +62,7 @@ def test_cuda_backends_are_bit_identical_or_refuse(backend, deterministic):
 
 def test_the_triton_backward_refuses_deterministic_mode_on_a_gpu(deterministic):
     # on CUDA tensors its backward calls this before summing dW with atomic adds
-    from marginfused.triton_backend import _alert_atomic_adds
+    from marginfused.backends.triton import _alert_atomic_adds
 
     with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
         _alert_atomic_adds()

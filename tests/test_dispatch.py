@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import marginfused as mf
-from marginfused.dispatch import AUTO_ORDER, BACKENDS, select_backend
-from marginfused.config import LossConfig
+from marginfused.backends import AUTO_ORDER, REGISTRY as BACKENDS, select_backend
 
 from helpers import make_inputs
 
@@ -22,19 +21,17 @@ def test_available_backends_reports_every_backend():
 
 def test_auto_picks_the_first_usable_backend_for_the_device():
     x, w, _ = make_inputs(3, 4, 5)
-    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
     expected = next(
         name for name in AUTO_ORDER["cpu"]
         if BACKENDS[name].unavailable_reason() is None
         and BACKENDS[name].unsupported_reason("cpu", torch.float32) is None
     )
-    assert select_backend("auto", x.float(), w.float(), config).name == expected
+    assert select_backend("auto", x.float()).name == expected
 
 
 def test_auto_on_a_device_without_fused_backends_is_torch():
     x, w, _ = make_inputs(3, 4, 5)
-    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
-    assert select_backend("auto", x.to("meta"), w.to("meta"), config).name == "torch"
+    assert select_backend("auto", x.to("meta")).name == "torch"
 
 
 @pytest.mark.parametrize("name", [n for n, reason in mf.available_backends().items() if reason])
@@ -48,3 +45,21 @@ def test_an_unavailable_backend_named_explicitly_says_why(name):
 def test_the_torch_backend_runs_explicitly():
     x, w, y = make_inputs(3, 4, 5)
     assert torch.isfinite(mf.margin_cross_entropy(x, w, y, backend="torch"))
+
+
+def test_explain_backend_says_why_faster_backends_were_passed_over():
+    x, w, _ = make_inputs(3, 4, 5)
+    text = mf.explain_backend(x)  # float64: no fused backend takes it
+    chosen = select_backend("auto", x).name
+    assert f"backend={chosen!r}" in text
+    for name in AUTO_ORDER["cpu"]:
+        if name == chosen:
+            break
+        assert f"passed over {name!r}: " in text and "float64" in text
+
+
+def test_auto_logs_what_it_passed_over(caplog):
+    x, w, y = make_inputs(3, 4, 5)
+    with caplog.at_level("DEBUG", logger="marginfused"):
+        mf.margin_cross_entropy(x, w, y)  # float64
+    assert any("passed over 'cpu'" in record.getMessage() for record in caplog.records)

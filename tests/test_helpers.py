@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from marginfused.dispatch import BACKENDS
-from marginfused.reference import TorchBackend
+from marginfused.backends import REGISTRY as BACKENDS
+from marginfused.backends.torch import TorchBackend
 
 from helpers import assert_close, assert_matches_truth, make_inputs
 
@@ -14,8 +14,8 @@ class ShiftedBackend(TorchBackend):
 
     name = "shifted"
 
-    def per_row_loss(self, embeddings, weight, labels, config):
-        loss, prediction = super().per_row_loss(embeddings, weight, labels, config)
+    def per_row_loss(self, x, w, y, settings):
+        loss, prediction = super().per_row_loss(x, w, y, settings)
         return loss + 1e-3, prediction
 
 

@@ -5,7 +5,7 @@ import torch
 
 import marginfused as mf
 
-from helpers import LAMBDA, UNIT_ROUNDOFF, assert_close, cosine_bound
+from helpers import LAMBDA, UNIT_ROUNDOFF, assert_close, cosine_bound, shard_targets
 
 
 @pytest.mark.gpu
@@ -41,9 +41,9 @@ def test_cpu_backend_beyond_two_to_the_31_elements():
     # rows, merged with the analytic partials of the N identical middle rows (max s·c_u, sumexp N).
     if mf.available_backends()["cpu"] is not None:
         pytest.skip(f"cpu: {mf.available_backends()['cpu']}")
-    from marginfused.config import LossConfig
+    from marginfused.backends.torch import TorchBackend, cosines
     from marginfused.partials import RowPartials, merge_partials, row_loss
-    from marginfused.reference import TorchBackend, cosines
+    from marginfused.settings import LossSettings
 
     dim, ends = 64, 512
     classes = 2**31 // dim + 2**17
@@ -68,33 +68,34 @@ def test_cpu_backend_beyond_two_to_the_31_elements():
     middle_grad = w.grad[ends:ends + 4].double()
     del w
 
-    config = LossConfig.build("arcface", 64.0, "detached", -100, 0.0)
+    settings = LossSettings.build("arcface", 64.0, "detached", -100, 0.0)
     reference = TorchBackend()
     x64 = x.double()
+    target_rows = torch.cat([w_tail[y[:3] - (classes - ends)], w_head[y[3:]]]).double()
+    logit, slope = shard_targets(x64, target_rows, torch.arange(4), settings)
     middle = classes - 2 * ends
     c_u = cosines(x64, u.double()[None]).squeeze(1)
     middle_partials = RowPartials(
-        max=64.0 * c_u, sumexp=torch.full_like(c_u, float(middle)), target=torch.zeros_like(c_u),
-        logit_sum=64.0 * middle * c_u, best_cos=c_u, best_class=torch.full_like(y, ends),
+        max=64.0 * c_u, sumexp=torch.full_like(c_u, float(middle)), logit_sum=64.0 * middle * c_u, best_cos=c_u, best_class=torch.full_like(y, ends),
     )
     merged = merge_partials(
-        merge_partials(reference.row_partials(x64, w_head.double(), y, config, 0), middle_partials),
-        reference.row_partials(x64, w_tail.double(), y, config, classes - ends),
+        merge_partials(reference.row_partials(x64, w_head.double(), y, logit, settings, 0), middle_partials),
+        reference.row_partials(x64, w_tail.double(), y, logit, settings, classes - ends),
     )
-    expected_loss = row_loss(merged, y, -100, 0.0, classes).sum()
+    expected_loss = row_loss(merged, logit, y, -100, 0.0, classes).sum()
     ones = torch.ones(4, dtype=torch.float64)
-    _, expected_far = reference.shard_backward(
-        x64, w_tail.double(), y, config, classes - ends, classes, merged.max, merged.sumexp, ones
+    _, expected_far = reference.backward(
+        x64, w_tail.double(), y, logit, slope, merged.max, merged.sumexp, ones, settings, classes - ends, classes
     )
-    _, expected_middle = reference.shard_backward(
-        x64, u.double().expand(4, dim), y, config, ends, classes, merged.max, merged.sumexp, ones
+    _, expected_middle = reference.backward(
+        x64, u.double().expand(4, dim), y, logit, slope, merged.max, merged.sumexp, ones, settings, ends, classes
     )
     # The suite's first-order bound (tests/helpers.py) with the inputs already in bfloat16 (the
     # truth is computed from them): per row δℓ = 2δz + λ√C·u·(2s + |ℓ|); a gradient term moves by
     # ρ relative, and a row of W receives at most Σ_i s·(p_ij + t_ij) ≤ 2·4·s of terms over its
     # norm (4 rows, p ≤ 1, t ≤ 1).
     scale, unit = 64.0, 2.0**-24
-    per_row = row_loss(merged, y, -100, 0.0, classes)
+    per_row = row_loss(merged, logit, y, -100, 0.0, classes)
     delta_z = scale * float(mf.ArcFace().derivative(c_u).abs().clamp_min(1.0).max()) * cosine_bound(torch.float32, dim)
     loss_bound = float((2 * delta_z + LAMBDA * classes**0.5 * unit * (2 * scale + per_row.abs())).sum())
     rho = 2 * delta_z + LAMBDA * (4 + classes + dim) ** 0.5 * unit + 2 * UNIT_ROUNDOFF[torch.bfloat16]

@@ -150,11 +150,35 @@ def test_invalid_margins_raise_naming_the_parameter(make, error, words):
         make()
 
 
-def test_kernel_description_of_each_margin():
-    from marginfused.margins import ArcFaceFallback, MarginKind
+@pytest.mark.parametrize("margin_class, name", [(mf.CosFace, "m"), (mf.ArcFace, "m"), (mf.SphereFace, "m"),
+                                                (mf.ExpFace, "m"), (mf.CombinedMargin, "m2")])
+def test_per_row_parameters_act_row_by_row(margin_class, name):
+    """A (B,) tensor parameter gives each row the margin of its own value."""
+    cos = torch.tensor([0.9, 0.5, -0.2], dtype=torch.float64)
+    values = torch.tensor([0.1, 0.3, 0.5], dtype=torch.float64) + (1.0 if margin_class is mf.SphereFace else 0.0)
+    per_row = margin_class(**{name: values})
+    for i, value in enumerate(values.tolist()):
+        single = margin_class(**{name: value})
+        torch.testing.assert_close(per_row(cos)[i], single(cos[i:i + 1])[0], rtol=0, atol=1e-15)
+        torch.testing.assert_close(per_row.derivative(cos)[i], single.derivative(cos[i:i + 1])[0], rtol=0, atol=1e-15)
 
-    assert (mf.CosFace(0.4).kind, mf.CosFace(0.4).params) == (MarginKind.COSFACE, (0.4, 0.0, 0.0))
-    assert mf.ArcFace(0.5, "linear").fallback_code == ArcFaceFallback.LINEAR
-    assert mf.ArcFace(0.5).fallback_code == ArcFaceFallback.NONE
-    assert mf.CombinedMargin(1.1, 0.2, 0.3).params == (1.1, 0.2, 0.3)
-    assert mf.ExpFace(0.6).kind == MarginKind.EXPFACE
+
+def test_per_row_parameters_are_checked_like_floats():
+    with pytest.raises(ValueError, match="ArcFace: m must be finite and in"):
+        mf.ArcFace(torch.tensor([0.5, 4.0]))
+    with pytest.raises(TypeError, match="1-D floating tensor"):
+        mf.CosFace(torch.zeros(2, 2))
+
+
+def test_gradients_reach_per_row_parameters():
+    m = torch.tensor([0.2, 0.4], dtype=torch.float64, requires_grad=True)
+    cos = torch.tensor([0.6, 0.1], dtype=torch.float64)
+    mf.ArcFace(m)(cos).sum().backward()
+    torch.testing.assert_close(m.grad, -torch.sin(torch.acos(cos) + m.detach()))
+
+
+def test_any_callable_is_a_margin():
+    def f(c):
+        return torch.cos(torch.acos(c) + 0.3) - 0.1
+
+    assert resolve_margin(f) is f

@@ -31,7 +31,7 @@ def test_wheel_holds_one_package_with_kernels_and_every_source_inside(wheel):
     assert top_level == {"marginfused"}
     assert "marginfused/kernels/__init__.py" in names
     sources = [p.name for p in (REPO / "csrc").iterdir() if p.suffix in SOURCE_SUFFIXES]
-    assert {"cpu.cpp", "cuda.cu", "margin_math.h"} <= set(sources)
+    assert {"cpu.cpp", "cuda.cu", "common.h", "bindings.h"} <= set(sources)
     missing = [name for name in sources if f"marginfused/csrc/{name}" not in names]
     assert not missing, f"sources missing from the wheel: {missing}"
 
@@ -43,7 +43,7 @@ def test_installed_wheel_imports_from_another_directory_and_finds_its_sources(wh
         check=True,
     )
     script = (
-        "import marginfused as mf, marginfused.extension as e; print(mf.__file__); "
+        "import marginfused as mf, marginfused.backends.extension as e; print(mf.__file__); "
         "print(mf.available_backends()['torch']); print(' '.join(p.name for p in e.source_files()))"
     )
     result = subprocess.run(

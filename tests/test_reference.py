@@ -204,7 +204,7 @@ def test_integer_labels_of_any_width():
 
 def test_cosines_are_clamped_in_value_but_pass_the_gradient():
     # in float32, an embedding exactly on (or opposite) its centre rounds to |c| > 1 for many rows
-    from marginfused.reference import cosines
+    from marginfused.backends.torch import cosines
 
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
     x = torch.cat([w[:32], -w[32:]]).requires_grad_()

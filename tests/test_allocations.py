@@ -2,7 +2,7 @@
 
 import torch
 
-from marginfused.memory import AllocationTracker
+from allocations import AllocationTracker
 
 
 def test_counts_new_storages_and_their_peak():

@@ -1,25 +1,28 @@
-"""The loss's settings, validated once, as every backend receives them."""
+"""The loss's settings, validated once: what a call asks for besides its tensors."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
-from .margins import Margin, MarginLike, resolve_margin
+from .margins import MarginFunction, MarginLike, resolve_margin
 
 MARGIN_GRADS = ("detached", "exact")
 REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    """Everything that defines the per-row loss apart from the inputs.
+class LossSettings:
+    """Everything that defines the per-row loss apart from the inputs. The fused backends read
+    scale, ignore_index and label_smoothing; the margin and its gradient mode act on the target
+    cosines before them (`marginfused.target`), and are None in the settings a kernel receives.
 
     margin_grad="detached": ∂z_iy/∂c_iy = s (straight-through; InsightFace, SphereFace-R, ExpFace).
     margin_grad="exact":    ∂z_iy/∂c_iy = s·f′(c_iy) (pytorch-metric-learning, original ArcFace).
     """
 
-    margin: Margin
+    margin: Optional[MarginFunction]
     scale: float = 64.0
     margin_grad: str = "detached"
     ignore_index: int = -100
@@ -33,7 +36,7 @@ class LossConfig:
         margin_grad: str,
         ignore_index: int,
         label_smoothing: float,
-    ) -> "LossConfig":
+    ) -> "LossSettings":
         """Validate user-facing arguments; raise TypeError/ValueError naming the bad one."""
         margin = resolve_margin(margin)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -51,6 +54,12 @@ class LossConfig:
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         return cls(margin, float(scale), margin_grad, ignore_index, float(label_smoothing))
+
+    @classmethod
+    def for_kernels(cls, scale: float, ignore_index: int, label_smoothing: float) -> "LossSettings":
+        """The settings the fused kernels read (inside a custom operator, which takes numbers):
+        the margin has already been applied to the target logits."""
+        return cls(None, scale, "detached", ignore_index, label_smoothing)
 
 
 def check_reduction(reduction: str) -> str:

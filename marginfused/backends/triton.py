@@ -1,18 +1,8 @@
-"""The `triton` backend: host launchers, the shard building blocks and the Backend.
+"""The `triton` backend: host launchers of the fused Triton kernels, as a Backend.
 
 The kernels live in `marginfused.kernels` (kernels/ in the source tree; the math is written out
-in kernels/forward.py, kernels/backward.py and kernels/project.py). The kernels are imported on
-first use, and `import marginfused` works where Triton is not installed.
-
-It is a `FusedBackend`: its per-row loss is the `marginfused::margin_loss` custom operator
-(fused.py) over the two building blocks here, which also serve class sharding:
-
-- `row_partials(x, W_shard, y, config, class_start)` → `RowPartials` of the classes
-  [class_start, class_start + W_shard.shape[0]) with global labels y;
-- `row_partials_backward(x, W_shard, y, config, class_start, num_classes, row_max, row_sumexp,
-  upstream)` → (dx, dW_shard): this shard's share of ∂(Σ_i u_i ℓ_i)/∂x (the shards' dx add up to
-  the full one) and the whole of ∂/∂W_shard, given the max and sumexp of the partials merged
-  over all classes (all shards), which give the global lse_i.
+in kernels/forward.py, kernels/backward.py and kernels/project.py). They are imported on first
+use, and `import marginfused` works where Triton is not installed.
 
 Memory: forward O(n_splits·B) partials; backward an (n_splits, B, D) float32 dX̂ buffer and a
 (C, D) float32 dŴ buffer (W's shape; returned in place for float32 inputs). n_splits ≤ 256 does not
@@ -28,29 +18,23 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .fused import FusedBackend
-from .config import LossConfig
-from .kernels.configs import interpreting as _interpreting
-from .partials import RowPartials
+from ..kernels.configs import interpreting as _interpreting
+from ..partials import RowPartials
+from ..settings import LossSettings
+from .ops import FusedBackend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-POISON = False
-"""Tests set this to fill every buffer a kernel must write with NaN before the launch (instead of
-leaving it uninitialised), so an element a kernel fails to write shows up as NaN."""
 
 
 def _kernels():
     """The kernel modules, imported on first use (this imports triton)."""
-    from .kernels import backward, configs, forward, project
+    from ..kernels import backward, configs, forward, project
 
     return forward, backward, project, configs
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if POISON:
-        fill = float("nan") if dtype.is_floating_point else -(2**62)
-        return torch.full(shape, fill, dtype=dtype, device=device)
+    """Every buffer a kernel must fill (tests replace this to poison them)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -81,12 +65,6 @@ def _class_splits(batch: int, num_classes: int, device: torch.device, block_b: i
     per_split = -(-num_classes // wanted)
     per_split = -(-per_split // align) * align
     return -(-num_classes // per_split), per_split
-
-
-def _margin_args(config: LossConfig) -> tuple[list, dict]:
-    m1, m2, m3 = config.margin.params
-    flags = {"KIND": int(config.margin.kind), "FALLBACK": int(config.margin.fallback_code)}
-    return [float(config.scale), float(m1), float(m2), float(m3), int(config.ignore_index)], flags
 
 
 class _Plan(NamedTuple):
@@ -132,7 +110,8 @@ def _bucket(batch: int) -> int:
     return 1 << max(0, (batch - 1).bit_length())
 
 
-def _split_partials(x: Tensor, w: Tensor, y: Tensor, config: LossConfig, class_start: int) -> RowPartials:
+def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings,
+                    class_start: int) -> RowPartials:
     """Per-split partials: each field (n_splits, B)."""
     batch, dim = x.shape
     local = w.shape[0]
@@ -141,18 +120,15 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, config: LossConfig, class_s
     out = RowPartials(
         max=_empty(shape, torch.float32, x.device),
         sumexp=_empty(shape, torch.float32, x.device),
-        target=_empty(shape, torch.float32, x.device),
         logit_sum=_empty(shape, torch.float32, x.device),
         best_cos=_empty(shape, torch.float32, x.device),
         best_class=_empty(shape, torch.int64, x.device),
     )
-    margin_args, flags = _margin_args(config)
     plan.kernel[plan.grid(batch)](
-        x, w, y, *out,
+        x, w, y, target_logit, *out,
         batch, local, dim, x.stride(0), w.stride(0), class_start, plan.per_split, _bucket(batch),
-        *margin_args,
+        float(settings.scale), int(settings.ignore_index),
         DOT_PRECISION=_dot_precision(x.dtype),
-        **flags,
         **plan.meta,
     )
     return out
@@ -168,29 +144,16 @@ def _merge_splits(parts: RowPartials) -> RowPartials:
     return RowPartials(
         max=top,
         sumexp=(parts.sumexp * torch.exp(parts.max - top)).sum(dim=0),
-        target=parts.target.sum(dim=0),
         logit_sum=parts.logit_sum.sum(dim=0),
         best_cos=best_cos,
         best_class=parts.best_class.gather(0, winner).squeeze(0),
     )
 
 
-def _prepare(x: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return x.contiguous(), w.contiguous(), y.contiguous().long()
-
-
-def row_partials(x: Tensor, W: Tensor, y: Tensor, config: LossConfig, class_start: int = 0) -> RowPartials:
-    """Per-row partials of the margin logits over the classes [class_start, class_start + W.shape[0]).
-
-    x: (B, D) embeddings; W: (C_local, D) a shard of the class centres (all of them with
-    class_start=0); y: (B,) global labels (ignore_index for ignored rows; labels outside the shard
-    simply contribute no target). Returns `RowPartials` (float32, best_class as global ids),
-    merged over the kernel's class splits; merge shards with `merge_partials`, finish with
-    `row_loss`. No autograd: see `row_partials_backward`.
-    """
-    x, W, y = _prepare(x, W, y)
-    with torch.no_grad():
-        return _merge_splits(_split_partials(x, W, y, config, int(class_start)))
+def _prepare(x: Tensor, w: Tensor, y: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+    """Contiguous inputs, int64 labels, and per-row float32 vectors, all detached."""
+    return (x.detach().contiguous(), w.detach().contiguous(), y.contiguous().long(),
+            *(r.detach().to(torch.float32).contiguous() for r in rows))
 
 
 def _alert_atomic_adds() -> None:
@@ -207,72 +170,6 @@ def _alert_atomic_adds() -> None:
         warnings.warn(message)
     else:
         raise RuntimeError(message)
-
-
-def row_partials_backward(
-    x: Tensor,
-    W: Tensor,
-    y: Tensor,
-    config: LossConfig,
-    class_start: int,
-    num_classes: int,
-    row_max: Tensor,
-    row_sumexp: Tensor,
-    upstream: Tensor,
-    need_x: bool = True,
-    need_w: bool = True,
-) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Gradients of Σ_i upstream_i·ℓ_i through the classes of one shard of W.
-
-    row_max, row_sumexp: the max and sumexp of the partials merged over all `num_classes` classes
-    (every shard): lse_i = max_i + log sumexp_i, passed to the kernel in these two parts for
-    precision; upstream: (B,) ∂L/∂ℓ_i; num_classes: the global class count C (label smoothing's
-    ε/C). Returns (dx, dW) in the input dtype: this shard's term of dx (sum over shards for the
-    full gradient) and the full dW of the shard; None for what is not needed.
-    """
-    x, W, y = _prepare(x, W, y)
-    _, _, project, configs = _kernels()
-    batch, dim = x.shape
-    local = W.shape[0]
-    plan = _plan("backward", x, local)
-    row_max = row_max.detach().to(torch.float32).contiguous()
-    log_sumexp = torch.log(row_sumexp.detach().to(torch.float32)).contiguous()
-    upstream = upstream.detach().to(torch.float32).contiguous()
-
-    dx_part = _empty((plan.n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
-    if need_w and x.device.type == "cuda":
-        _alert_atomic_adds()
-    dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else row_max
-    margin_args, flags = _margin_args(config)
-    eps = float(config.label_smoothing)
-    plan.kernel[plan.grid(batch)](
-        x, W, y, row_max, log_sumexp, upstream, dx_part, dw_acc,
-        batch, local, dim, x.stride(0), W.stride(0), int(class_start), plan.per_split, _bucket(batch),
-        *margin_args, 1.0 - eps, eps / num_classes,
-        EXACT=config.margin_grad == "exact",
-        NEED_DX=need_x,
-        NEED_DW=need_w,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        **flags,
-        **plan.meta,
-    )
-
-    ptiles = configs.project_tiles()
-    dx = dw = None
-    if need_x:
-        dx = _empty((batch, dim), x.dtype, x.device)
-        project.project_kernel[(_cdiv(batch, ptiles.block_b),)](
-            dx_part, x, dx, batch, dim, x.stride(0), plan.n_splits,
-            BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
-        )
-    if need_w:
-        # float32: project in place (each element is read before its program writes it).
-        dw = dw_acc if W.dtype == torch.float32 else _empty((local, dim), W.dtype, W.device)
-        project.project_kernel[(_cdiv(local, ptiles.block_b),)](
-            dw_acc, W, dw, local, dim, W.stride(0), 1,
-            BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
-        )
-    return dx, dw
 
 
 class TritonBackend(FusedBackend):
@@ -303,18 +200,80 @@ class TritonBackend(FusedBackend):
         if dtype not in SUPPORTED_DTYPES:
             hint = "; use backend='torch'" if dtype == torch.float64 else ""
             return f"{dtype} inputs are not supported (float32, float16, bfloat16 only){hint}"
-        device = device_type
         if _interpreting():
-            if device != "cpu":
-                return f"under TRITON_INTERPRET=1 the kernels run on CPU tensors only, got {device} tensors"
+            if device_type != "cpu":
+                return f"under TRITON_INTERPRET=1 the kernels run on CPU tensors only, got {device_type} tensors"
             if dtype == torch.bfloat16:
                 return (
                     "bfloat16 under TRITON_INTERPRET=1 is not supported: the interpreter computes "
                     "bfloat16 dot products wrongly (triton issue #11584); use a GPU or backend='torch'"
                 )
-        elif device != "cuda":
-            return f"needs CUDA tensors, got {device} tensors (or set TRITON_INTERPRET=1 for CPU tensors)"
+        elif device_type != "cuda":
+            return f"needs CUDA tensors, got {device_type} tensors (or set TRITON_INTERPRET=1 for CPU tensors)"
         return None
 
-    row_partials = staticmethod(row_partials)
-    shard_backward = staticmethod(row_partials_backward)
+    def row_partials(
+        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
+    ) -> RowPartials:
+        """Partials over the classes [class_start, class_start + w.shape[0]), merged over the
+        kernel's class splits (y global labels; labels outside the shard contribute no target)."""
+        x, w, y, target_logit = _prepare(x, w, y, target_logit)
+        with torch.no_grad():
+            return _merge_splits(_split_partials(x, w, y, target_logit, settings, int(class_start)))
+
+    def backward(
+        self,
+        x: Tensor,
+        w: Tensor,
+        y: Tensor,
+        target_logit: Tensor,
+        target_slope: Tensor,
+        row_max: Tensor,
+        row_sumexp: Tensor,
+        grad_rows: Tensor,
+        settings: LossSettings,
+        class_start: int,
+        num_classes: int,
+        need_x: bool = True,
+        need_w: bool = True,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(
+            x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows
+        )
+        _, _, project, configs = _kernels()
+        batch, dim = x.shape
+        local = w.shape[0]
+        plan = _plan("backward", x, local)
+        log_sumexp = torch.log(row_sumexp)
+
+        dx_part = _empty((plan.n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
+        if need_w and x.device.type == "cuda":
+            _alert_atomic_adds()
+        dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else row_max
+        eps = float(settings.label_smoothing)
+        plan.kernel[plan.grid(batch)](
+            x, w, y, target_logit, target_slope, row_max, log_sumexp, grad_rows, dx_part, dw_acc,
+            batch, local, dim, x.stride(0), w.stride(0), int(class_start), plan.per_split, _bucket(batch),
+            float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes,
+            NEED_DX=need_x,
+            NEED_DW=need_w,
+            DOT_PRECISION=_dot_precision(x.dtype),
+            **plan.meta,
+        )
+
+        ptiles = configs.project_tiles()
+        dx = dw = None
+        if need_x:
+            dx = _empty((batch, dim), x.dtype, x.device)
+            project.project_kernel[(_cdiv(batch, ptiles.block_b),)](
+                dx_part, x, dx, batch, dim, x.stride(0), plan.n_splits,
+                BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
+            )
+        if need_w:
+            # float32: project in place (each element is read before its program writes it).
+            dw = dw_acc if w.dtype == torch.float32 else _empty((local, dim), w.dtype, w.device)
+            project.project_kernel[(_cdiv(local, ptiles.block_b),)](
+                dw_acc, w, dw, local, dim, w.stride(0), 1,
+                BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
+            )
+        return dx, dw

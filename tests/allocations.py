@@ -6,6 +6,8 @@ allocation, which the tests use to prove that no B×C tensor is ever allocated (
 measure whole processes instead: see bench/worker.py). An operator's output counts as an allocation when its storage is
 not one of the operator's inputs' (views and in-place results are not allocations). The package's
 own custom operators are opened up: what their implementations allocate is counted too.
+
+A test tool: it lives with the tests, not in the package.
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ import weakref
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from marginfused.backends import ops
+
+IMPLEMENTATIONS = {
+    f"marginfused::{op._name}": op._init_fn for op in (ops.margin_loss, ops.margin_loss_backward)
+}
+"""The Python implementation behind each of the package's custom operators, by name."""
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -50,8 +59,6 @@ class AllocationTracker(TorchDispatchMode):
             self.largest_shape = tuple(tensor.shape)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from .fused import IMPLEMENTATIONS
-
         implementation = IMPLEMENTATIONS.get(func._schema.name)
         if implementation is not None:
             # the package's own operators: run their implementation here, counting inside them

@@ -1,0 +1,149 @@
+"""The `torch` backend: the reference every other backend is tested against.
+
+Plain PyTorch that materialises the (B, C) logits, written to be obviously right:
+
+    x̂_i = x_i / max(‖x_i‖, 1e-12),  ŵ_j = w_j / max(‖w_j‖, 1e-12)
+    c_ij = clamp(x̂_i · ŵ_j, −1, 1)
+    z_ij = s · c_ij (j ≠ y_i),  z_iy = s · f(c_iy)
+    ℓ_i = F.cross_entropy(z_i, y_i, ignore_index, label_smoothing)
+
+The margin is the same PyTorch code the fused backends' pre-pass runs (`marginfused.target`),
+applied to the target column of the materialised cosines, with ∂z_iy/∂c_iy = σ_i through a
+straight-through term. The clamp bounds the value only; the gradient passes through it unchanged.
+Normalisation and the matmul run in the input dtype (as a plain PyTorch user would); everything
+from the cosines on runs in float32, or float64 for float64 inputs.
+
+Its shard pieces (`row_partials`, `backward`) take the target logits and slopes like every fused
+backend, so the class-sharded loss runs on it too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..constants import NORM_EPS
+from ..partials import RowPartials
+from ..settings import LossSettings
+from ..target import target_logits, working_dtype
+from .base import Backend, RowLoss
+
+
+def cosines(x: Tensor, w: Tensor) -> Tensor:
+    """c = x̂ ŵᵀ clamped to [−1, 1] (value only), in the working dtype."""
+    x_hat = F.normalize(x, dim=1, eps=NORM_EPS)
+    w_hat = F.normalize(w, dim=1, eps=NORM_EPS)
+    cos = (x_hat @ w_hat.T).to(working_dtype(x.dtype))
+    return cos + (cos.clamp(-1.0, 1.0) - cos).detach()
+
+
+def _with_targets(cos: Tensor, local: Tensor, inside: Tensor, logit: Tensor, slope: Tensor, scale: float) -> Tensor:
+    """z = s·c with the target column of the rows `inside` replaced by the target logit, whose
+    gradient in c is the slope (straight-through)."""
+    column = local.clamp(min=0).unsqueeze(1)
+    c_target = cos.gather(1, column).squeeze(1)
+    z_target = logit + slope * (c_target - c_target.detach())
+    z_target = torch.where(inside, z_target, scale * c_target)
+    return (scale * cos).scatter(1, column, z_target.unsqueeze(1))
+
+
+def _normalized(rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(r̂, ‖r‖) per row in `dtype`, r̂ = r / max(‖r‖, 1e-12)."""
+    rows = rows.to(dtype)
+    norm = rows.norm(dim=1, keepdim=True)
+    return rows / norm.clamp_min(NORM_EPS), norm
+
+
+def _through_normalization(grad_hat: Tensor, hat: Tensor, norm: Tensor) -> Tensor:
+    """∂/∂r from ∂/∂r̂ for r̂ = r / max(‖r‖, ε): (g − r̂ (r̂·g)) / ‖r‖, or g / ε where ‖r‖ < ε."""
+    projected = (grad_hat - hat * (hat * grad_hat).sum(dim=1, keepdim=True)) / norm.clamp_min(NORM_EPS)
+    return torch.where(norm < NORM_EPS, grad_hat / NORM_EPS, projected)
+
+
+class TorchBackend(Backend):
+    """The reference: materialises B×C logits; any device, any float dtype including float64."""
+
+    name = "torch"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return None
+
+    def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
+        return None
+
+    def per_row_loss(self, x: Tensor, w: Tensor, y: Tensor, settings: LossSettings) -> RowLoss:
+        cos = cosines(x, w)
+        valid = y != settings.ignore_index
+        column = torch.where(valid, y, torch.zeros_like(y))
+        target = target_logits(cos.gather(1, column.unsqueeze(1)).squeeze(1), valid, settings)
+        logits = _with_targets(cos, column, valid, target.logit.to(cos.dtype), target.slope.to(cos.dtype),
+                               settings.scale)
+        loss = F.cross_entropy(
+            logits, y, ignore_index=settings.ignore_index, label_smoothing=settings.label_smoothing, reduction="none"
+        )
+        return RowLoss(loss, cos.detach().argmax(dim=1))
+
+    def _range_logits(self, x, w, y, target_logit, target_slope, settings, class_start):
+        """Cosines and logits of the classes [class_start, class_start + C); labels outside the
+        range have no target there."""
+        local = y - class_start
+        inside = (local >= 0) & (local < w.shape[0]) & (y != settings.ignore_index)
+        cos = cosines(x, w)
+        logits = _with_targets(cos, torch.where(inside, local, torch.zeros_like(local)), inside,
+                               target_logit.to(cos.dtype), target_slope.to(cos.dtype), settings.scale)
+        return cos, logits, local, inside
+
+    def row_partials(
+        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
+    ) -> RowPartials:
+        with torch.no_grad():
+            cos, logits, _, _ = self._range_logits(
+                x, w, y, target_logit, torch.zeros_like(target_logit), settings, class_start
+            )
+            top = logits.max(dim=1).values
+            best = cos.max(dim=1)
+            return RowPartials(
+                max=top,
+                sumexp=torch.exp(logits - top.unsqueeze(1)).sum(dim=1),
+                logit_sum=logits.sum(dim=1),
+                best_cos=best.values,
+                best_class=best.indices + class_start,
+            )
+
+    def backward(
+        self,
+        x: Tensor,
+        w: Tensor,
+        y: Tensor,
+        target_logit: Tensor,
+        target_slope: Tensor,
+        row_max: Tensor,
+        row_sumexp: Tensor,
+        grad_rows: Tensor,
+        settings: LossSettings,
+        class_start: int,
+        num_classes: int,
+        need_x: bool = True,
+        need_w: bool = True,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        eps = settings.label_smoothing
+        with torch.no_grad():
+            cos, logits, local, inside = self._range_logits(
+                x, w, y, target_logit, target_slope, settings, class_start
+            )
+            probabilities = torch.exp(logits - row_max.unsqueeze(1).to(logits)) / row_sumexp.unsqueeze(1).to(logits)
+            column = torch.where(inside, local, torch.zeros_like(local)).unsqueeze(1)
+            onehot = torch.zeros_like(logits).scatter_(1, column, inside.unsqueeze(1).to(logits.dtype))
+            weight_rows = torch.where(y != settings.ignore_index, grad_rows.to(logits.dtype), 0.0)
+            # ∂/∂c_ij = g_i · s · (p_ij − (1 − ε)[j = y_i] − ε/C), with σ_i in place of s at the target
+            grad_cos = settings.scale * weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)
+            slope_ratio = torch.where(inside, target_slope.to(logits.dtype) / settings.scale, torch.ones_like(grad_rows, dtype=logits.dtype))
+            grad_cos.scatter_(1, column, grad_cos.gather(1, column) * slope_ratio.unsqueeze(1))
+            x_hat, x_norm = _normalized(x, cos.dtype)
+            w_hat, w_norm = _normalized(w, cos.dtype)
+            grad_x = _through_normalization(grad_cos @ w_hat, x_hat, x_norm).to(x.dtype) if need_x else None
+            grad_w = _through_normalization(grad_cos.T @ x_hat, w_hat, w_norm).to(w.dtype) if need_w else None
+        return grad_x, grad_w

@@ -1,0 +1,82 @@
+"""The target pre-pass: each row's target logit and its slope, in PyTorch (docs/design.md §3.1).
+
+The margin touches one logit per row, so it is evaluated here, on (B,) tensors, and never in a
+kernel. For row i with label y_i (not ignored):
+
+    c_iy = clamp(x̂_i · ŵ_{y_i}, −1, 1)           from the gathered rows of W: O(B·D), never O(C·D)
+    z_iy = s · f(c_iy)                          autograd kept to whatever f depends on besides c
+                                                (per-row parameters, a norm-dependent margin)
+    σ_i  = ∂z_iy/∂c_iy = s                      margin_grad="detached" (straight-through)
+                       = s · f′(c_iy)           margin_grad="exact" (the margin's closed form, or
+                                                autograd at c clamped a hair inside ±1)
+
+The fused kernels take z_iy in place of the target column's s·c_iy and σ_i for that column's
+gradient; their backward returns ∂L/∂z_iy, which autograd carries into f's other inputs. c_iy
+enters f detached: its gradient reaches x and W through σ_i inside the kernels, once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .constants import DERIVATIVE_EPS, NORM_EPS
+from .margins import Margin, MarginFunction
+from .settings import LossSettings
+
+
+class TargetLogits(NamedTuple):
+    """Per row: z_iy (float32, or float64 for float64 inputs; differentiable in the margin's own
+    inputs) and σ_i = ∂z_iy/∂c_iy (detached). Ignored rows hold z = σ = 0."""
+
+    logit: Tensor
+    slope: Tensor
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else: the precision after the matmul."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def target_cosines(x: Tensor, w: Tensor, column: Tensor, valid: Tensor) -> Tensor:
+    """c_iy = clamp(x̂_i · ŵ_{column_i}, −1, 1) from the gathered rows of W (detached: O(B·D), and
+    no gather backward allocating a W-shaped gradient), in the working dtype; 0 where not `valid`."""
+    rows = w.detach()[torch.where(valid, column, torch.zeros_like(column))]
+    dtype = working_dtype(x.dtype)
+    x_hat = F.normalize(x.detach().to(dtype), dim=1, eps=NORM_EPS)
+    w_hat = F.normalize(rows.to(dtype), dim=1, eps=NORM_EPS)
+    cos = (x_hat * w_hat).sum(dim=1).clamp(-1.0, 1.0)
+    return torch.where(valid, cos, torch.zeros_like(cos))
+
+
+def margin_slope(margin: MarginFunction, cos: Tensor) -> Tensor:
+    """f′(c) (detached): the margin's closed form, or autograd of f at c clamped inside ±1."""
+    if isinstance(margin, Margin):
+        return margin.derivative(cos).detach()
+    with torch.enable_grad():
+        inside = cos.detach().clamp(-1.0 + DERIVATIVE_EPS, 1.0 - DERIVATIVE_EPS).requires_grad_(True)
+        (slope,) = torch.autograd.grad(margin(inside).sum(), inside, allow_unused=True)
+    return torch.zeros_like(cos) if slope is None else slope.detach()
+
+
+def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings) -> TargetLogits:
+    """z_iy = s·f(c_iy) and σ_i for the (B,) target cosines `cos` (detached) of the rows `valid`."""
+    cos = cos.detach()
+    value = settings.margin(cos)
+    if not isinstance(value, Tensor) or value.shape != cos.shape:
+        raise ValueError(
+            f"margin must map the (B,) target cosines to a tensor of the same shape {tuple(cos.shape)}, "
+            f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
+        )
+    logit = settings.scale * value.to(cos.dtype)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logit.detach()).where(valid, True).all()):
+        raise ValueError("margin: the target logits s·f(c) must be finite; the margin returned NaN or Inf")
+    if settings.margin_grad == "exact":
+        slope = settings.scale * margin_slope(settings.margin, cos).to(cos.dtype)
+    else:
+        slope = torch.full_like(cos, settings.scale)
+    zero = torch.zeros_like(cos)
+    return TargetLogits(torch.where(valid, logit, zero), torch.where(valid, slope, zero))

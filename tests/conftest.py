@@ -6,12 +6,20 @@ defined, on first use). An explicit TRITON_INTERPRET in the environment is left 
 
 torch.compile's caches go to a fresh directory for each run: a graph cached by an earlier version
 of the package's custom operators must not be replayed against the current ones.
+
+The `backend` fixture runs a test once per backend, on the device that backend takes here (the
+`cpu` backend on CPU tensors, `cuda` on CUDA tensors, `torch` and `triton` on CUDA tensors where a
+GPU is present, else on CPU tensors, triton through its interpreter). A backend that cannot run
+here is skipped at run time with its own reason: nothing is built or probed at collection time.
+The C++ backends walk the classes in chunks of CONTRACT_CHUNK, so that the small class counts of
+the tests span many chunks.
 """
 
 import atexit
 import os
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -29,3 +37,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+BACKEND_NAMES = ["torch", "cpu", "cuda", "triton"]
+CONTRACT_CHUNK = 100
+
+
+class BackendUnderTest(NamedTuple):
+    name: str
+    device: str
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request, monkeypatch) -> BackendUnderTest:
+    from marginfused.backends import REGISTRY, extension
+
+    name = request.param
+    device = {"cpu": "cpu", "cuda": "cuda"}.get(name, "cuda" if torch.cuda.is_available() else "cpu")
+    implementation = REGISTRY[name]
+    reason = implementation.unavailable_reason() or implementation.unsupported_reason(device, torch.float32)
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: CONTRACT_CHUNK)
+    return BackendUnderTest(name, device)

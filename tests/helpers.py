@@ -123,6 +123,19 @@ def make_inputs(
     return x.to(device), w.to(device), y.to(device)
 
 
+def spread_inputs(batch, num_classes, dim, *, ignored=0, seed=0, device="cpu"):
+    """Like `make_inputs`, but each row's target cosine is set, spread evenly over (−0.97, 0.97), so
+    every branch of every margin (ArcFace's fallbacks, SphereFace's k > 0) is exercised."""
+    x, w, y = make_inputs(batch, num_classes, dim, ignored=ignored, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    t = torch.linspace(-0.97, 0.97, batch, dtype=torch.float64)[torch.randperm(batch, generator=g)]
+    w_hat = F.normalize(w[y.clamp(min=0)], dim=1)
+    noise = x - (x * w_hat).sum(1, keepdim=True) * w_hat
+    noise = F.normalize(noise, dim=1)
+    x = (t[:, None] * w_hat + (1 - t[:, None] ** 2).sqrt() * noise) * x.norm(dim=1, keepdim=True)
+    return x.to(device), w.to(device), y.to(device)
+
+
 @dataclass
 class Outcome:
     """Loss and gradients of one run, as float64."""

@@ -12,7 +12,7 @@ from marginfused.backends.torch import TorchBackend
 from marginfused.settings import LossSettings
 
 from helpers import (
-    LAMBDA, assert_close, assert_matches_truth, budgets, cosine_bound, make_inputs, shard_targets, usable_backends,
+    LAMBDA, assert_close, assert_matches_truth, budgets, cosine_bound, make_inputs, shard_targets,
 )
 
 
@@ -33,13 +33,16 @@ def reference_fused(monkeypatch):
     return ReferenceFused.name
 
 
-FUSED = [name for name in usable_backends() if isinstance(BACKENDS[name], FusedBackend)]
-
-
-@pytest.fixture(params=["reference-fused", *FUSED])
+@pytest.fixture(params=["reference-fused", "cpu", "triton"])
 def fused(request, monkeypatch):
+    """The custom-operator path of each fused backend that runs on CPU tensors here."""
     if request.param == ReferenceFused.name:
         monkeypatch.setitem(BACKENDS, ReferenceFused.name, ReferenceFused())
+        return request.param
+    implementation = BACKENDS[request.param]
+    reason = implementation.unavailable_reason() or implementation.unsupported_reason("cpu", torch.float32)
+    if reason:
+        pytest.skip(f"{request.param}: {reason}")
     return request.param
 
 

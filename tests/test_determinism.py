@@ -7,7 +7,7 @@ import torch
 import marginfused as mf
 from marginfused.backends import extension
 
-from helpers import make_inputs, usable_backends
+from helpers import make_inputs
 
 
 @pytest.fixture
@@ -37,8 +37,10 @@ def check_bit_identical_or_refused(backend, device, classes=5170, runs=4):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", usable_backends("cpu"))
 def test_cpu_backends_are_bit_identical(backend, deterministic, monkeypatch):
+    if backend.device != "cpu":
+        pytest.skip(f"{backend.name} runs on {backend.device} tensors here")
+    backend = backend.name
     # small chunks for the chunked backend: many chunks over the threads, as at large C
     monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: 64)
     threads = torch.get_num_threads()

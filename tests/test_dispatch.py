@@ -34,10 +34,12 @@ def test_auto_on_a_device_without_fused_backends_is_torch():
     assert select_backend("auto", x.to("meta")).name == "torch"
 
 
-@pytest.mark.parametrize("name", [n for n, reason in mf.available_backends().items() if reason])
+@pytest.mark.parametrize("name", ["triton", "cuda", "cpu"])
 def test_an_unavailable_backend_named_explicitly_says_why(name):
     x, w, y = make_inputs(3, 4, 5)
     reason = mf.available_backends()[name]
+    if reason is None:
+        pytest.skip(f"{name} can run here")
     with pytest.raises(mf.BackendUnavailableError, match=re.escape(f"backend '{name}' cannot run here: {reason}")):
         mf.margin_cross_entropy(x.float(), w.float(), y, backend=name)
 

@@ -8,6 +8,8 @@ import torch
 import marginfused as mf
 from marginfused.margins import MARGIN_NAMES, resolve_margin
 
+from helpers import assert_close, make_inputs, run
+
 COSINES = [0.999, 0.9, 0.7, 0.5, 0.2, 0.0, -0.3, -0.7, -0.9, -0.99]
 
 REFERENCE_VALUES = {
@@ -182,3 +184,29 @@ def test_any_callable_is_a_margin():
         return torch.cos(torch.acos(c) + 0.3) - 0.1
 
     assert resolve_margin(f) is f
+
+
+def user_margin(c):
+    return torch.cos(torch.acos(c) + 0.3) - 0.1
+
+
+def test_the_callable_equals_the_built_in_margin_it_writes():
+    x, w, y = make_inputs(9, 30, 12, seed=23)
+    for mode in ("detached", "exact"):
+        built_in = run("torch", x, w, y, margin=mf.CombinedMargin(1.0, 0.3, 0.1), margin_grad=mode)
+        callable_ = run("torch", x, w, y, margin=user_margin, margin_grad=mode)
+        for field in ("loss", "grad_embeddings", "grad_weight"):
+            # two float64 evaluations of the same formula: a few float64 steps of values ≲ 100
+            assert_close(field, getattr(callable_, field), getattr(built_in, field), 1e-10)
+
+
+def test_a_margin_returning_nan_is_refused():
+    x, w, y = make_inputs(5, 9, 8, seed=25)
+    with pytest.raises(ValueError, match="must be finite"):
+        mf.margin_cross_entropy(x, w, y, margin=lambda c: c * float("nan"))
+
+
+def test_per_row_tensors_of_the_wrong_length_are_refused():
+    x, w, y = make_inputs(5, 9, 8, seed=26)
+    with pytest.raises(ValueError, match="margin parameter m must hold one value per row"):
+        mf.margin_cross_entropy(x, w, y, margin=mf.ArcFace(torch.full((4,), 0.5, dtype=torch.float64)))

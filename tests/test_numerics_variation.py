@@ -3,8 +3,9 @@
 ATen picks its vectorised kernels by ATEN_CPU_CAPABILITY, MKL its GEMM kernels by
 MKL_ENABLE_INSTRUCTIONS, and the OpenMP thread count changes how sums are split: other machines
 run other paths. The whole suite is run under each of these before a tolerance is trusted (see
-tests/helpers.py); here one module of truth tests is re-run under two variations on every run,
-so a tolerance fitted to one machine's rounding shows up here first.
+tests/helpers.py); here the contract tests of the backends ATen, MKL and OpenMP serve (`torch`,
+`cpu`) are re-run under two variations on every run, so a tolerance fitted to one machine's
+rounding shows up here first.
 """
 
 import os
@@ -25,8 +26,8 @@ VARIATIONS = {
 def test_truth_tests_hold_under_other_code_paths(variation):
     env = {**os.environ, **VARIATIONS[variation]}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_extreme_inputs.py",
-         "-k", "not triton"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_contract.py",
+         "-k", "cpu or torch"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import REGISTRY, Backend, BackendUnavailableError, RowLoss
+from .base import REGISTRY, Backend, BackendUnavailableError
 from .cpu import CpuBackend
 from .cuda import CudaBackend
 from .torch import TorchBackend

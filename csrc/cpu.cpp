@@ -1,6 +1,6 @@
 // The `cpu` backend: the chunked softmax loss for CPU tensors (ATen GEMM + OpenMP), margin-agnostic.
 //
-// Notation (DESIGN.md §1): x (B×D) embeddings, W (C×D) class centres (a shard: global classes
+// Notation (docs/design.md §1): x (B×D) embeddings, W (C×D) class centres (a shard: global classes
 // [class_start, class_start + C)), q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12),
 //   c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),  z_ij = s c_ij (j ≠ y_i),  z_iy = t_i,
 // where the caller gives each row's target logit t_i = s f(c_iy) and its slope σ_i = ∂t_i/∂c_iy

@@ -1,4 +1,4 @@
-"""The checking rule of DESIGN §4, written once, for every backend's tests.
+"""The checking rule of docs/design.md §4, written once, for every backend's tests.
 
 Truth is the `torch` backend on float64 inputs. A backend computing from inputs in dtype d passes
 when, for the loss and for each gradient,
@@ -285,7 +285,7 @@ def assert_matches_truth(
     layout: Optional[Callable[[Tensor], Tensor]] = None,
     **kwargs,
 ) -> None:
-    """Check `backend` in `dtype` against float64 truth by DESIGN §4's rule: loss, dX and dW.
+    """Check `backend` in `dtype` against float64 truth by docs/design.md §4's rule: loss, dX and dW.
 
     `layout` maps each input of the backend (after the cast to `dtype`) to the memory layout under
     test (a transpose, a strided view). `slack` widens every budget by an absolute amount, for

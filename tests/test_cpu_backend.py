@@ -1,4 +1,4 @@
-"""The `cpu` backend (csrc/cpu.cpp, JIT-built on first use) against float64 truth (DESIGN §4),
+"""The `cpu` backend (csrc/cpu.cpp, JIT-built on first use) against float64 truth (docs/design.md §4),
 its memory bound, its C++ input checks, the shard API and how build failures are reported.
 
 The `chunk` fixture forces small chunks so that small class counts span many chunks.

@@ -1,4 +1,4 @@
-"""The `cuda` backend: its sources compile with nvcc on any machine with nvcc (DESIGN's CI has it;
+"""The `cuda` backend: its sources compile with nvcc on any machine with nvcc (the CI machine has it;
 this is `make check-cuda` run from the test suite), and, on a CUDA GPU, the truth checks of the
 `cpu` backend repeated on CUDA tensors (GPU tests are skipped elsewhere by the `gpu` marker)."""
 

@@ -1,4 +1,4 @@
-"""The margins f(c): DESIGN §1's reference values, their derivatives, names and parameter checks."""
+"""The margins f(c): docs/design.md §1's reference values, their derivatives, names and parameter checks."""
 
 import math
 
@@ -78,7 +78,7 @@ def test_derivative_is_finite_at_the_ends(margin):
 
 
 def test_expface_exact_derivative_is_large_near_zero_angle():
-    # DESIGN §1: ≈ 88 at θ = 1e-3 for m = 0.7
+    # docs/design.md §1: ≈ 88 at θ = 1e-3 for m = 0.7
     cos = torch.tensor([math.cos(1e-3)], dtype=torch.float64)
     assert 80 < mf.ExpFace(0.7).derivative(cos).item() < 95
 

@@ -1,4 +1,4 @@
-"""Property-based: every fused backend usable here equals the torch backend (DESIGN §4's rule) on
+"""Property-based: every fused backend usable here equals the torch backend (docs/design.md §4's rule) on
 drawn shapes, margins, gradient modes, reductions, smoothing and ignore masks."""
 
 import os

@@ -1,4 +1,4 @@
-"""The `torch` backend is the loss DESIGN §1 defines: checked against F.cross_entropy on logits
+"""The `torch` backend is the loss docs/design.md §1 defines: checked against F.cross_entropy on logits
 built from the textbook formulas, and by gradcheck in float64."""
 
 import math

@@ -22,7 +22,7 @@ inline void bind_entry_points(pybind11::module_& m, const char* doc, ForwardPart
         py::arg("out_logit_sum"), py::arg("out_best_cos"), py::arg("out_best_class"));
   m.def("backward", backward, py::call_guard<py::gil_scoped_release>(),
         "Gradients w.r.t. x and the weight shard, given each row's target logit and its slope, the global lse "
-        "and the per-row upstream gradient",
+        "and the per-row gradient grad_rows",
         py::kw_only(), py::arg("x"), py::arg("w"), py::arg("y"), py::arg("target_logit"), py::arg("target_slope"),
         py::arg("lse"), py::arg("grad_rows"), py::arg("class_start"), py::arg("num_classes"), py::arg("chunk"),
         py::arg("scale"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("grad_x"),

@@ -63,12 +63,12 @@ MF_HOST_DEVICE SplitLse split_lse(double lse) {
   return SplitLse{hi, static_cast<float>(lse - static_cast<double>(hi))};
 }
 
-// ∂ℓ_i/∂c_ij of one element, before the row's upstream gradient and the normalisations:
+// ∂ℓ_i/∂c_ij of one element, before the row's gradient grad_rows_i and the normalisations:
 //   slope · (p_ij − (1−ε)[j = y_i] − ε/C),   p_ij = exp(z_ij − lse_i),
-// with slope = ∂z_ij/∂c_ij: s off the target, σ_i on it; smooth_per_class = ε/C.
+// with slope = ∂z_ij/∂c_ij: s off the target, σ_i on it; smoothing_per_class = ε/C.
 MF_HOST_DEVICE float logit_grad(float prob, float slope, bool is_target, float label_smoothing,
-                                float smooth_per_class) {
-  const float g = prob - smooth_per_class;
+                                float smoothing_per_class) {
+  const float g = prob - smoothing_per_class;
   return slope * (is_target ? g - (1.0f - label_smoothing) : g);
 }
 

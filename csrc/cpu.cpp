@@ -15,7 +15,7 @@
 //   outputs are the per-row partials of marginfused/partials.py over this weight's classes; the
 //   caller merges shards and forms the loss.
 //
-// Backward, per chunk, with lse_i over all classes and the upstream gradient u_i of ℓ_i:
+// Backward, per chunk, with lse_i over all classes and u_i = grad_rows_i, the gradient of ℓ_i:
 //   recompute S, then in place U_ij = u_i q_i r_j G_ij with p_ij = exp(z_ij - lse_i) and
 //     G_ij = ∂ℓ_i/∂c_ij = s (p_ij - ε/C)               for j ≠ y_i,
 //     G_iy = ∂ℓ_i/∂c_iy = σ_i (p_iy - (1-ε) - ε/C)
@@ -200,14 +200,14 @@ inline void forward_row(float* row, int64_t n, float qi, const float* r, int64_t
 // t_i and σ_i (`target_logit`, `target_slope`) are read only where the target is in the chunk;
 // lse_i is float64, split by split_lse.
 inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
-                         float target_logit, float target_slope, double lse, float upstream,
-                         float smooth_per_class, const LossParams& p) {
-  if (label == p.ignore_index || upstream == 0.0f) {
+                         float target_logit, float target_slope, double lse, float grad_row,
+                         float smoothing_per_class, const LossParams& p) {
+  if (label == p.ignore_index || grad_row == 0.0f) {
     std::fill(row, row + n, 0.0f);
     return;
   }
   const float s = p.scale, eps = p.label_smoothing;
-  const float uq = upstream * qi;
+  const float uq = grad_row * qi;
   const SplitLse split = split_lse(lse);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
@@ -215,12 +215,12 @@ inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_
     c = c < -1.0f ? -1.0f : c;
     c = c > 1.0f ? 1.0f : c;
     const float prob = exp_fp32((s * c - split.hi) - split.lo);
-    row[j] = uq * r[j] * logit_grad(prob, s, false, eps, smooth_per_class);
+    row[j] = uq * r[j] * logit_grad(prob, s, false, eps, smoothing_per_class);
   }
   const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
   if (target >= 0) {
     const float prob = exp_fp32((target_logit - split.hi) - split.lo);
-    row[target] = uq * r[target] * logit_grad(prob, target_slope, true, eps, smooth_per_class);
+    row[target] = uq * r[target] * logit_grad(prob, target_slope, true, eps, smoothing_per_class);
   }
 }
 
@@ -385,7 +385,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     const float* slopes = target_slope.data_ptr<float>();
     const double* lse_data = lse.data_ptr<double>();
     const float* up = grad_rows.data_ptr<float>();
-    const float smooth_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
+    const float smoothing_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
 
     run_chunks(chunks, threads, [&](int t, int64_t k) {
       Workspace& ws = work[t];
@@ -397,7 +397,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       float* u_data = u_tile.data_ptr<float>();
       for (int64_t i = 0; i < B; ++i)
         backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
-                     lse_data[i], up[i], smooth_per_class, plan.params);
+                     lse_data[i], up[i], smoothing_per_class, plan.params);
       if (need_x) ws.acc.addmm_(u_tile, wc);
       if (need_w) {
         at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(ws.h32, n, D);

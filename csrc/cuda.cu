@@ -191,21 +191,21 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
                                       const int64_t* __restrict__ labels, const float* __restrict__ target_logit,
                                       const float* __restrict__ target_slope, int64_t chunk_start,
                                       const float* __restrict__ lse_hi, const float* __restrict__ lse_lo,
-                                      const float* __restrict__ upstream, float smooth_per_class, LossParams p) {
+                                      const float* __restrict__ grad_rows, float smoothing_per_class, LossParams p) {
   const int64_t total = batch * n;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = idx / n;
     const int64_t j = idx - i * n;
     const int64_t label = labels[i];
-    const float u = upstream[i];
+    const float u = grad_rows[i];
     float value = 0.0f;
     if (label != p.ignore_index && u != 0.0f) {
       const bool is_target = label - chunk_start == j;
       const float z = is_target ? target_logit[i] : p.scale * clamp_unit(s_tile[idx] * q[i] * r[j]);
       const float slope = is_target ? target_slope[i] : p.scale;
       const float prob = expf((z - lse_hi[i]) - lse_lo[i]);
-      value = u * q[i] * r[j] * logit_grad(prob, slope, is_target, p.label_smoothing, smooth_per_class);
+      value = u * q[i] * r[j] * logit_grad(prob, slope, is_target, p.label_smoothing, smoothing_per_class);
     }
     u_tile[idx] = static_cast<grad_t>(value);
   }
@@ -338,7 +338,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     if (!is_float) a_chunk = at::empty({B, D}, f32);
   }
   if (need_w && !is_float) h_buffer = at::empty({n_max * D}, f32);
-  const float smooth_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
+  const float smoothing_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     inverse_norms_kernel<scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
@@ -359,7 +359,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       backward_chunk_kernel<scalar_t><<<grid_for(B * n, kThreads), kThreads, 0, stream>>>(
           s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, q.data_ptr<float>(), r.data_ptr<float>(),
           y.data_ptr<int64_t>(), target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), class_start + c0,
-          lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), smooth_per_class,
+          lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), smoothing_per_class,
           plan.params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_x) {

@@ -19,13 +19,17 @@ Ignored rows have G = 0. The kernel writes dX̂ and dŴ in float32; `project.py`
 through the normalisation (∂ℓ/∂x = (g − x̂(x̂·g))/‖x‖) and casts to the input dtype.
 
 Grid: (cdiv(B, BLOCK_B), n_splits), the forward's. Program (b, k) walks the class tiles of split
-k; per tile it recomputes the cosines and norms (`tiles.cos_tile`), builds G (BLOCK_B × BLOCK_C,
-float32, cast to the input dtype for the tensor-core dots as the torch reference casts its cosine
-gradient), then per D chunk:
+k; per tile it recomputes the cosines (`tiles.cos_tile`, with the pre-pass's inverse norms),
+builds G (BLOCK_B × BLOCK_C, float32), and casts G·2^k to the input dtype for the tensor-core
+dots, whose float32 results it multiplies by 2^-k (exact). 2^k (the host's `grad_scale`) is 1 but
+for float16 inputs, where it lifts G into float16's range: at B = 1024, s = 64 a negative class's
+G ≈ s·p/B ≈ 6e-8 is float16's smallest subnormal, and the negative classes' gradient (O(1) in
+all) would otherwise be lost to the cast. Then per D chunk:
     dX̂ partial: dx_part[k, rows, d] (+)= G · ŵ[cols, d]       — program-exclusive, no atomics: the
                  split's first tile stores, later tiles load-add-store; the host's projection sums
                  the n_splits partials (an (n_splits, B, D) float32 buffer).
-    dŴ:          dw_acc[cols, d] += Gᵀ · x̂[rows, d]           — float32 atomic add into a zeroed
+    dŴ:          dw_acc[cols, d] += Gᵀ · x̂[rows, d]           — float32 atomic add (relaxed: no
+                 memory fences, which the default acq_rel adds around every add) into a zeroed
                  (C_local, D) buffer; cdiv(B, BLOCK_B) programs add to each element (summation
                  order not deterministic).
 ŵ and x̂ chunks are normalised in registers, never in memory.
@@ -41,8 +45,8 @@ from .tiles import cos_tile, target_in_tile, target_logits
 
 @triton.jit
 def grad_kernel(
-    x_ptr, w_ptr, y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr,
-    dx_part_ptr, dw_acc_ptr,
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr,
+    grad_rows_ptr, grad_scale_ptr, dx_part_ptr, dw_acc_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
     scale, ignore_index, target_weight, smoothing_per_class,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -65,6 +69,8 @@ def grad_kernel(
     target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
     slope_ratio = tl.load(target_slope_ptr + rows, mask=row_ok, other=0.0) / scale  # σ_i / s
     row_factor = grad_rows * scale
+    inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
+    grad_scale = tl.load(grad_scale_ptr)  # 2^k: G·2^k fits the input dtype; the dots are unscaled
 
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C_local)
@@ -73,8 +79,9 @@ def grad_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tile
         col_ok = cols < c_end
-        cos, inv_x, inv_w = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
-                                     BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
+        inv_w = tl.load(inv_w_ptr + cols, mask=col_ok, other=0.0)
+        cos = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w, D, stride_x, stride_w,
+                       BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
         is_target = target_in_tile(target_col, c0, BLOCK_C)
         z = target_logits(cos, is_target, target_logit, scale)
         p = tl.exp((z - row_max[:, None]) - log_sumexp[:, None])
@@ -82,7 +89,7 @@ def grad_kernel(
         dz = tl.where(is_target, dz * slope_ratio[:, None], dz)
         g = dz * row_factor[:, None]
         g = tl.where(col_ok[None, :] & valid[:, None], g, 0.0)
-        g_in = g.to(x_ptr.dtype.element_ty)
+        g_in = (g * grad_scale).to(x_ptr.dtype.element_ty)
         later_tile = (dims * 0 + c0) != c_begin  # a vector: the interpreter rejects scalar masks
 
         for d0 in range(0, D, BLOCK_D):
@@ -92,7 +99,7 @@ def grad_kernel(
                 w = tl.load(w_ptr + cols[:, None] * stride_w + d[None, :],
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                 w_hat = (w.to(tl.float32) * inv_w[:, None]).to(w.dtype)
-                part = tl.dot(g_in, w_hat, input_precision=DOT_PRECISION)
+                part = tl.dot(g_in, w_hat, input_precision=DOT_PRECISION) / grad_scale
                 dx_ptrs = dx_part_ptr + (split * B + rows[:, None]) * D + d[None, :]
                 dx_mask = row_ok[:, None] & d_ok[None, :]
                 part += tl.load(dx_ptrs, mask=dx_mask & later_tile[None, :], other=0.0)
@@ -101,6 +108,6 @@ def grad_kernel(
                 x = tl.load(x_ptr + rows[:, None] * stride_x + d[None, :],
                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 x_hat = (x.to(tl.float32) * inv_x[:, None]).to(x.dtype)
-                part = tl.dot(tl.trans(g_in), x_hat, input_precision=DOT_PRECISION)
+                part = tl.dot(tl.trans(g_in), x_hat, input_precision=DOT_PRECISION) / grad_scale
                 tl.atomic_add(dw_acc_ptr + cols[:, None] * D + d[None, :], part,
-                              mask=col_ok[:, None] & d_ok[None, :])
+                              mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")

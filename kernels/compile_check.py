@@ -93,7 +93,8 @@ def check(arch: int, dtypes, report: bool) -> int:
         scalars = dict(B="i32", C_local="i32", D="i32", stride_x="i32", stride_w="i32", class_start="i64",
                        classes_per_split="i32", batch_bucket="i32", scale="fp32", ignore_index="i32",
                        target_weight="fp32", smoothing_per_class="fp32")
-        pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", y_ptr="*i64", target_logit_ptr="*fp32",
+        pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", y_ptr="*i64", inv_x_ptr="*fp32",
+                        inv_w_ptr="*fp32", grad_scale_ptr="*fp32", target_logit_ptr="*fp32",
                         target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32", logit_sum_ptr="*fp32",
                         best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32", log_sumexp_ptr="*fp32",
                         grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_acc_ptr="*fp32")

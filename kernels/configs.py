@@ -28,10 +28,10 @@ class Tiles:
 
 # GPU configurations by input dtype: "16" for float16/bfloat16 (tensor-core dots), "32" for
 # float32 (full-precision dots, no tensor cores). Chosen without a GPU, by compiling for sm_90a
-# (`python -m marginfused.kernels.compile_check` prints ptxas's counts). 16-bit: forward 188–233
-# registers, backward 232–255, no spills, for every margin; float32: forward 168 registers with
-# 12 bytes spilled, backward ≤ 255 with ≤ 4 bytes. The larger 16-bit tiles first tried (forward
-# 128×128) spilled. None of this is timed yet: to be measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
+# (`python -m marginfused.kernels.compile_check` prints ptxas's counts for the PTX Triton emits):
+# 16-bit forward 176 registers, backward 247; float32 forward 184, backward 245; no spills. The
+# larger 16-bit tiles first tried (forward 128×128) spilled. None of this is timed yet: to be
+# measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
 FORWARD_GPU = {
     "16": Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
     "32": Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=2),

@@ -13,14 +13,15 @@ target logit the caller supplies, s·f(c_iy) for a margin f evaluated in PyTorch
 
 Grid: (cdiv(B, BLOCK_B), n_splits). Program (b, k) owns rows [b·BLOCK_B, …) and the classes
 [k·classes_per_split, min((k+1)·classes_per_split, C_local)) of this shard of W, which it walks in
-BLOCK_C tiles; each tile's D loop loads x and W chunks once for the dot product and the norms
+BLOCK_C tiles; each tile's D loop loads x and W chunks for the dot product alone, scaled in the
+epilogue by the inverse norms 1/max(‖x_i‖, 1e-12), 1/max(‖w_j‖, 1e-12) of a pre-pass
 (`tiles.cos_tile`). It writes one partial per row into row k of each (n_splits, B) output; the host
 merges the splits (`marginfused.partials.merge_partials`) and the loss is
 ℓ_i = lse_i − (1−ε)·z_iy − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
 
-Saved for the backward pass: only max_i and log sumexp_i of the merged partials (2·B floats;
-lse_i = max_i + log sumexp_i). The backward kernel recomputes each cosine tile and the norms
-(see backward.py).
+Saved for the backward pass: max_i and sumexp_i of the merged partials (lse_i = max_i +
+log sumexp_i) beside the target logits and slopes (4·B floats). The backward kernel recomputes
+each cosine tile (see backward.py).
 
 Sharding: columns are local indices j_local ∈ [0, C_local); the global class id is
 class_start + j_local, labels are global, so a shard of W is just (W_shard, class_start).
@@ -35,7 +36,7 @@ from .tiles import cos_tile, target_in_tile, target_logits
 
 @triton.jit
 def row_partials_kernel(
-    x_ptr, w_ptr, y_ptr, target_logit_ptr,
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr,
     max_ptr, sumexp_ptr, logit_sum_ptr, best_cos_ptr, best_class_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
     scale, ignore_index,
@@ -52,6 +53,7 @@ def row_partials_kernel(
     has_target = row_ok & (labels != ignore_index) & (local >= 0) & (local < C_local)
     target_col = tl.where(has_target, local, -1)
     target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
+    inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
 
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
@@ -65,8 +67,9 @@ def row_partials_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tile
         col_ok = cols < c_end
-        cos, inv_x, inv_w = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
-                                     BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
+        inv_w = tl.load(inv_w_ptr + cols, mask=col_ok, other=0.0)
+        cos = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w, D, stride_x, stride_w,
+                       BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
         is_target = target_in_tile(target_col, c0, BLOCK_C)
         z = target_logits(cos, is_target, target_logit, scale)
         z = tl.where(col_ok[None, :], z, float("-inf"))

@@ -8,6 +8,6 @@ NORM_EPS = 1e-12
 """x̂ = x / max(‖x‖, NORM_EPS): F.normalize's default eps, the floor of every row norm."""
 
 DERIVATIVE_EPS = 2.0**-23
-"""How far inside ±1 the cosine is clamped before f′ divides by sin θ: one float32 step below 1,
-exactly representable in float32 and float64, so every backend clamps at the same point
-(θ ≥ 4.9e-4)."""
+"""How far inside ±1 the cosine is clamped before f′ divides by sin θ (the margins' closed forms,
+and the autograd slope of a callable margin): one float32 step below 1, exactly representable in
+float32 and float64 (θ ≥ 4.9e-4)."""

@@ -4,18 +4,27 @@ When W (C × D) outgrows one GPU, rank r holds the rows [start_r, stop_r) of W, 
 `shard_range` (the first C mod world_size ranks hold one extra class). Every step:
 
 1. the local batches x_r (same size on every rank) and their global labels are all-gathered;
-2. each rank computes, with a fused backend, the per-row partials of its shard's logits over the
-   whole gathered batch: max m, Σ exp(z − m), target logit, logit sum (see `partials.py`);
-3. an all-reduce of the maxima, then one of the rescaled sums, gives the global log-sum-exp, and
+2. the target pre-pass (`marginfused.target`): the rank holding class y_i computes the target
+   cosine c_iy from its row of W, an all-reduce gives every rank all of them, and each rank
+   applies the margin to its own rows (so per-row margin tensors are of the local batch) and
+   all-gathers the target logits z_iy and slopes;
+3. each rank computes, with a fused backend, the per-row partials of its shard's logits over the
+   whole gathered batch: max m, Σ exp(z − m), logit sum (see `partials.py`);
+4. an all-reduce of the maxima, then one of the rescaled sums, gives the global log-sum-exp, and
    from it the loss, identical on every rank (the mean over the global batch by default);
-4. backward: each rank computes its shard's contribution to ∂L/∂x for the whole gathered batch,
-   given the global log-sum-exp; an all-reduce sums them, and each rank keeps its own rows.
+5. backward: each rank computes its shard's contribution to ∂L/∂x for the whole gathered batch,
+   given the global log-sum-exp, the target's term entering through the slope on the rank that
+   holds the class; an all-reduce sums them, and each rank keeps its own rows; ∂L/∂z_iy of its
+   own rows goes into its margin's autograd graph.
 
 Gradients. `w_shard.grad` is exactly ∂L/∂w_shard. `x_local.grad` is world_size × ∂L/∂x_local
 (Partial FC's convention): the backbone that produced x_local is replicated under
 DistributedDataParallel, which averages its gradients over ranks, and that average of
 world_size × ∂L/∂x_r · ∂x_r/∂θ over r is exactly ∂L/∂θ. Keep the sharded head out of DDP: its
-shards are different parameters, and its gradients are already exact.
+shards are different parameters, and its gradients are already exact. Whatever the margin depends
+on besides the cosine (a per-row margin tensor, a learnable parameter) gets world_size × its local
+rows' share of ∂L, the same convention: exact once DDP (or an all-reduce mean) averages it over
+ranks; a parameter kept out of DDP needs that all-reduce mean itself.
 
 Partial FC sampling (`sample_rate` < 1). Each step, each rank keeps every class of its shard that
 is a label in the global batch, plus random other classes of its shard, ⌈sample_rate × shard
@@ -40,9 +49,9 @@ from .backends import Backend, select_backend
 from .checks import check_inputs
 from .margins import MarginLike
 from .modules import WEIGHT_INIT_STD, store_settings
-from .partials import RowPartials, row_loss, target_probability_grad
+from .partials import RowPartials, row_loss
 from .settings import LossSettings, check_reduction
-from .target import target_cosines, target_logits
+from .target import NON_FINITE_MESSAGE, all_finite, target_cosines, target_logit_grad, target_logits
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -208,7 +217,7 @@ class _ShardedLoss(torch.autograd.Function):
         grad_x_local = (world_size * grad_x.chunk(world_size)[rank]).to(ctx.local_dtype) if need_x else None
         grad_z_local = None
         if need_z:
-            grad_z = target_probability_grad(row_max, row_sumexp, z, grad_rows, labels, settings.ignore_index,
+            grad_z = target_logit_grad(row_max, row_sumexp, z, grad_rows, labels, settings.ignore_index,
                                              settings.label_smoothing, num_classes)
             grad_z_local = world_size * grad_z.chunk(world_size)[rank]
         return (grad_x_local, grad_w, grad_z_local) + (None,) * 9
@@ -276,6 +285,10 @@ def _sharded_margin_cross_entropy(
     cos = _target_cosines(x, w_shard, labels, class_start, ignore_index, group)
     rows = slice(rank * len(x_local), (rank + 1) * len(x_local))
     target = target_logits(cos[rows], y_local != ignore_index, settings)
+    finite = all_finite(target, y_local != ignore_index).to(torch.int32).reshape(1)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)  # every rank raises together
+    if not bool(finite):
+        raise ValueError(NON_FINITE_MESSAGE)
     slope = _all_gather(target.slope, group)
     return _ShardedLoss.apply(
         x_local, w_shard, target.logit, x, labels, slope, implementation, settings, class_start, num_classes,

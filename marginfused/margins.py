@@ -40,18 +40,20 @@ Parameter = Union[float, Tensor]
 """A margin parameter: one value for every row, or a (B,) tensor of per-row values."""
 
 
-def _working_dtype(cos: Tensor) -> torch.dtype:
-    return torch.float64 if cos.dtype == torch.float64 else torch.float32
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other dtype: the precision every backend
+    computes in after the cosine matmul, and the margins' precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _theta(cos: Tensor) -> Tensor:
     """θ = arccos(c) for f: c clamped to [−1, 1]."""
-    return torch.acos(cos.to(_working_dtype(cos)).clamp(-1.0, 1.0))
+    return torch.acos(cos.to(working_dtype(cos.dtype)).clamp(-1.0, 1.0))
 
 
 def _theta_inside(cos: Tensor) -> Tensor:
     """θ = arccos(c) for f′: c clamped a hair inside ±1, so sin θ > 0."""
-    c = cos.to(_working_dtype(cos))
+    c = cos.to(working_dtype(cos.dtype))
     return torch.acos(c.clamp(-1.0 + DERIVATIVE_EPS, 1.0 - DERIVATIVE_EPS))
 
 
@@ -99,12 +101,12 @@ class Margin(abc.ABC):
 
     def __call__(self, cos: Tensor) -> Tensor:
         """f(c), differentiable (in c and in tensor parameters), in the dtype of `cos`."""
-        c = cos.to(_working_dtype(cos))
+        c = cos.to(working_dtype(cos.dtype))
         return self._value(_theta(cos), c).to(cos.dtype)
 
     def derivative(self, cos: Tensor) -> Tensor:
         """f′(c), in the dtype of `cos`; finite at c = ±1 (θ clamped inside (0, π))."""
-        c = cos.to(_working_dtype(cos))
+        c = cos.to(working_dtype(cos.dtype))
         return self._slope(_theta_inside(cos), c).to(cos.dtype)
 
 

@@ -27,7 +27,8 @@ from torch import Tensor
 
 
 class RowPartials(NamedTuple):
-    """Per-row statistics over one class range; every field has shape (B,), float32 but best_class (int64)."""
+    """Per-row statistics over one class range; every field has shape (B,), in the working precision
+    (float32, float64 for float64 inputs) but best_class (int64)."""
 
     max: Tensor
     sumexp: Tensor
@@ -67,13 +68,3 @@ def row_loss(
         - (label_smoothing / num_classes) * partials.logit_sum
     )
     return torch.where(y == ignore_index, torch.zeros_like(loss), loss)
-
-
-def target_probability_grad(
-    partials_max: Tensor, partials_sumexp: Tensor, target_logit: Tensor, grad_rows: Tensor, y: Tensor,
-    ignore_index: int, label_smoothing: float, num_classes: int,
-) -> Tensor:
-    """∂(Σ_i g_i ℓ_i)/∂z_iy = g_i·(p_iy − (1 − ε) − ε/C), p_iy = exp(z_iy − lse_i); 0 for ignored rows."""
-    p = torch.exp((target_logit - partials_max) - torch.log(partials_sumexp))
-    grad = grad_rows * (p - (1.0 - label_smoothing) - label_smoothing / num_classes)
-    return torch.where(y == ignore_index, torch.zeros_like(grad), grad)

@@ -24,7 +24,7 @@ class LossSettings:
 
     margin: Optional[MarginFunction]
     scale: float = 64.0
-    margin_grad: str = "detached"
+    margin_grad: Optional[str] = "detached"
     ignore_index: int = -100
     label_smoothing: float = 0.0
 
@@ -59,7 +59,7 @@ class LossSettings:
     def for_kernels(cls, scale: float, ignore_index: int, label_smoothing: float) -> "LossSettings":
         """The settings the fused kernels read (inside a custom operator, which takes numbers):
         the margin has already been applied to the target logits."""
-        return cls(None, scale, "detached", ignore_index, label_smoothing)
+        return cls(None, scale, None, ignore_index, label_smoothing)
 
 
 def check_reduction(reduction: str) -> str:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .constants import DERIVATIVE_EPS, NORM_EPS
-from .margins import Margin, MarginFunction
+from .margins import Margin, MarginFunction, working_dtype
 from .settings import LossSettings
 
 
@@ -34,11 +34,6 @@ class TargetLogits(NamedTuple):
 
     logit: Tensor
     slope: Tensor
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else: the precision after the matmul."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def target_cosines(x: Tensor, w: Tensor, column: Tensor, valid: Tensor) -> Tensor:
@@ -53,13 +48,14 @@ def target_cosines(x: Tensor, w: Tensor, column: Tensor, valid: Tensor) -> Tenso
 
 
 def margin_slope(margin: MarginFunction, cos: Tensor) -> Tensor:
-    """f′(c) (detached): the margin's closed form, or autograd of f at c clamped inside ±1."""
+    """f′(c) (detached): the margin's closed form, or forward-mode autograd of f at c clamped
+    inside ±1 (a margin acts row by row: f′ is the derivative of each output in its own cosine).
+    Forward mode traces under torch.compile, where `torch.autograd.grad` would break the graph."""
     if isinstance(margin, Margin):
         return margin.derivative(cos).detach()
-    with torch.enable_grad():
-        inside = cos.detach().clamp(-1.0 + DERIVATIVE_EPS, 1.0 - DERIVATIVE_EPS).requires_grad_(True)
-        (slope,) = torch.autograd.grad(margin(inside).sum(), inside, allow_unused=True)
-    return torch.zeros_like(cos) if slope is None else slope.detach()
+    inside = cos.detach().clamp(-1.0 + DERIVATIVE_EPS, 1.0 - DERIVATIVE_EPS)
+    _, slope = torch.func.jvp(lambda c: margin(c), (inside,), (torch.ones_like(inside),))
+    return slope.detach()
 
 
 def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings) -> TargetLogits:
@@ -72,11 +68,36 @@ def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings) -> TargetL
             f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
         )
     logit = settings.scale * value.to(cos.dtype)
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(logit.detach()).where(valid, True).all()):
-        raise ValueError("margin: the target logits s·f(c) must be finite; the margin returned NaN or Inf")
     if settings.margin_grad == "exact":
         slope = settings.scale * margin_slope(settings.margin, cos).to(cos.dtype)
     else:
         slope = torch.full_like(cos, settings.scale)
     zero = torch.zeros_like(cos)
     return TargetLogits(torch.where(valid, logit, zero), torch.where(valid, slope, zero))
+
+
+def all_finite(target: TargetLogits, valid: Tensor) -> Tensor:
+    """A 0-dim bool tensor: the target logits and slopes of the `valid` rows are finite."""
+    finite = torch.isfinite(target.logit.detach()) & torch.isfinite(target.slope)
+    return (finite | ~valid).all()
+
+
+NON_FINITE_MESSAGE = "margin: the target logits s·f(c) and slopes must be finite; the margin returned NaN or Inf"
+
+
+def check_finite(target: TargetLogits, valid: Tensor) -> None:
+    """Raise ValueError if a valid row's target logit or slope is NaN or Inf (one host
+    synchronisation; skipped under torch.compile, whose traced graph has no values)."""
+    if not torch.compiler.is_compiling() and not bool(all_finite(target, valid)):
+        raise ValueError(NON_FINITE_MESSAGE)
+
+
+def target_logit_grad(
+    row_max: Tensor, row_sumexp: Tensor, target_logit: Tensor, grad_rows: Tensor, y: Tensor, ignore_index: int,
+    label_smoothing: float, num_classes: int,
+) -> Tensor:
+    """∂(Σ_i g_i ℓ_i)/∂z_iy = g_i·(p_iy − (1 − ε) − ε/C), p_iy = exp(z_iy − lse_i) from the row
+    statistics over all classes; 0 for ignored rows. O(B): no kernel needed."""
+    p = torch.exp((target_logit - row_max) - torch.log(row_sumexp))
+    grad = grad_rows * (p - (1.0 - label_smoothing) - label_smoothing / num_classes)
+    return torch.where(y == ignore_index, torch.zeros_like(grad), grad)

@@ -59,4 +59,42 @@ def backend(request, monkeypatch) -> BackendUnderTest:
     if reason:
         pytest.skip(f"{name}: {reason}")
     monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: CONTRACT_CHUNK)
+    if name == "triton" and device == "cpu":
+        interpret_bfloat16_dots(monkeypatch)
     return BackendUnderTest(name, device)
+
+
+def interpret_bfloat16_dots(monkeypatch) -> None:
+    """Let Triton's interpreter compute bfloat16 dot products, for the tests only.
+
+    The interpreter stores bfloat16 as uint16 and its `tl.dot` multiplies those bit patterns as
+    integers (triton issue #11584), which is why the backend refuses bfloat16 under the
+    interpreter. Here its dot converts bfloat16 operands to the float32 they stand for (exact: a
+    bfloat16 is the top half of a float32) and the backend's refusal is lifted, so the bfloat16
+    logic of the kernels is checked against the truth like every other dtype."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    from marginfused.backends import triton as triton_backend
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def as_float32(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            bits = handle.data.astype(np.uint32) << np.uint32(16)
+            return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
+
+    original_reason = triton_backend.TritonBackend.unsupported_reason
+
+    def unsupported_reason(self, device_type, dtype):
+        if dtype == torch.bfloat16 and device_type == "cpu":
+            return None
+        return original_reason(self, device_type, dtype)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(triton_backend.TritonBackend, "unsupported_reason", unsupported_reason)

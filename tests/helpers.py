@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import marginfused as mf
-from marginfused.margins import resolve_margin
+from marginfused.margins import resolve_margin, working_dtype
 from marginfused.target import margin_slope
 
 MARGINS = {
@@ -87,11 +87,6 @@ UNIT_ROUNDOFF = {
 
 LAMBDA = 8.0
 """The probabilistic bound's constant λ (see the module docstring)."""
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision every backend computes in after the matmul's inputs: fp64 or fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def cosine_bound(dtype: torch.dtype, dim: int) -> float:

@@ -121,3 +121,17 @@ def test_compiled_with_the_automatic_backend_choice():
     head = mf.MarginSoftmaxLoss(8, 40)  # backend="auto"
     y = torch.randint(0, 40, (10,))
     check_step(network, head, x, y, torch.compile(lambda x, y: head(network(x), y, return_accuracy=True), fullgraph=True))
+
+
+def test_compiled_step_with_a_callable_margin_in_exact_mode(fused):
+    """A user's margin traces too: its slope comes from forward-mode autograd, which compiles."""
+    torch.manual_seed(2)
+    network, x = integer_network(2, 10, 16, 8)
+
+    def margin(c):
+        return torch.cos(torch.acos(c) + 0.3) - 0.1
+
+    head = mf.MarginSoftmaxLoss(8, 40, margin=margin, margin_grad="exact", backend=fused)
+    y = torch.randint(0, 40, (10,))
+    step = torch.compile(lambda x, y: head(network(x), y, return_accuracy=True), fullgraph=True)
+    check_step(network, head, x, y, step, margin=margin, margin_grad="exact")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import marginfused as mf
 from marginfused.distributed import ShardedMarginSoftmaxLoss, sample_classes, shard_range, sharded_margin_cross_entropy
 
-from helpers import UNIT_ROUNDOFF, assert_close, budgets, make_inputs, working_dtype
+from helpers import UNIT_ROUNDOFF, assert_close, budgets, cosine_bound, make_inputs, working_dtype
 
 LOCAL_BATCH, NUM_CLASSES, DIM = 5, 23, 12
 MARGINS = [mf.CosFace(), mf.ArcFace(fallback="linear"), mf.SphereFace(), mf.ExpFace(), mf.CombinedMargin()]
@@ -163,6 +163,40 @@ def _check_autocast(rank, world):
     assert_close("w grad", head.weight.grad.double(), truth.grad_weight[start:stop], limits["grad_weight"])
 
 
+def _check_margin_gradients(rank, world):
+    """A per-row margin tensor of the local rows and a shared learnable parameter: each rank's
+    gradients are world_size × its local rows' share of ∂L (the x_local convention), so averaged
+    over ranks (as DDP averages) they are ∂L exactly. float64, torch backend:
+    the bound is the contract's for ∂L/∂m (tests/test_contract.py) in float64, plus the all-reduces'
+    rounding."""
+    x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=1, seed=world + 30)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    start, stop = shard_range(NUM_CLASSES, rank, world)
+
+    def loss_and_grads(x, w, y, m, shift, sharded):
+        margin = lambda c: mf.ArcFace(m)(c) - shift  # noqa: E731
+        if sharded:
+            loss = sharded_margin_cross_entropy(x, w, y, margin, class_start=start, num_classes=NUM_CLASSES,
+                                                scale=30.0, margin_grad="exact", backend="torch")
+        else:
+            loss = mf.margin_cross_entropy(x, w, y, margin, scale=30.0, margin_grad="exact", backend="torch")
+        loss.backward()
+        return m.grad, shift.grad
+
+    m_full = torch.linspace(0.2, 0.6, world * LOCAL_BATCH, dtype=torch.float64)
+    truth_m, truth_shift = loss_and_grads(x_full, w_full, y_full, m_full.clone().requires_grad_(),
+                                          torch.tensor(0.05, dtype=torch.float64, requires_grad=True), False)
+    got_m, got_shift = loss_and_grads(x_full[rows], w_full[start:stop], y_full[rows],
+                                      m_full[rows].clone().requires_grad_(),
+                                      torch.tensor(0.05, dtype=torch.float64, requires_grad=True), True)
+    unit = 2.0**-53
+    bound = 30.0 / len(y_full) * (2 * 30.0 * cosine_bound(torch.float64, DIM) + 16 * unit) + world * unit
+    assert_close("per-row margin grad", got_m, world * truth_m[rows], world * bound)
+    total = got_shift.clone()
+    dist.all_reduce(total)
+    assert_close("shared parameter grad, averaged over ranks", total / world, truth_shift, len(y_full) * bound)
+
+
 def _worker(rank, world, store, out_dir, backends):
     failures = []
     try:
@@ -173,6 +207,7 @@ def _worker(rank, world, store, out_dir, backends):
         checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, dtypes[b])) for b in backends]
         checks.append(("errors", lambda: _check_errors(rank, world)))
         checks.append(("autocast", lambda: _check_autocast(rank, world)))
+        checks.append(("margin gradients", lambda: _check_margin_gradients(rank, world)))
         for name, check in checks:
             try:
                 check()

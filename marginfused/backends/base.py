@@ -27,6 +27,10 @@ from ..partials import RowPartials
 from ..settings import LossSettings
 
 
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The input dtypes the fused backends compute from (float64 inputs go to the torch backend)."""
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run; the message says why."""
 

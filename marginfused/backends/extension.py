@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..partials import RowPartials
 from ..settings import LossSettings
-from .base import BackendUnavailableError
+from .base import FUSED_DTYPES, BackendUnavailableError
 from .ops import FusedBackend
 
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
@@ -185,7 +185,6 @@ CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 64 << 20}
 thread), bounded on a GPU (one tile, plus its half/bf16 copy for the backward GEMMs)."""
 
 MIN_CHUNK = 16
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def chunk_size(device_type: str, batch: int) -> int:
@@ -198,8 +197,9 @@ class ExtensionBackend(FusedBackend):
 
     Both walk the classes in chunks whose B×chunk fp32 tile stays within a fixed budget, however
     many classes there are: per chunk one GEMM for the raw dot products (normalisation folded in
-    as row and column scales, no normalised copy of W), then one fused pass for the target
-    column's logit, the online max / sum-exp, the logit sum and the argmax. The backward pass
+    as row and column scales, no normalised copy of W), then one fused pass that puts the supplied
+    target logit on each row's target column and folds the chunk into the online max / sum-exp,
+    the logit sum and the argmax. The backward pass
     recomputes each chunk, forms the gradient tile in place and accumulates dX̂ and dŴ with two
     more GEMMs, then projects through the normalisation (the math is written out at the top of
     csrc/cpu.cpp and csrc/cuda.cu). Inputs may be float32, float16 or bfloat16; everything is
@@ -216,7 +216,7 @@ class ExtensionBackend(FusedBackend):
     def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
         if device_type != self.device_type:
             return f"the {self.name} backend runs on {self.device_type} tensors, got {device_type} tensors"
-        if dtype not in SUPPORTED_DTYPES:
+        if dtype not in FUSED_DTYPES:
             return (
                 f"{dtype} inputs are not supported (float32, float16 and bfloat16 are); "
                 "use backend='torch' for them"

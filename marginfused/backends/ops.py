@@ -8,7 +8,7 @@ classes. Here they become two custom operators,
                              label_smoothing) -> (loss, prediction, row_max, row_sumexp)
         partials over all C classes, then ℓ_i = row_loss(...)   (`marginfused.partials`)
     marginfused::margin_loss_backward(x, w, y, target_logit, target_slope, row_max, row_sumexp,
-                                      grad_loss, backend, scale, ignore_index, label_smoothing,
+                                      grad_rows, backend, scale, ignore_index, label_smoothing,
                                       need_x, need_w) -> (dx, dw)   (empty where not needed)
 
 joined by `register_autograd` and given shape functions by `register_fake`, so that autograd
@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..partials import row_loss, target_probability_grad
+from ..partials import row_loss
 from ..settings import LossSettings
-from ..target import target_cosines, target_logits
+from ..target import check_finite, target_cosines, target_logit_grad, target_logits
 from .base import REGISTRY, Backend, RowLoss
 
 
@@ -55,12 +55,12 @@ def _(x, w, y, target_logit, target_slope, *settings):
 
 def _margin_loss_backward(
     x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, row_max: Tensor,
-    row_sumexp: Tensor, grad_loss: Tensor, backend: str, scale: float, ignore_index: int, label_smoothing: float,
+    row_sumexp: Tensor, grad_rows: Tensor, backend: str, scale: float, ignore_index: int, label_smoothing: float,
     need_x: bool, need_w: bool,
 ) -> tuple[Tensor, Tensor]:
     settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing)
     dx, dw = REGISTRY[backend].backward(
-        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_loss, settings, 0, w.shape[0], need_x, need_w
+        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows, settings, 0, w.shape[0], need_x, need_w
     )
     return _or_nothing(dx, x, need_x), _or_nothing(dw, w, need_w)
 
@@ -88,18 +88,19 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.settings = settings
 
 
-def _backward(ctx, grad_loss, grad_prediction, grad_max, grad_sumexp):
+def _backward(ctx, grad_rows, grad_prediction, grad_max, grad_sumexp):
     x, w, y, target_logit, target_slope, row_max, row_sumexp = ctx.saved_tensors
     _, scale, ignore_index, label_smoothing = ctx.settings
     need_x, need_w, need_target = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:4]
-    grad_loss = grad_loss.contiguous()
-    dx, dw = margin_loss_backward(
-        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_loss, *ctx.settings, need_x, need_w
-    )
-    grad_target = None
+    grad_rows = grad_rows.contiguous()
+    dx = dw = grad_target = None
+    if need_x or need_w:
+        dx, dw = margin_loss_backward(
+            x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows, *ctx.settings, need_x, need_w
+        )
     if need_target:
-        grad_target = target_probability_grad(
-            row_max, row_sumexp, target_logit, grad_loss, y, ignore_index, label_smoothing, w.shape[0]
+        grad_target = target_logit_grad(
+            row_max, row_sumexp, target_logit, grad_rows, y, ignore_index, label_smoothing, w.shape[0]
         )
     return (dx if need_x else None, dw if need_w else None, None, grad_target, None) + (None,) * len(ctx.settings)
 
@@ -115,6 +116,7 @@ class FusedBackend(Backend):
     def per_row_loss(self, x: Tensor, w: Tensor, y: Tensor, settings: LossSettings) -> RowLoss:
         valid = y != settings.ignore_index
         target = target_logits(target_cosines(x, w, y, valid), valid, settings)
+        check_finite(target, valid)
         loss, prediction, _, _ = margin_loss(
             x, w, y, target.logit.float(), target.slope.float(), self.name, settings.scale, settings.ignore_index,
             settings.label_smoothing,

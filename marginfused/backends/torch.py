@@ -28,7 +28,8 @@ from torch import Tensor
 from ..constants import NORM_EPS
 from ..partials import RowPartials
 from ..settings import LossSettings
-from ..target import target_logits, working_dtype
+from ..margins import working_dtype
+from ..target import check_finite, target_logits
 from .base import Backend, RowLoss
 
 
@@ -79,6 +80,7 @@ class TorchBackend(Backend):
         valid = y != settings.ignore_index
         column = torch.where(valid, y, torch.zeros_like(y))
         target = target_logits(cos.gather(1, column.unsqueeze(1)).squeeze(1), valid, settings)
+        check_finite(target, valid)
         logits = _with_targets(cos, column, valid, target.logit.to(cos.dtype), target.slope.to(cos.dtype),
                                settings.scale)
         loss = F.cross_entropy(

@@ -12,6 +12,7 @@ B×C elements is ever allocated.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple, Optional
 
@@ -21,21 +22,58 @@ from torch import Tensor
 from ..kernels.configs import interpreting as _interpreting
 from ..partials import RowPartials
 from ..settings import LossSettings
+from .base import FUSED_DTYPES
 from .ops import FusedBackend
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels():
     """The kernel modules, imported on first use (this imports triton)."""
-    from ..kernels import backward, configs, forward, project
+    from ..kernels import backward, configs, forward, norms, project
 
-    return forward, backward, project, configs
+    return forward, backward, project, configs, norms
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every buffer a kernel must fill (tests replace this to poison them)."""
+    """A buffer a kernel fills, every element of it."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU, not the current one (a no-op for CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _inverse_norms(rows: Tensor) -> Tensor:
+    """1/max(‖row‖, 1e-12) of every row, float32: the pre-pass (kernels/norms.py)."""
+    _, _, _, configs, norms = _kernels()
+    tiles = configs.project_tiles()
+    out = _empty((rows.shape[0],), torch.float32, rows.device)
+    norms.inverse_norms_kernel[(_cdiv(rows.shape[0], tiles.block_b),)](
+        rows, out, rows.shape[0], rows.shape[1], rows.stride(0),
+        BLOCK_R=tiles.block_b, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+    )
+    return out
+
+
+FLOAT16_GRADIENT_CEILING = 2.0**15
+"""float16 holds up to 65504: the gradient tile is scaled by the power of two that lifts its
+largest possible entry to at most this, so no entry overflows and the small ones keep their bits."""
+
+
+def _gradient_scale(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor, scale: float) -> Tensor:
+    """2^k (a 1-element float32 tensor, computed on the device: no host synchronisation) by which
+    the backward scales its gradient tile before the cast to float16: |G_ij| ≤ 2·|g_i|·max(s, |σ_i|)
+    (|p − t − ε/C| ≤ 2), so 2^k = 2^⌊log2(2¹⁵ / that)⌋, within [2⁻²⁴, 2²⁴]. 1 for other dtypes."""
+    one = torch.ones(1, dtype=torch.float32, device=grad_rows.device)
+    if dtype != torch.float16:
+        return one
+    largest = 2 * grad_rows.abs().amax() * torch.clamp(target_slope.abs().amax(), min=scale)
+    return torch.exp2(torch.floor(torch.log2(FLOAT16_GRADIENT_CEILING / largest)).clamp(-24, 24)).reshape(1)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -48,23 +86,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _num_splits(batch_tiles: int, num_classes: int, device: torch.device) -> int:
     """How many class splits each batch tile is cut into (a small number, not growing with C)."""
-    _, _, _, configs = _kernels()
+    _, _, _, configs, _ = _kernels()
     if configs.interpreting():
         wanted = configs.INTERPRET_SPLITS
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = min(configs.MAX_SPLITS, max(1, -(-configs.PROGRAMS_PER_SM * sms // batch_tiles)))
-    return max(1, min(wanted, -(-num_classes // configs.split_align())))
+        wanted = min(configs.MAX_SPLITS, max(1, _cdiv(configs.PROGRAMS_PER_SM * sms, batch_tiles)))
+    return max(1, min(wanted, _cdiv(num_classes, configs.split_align())))
 
 
 def _class_splits(batch: int, num_classes: int, device: torch.device, block_b: int) -> tuple[int, int]:
     """(n_splits, classes_per_split): splits aligned to SPLIT_ALIGN, every split non-empty."""
-    _, _, _, configs = _kernels()
+    _, _, _, configs, _ = _kernels()
     align = configs.split_align()
-    wanted = _num_splits(-(-batch // block_b), num_classes, device)
-    per_split = -(-num_classes // wanted)
-    per_split = -(-per_split // align) * align
-    return -(-num_classes // per_split), per_split
+    wanted = _num_splits(_cdiv(batch, block_b), num_classes, device)
+    per_split = _cdiv(num_classes, wanted)
+    per_split = _cdiv(per_split, align) * align
+    return _cdiv(num_classes, per_split), per_split
 
 
 class _Plan(NamedTuple):
@@ -81,7 +119,7 @@ class _Plan(NamedTuple):
 
 def _plan(direction: str, x: Tensor, num_classes: int) -> _Plan:
     """The kernel, launch settings and class splits of the "forward" or "backward" pass."""
-    forward, backward, _, configs = _kernels()
+    forward, backward, _, configs, _ = _kernels()
     tuned = configs.autotuning(x.dtype)
     if direction == "forward":
         tiles, candidates = configs.forward_tiles(x.dtype), configs.AUTOTUNE_FORWARD
@@ -100,10 +138,6 @@ def _plan(direction: str, x: Tensor, num_classes: int) -> _Plan:
         "num_stages": tiles.num_stages,
     }
     return _Plan(kernel, meta, n_splits, per_split)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _bucket(batch: int) -> int:
@@ -125,7 +159,7 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, setti
         best_class=_empty(shape, torch.int64, x.device),
     )
     plan.kernel[plan.grid(batch)](
-        x, w, y, target_logit, *out,
+        x, w, y, _inverse_norms(x), _inverse_norms(w), target_logit, *out,
         batch, local, dim, x.stride(0), w.stride(0), class_start, plan.per_split, _bucket(batch),
         float(settings.scale), int(settings.ignore_index),
         DOT_PRECISION=_dot_precision(x.dtype),
@@ -197,7 +231,7 @@ class TritonBackend(FusedBackend):
         return None
 
     def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
-        if dtype not in SUPPORTED_DTYPES:
+        if dtype not in FUSED_DTYPES:
             hint = "; use backend='torch'" if dtype == torch.float64 else ""
             return f"{dtype} inputs are not supported (float32, float16, bfloat16 only){hint}"
         if _interpreting():
@@ -218,7 +252,7 @@ class TritonBackend(FusedBackend):
         """Partials over the classes [class_start, class_start + w.shape[0]), merged over the
         kernel's class splits (y global labels; labels outside the shard contribute no target)."""
         x, w, y, target_logit = _prepare(x, w, y, target_logit)
-        with torch.no_grad():
+        with torch.no_grad(), _on_device(x.device):
             return _merge_splits(_split_partials(x, w, y, target_logit, settings, int(class_start)))
 
     def backward(
@@ -240,7 +274,13 @@ class TritonBackend(FusedBackend):
         x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(
             x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows
         )
-        _, _, project, configs = _kernels()
+        with _on_device(x.device):
+            return self._backward(x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows, settings,
+                                  class_start, num_classes, need_x, need_w)
+
+    def _backward(self, x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows, settings, class_start,
+                  num_classes, need_x, need_w):
+        _, _, project, configs, _ = _kernels()
         batch, dim = x.shape
         local = w.shape[0]
         plan = _plan("backward", x, local)
@@ -252,7 +292,8 @@ class TritonBackend(FusedBackend):
         dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else row_max
         eps = float(settings.label_smoothing)
         plan.kernel[plan.grid(batch)](
-            x, w, y, target_logit, target_slope, row_max, log_sumexp, grad_rows, dx_part, dw_acc,
+            x, w, y, _inverse_norms(x), _inverse_norms(w), target_logit, target_slope, row_max, log_sumexp,
+            grad_rows, _gradient_scale(x.dtype, grad_rows, target_slope, settings.scale), dx_part, dw_acc,
             batch, local, dim, x.stride(0), w.stride(0), int(class_start), plan.per_split, _bucket(batch),
             float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes,
             NEED_DX=need_x,

@@ -1,0 +1,29 @@
+"""Inverse norms: the light pre-pass of docs/design.md §3.2.
+
+    out_r = 1 / max(‖v_r‖, 1e-12)        for each of R rows v_r of length D, in float32
+
+One program per BLOCK_R rows, one pass over D. The forward and backward kernels scale their raw
+dot products by these (B + C floats), so no tile that feeds `tl.dot` is used for anything else.
+"""
+
+import triton
+import triton.language as tl
+
+from .. import constants
+
+NORM_EPS = tl.constexpr(constants.NORM_EPS)
+
+
+@triton.jit
+def inverse_norms_kernel(v_ptr, out_ptr, R, D, stride_v, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < R
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    squares = tl.zeros((BLOCK_R,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + dims
+        v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=row_ok[:, None] & (d < D)[None, :],
+                    other=0.0).to(tl.float32)
+        squares += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(squares), NORM_EPS), mask=row_ok)

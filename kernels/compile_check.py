@@ -1,142 +1,256 @@
-"""Compile the kernels for a GPU target ahead of time, on a machine without a GPU.
+"""Compile the kernels for every GPU target ahead of time, on a machine without a GPU, and check
+what the compiler emits.
 
-The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not that they compile:
-types, layouts and register allocation only meet the real compiler on a GPU. This compiles the
-forward, backward and projection kernels with their default GPU launch configurations
-(configs.py) to a cubin for a target (default sm_90, Hopper) through Triton's own toolchain
-(LLVM, bundled ptxas), with the alignment hints a real launch gets (16-byte aligned pointers;
-D, strides and the split size divisible by 16), and prints ptxas's register and spill counts.
+The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not what they compile
+to: layouts, register allocation, shared memory and the software pipeline only meet the real
+compiler on a GPU. This compiles the forward, backward, projection and norms kernels, in each
+input dtype, with their default GPU launch configurations (configs.py) to a cubin for each target
+through Triton's own toolchain, with the alignment hints a real launch gets (16-byte aligned
+pointers; D, strides and the split size divisible by 16), and reads, per kernel and target:
 
-    python -m marginfused.kernels.compile_check [--arch 90] [--dtype bf16 fp16 fp32]
+- registers and local memory (spills, stack) of the cubin Triton built (its bundled cuobjdump);
+- shared memory against the target's limit per block;
+- the matrix instruction: wgmma (Hopper), tcgen05 (Blackwell), mma.sync (Ampere, Ada), or none;
+- for every dot operand the software pipeline stages in shared memory, its number of buffers
+  against num_stages (fewer means an in-flight dot reads a buffer the next copy overwrites:
+  triton-lang/triton #6691, which a tile used both by a dot and by register math triggers);
+- fenced atomics (an atomic with acquire/release semantics, or a memory barrier, in the PTX).
+
+A kernel fails the check on local memory, shared memory over the limit, a pipelined dot operand
+with fewer buffers than num_stages, or a fenced atomic.
+
+    python -m marginfused.kernels.compile_check [--arch 80 86 89 90 100 120] [--dtype bf16 fp16 fp32]
 
 Must run without TRITON_INTERPRET set (the kernels are defined as interpreted functions then);
-exits non-zero if any compile fails.
+exits non-zero if any compile or check fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
+import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
 
-TYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+TARGETS = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+"""Every target compiled, with its largest shared memory per block in bytes (the opt-in limit)."""
+DTYPES = ("bf16", "fp16", "fp32")
 ALIGNED_INTS = {"D", "stride_x", "stride_w", "stride_v", "classes_per_split"}
+SCALARS = dict(B="i32", C_local="i32", D="i32", stride_x="i32", stride_w="i32", class_start="i64",
+               classes_per_split="i32", batch_bucket="i32", scale="fp32", ignore_index="i32",
+               target_weight="fp32", smoothing_per_class="fp32", R="i32", stride_v="i32", n_parts="i32")
 
 
-def _signature(fn, types: dict, constexprs: dict) -> tuple[dict, dict]:
+@dataclass
+class Report:
+    """What one kernel compiled to on one target."""
+
+    label: str
+    arch: int
+    registers: int
+    local_bytes: int
+    shared_bytes: int
+    shared_limit: int
+    matrix_instruction: str
+    dot_buffers: Optional[int]  # the fewest buffers of any pipelined dot operand; None: none pipelined
+    num_stages: int
+    fenced_atomics: bool
+
+    @property
+    def required_buffers(self) -> int:
+        """Buffers a pipelined dot operand needs: num_stages − 1 when the dot reads them into
+        registers before it runs (mma.sync, FMA: the next copy may reuse a buffer once it is
+        read), num_stages when the dot reads shared memory asynchronously (wgmma, tcgen05: the
+        buffer stays in use while the dot is in flight, the extra buffer Triton's pipeliner adds
+        for them, and the one #6691 loses)."""
+        asynchronous = self.matrix_instruction in ("wgmma", "tcgen05")
+        return self.num_stages if asynchronous else max(1, self.num_stages - 1)
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.local_bytes:
+            found.append(f"{self.local_bytes} bytes of local memory (spills or stack)")
+        if self.shared_bytes > self.shared_limit:
+            found.append(f"shared memory {self.shared_bytes} > {self.shared_limit}")
+        if self.dot_buffers is not None and self.dot_buffers < self.required_buffers:
+            found.append(f"a pipelined dot operand has {self.dot_buffers} buffers, "
+                         f"{self.required_buffers} needed for {self.num_stages} stages")
+        if self.fenced_atomics:
+            found.append("fenced atomics")
+        return found
+
+    def line(self) -> str:
+        buffers = "-" if self.dot_buffers is None else f"{self.dot_buffers}/{self.required_buffers}"
+        verdict = "; ".join(self.problems()) or "ok"
+        return (f"{self.label:<15} sm_{self.arch:<4} regs {self.registers:>3}  local {self.local_bytes:>3}  "
+                f"smem {self.shared_bytes:>6}/{self.shared_limit:<6}  {self.matrix_instruction:<8} "
+                f"buffers {buffers:<4} stages {self.num_stages}  {'FENCED' if self.fenced_atomics else 'unfenced'}  "
+                f"{verdict}")
+
+
+def compile_kernel(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int):
+    """Triton's compiled kernel (all stages: ttgir, ptx, cubin) of `fn` for sm_`arch`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        if name not in types:
-            raise KeyError(f"compile_check: no type for argument {name!r} of {fn.__name__}")
         signature[name] = types[name]
         if types[name].startswith("*") or name in ALIGNED_INTS:
             attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, attrs
-
-
-def _compile(fn, types: dict, constexprs: dict, tiles, arch: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, attrs = _signature(fn, types, constexprs)
     source = ASTSource(fn, signature, constexprs, attrs)
-    options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _ptxas_report(kernel, arch: int) -> str:
-    """ptxas -v's register and spill lines for the kernel's entry function, if a ptxas is at hand."""
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local bytes per thread) of the cubin's kernel, as its own cuobjdump reads it."""
     import triton
 
-    found = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas*")))
-    if not found:
-        return "(no ptxas found)"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-        handle.write(kernel.asm["ptx"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(cubin)
     try:
-        for ptxas in reversed(found):  # the newest (ptxas-blackwell) reads the newest PTX
-            run = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", handle.name, "-o", os.devnull],
-                                 capture_output=True, text=True)
-            if run.returncode == 0:
-                break
-        else:
-            return "(ptxas -v failed)"
+        out = subprocess.run([tool, "-res-usage", handle.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(handle.name)
-    lines, current = [], ""
-    for line in run.stderr.splitlines():
-        if "Compiling entry function" in line or "Function properties for" in line:
-            current = line.split("'")[1] if "'" in line else line.rsplit(" ", 1)[-1].strip()
-        if current == kernel.name and ("registers" in line or "spill" in line):
-            lines.append(line.split(":", 1)[-1].strip())
-    return "; ".join(lines)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    registers, stack, local = (int(v) for v in usage.groups())
+    return registers, max(stack, local)
 
 
-def check(arch: int, dtypes, report: bool) -> int:
+DOT_OPERANDS = re.compile(r"(?:ttng\.warp_group_dot|tt\.dot|ttng\.tc_gen5_mma)\s+(%[\w.]+),\s*(%[\w.]+)")
+DEFINITION = re.compile(r"^\s*(%[\w.]+) = (\S+) (.*)$")
+
+
+def pipelined_dot_buffers(ttgir: str) -> Optional[int]:
+    """The fewest shared-memory buffers behind any dot operand that the pipeline stages (an
+    operand read from `memdesc_index` of a `memdesc<N x …>` ring of N buffers), or None."""
+    definitions = {}
+    for line in ttgir.splitlines():
+        match = DEFINITION.match(line)
+        if match:
+            definitions[match.group(1)] = (match.group(2), match.group(3))
+    counts = []
+    for line in ttgir.splitlines():
+        dot = DOT_OPERANDS.search(line)
+        if not dot:
+            continue
+        for operand in dot.groups():
+            for _ in range(8):  # follow loads, layout conversions and views back to the buffer
+                op, rest = definitions.get(operand, ("", ""))
+                if op == "ttg.memdesc_index":
+                    ring = re.search(r"!ttg\.memdesc<(\d+)x", rest)
+                    if ring:
+                        counts.append(int(ring.group(1)))
+                    break
+                source = re.match(r"(%[\w.]+)", rest)
+                if op in VIEWS and source:
+                    operand = source.group(1)
+                else:
+                    break
+    return min(counts) if counts else None
+
+
+VIEWS = ("ttg.local_load", "ttg.convert_layout", "ttg.memdesc_trans", "ttg.memdesc_reinterpret",
+         "ttg.memdesc_subslice", "ttg.memdesc_subview")
+"""Ops through which a dot operand is followed back to the buffer it was loaded into."""
+
+FENCED = re.compile(r"\bmembar\.|\bfence\.(sc|acq_rel)\b|\b(atom|red)\.[\w.]*\b(acq_rel|release|acquire)\b")
+"""A memory barrier or an acquire/release atomic (the fences `atom` gets by default, sem="acq_rel");
+the proxy and wgmma fences of the tensor-core pipeline are not atomics' fences."""
+
+
+def inspect(kernel, label: str, arch: int, num_stages: int) -> Report:
+    """The report of a compiled kernel."""
+    registers, local = resource_usage(kernel.asm["cubin"])
+    ptx = kernel.asm["ptx"]
+    instruction = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma." in ptx
+                   else "mma.sync" if "mma.sync" in ptx else "none")
+    return Report(label, arch, registers, local, kernel.metadata.shared, TARGETS[arch], instruction,
+                  pipelined_dot_buffers(kernel.asm["ttgir"]), num_stages, bool(FENCED.search(ptx)))
+
+
+def jobs(dtypes, arch: int) -> list[tuple]:
+    """(label, kernel module and name, argument types, constexprs, tiles) of every kernel variant."""
     from . import configs
-    from .backward import grad_kernel
-    from .forward import row_partials_kernel
-    from .project import project_kernel
 
-    failures = 0
+    out = []
     for dtype in dtypes:
-        element = TYPES[dtype]
-        torch_name = "torch.float32" if dtype == "fp32" else "torch.half"
+        element = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[dtype]
+        width = "32" if dtype == "fp32" else "16"
         precision = "ieee" if dtype == "fp32" else "tf32"
-        scalars = dict(B="i32", C_local="i32", D="i32", stride_x="i32", stride_w="i32", class_start="i64",
-                       classes_per_split="i32", batch_bucket="i32", scale="fp32", ignore_index="i32",
-                       target_weight="fp32", smoothing_per_class="fp32")
-        pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", y_ptr="*i64", inv_x_ptr="*fp32",
-                        inv_w_ptr="*fp32", grad_scale_ptr="*fp32", target_logit_ptr="*fp32",
-                        target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32", logit_sum_ptr="*fp32",
-                        best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32", log_sumexp_ptr="*fp32",
-                        grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_acc_ptr="*fp32")
-        types = {**scalars, **pointers}
-        forward_tiles = configs.FORWARD_GPU[configs._width(torch_name)]
-        backward_tiles = configs.BACKWARD_GPU[configs._width(torch_name)]
-        project_tiles = configs.PROJECT_GPU
-        jobs = [
-            (f"forward  {dtype}", row_partials_kernel, types,
-             dict(DOT_PRECISION=precision, BLOCK_B=forward_tiles.block_b, BLOCK_C=forward_tiles.block_c,
-                  BLOCK_D=forward_tiles.block_d), forward_tiles),
-            (f"backward {dtype}", grad_kernel, types,
-             dict(NEED_DX=True, NEED_DW=True, DOT_PRECISION=precision, BLOCK_B=backward_tiles.block_b,
-                  BLOCK_C=backward_tiles.block_c, BLOCK_D=backward_tiles.block_d), backward_tiles),
-            (f"project  {dtype}", project_kernel,
-             dict(g_ptr="*fp32", v_ptr=f"*{element}", out_ptr=f"*{element}", R="i32", D="i32", stride_v="i32",
-                  n_parts="i32"),
-             dict(BLOCK_R=project_tiles.block_b, BLOCK_D=project_tiles.block_d), project_tiles),
+        pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", v_ptr=f"*{element}", out_ptr=f"*{element}",
+                        y_ptr="*i64", inv_x_ptr="*fp32", inv_w_ptr="*fp32", grad_scale_ptr="*fp32",
+                        target_logit_ptr="*fp32", target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32",
+                        logit_sum_ptr="*fp32", best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32",
+                        log_sumexp_ptr="*fp32", grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_acc_ptr="*fp32",
+                        g_ptr="*fp32")
+        types = {**SCALARS, **pointers}
+        forward = configs.FORWARD_GPU[configs.family(arch), width]
+        backward = configs.BACKWARD_GPU[configs.family(arch), width]
+        rows = configs.PROJECT_GPU
+        out += [
+            (f"forward {dtype}", ("forward", "row_partials_kernel"), types,
+             dict(DOT_PRECISION=precision, BLOCK_B=forward.block_b, BLOCK_C=forward.block_c,
+                  BLOCK_D=forward.block_d), forward),
+            (f"backward {dtype}", ("backward", "grad_kernel"), types,
+             dict(NEED_DX=True, NEED_DW=True, DOT_PRECISION=precision, BLOCK_B=backward.block_b,
+                  BLOCK_C=backward.block_c, BLOCK_D=backward.block_d), backward),
+            (f"project {dtype}", ("project", "project_kernel"), {**types, "out_ptr": f"*{element}"},
+             dict(BLOCK_R=rows.block_b, BLOCK_D=rows.block_d), rows),
+            (f"norms {dtype}", ("norms", "inverse_norms_kernel"), {**types, "out_ptr": "*fp32"},
+             dict(BLOCK_R=rows.block_b, BLOCK_D=rows.block_d), rows),
         ]
-        for label, fn, signature_types, constexprs, tiles in jobs:
-            try:
-                kernel = _compile(fn, signature_types, constexprs, tiles, arch)
-            except Exception as error:  # report every failure, then exit non-zero
-                failures += 1
-                print(f"FAILED {label}: {type(error).__name__}: {error}", flush=True)
-                continue
-            detail = _ptxas_report(kernel, arch) if report else ""
-            print(f"ok     {label}  smem={kernel.metadata.shared}  {detail}", flush=True)
-    return failures
+    return out
+
+
+def _run(job: tuple, arch: int) -> str:
+    import importlib
+
+    label, (module, name), types, constexprs, tiles = job
+    fn = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    try:
+        kernel = compile_kernel(fn, types, constexprs, tiles.num_warps, tiles.num_stages, arch)
+        report = inspect(kernel, label, arch, tiles.num_stages)
+    except Exception as error:  # report every failure, then exit non-zero
+        return f"FAILED {label} sm_{arch}: {type(error).__name__}: {error}"
+    return ("ok     " if not report.problems() else "FAILED ") + report.line()
+
+
+def check(archs, dtypes, workers: int = 2) -> int:
+    """Compile and check every variant for every target; print a line each; the number that failed."""
+    work = [(job, arch) for arch in archs for job in jobs(dtypes, arch)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        lines = list(pool.map(_run, *zip(*work)))
+    for line in lines:
+        print(line, flush=True)
+    return sum(line.startswith("FAILED") for line in lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m marginfused.kernels.compile_check",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for sm_90")
-    parser.add_argument("--dtype", nargs="+", default=list(TYPES), choices=list(TYPES))
-    parser.add_argument("--no-report", action="store_true", help="skip ptxas -v register/spill counts")
+    parser.add_argument("--arch", nargs="+", type=int, default=list(TARGETS), choices=list(TARGETS),
+                        help="CUDA compute capabilities, e.g. 90 for sm_90")
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the kernels would be interpreted functions)")
         return 2
-    return 1 if check(args.arch, args.dtype, not args.no_report) else 0
+    return 1 if check(args.arch, args.dtype, args.workers) else 0
 
 
 if __name__ == "__main__":

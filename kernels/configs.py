@@ -26,19 +26,25 @@ class Tiles:
     num_stages: int
 
 
-# GPU configurations by input dtype: "16" for float16/bfloat16 (tensor-core dots), "32" for
-# float32 (full-precision dots, no tensor cores). Chosen without a GPU, by compiling for sm_90a
-# (`python -m marginfused.kernels.compile_check` prints ptxas's counts for the PTX Triton emits):
-# 16-bit forward 176 registers, backward 247; float32 forward 184, backward 245; no spills. The
-# larger 16-bit tiles first tried (forward 128×128) spilled. None of this is timed yet: to be
-# measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
+# GPU configurations by target family and input dtype: "16" for float16/bfloat16 (tensor-core
+# dots), "32" for float32 (full-precision dots, no tensor cores). "hopper" is sm_90 and sm_100
+# (wgmma / tcgen05, up to 227 KB of shared memory per block); "ampere" is every other target
+# (mma.sync, 99–163 KB: sm_80, sm_86, sm_89, sm_120), whose register-hungry mma.sync accumulators
+# need smaller backward tiles. Chosen without a GPU, by compiling for every target and reading
+# what Triton's cubin uses (`python -m marginfused.kernels.compile_check`): no spills, no stack,
+# shared memory within each target's limit, every pipelined dot operand fully buffered. None of
+# this is timed yet: to be measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
 FORWARD_GPU = {
-    "16": Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
-    "32": Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=2),
+    ("hopper", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
+    ("hopper", "32"): Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=2),
+    ("ampere", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
+    ("ampere", "32"): Tiles(block_b=32, block_c=64, block_d=16, num_warps=4, num_stages=2),
 }
 BACKWARD_GPU = {
-    "16": Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=2),
-    "32": Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=1),
+    ("hopper", "16"): Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=2),
+    ("hopper", "32"): Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=1),
+    ("ampere", "16"): Tiles(block_b=64, block_c=64, block_d=32, num_warps=8, num_stages=2),
+    ("ampere", "32"): Tiles(block_b=16, block_c=64, block_d=32, num_warps=4, num_stages=1),
 }
 PROJECT_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
@@ -84,12 +90,17 @@ def _width(dtype) -> str:
     return "32" if str(dtype) == "torch.float32" else "16"
 
 
-def forward_tiles(dtype) -> Tiles:
-    return FORWARD_INTERPRET if interpreting() else FORWARD_GPU[_width(dtype)]
+def family(arch: int) -> str:
+    """The configuration family of a target (compute capability as 90 for sm_90)."""
+    return "hopper" if arch in (90, 100, 103) else "ampere"
 
 
-def backward_tiles(dtype) -> Tiles:
-    return BACKWARD_INTERPRET if interpreting() else BACKWARD_GPU[_width(dtype)]
+def forward_tiles(dtype, arch: int) -> Tiles:
+    return FORWARD_INTERPRET if interpreting() else FORWARD_GPU[family(arch), _width(dtype)]
+
+
+def backward_tiles(dtype, arch: int) -> Tiles:
+    return BACKWARD_INTERPRET if interpreting() else BACKWARD_GPU[family(arch), _width(dtype)]
 
 
 def project_tiles() -> Tiles:

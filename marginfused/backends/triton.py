@@ -43,6 +43,14 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _arch(device: torch.device) -> int:
+    """The compute capability of the tensors' GPU as 90 for sm_90 (0 for CPU tensors)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def _on_device(device: torch.device):
     """Launch on the tensors' GPU, not the current one (a no-op for CPU tensors)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -122,10 +130,10 @@ def _plan(direction: str, x: Tensor, num_classes: int) -> _Plan:
     forward, backward, _, configs, _ = _kernels()
     tuned = configs.autotuning(x.dtype)
     if direction == "forward":
-        tiles, candidates = configs.forward_tiles(x.dtype), configs.AUTOTUNE_FORWARD
+        tiles, candidates = configs.forward_tiles(x.dtype, _arch(x.device)), configs.AUTOTUNE_FORWARD
         kernel = configs.autotuned_forward() if tuned else forward.row_partials_kernel
     else:
-        tiles, candidates = configs.backward_tiles(x.dtype), configs.AUTOTUNE_BACKWARD
+        tiles, candidates = configs.backward_tiles(x.dtype, _arch(x.device)), configs.AUTOTUNE_BACKWARD
         kernel = configs.autotuned_backward() if tuned else backward.grad_kernel
     # With autotuning, BLOCK_B varies by config: size the splits for the smallest one.
     block_b = min(t.block_b for t in candidates) if tuned else tiles.block_b

@@ -109,11 +109,12 @@ def owned_output_kernels(batch: int, classes: int, dim: int, dtype: str, block_b
     ]
 
 
-def cuda_kernels(batch: int, classes: int, dim: int, dtype: str, tile_bytes: int = 64 << 20,
-                 l2_mb: float = 50.0) -> list[Kernel]:
+def cuda_kernels(batch: int, classes: int, dim: int, dtype: str, l2_mb: float = 50.0,
+                 tile_bytes: float = 0.0) -> list[Kernel]:
     """The chunked `cuda` backend: per chunk of n = tile_bytes / (4B) classes, cuBLAS GEMMs
     through ATen and elementwise kernels over the B×n float32 tile, which goes to HBM when it
-    outgrows L2."""
+    outgrows L2 (the backend sizes it to a third of L2: tile_bytes 0 means that)."""
+    tile_bytes = tile_bytes or l2_mb * 2**20 / 3
     e = BYTES[dtype]
     gemm = 2.0 * batch * classes * dim
     w_bytes = classes * dim * e

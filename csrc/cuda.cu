@@ -10,7 +10,9 @@
 //             also for half/bf16 inputs), then forward_chunk_kernel: one block per row folds the
 //             chunk's logits into the row's running (max, sumexp), logit sum and best cosine.
 //   backward: recompute S, backward_chunk_kernel forms U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij elementwise
-//             (in the input dtype for the GEMMs), A += U W_chunk and H = Uᵀ X with ATen, and
+//             (in the input dtype for the GEMMs; for float16 lifted by a power of two 2^k before the
+//             cast, gradient_scale_kernel, and brought back by 2^-k in fp32 after the GEMMs), A += U
+//             W_chunk and H = Uᵀ X with ATen, and
 //             project_rows_kernel turns H into dW rows: dw_j = H_j - ŵ_j (ŵ_j·H_j). After the
 //             last chunk the same projection turns A into dx.
 // Everything after the GEMMs is fp32; the logit sum is accumulated in double.
@@ -20,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -191,12 +194,14 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
                                       const int64_t* __restrict__ labels, const float* __restrict__ target_logit,
                                       const float* __restrict__ target_slope, int64_t chunk_start,
                                       const float* __restrict__ lse_hi, const float* __restrict__ lse_lo,
-                                      const float* __restrict__ grad_rows, float smoothing_per_class, LossParams p) {
-  const int64_t total = batch * n;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx / n;
-    const int64_t j = idx - i * n;
+                                      const float* __restrict__ grad_rows, const float* __restrict__ grad_scale,
+                                      float smoothing_per_class, LossParams p) {
+  // 2-D grid: x over the chunk's columns, y over rows (strided), so no index is divided.
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  const float lift = *grad_scale;
+  for (int64_t i = blockIdx.y; i < batch; i += gridDim.y) {
+    const int64_t idx = i * n + j;
     const int64_t label = labels[i];
     const float u = grad_rows[i];
     float value = 0.0f;
@@ -205,9 +210,43 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
       const float z = is_target ? target_logit[i] : p.scale * clamp_unit(s_tile[idx] * q[i] * r[j]);
       const float slope = is_target ? target_slope[i] : p.scale;
       const float prob = expf((z - lse_hi[i]) - lse_lo[i]);
-      value = u * q[i] * r[j] * logit_grad(prob, slope, is_target, p.label_smoothing, smoothing_per_class);
+      value = lift * u * q[i] * r[j] * logit_grad(prob, slope, is_target, p.label_smoothing, smoothing_per_class);
     }
     u_tile[idx] = static_cast<grad_t>(value);
+  }
+}
+
+// The power of two 2^k by which a float16 gradient tile is lifted before its cast (and 2^-k, by
+// which the GEMM results are brought back): |U_ij| ≤ 2·|u_i|·max(s, |σ_i|)·q_i·r_j before the norms,
+// and k = ⌊log2(2^15 / (2·max|u|·max(s, max|σ|)))⌋ within [-24, 24], so no entry overflows float16
+// and the small ones (a negative class's ~6e-8 at B = 1024, s = 64) keep their bits. One block.
+// The row and column inverse norms multiply in after the bound: rows of norm far below 1 may still
+// overflow, as the unscaled cast would.
+__global__ void gradient_scale_kernel(const float* __restrict__ grad_rows, const float* __restrict__ target_slope,
+                                      int64_t batch, float scale, bool enabled, float* lift, float* unlift) {
+  __shared__ float largest_grad[kThreads];
+  __shared__ float largest_slope[kThreads];
+  float g = 0.0f, sigma = scale;
+  for (int64_t i = threadIdx.x; i < batch; i += blockDim.x) {
+    g = fmaxf(g, fabsf(grad_rows[i]));
+    sigma = fmaxf(sigma, fabsf(target_slope[i]));
+  }
+  largest_grad[threadIdx.x] = g;
+  largest_slope[threadIdx.x] = sigma;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      largest_grad[threadIdx.x] = fmaxf(largest_grad[threadIdx.x], largest_grad[threadIdx.x + stride]);
+      largest_slope[threadIdx.x] = fmaxf(largest_slope[threadIdx.x], largest_slope[threadIdx.x + stride]);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const float largest = 2.0f * largest_grad[0] * largest_slope[0];
+    float k = largest > 0.0f ? floorf(log2f(32768.0f / largest)) : 24.0f;
+    k = enabled ? fminf(fmaxf(k, -24.0f), 24.0f) : 0.0f;
+    *lift = exp2f(k);
+    *unlift = exp2f(-k);
   }
 }
 
@@ -220,11 +259,13 @@ __global__ void split_lse_kernel(int64_t batch, const double* lse, float* hi, fl
   }
 }
 
-// out_i = h_i - v̂_i (v̂_i·h_i), v̂_i = inv_i v_i (or h_i where |v_i| <= 1e-12): one warp per row.
+// out_i = (h_i - v̂_i (v̂_i·h_i))·unlift, v̂_i = inv_i v_i (or h_i·unlift where |v_i| <= 1e-12): one
+// warp per row; `unlift` undoes the float16 gradient tile's scaling (1 otherwise).
 // `out` may alias `h` (each lane reads its elements before writing them).
 template <typename scalar_t, typename out_t>
 __global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__ v, const float* __restrict__ inv,
-                                    int64_t count, int64_t dim, out_t* out) {
+                                    int64_t count, int64_t dim, const float* __restrict__ unlift, out_t* out) {
+  const float back = *unlift;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; row < count;
@@ -241,7 +282,8 @@ __global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__
     vv = warp_sum(vv);
     const float coef = sqrtf(vv) > kNormEps ? inv[row] * inv[row] * vh : 0.0f;
     out_t* oi = out + row * dim;
-    for (int64_t d = lane; d < dim; d += kWarp) oi[d] = static_cast<out_t>(hi[d] - coef * static_cast<float>(vi[d]));
+    for (int64_t d = lane; d < dim; d += kWarp)
+      oi[d] = static_cast<out_t>((hi[d] - coef * static_cast<float>(vi[d])) * back);
   }
 }
 
@@ -338,6 +380,8 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     if (!is_float) a_chunk = at::empty({B, D}, f32);
   }
   if (need_w && !is_float) h_buffer = at::empty({n_max * D}, f32);
+  at::Tensor lift = at::empty({2}, f32);  // 2^k and 2^-k (gradient_scale_kernel)
+  const at::Tensor one = at::ones({1}, f32);  // A is unscaled chunk by chunk
   const float smoothing_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -347,6 +391,11 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     split_lse_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, lse.data_ptr<double>(),
                                                                    lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gradient_scale_kernel<<<1, kThreads, 0, stream>>>(grad_rows.data_ptr<float>(), target_slope.data_ptr<float>(), B,
+                                                      plan.params.scale, x.scalar_type() == at::kHalf,
+                                                      lift.data_ptr<float>(), lift.data_ptr<float>() + 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor unlift = lift.narrow(0, 1, 1);
     for (int64_t c0 = 0; c0 < C; c0 += n_max) {
       const int64_t n = std::min(n_max, C - c0);
       const at::Tensor wc = w.narrow(0, c0, n);
@@ -356,18 +405,20 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       at::Tensor s_tile = front(tile, B, n);
       cosine_gemm(s_tile, x, wc);
       at::Tensor u_tile = front(u_lowp, B, n);  // the tile itself when float
-      backward_chunk_kernel<scalar_t><<<grid_for(B * n, kThreads), kThreads, 0, stream>>>(
+      const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads),
+                      static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+      backward_chunk_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, q.data_ptr<float>(), r.data_ptr<float>(),
           y.data_ptr<int64_t>(), target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), class_start + c0,
-          lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), smoothing_per_class,
-          plan.params);
+          lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), lift.data_ptr<float>(),
+          smoothing_per_class, plan.params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_x) {
         if (is_float) {
           acc.addmm_(u_tile, wc);
         } else {
           at::mm_out(a_chunk, u_tile, wc, at::kFloat);
-          acc.add_(a_chunk);
+          acc.addcmul_(a_chunk, unlift);  // A += (U·2^k) W_chunk · 2^-k
         }
       }
       if (need_w) {
@@ -378,14 +429,15 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
           at::mm_out(h, u_tile.t(), x, at::kFloat);
         }
         project_rows_kernel<scalar_t, scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
-            h.data_ptr<float>(), wc.data_ptr<scalar_t>(), r.data_ptr<float>(), n, D,
+            h.data_ptr<float>(), wc.data_ptr<scalar_t>(), r.data_ptr<float>(), n, D, unlift.data_ptr<float>(),
             grad_w->data_ptr<scalar_t>() + c0 * D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
     if (need_x) {
       project_rows_kernel<scalar_t, scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
-          acc.data_ptr<float>(), x.data_ptr<scalar_t>(), q.data_ptr<float>(), B, D, grad_x->data_ptr<scalar_t>());
+          acc.data_ptr<float>(), x.data_ptr<scalar_t>(), q.data_ptr<float>(), B, D, one.data_ptr<float>(),
+          grad_x->data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

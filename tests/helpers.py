@@ -339,3 +339,35 @@ def shard_targets(x: Tensor, w: Tensor, y: Tensor, settings) -> tuple[Tensor, Te
     valid = y != settings.ignore_index
     target = target_logits(target_cosines(x, w, y, valid), valid, settings)
     return target.logit.detach(), target.slope
+
+
+def check_float16_keeps_the_negative_classes_gradient(backend: str, device: str) -> None:
+    """At B = 1024, s = 64 the gradient tile's entries for negative classes, g·s·p, fall below
+    float16's smallest subnormal (2⁻²⁴ ≈ 6e-8), where a cast flushes them to zero; a fused backend
+    must scale the tile by a power of two before the cast and unscale in float32.
+
+    Every embedding points along the last coordinate; the 1000 classes that hold the labels have a
+    cosine of 0.05 with it, the 4000 negative classes none (their coordinates are disjoint: their
+    cosines are exactly 0), so each negative class holds p ≈ e⁻¹⁰ of every row and
+    G = g·s·p ≈ 3e-9 with g = 2⁻²⁰, summing over the batch to a gradient of ~1e-6 per class. Held
+    to the truth by the suite's bound without the reference's term: the torch backend's own float16
+    backward casts the same gradients unscaled, so its error is no yardstick here."""
+    batch, classes, dim, negatives_from = 1024, 5000, 16, 1000
+    g = torch.Generator().manual_seed(3)
+    x = torch.zeros(batch, dim, dtype=torch.float64)
+    x[:, -1] = 0.5 + torch.rand(batch, generator=g, dtype=torch.float64)
+    w = torch.zeros(classes, dim, dtype=torch.float64)
+    w[:negatives_from, dim // 2:-1] = torch.randn(negatives_from, dim // 2 - 1, generator=g, dtype=torch.float64)
+    w[:negatives_from, -1] = 0.05 * w[:negatives_from, dim // 2:-1].norm(dim=1)
+    w[negatives_from:, :dim // 2] = torch.randn(classes - negatives_from, dim // 2, generator=g, dtype=torch.float64)
+    y = torch.randint(0, negatives_from, (batch,), generator=g)
+    upstream = torch.full((batch,), 2.0**-20, dtype=torch.float64)
+    options = dict(reduction="none")
+    truth = run("torch", x, w, y, upstream=upstream, **options)
+    rounded = run("torch", x.half().double(), w.half().double(), y, upstream=upstream, **options)
+    bound = arithmetic_bounds(x, w, y, torch.float16, upstream, **options)["grad_weight"]
+    got = run(backend, x.half().to(device), w.half().to(device), y.to(device), upstream=upstream.to(device), **options)
+    negative = slice(negatives_from, classes)
+    assert float(truth.grad_weight[negative].abs().max()) > 1e-7  # what the cast would flush
+    limit = max_error(rounded.grad_weight[negative], truth.grad_weight[negative]) + bound
+    assert_close("negative classes' dW", got.grad_weight[negative].cpu(), truth.grad_weight[negative], limit)

@@ -12,7 +12,7 @@ import torch
 import marginfused as mf
 from marginfused.backends import extension
 
-from helpers import MARGINS, assert_matches_truth, make_inputs
+from helpers import MARGINS, assert_matches_truth, check_float16_keeps_the_negative_classes_gradient, make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tools" / "check_cuda.py"
@@ -139,3 +139,10 @@ def test_cuda_rejects_bad_inputs(cuda_ext):
         cuda_ext.forward_partials(x, w.t().contiguous().t(), y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, *outs)
     with pytest.raises(RuntimeError, match="out_max must be a CUDA tensor"):
         cuda_ext.forward_partials(x, w, y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, torch.empty(b), *outs[1:])
+
+
+@pytest.mark.gpu
+def test_cuda_float16_keeps_the_negative_classes_gradient():
+    if mf.available_backends()["cuda"] is not None:
+        pytest.skip(f"cuda: {mf.available_backends()['cuda']}")
+    check_float16_keeps_the_negative_classes_gradient("cuda", "cuda")

@@ -232,3 +232,14 @@ def test_gpu_auto_picks_triton_for_cuda_tensors():
 
 def test_float16_keeps_the_negative_classes_gradient():
     check_float16_keeps_the_negative_classes_gradient("triton", "cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_launches_go_to_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launches follow the tensors (a launch on the
+    current device would read cuda:1's memory from cuda:0: an illegal address)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, w, y = make_inputs(37, 1031, 96, ignored=3, seed=1, device="cuda:1")
+    with torch.cuda.device(0):
+        assert_matches_truth("triton", x, w, y, torch.float32, margin="arcface", margin_grad="exact")

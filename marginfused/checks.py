@@ -19,6 +19,8 @@ def _require_tensor(name: str, value: object) -> Tensor:
 def _all_finite(t: Tensor) -> Tensor:
     """A 0-dim bool tensor: no NaN or ±Inf in a non-empty tensor. One pass and no temporary of its
     size (the min and max propagate NaN), so checking a C×D weight costs no C×D memory."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
     low, high = torch.aminmax(t)
     return torch.isfinite(low) & torch.isfinite(high)
 
@@ -30,13 +32,15 @@ def check_inputs(
     ignore_index: int,
     num_classes: Optional[int] = None,
     margin: Optional[MarginFunction] = None,
+    allow_no_rows: bool = False,
 ) -> None:
     """Check shapes, dtypes, devices, finiteness and label range of the loss's inputs.
 
     embeddings: (B, D) floating; weight: (C, D), same dtype and device; labels: (B,) integer,
     each in [0, num_classes) or equal to `ignore_index`, num_classes being C unless given (a shard
     of the classes takes global labels); a margin's per-row parameters one value per row, on the
-    embeddings' device. Raises TypeError or ValueError naming the argument.
+    embeddings' device. B = 0 only with `allow_no_rows` (a rank's share of a sharded batch).
+    Raises TypeError or ValueError naming the argument.
     Under torch.compile only shapes, dtypes and devices are checked, not values.
     """
     x = _require_tensor("embeddings", embeddings)
@@ -61,7 +65,7 @@ def check_inputs(
     if y.dim() != 1:
         raise ValueError(f"labels must be 1-D (batch,), got shape {tuple(y.shape)}")
     batch, dim = x.shape
-    if batch == 0 or dim == 0:
+    if (batch == 0 and not allow_no_rows) or dim == 0:
         raise ValueError(f"embeddings must be non-empty, got shape {tuple(x.shape)}")
     num_classes = w.shape[0] if num_classes is None else num_classes
     if w.shape[0] == 0:

@@ -3,7 +3,8 @@
 When W (C × D) outgrows one GPU, rank r holds the rows [start_r, stop_r) of W, given by
 `shard_range` (the first C mod world_size ranks hold one extra class). Every step:
 
-1. the local batches x_r (same size on every rank) and their global labels are all-gathered;
+1. the local batches x_r (of any size on each rank, none included: the last batch of an epoch)
+   and their global labels are all-gathered;
 2. the target pre-pass (`marginfused.target`): the rank holding class y_i computes the target
    cosine c_iy from its row of W, an all-reduce gives every rank all of them, and each rank
    applies the margin to its own rows (so per-row margin tensors are of the local batch) and
@@ -75,12 +76,19 @@ def _group_size_and_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _all_gather(tensor: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-    """Concatenation over ranks of same-shaped tensors, in rank order."""
+def _all_gather(tensor: Tensor, group: Optional[dist.ProcessGroup], sizes: Optional[list[int]] = None) -> Tensor:
+    """Concatenation over ranks, in rank order, of tensors whose first dimension is `sizes[rank]`
+    (the same on every rank when `sizes` is None): padded to the largest for the collective, the
+    padding dropped after."""
     world_size = dist.get_world_size(group)
-    out = torch.empty((world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather(list(out.chunk(world_size)), tensor.contiguous(), group=group)
-    return out
+    rows = tensor.shape[0] if sizes is None else max(sizes)
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    out = torch.empty((world_size * rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather(list(out.chunk(world_size)), padded, group=group)
+    if sizes is None or len(set(sizes)) == 1:
+        return out
+    return torch.cat([piece[:size] for piece, size in zip(out.chunk(world_size), sizes)])
 
 
 def _all_reduce_partials(local: RowPartials, group: Optional[dist.ProcessGroup]) -> RowPartials:
@@ -157,12 +165,14 @@ def _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rat
             f"w_shard must hold the classes shard_range({num_classes}, {rank}, {world_size}) = "
             f"[{expected[0]}, {expected[1]}), got class_start={class_start} with {rows} rows"
         )
-    check_inputs(x_local, w_shard, y_local, settings.ignore_index, num_classes=num_classes, margin=settings.margin)
+    check_inputs(x_local, w_shard, y_local, settings.ignore_index, num_classes=num_classes, margin=settings.margin,
+                 allow_no_rows=True)
 
 
-def _agree_on_inputs(problem: Optional[Exception], x_local: object, group: Optional[dist.ProcessGroup]) -> None:
+def _agree_on_inputs(problem: Optional[Exception], x_local: object, group: Optional[dist.ProcessGroup]) -> list[int]:
     """Exchange every rank's batch size and whether its checks failed, so that all ranks raise
-    together (a rank raising alone would leave the others waiting in the next collective)."""
+    together (a rank raising alone would leave the others waiting in the next collective).
+    Returns the batch size of every rank (they may differ, a rank may have none; not all may)."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
     rows = x_local.shape[0] if problem is None else -1
     status = _all_gather(torch.tensor([[rows, problem is not None]], device=device), group).tolist()
@@ -172,8 +182,9 @@ def _agree_on_inputs(problem: Optional[Exception], x_local: object, group: Optio
     if failed:
         raise ValueError(f"invalid inputs on rank(s) {failed}; their errors say why")
     sizes = [size for size, _ in status]
-    if len(set(sizes)) > 1:
-        raise ValueError(f"x_local must have the same number of rows on every rank, got {sizes} by rank")
+    if sum(sizes) == 0:
+        raise ValueError("x_local has no rows on any rank: there is no batch to take the loss of")
+    return sizes
 
 
 class _ShardedLoss(torch.autograd.Function):
@@ -183,25 +194,26 @@ class _ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_local, w_shard, z_local, x, labels, slope, backend: Backend, settings: LossSettings,
-                class_start: int, num_classes: int, reduction: str, group):
+                class_start: int, num_classes: int, reduction: str, group, sizes: list[int]):
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-        z = _all_gather(z_local.detach(), group)
+        mine = _rows_of(rank, sizes)
+        z = _all_gather(z_local.detach(), group, sizes)
         partials = _all_reduce_partials(backend.row_partials(x, w_shard.detach(), labels, z, settings, class_start), group)
         per_row = row_loss(partials, z, labels, settings.ignore_index, settings.label_smoothing, num_classes)
         valid = labels != settings.ignore_index
         ctx.save_for_backward(x, w_shard, labels, z, slope, valid.sum(), partials.max, partials.sumexp)
-        ctx.settings = (backend, settings, class_start, num_classes, reduction, group, world_size, rank)
+        ctx.settings = (backend, settings, class_start, num_classes, reduction, group, world_size, sizes, mine)
         ctx.local_dtype = x_local.dtype
         if reduction == "none":
-            return per_row.chunk(world_size)[rank].clone()
+            return per_row[mine].clone()
         return per_row.sum() if reduction == "sum" else per_row.sum() / valid.sum()
 
     @staticmethod
     def backward(ctx, grad):
         x, w_shard, labels, z, slope, valid_count, row_max, row_sumexp = ctx.saved_tensors
-        backend, settings, class_start, num_classes, reduction, group, world_size, rank = ctx.settings
+        backend, settings, class_start, num_classes, reduction, group, world_size, sizes, mine = ctx.settings
         if reduction == "none":
-            grad_rows = _all_gather(grad.contiguous(), group)
+            grad_rows = _all_gather(grad.contiguous(), group, sizes)
         else:
             scale = grad if reduction == "sum" else grad / valid_count
             grad_rows = scale.expand(labels.shape[0])
@@ -214,13 +226,19 @@ class _ShardedLoss(torch.autograd.Function):
         )
         grad_x = grad_x.to(accumulate)
         dist.all_reduce(grad_x, group=group)
-        grad_x_local = (world_size * grad_x.chunk(world_size)[rank]).to(ctx.local_dtype) if need_x else None
+        grad_x_local = (world_size * grad_x[mine]).to(ctx.local_dtype) if need_x else None
         grad_z_local = None
         if need_z:
             grad_z = target_logit_grad(row_max, row_sumexp, z, grad_rows, labels, settings.ignore_index,
                                              settings.label_smoothing, num_classes)
-            grad_z_local = world_size * grad_z.chunk(world_size)[rank]
-        return (grad_x_local, grad_w, grad_z_local) + (None,) * 9
+            grad_z_local = world_size * grad_z[mine]
+        return (grad_x_local, grad_w, grad_z_local) + (None,) * 10
+
+
+def _rows_of(rank: int, sizes: list[int]) -> slice:
+    """The rows of the gathered batch that `rank` contributed."""
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
 
 
 def sharded_margin_cross_entropy(
@@ -243,7 +261,8 @@ def sharded_margin_cross_entropy(
 ) -> Tensor:
     """`margin_cross_entropy` over a global batch, with W sharded over the ranks of `group`.
 
-    Every rank passes its local batch `x_local` (B_local × D, the same B_local on every rank), its
+    Every rank passes its local batch `x_local` (B_local × D; B_local may differ between ranks and
+    be 0 on some, and the loss is that of the concatenated batch), its
     labels `y_local` (global class ids in [0, num_classes), or ignore_index), and its shard
     `w_shard` of W: the rows [class_start, class_start + len(w_shard)), which must be
     `shard_range(num_classes, rank, world_size)`. Returns the loss over the global batch, the same
@@ -273,26 +292,25 @@ def _sharded_margin_cross_entropy(
         _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, settings, rank, world_size)
     except (TypeError, ValueError) as error:
         problem = error
-    _agree_on_inputs(problem, x_local, group)
+    sizes = _agree_on_inputs(problem, x_local, group)
 
-    labels = _all_gather(y_local.long(), group)
+    labels = _all_gather(y_local.long(), group, sizes)
     if sample_rate < 1:
         index = sample_classes(labels, class_start, len(w_shard), sample_rate, ignore_index, generator)
         labels, class_start, num_classes = _sampled_labels(labels, index, class_start, ignore_index, group)
         w_shard = w_shard[index]
     implementation = select_backend(backend, x_local)
-    x = _all_gather(x_local.detach(), group)
+    x = _all_gather(x_local.detach(), group, sizes)
     cos = _target_cosines(x, w_shard, labels, class_start, ignore_index, group)
-    rows = slice(rank * len(x_local), (rank + 1) * len(x_local))
-    target = target_logits(cos[rows], y_local != ignore_index, settings)
+    target = target_logits(cos[_rows_of(rank, sizes)], y_local != ignore_index, settings)
     finite = all_finite(target, y_local != ignore_index).to(torch.int32).reshape(1)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)  # every rank raises together
     if not bool(finite):
         raise ValueError(NON_FINITE_MESSAGE)
-    slope = _all_gather(target.slope, group)
+    slope = _all_gather(target.slope, group, sizes)
     return _ShardedLoss.apply(
         x_local, w_shard, target.logit, x, labels, slope, implementation, settings, class_start, num_classes,
-        reduction, group,
+        reduction, group, sizes,
     )
 
 

@@ -123,13 +123,37 @@ def _check_sampling(rank, world, backend, dtype):
     assert_close("w grad (unsampled rows zero)", got_gw, expected_gw, limits["grad_weight"])
 
 
+UNEVEN = {2: [5, 2], 3: [8, 5, 0]}
+"""Rows per rank for the uneven-batch check (the last batch of an epoch; a rank with none)."""
+
+
+def _check_uneven_batches(rank, world, backend, dtype, reduction):
+    sizes = UNEVEN[world]
+    x_full, w_full, y_full = make_inputs(sum(sizes), NUM_CLASSES, DIM, ignored=2, seed=world + 40)
+    upstream = torch.linspace(-1.0, 2.0, sum(sizes), dtype=torch.float64)
+    truth, limits = _reference(x_full, w_full, y_full, upstream, dtype, world, margin="arcface",
+                               reduction=reduction, label_smoothing=0.1)
+    first = sum(sizes[:rank])
+    rows = slice(first, first + sizes[rank])
+    start, stop = shard_range(NUM_CLASSES, rank, world)
+    x = x_full[rows].to(dtype).requires_grad_()
+    w = w_full[start:stop].to(dtype).requires_grad_()
+    loss = sharded_margin_cross_entropy(x, w, y_full[rows], class_start=start, num_classes=NUM_CLASSES, scale=30.0,
+                                        reduction=reduction, label_smoothing=0.1, backend=backend)
+    loss.backward(upstream[rows].to(loss.dtype) if reduction == "none" else None)
+    assert x.grad.shape == (sizes[rank], DIM)
+    expected_loss = truth.loss[rows] if reduction == "none" else truth.loss
+    assert_close("loss", loss.detach().double(), expected_loss, limits["loss"])
+    assert_close("x grad", x.grad.double(), world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
+    assert_close("w grad", w.grad.double(), truth.grad_weight[start:stop], limits["grad_weight"])
+
+
 def _check_errors(rank, world):
     x, w, y = make_inputs(LOCAL_BATCH, NUM_CLASSES, DIM, seed=1)
     start, stop = shard_range(NUM_CLASSES, rank, world)
     shard = w[start:stop]
-    with pytest.raises(ValueError, match="same number of rows on every rank"):
-        sharded_margin_cross_entropy(x[: LOCAL_BATCH - (rank == 0)], shard, y[: LOCAL_BATCH - (rank == 0)],
-                                     class_start=start, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="no rows on any rank"):
+        sharded_margin_cross_entropy(x[:0], shard, y[:0], class_start=start, num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="w_shard must hold the classes|invalid inputs on rank"):
         sharded_margin_cross_entropy(x, w[start:stop - (rank == 1)], y, class_start=start, num_classes=NUM_CLASSES)
     bad = y.clone()
@@ -205,6 +229,8 @@ def _worker(rank, world, store, out_dir, backends):
         checks = [(name, lambda o=options: _check_case(rank, world, dtype=dtypes[o["backend"]], **o))
                   for name, options in _cases(backends)]
         checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, dtypes[b])) for b in backends]
+        checks += [(f"{b}/uneven/{r}", lambda b=b, r=r: _check_uneven_batches(rank, world, b, dtypes[b], r))
+                   for b in backends for r in ("mean", "none")]
         checks.append(("errors", lambda: _check_errors(rank, world)))
         checks.append(("autocast", lambda: _check_autocast(rank, world)))
         checks.append(("margin gradients", lambda: _check_margin_gradients(rank, world)))

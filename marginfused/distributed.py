@@ -32,8 +32,10 @@ is a label in the global batch, plus random other classes of its shard, ⌈sampl
 size⌉ classes in all (or the positives alone, if there are more). The loss and its gradients are
 then exactly those of the loss over the sampled classes alone; rows of W not sampled get a zero
 gradient. With an optimizer that keeps momentum (or applies weight decay) a zero gradient still
-moves those rows — by their velocity from earlier steps, or by the decay — as in Partial FC;
-use a head optimizer without momentum and weight decay if unsampled rows must stay put.
+moves those rows — by their velocity from earlier steps, or by the decay — as in Partial FC.
+With `sparse_grad=True` the weight's gradient is a sparse tensor holding the sampled rows only,
+and `marginfused.optim.SparseMomentumSGD` or `torch.optim.SparseAdam` update those rows alone:
+unsampled rows and their optimizer state stay exactly as they were.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autocast import cast_for_autocast
@@ -258,6 +261,7 @@ def sharded_margin_cross_entropy(
     sample_rate: float = 1.0,
     backend: str = "auto",
     generator: Optional[torch.Generator] = None,
+    sparse_grad: bool = False,
 ) -> Tensor:
     """`margin_cross_entropy` over a global batch, with W sharded over the ranks of `group`.
 
@@ -270,20 +274,24 @@ def sharded_margin_cross_entropy(
     per-row losses of this rank's rows. Gradients: w_shard gets ∂L/∂w_shard, x_local gets
     world_size × ∂L/∂x_local (see the module docstring). `sample_rate` < 1 is Partial FC's class
     sampling, drawing with `generator`. Under `torch.autocast` the inputs are cast once, as in
-    `margin_cross_entropy` (`marginfused.autocast`). Other arguments as in `margin_cross_entropy`.
+    `margin_cross_entropy` (`marginfused.autocast`). `sparse_grad=True` makes w_shard's gradient a
+    row-sparse `torch.sparse_coo` tensor of the sampled rows alone (its memory scales with the
+    sample, not the shard), for `torch.optim.SparseAdam` or `marginfused.optim.SparseMomentumSGD`,
+    which leave the other rows and their optimizer state untouched. Other arguments as in
+    `margin_cross_entropy`.
     """
     world_size, rank = _group_size_and_rank(group)
     x_local, w_shard, autocast_off = cast_for_autocast(x_local, w_shard)
     with autocast_off:
         return _sharded_margin_cross_entropy(
             x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction,
-            ignore_index, label_smoothing, sample_rate, backend, generator, world_size, rank,
+            ignore_index, label_smoothing, sample_rate, backend, generator, sparse_grad, world_size, rank,
         )
 
 
 def _sharded_margin_cross_entropy(
     x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction, ignore_index,
-    label_smoothing, sample_rate, backend, generator, world_size, rank,
+    label_smoothing, sample_rate, backend, generator, sparse_grad, world_size, rank,
 ) -> Tensor:
     problem: Optional[Exception] = None
     try:
@@ -295,10 +303,11 @@ def _sharded_margin_cross_entropy(
     sizes = _agree_on_inputs(problem, x_local, group)
 
     labels = _all_gather(y_local.long(), group, sizes)
-    if sample_rate < 1:
+    if sample_rate < 1 or sparse_grad:
         index = sample_classes(labels, class_start, len(w_shard), sample_rate, ignore_index, generator)
         labels, class_start, num_classes = _sampled_labels(labels, index, class_start, ignore_index, group)
-        w_shard = w_shard[index]
+        # the sampled rows; with sparse_grad their gradient is a sparse tensor of those rows alone
+        w_shard = F.embedding(index, w_shard, sparse=sparse_grad)
     implementation = select_backend(backend, x_local)
     x = _all_gather(x_local.detach(), group, sizes)
     cos = _target_cosines(x, w_shard, labels, class_start, ignore_index, group)
@@ -320,7 +329,8 @@ class ShardedMarginSoftmaxLoss(nn.Module):
     `weight` holds the rows `shard_range(num_classes, rank, world_size)` of the
     (num_classes, embedding_dim) class centres, from N(0, 0.01²); `class_start` is its first class.
     The process group must be initialised before construction. `forward(embeddings, labels)`
-    calls `sharded_margin_cross_entropy`; see it for the gradients' convention and sampling.
+    calls `sharded_margin_cross_entropy`; see it for the gradients' convention, sampling and
+    `sparse_grad` (a row-sparse weight gradient of the sampled rows, for sampled-row optimizers).
     """
 
     def __init__(
@@ -332,6 +342,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         *,
         group: Optional[dist.ProcessGroup] = None,
         sample_rate: float = 1.0,
+        sparse_grad: bool = False,
         margin_grad: str = "detached",
         reduction: str = "mean",
         ignore_index: int = -100,
@@ -346,7 +357,10 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing, backend
         )
         self.class_start, stop = shard_range(num_classes, rank, world_size)
+        if not isinstance(sparse_grad, bool):
+            raise TypeError(f"sparse_grad must be a bool, got {type(sparse_grad).__name__}")
         self.sample_rate = sample_rate
+        self.sparse_grad = sparse_grad
         self.group = group
         self.weight = nn.Parameter(torch.empty(stop - self.class_start, embedding_dim, device=device, dtype=dtype))
         nn.init.normal_(self.weight, mean=0.0, std=WEIGHT_INIT_STD)
@@ -357,7 +371,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             class_start=self.class_start, num_classes=self.num_classes, group=self.group,
             scale=self.scale, margin_grad=self.margin_grad, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-            sample_rate=self.sample_rate, backend=self.backend, generator=generator,
+            sample_rate=self.sample_rate, backend=self.backend, generator=generator, sparse_grad=self.sparse_grad,
         )
 
     def extra_repr(self) -> str:

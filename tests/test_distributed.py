@@ -148,6 +148,59 @@ def _check_uneven_batches(rank, world, backend, dtype, reduction):
     assert_close("w grad", w.grad.double(), truth.grad_weight[start:stop], limits["grad_weight"])
 
 
+def _check_sampled_row_updates(rank, world):
+    """sample_rate=0.5 with sparse_grad=True: over 3 steps, SparseMomentumSGD moves exactly the
+    rows sampled at each step, as the rule of marginfused/optim.py applied by hand to the dense
+    gradient of the same loss; unsampled rows and their momentum stay bit-identical. SparseAdam
+    leaves never-sampled rows bit-identical too. float64, torch backend."""
+    from marginfused.optim import SparseMomentumSGD
+
+    start, stop = shard_range(NUM_CLASSES, rank, world)
+    options = dict(scale=30.0, sample_rate=0.5, backend="torch", dtype=torch.float64)
+    sparse = ShardedMarginSoftmaxLoss(DIM, NUM_CLASSES, sparse_grad=True, **options)
+    dense = ShardedMarginSoftmaxLoss(DIM, NUM_CLASSES, **options)
+    adam_head = ShardedMarginSoftmaxLoss(DIM, NUM_CLASSES, sparse_grad=True, **options)
+    with torch.no_grad():
+        dense.weight.copy_(sparse.weight)
+        adam_head.weight.copy_(sparse.weight)
+    initial = sparse.weight.detach().clone()
+    optimizer = SparseMomentumSGD(sparse.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
+    adam = torch.optim.SparseAdam(adam_head.parameters(), lr=0.01)
+    expected, velocity = initial.clone(), torch.zeros_like(initial)
+    ever_sampled = torch.zeros(stop - start, dtype=torch.bool)
+    for step in range(3):
+        x, _, y = make_inputs(LOCAL_BATCH, NUM_CLASSES, DIM, seed=100 * step + rank)
+
+        def seeded():
+            return torch.Generator().manual_seed(1000 * step + rank)
+
+        labels = torch.cat([make_inputs(LOCAL_BATCH, NUM_CLASSES, DIM, seed=100 * step + r)[2] for r in range(world)])
+        rows = sample_classes(labels, start, stop - start, 0.5, generator=seeded())
+        ever_sampled[rows] = True
+        for head, optim in ((sparse, optimizer), (adam_head, adam)):
+            optim.zero_grad()
+            head(x, y, generator=seeded()).backward()
+            assert head.weight.grad.is_sparse
+            assert sorted(head.weight.grad.coalesce().indices()[0].tolist()) == rows.tolist()
+            optim.step()
+        dense.weight.grad = None
+        with torch.no_grad():
+            dense.weight.copy_(expected)  # the reference's own weights: its gradient is taken at them
+        dense(x, y, generator=seeded()).backward()
+        g = dense.weight.grad[rows] + 0.01 * expected[rows]
+        velocity[rows] = 0.9 * velocity[rows] + g
+        expected[rows] = expected[rows] - 0.5 * velocity[rows]
+        unsampled = torch.ones(stop - start, dtype=torch.bool)
+        unsampled[rows] = False
+        assert torch.equal(sparse.weight.detach()[unsampled], expected[unsampled])  # untouched this step
+        # the same float64 operations in the same order: a few float64 steps of the weights' size
+        assert_close("sampled rows", sparse.weight.detach()[rows], expected[rows], 8 * 2.0**-53 * float(expected.abs().max()))
+        buffer = optimizer.state[sparse.weight]["momentum_buffer"]
+        assert torch.equal(buffer[~ever_sampled], torch.zeros_like(buffer[~ever_sampled]))
+    assert torch.equal(adam_head.weight.detach()[~ever_sampled], initial[~ever_sampled])
+    assert not torch.equal(adam_head.weight.detach()[ever_sampled], initial[ever_sampled])
+
+
 def _check_errors(rank, world):
     x, w, y = make_inputs(LOCAL_BATCH, NUM_CLASSES, DIM, seed=1)
     start, stop = shard_range(NUM_CLASSES, rank, world)
@@ -231,6 +284,7 @@ def _worker(rank, world, store, out_dir, backends):
         checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, dtypes[b])) for b in backends]
         checks += [(f"{b}/uneven/{r}", lambda b=b, r=r: _check_uneven_batches(rank, world, b, dtypes[b], r))
                    for b in backends for r in ("mean", "none")]
+        checks.append(("sampled-row updates", lambda: _check_sampled_row_updates(rank, world)))
         checks.append(("errors", lambda: _check_errors(rank, world)))
         checks.append(("autocast", lambda: _check_autocast(rank, world)))
         checks.append(("margin gradients", lambda: _check_margin_gradients(rank, world)))

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from marginfused.distributed import ShardedMarginSoftmaxLoss
+from marginfused.optim import SparseMomentumSGD
 from train import embedding_network
 
 
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=256, help="per rank")
     parser.add_argument("--sample-rate", type=float, default=1.0)
+    parser.add_argument("--sparse-grad", action="store_true",
+                        help="row-sparse head gradient of the sampled classes, updated by SparseMomentumSGD")
     parser.add_argument("--margin", default="arcface")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--backend", default="auto")
@@ -54,9 +57,15 @@ def train(args: argparse.Namespace, device: torch.device) -> list[float]:
     identities = nn.functional.normalize(torch.randn(args.classes, input_dim), dim=1).to(device)
     network = DistributedDataParallel(embedding_network(input_dim, embedding_dim).to(device))
     head = ShardedMarginSoftmaxLoss(
-        embedding_dim, args.classes, margin=args.margin, sample_rate=args.sample_rate, backend=args.backend, device=device
+        embedding_dim, args.classes, margin=args.margin, sample_rate=args.sample_rate, sparse_grad=args.sparse_grad,
+        backend=args.backend, device=device,
     )
-    optimizer = torch.optim.SGD([*network.parameters(), *head.parameters()], lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    # the head: momentum and weight decay on the sampled rows alone when its gradient is row-sparse
+    head_optimizer = SparseMomentumSGD if args.sparse_grad else torch.optim.SGD
+    optimizers = [
+        torch.optim.SGD(network.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4),
+        head_optimizer(head.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4),
+    ]
     sampler = torch.Generator(device=device).manual_seed(1 + rank)
     if rank == 0:
         print(f"{world_size} ranks, {args.classes} classes, this rank's shard: {head}")
@@ -66,9 +75,11 @@ def train(args: argparse.Namespace, device: torch.device) -> list[float]:
         labels = torch.randint(0, args.classes, (args.batch,), device=device, generator=sampler)
         samples = identities[labels] + noise * torch.randn(args.batch, input_dim, device=device, generator=sampler) / input_dim**0.5
         loss = head(network(samples), labels, generator=sampler)
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         losses.append(loss.item())
         if rank == 0 and args.log_every and (step == 1 or step % args.log_every == 0):
             print(f"step {step:5d}  loss {loss.item():8.4f}")

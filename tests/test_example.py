@@ -28,7 +28,9 @@ def test_the_loss_falls(backend):
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 
-def test_the_distributed_example_trains_under_torchrun_on_two_cpu_ranks():
+@pytest.mark.parametrize("sampling", [["--sample-rate", "0.5"], ["--sample-rate", "0.1", "--sparse-grad"]],
+                         ids=["dense", "sparse-0.1"])
+def test_the_distributed_example_trains_under_torchrun_on_two_cpu_ranks(sampling):
     import re
     import subprocess
     import sys
@@ -36,7 +38,7 @@ def test_the_distributed_example_trains_under_torchrun_on_two_cpu_ranks():
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(EXAMPLE.parent / "train_distributed.py"), "--classes", "300", "--steps", "100", "--batch", "64",
-         "--sample-rate", "0.5", "--log-every", "0"],
+         *sampling, "--log-every", "0"],
         capture_output=True, text=True, timeout=300,
     )
     output = f"exit {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}"

@@ -26,7 +26,6 @@ from .base import FUSED_DTYPES
 from .ops import FusedBackend
 
 
-
 def _kernels():
     """The kernel modules, imported on first use (this imports triton)."""
     from ..kernels import backward, configs, forward, norms, project

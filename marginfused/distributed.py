@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autocast import cast_for_autocast
-from .backends import Backend, select_backend
+from .backends import Backend, RowGradients, select_backend
 from .checks import check_inputs
 from .margins import MarginLike
 from .modules import WEIGHT_INIT_STD, store_settings
@@ -223,10 +223,8 @@ class _ShardedLoss(torch.autograd.Function):
         accumulate = torch.promote_types(x.dtype, torch.float32)
         grad_rows = grad_rows.to(accumulate)
         need_x, need_w, need_z = ctx.needs_input_grad[:3]
-        grad_x, grad_w = backend.backward(
-            x, w_shard, labels, z, slope, row_max, row_sumexp, grad_rows, settings, class_start, num_classes,
-            True, need_w,
-        )
+        rows = RowGradients(z, slope, row_max, row_sumexp, grad_rows)
+        grad_x, grad_w = backend.backward(x, w_shard, labels, rows, settings, class_start, num_classes, True, need_w)
         grad_x = grad_x.to(accumulate)
         dist.all_reduce(grad_x, group=group)
         grad_x_local = (world_size * grad_x[mine]).to(ctx.local_dtype) if need_x else None

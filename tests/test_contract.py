@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import marginfused as mf
-from marginfused.backends import REGISTRY
+from marginfused.backends import REGISTRY, RowGradients
 from marginfused.margins import resolve_margin
 from marginfused.partials import merge_partials, row_loss
 from marginfused.settings import LossSettings
@@ -232,8 +232,8 @@ def test_class_shards_merge_into_the_whole(backend, bounds):
     dx = torch.zeros_like(x)
     dw = []
     for a, b in zip(bounds, bounds[1:]):
-        dx_part, dw_part = implementation.backward(x, w[a:b], y, logit, slope, merged.max, merged.sumexp,
-                                                   upstream.float(), settings, a, 100)
+        rows = RowGradients(logit, slope, merged.max, merged.sumexp, upstream.float())
+        dx_part, dw_part = implementation.backward(x, w[a:b], y, rows, settings, a, 100)
         dx += dx_part
         dw.append(dw_part)
     # the shards' dx add up in float32: one rounding per shard of values up to the gradient's size

@@ -41,6 +41,7 @@ def test_cpu_backend_beyond_two_to_the_31_elements():
     # rows, merged with the analytic partials of the N identical middle rows (max s·c_u, sumexp N).
     if mf.available_backends()["cpu"] is not None:
         pytest.skip(f"cpu: {mf.available_backends()['cpu']}")
+    from marginfused.backends import RowGradients
     from marginfused.backends.torch import TorchBackend, cosines
     from marginfused.partials import RowPartials, merge_partials, row_loss
     from marginfused.settings import LossSettings
@@ -83,13 +84,9 @@ def test_cpu_backend_beyond_two_to_the_31_elements():
         reference.row_partials(x64, w_tail.double(), y, logit, settings, classes - ends),
     )
     expected_loss = row_loss(merged, logit, y, -100, 0.0, classes).sum()
-    ones = torch.ones(4, dtype=torch.float64)
-    _, expected_far = reference.backward(
-        x64, w_tail.double(), y, logit, slope, merged.max, merged.sumexp, ones, settings, classes - ends, classes
-    )
-    _, expected_middle = reference.backward(
-        x64, u.double().expand(4, dim), y, logit, slope, merged.max, merged.sumexp, ones, settings, ends, classes
-    )
+    rows = RowGradients(logit, slope, merged.max, merged.sumexp, torch.ones(4, dtype=torch.float64))
+    _, expected_far = reference.backward(x64, w_tail.double(), y, rows, settings, classes - ends, classes)
+    _, expected_middle = reference.backward(x64, u.double().expand(4, dim), y, rows, settings, ends, classes)
     # The suite's first-order bound (tests/helpers.py) with the inputs already in bfloat16 (the
     # truth is computed from them): per row δℓ = 2δz + λ√C·u·(2s + |ℓ|); a gradient term moves by
     # ρ relative, and a row of W receives at most Σ_i s·(p_ij + t_ij) ≤ 2·4·s of terms over its

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import marginfused as mf
+from marginfused.backends import RowGradients
 from marginfused.backends.torch import TorchBackend
 from marginfused.partials import merge_partials, row_loss
 from marginfused.settings import LossSettings
@@ -43,7 +44,8 @@ def test_shard_backwards_add_up_to_the_gradient_of_the_whole_loss(margin_grad, s
     bounds = (0, 20, 61)
     pieces = [backend.row_partials(x, w[a:b], y, logit, settings, a) for a, b in zip(bounds, bounds[1:])]
     merged = merge_partials(*pieces)
-    grads = [backend.backward(x, w[a:b], y, logit, slope, merged.max, merged.sumexp, upstream, settings, a, 61)
+    rows = RowGradients(logit, slope, merged.max, merged.sumexp, upstream)
+    grads = [backend.backward(x, w[a:b], y, rows, settings, a, 61)
              for a, b in zip(bounds, bounds[1:])]
     # the two shards' dx add up in float64: one more rounding of values up to the gradient's size
     adds = 2**-53 * float(truth.grad_embeddings.abs().max())

@@ -17,6 +17,7 @@ import torch
 
 import marginfused as mf
 import marginfused.backends.triton as tb
+from marginfused.backends import RowGradients
 from marginfused.partials import RowPartials, merge_partials
 from marginfused.settings import LossSettings
 
@@ -42,7 +43,7 @@ def test_every_output_element_is_written(monkeypatch, device):
         return torch.full(shape, float("nan") if dtype.is_floating_point else -(2**62), dtype=dtype, device=device)
 
     monkeypatch.setattr(tb, "_empty", poisoned)
-    num_classes = 200 if tb._interpreting() else 1000  # several class splits on either configuration
+    num_classes = 200 if tb.configs.interpreting() else 1000  # several class splits on either configuration
     x, w, y = make_inputs(37, num_classes, 40, ignored=5, seed=10, device=device)
     settings = LossSettings.build("arcface", 64.0, "exact", -100, 0.1)
     logit, slope = shard_targets(x.float(), w.float(), y, settings)
@@ -56,9 +57,8 @@ def test_every_output_element_is_written(monkeypatch, device):
     totals = tb._merge_splits(parts)
     upstream = torch.randn(37, device=device)
     for dtype in INTERPRETER_DTYPES:
-        dx, dw = tb.TritonBackend().backward(
-            x.to(dtype), w.to(dtype), y, logit, slope, totals.max, totals.sumexp, upstream, settings, 0, num_classes
-        )
+        rows = RowGradients(logit, slope, totals.max, totals.sumexp, upstream)
+        dx, dw = tb.TritonBackend().backward(x.to(dtype), w.to(dtype), y, rows, settings, 0, num_classes)
         assert dx.dtype == dtype and dw.dtype == dtype
         assert bool(dx.isfinite().all()) and bool(dw.isfinite().all())
     assert_matches_truth("triton", x, w, y, torch.float16, margin="arcface", margin_grad="exact",
@@ -113,7 +113,7 @@ def test_float64_explicitly_asked_for_says_why(device):
 
 
 def test_bfloat16_under_the_interpreter_says_why():
-    if not tb._interpreting():
+    if not tb.configs.interpreting():
         pytest.skip("only under TRITON_INTERPRET=1")
     x, w, y = make_inputs(4, 10, 8)
     with pytest.raises(mf.BackendUnavailableError, match="11584"):
@@ -134,7 +134,7 @@ def test_unavailable_reasons(monkeypatch):
 
 
 def test_wrong_device_says_why():
-    if not tb._interpreting():
+    if not tb.configs.interpreting():
         pytest.skip("only under TRITON_INTERPRET=1 (on a GPU, CPU tensors go to the CPU backends)")
     assert tb.TritonBackend().unsupported_reason("cpu", torch.float32) is None
     assert "CPU tensors only" in tb.TritonBackend().unsupported_reason("meta", torch.float32)

@@ -10,7 +10,7 @@ first that can run; `explain_backend(x, w)` says, for each backend it passed ove
 xformers' `not_supported_reasons`), and the same lines go to the "marginfused" logger at DEBUG.
 """
 
-from .base import REGISTRY, Backend, BackendUnavailableError, RowLoss
+from .base import REGISTRY, Backend, BackendUnavailableError, RowGradients, RowLoss
 from .registry import AUTO_ORDER, available_backends, backend_reasons, explain_backend, select_backend
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "REGISTRY",
     "Backend",
     "BackendUnavailableError",
+    "RowGradients",
     "RowLoss",
     "available_backends",
     "backend_reasons",

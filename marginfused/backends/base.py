@@ -48,6 +48,18 @@ class RowLoss(NamedTuple):
     prediction: Tensor
 
 
+class RowGradients(NamedTuple):
+    """What a backward takes per row (each (B,)): the target logit z_iy and slope σ_i of the
+    pre-pass, the max and sumexp of the partials merged over all classes, and grad_rows_i, the
+    gradient of the loss with respect to ℓ_i."""
+
+    target_logit: Tensor
+    target_slope: Tensor
+    row_max: Tensor
+    row_sumexp: Tensor
+    grad_rows: Tensor
+
+
 class Backend(abc.ABC):
     """One implementation of the per-row margin softmax loss.
 
@@ -81,28 +93,16 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def backward(
-        self,
-        x: Tensor,
-        w: Tensor,
-        y: Tensor,
-        target_logit: Tensor,
-        target_slope: Tensor,
-        row_max: Tensor,
-        row_sumexp: Tensor,
-        grad_rows: Tensor,
-        settings: LossSettings,
-        class_start: int,
-        num_classes: int,
-        need_x: bool = True,
-        need_w: bool = True,
+        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
+        num_classes: int, need_x: bool = True, need_w: bool = True,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Gradients of Σ_i grad_rows_i · ℓ_i with respect to x and this shard of w through the
-        logits of its classes, given the max m and sumexp s of the partials merged over all
+        logits of its classes, given (`rows`) the max m and sumexp s of the partials merged over all
         `num_classes` classes (lse_i = m_i + log s_i, kept in two parts so that float32 loses
         nothing when m is large):
 
             ∂/∂c_ij = g_i · s · (p_ij − ε/C)                           j ≠ y_i
-            ∂/∂c_iy = g_i · σ_i · (p_iy − (1 − ε) − ε/C)              σ_i = target_slope_i
+            ∂/∂c_iy = g_i · σ_i · (p_iy − (1 − ε) − ε/C)              σ_i = rows.target_slope_i
 
         with p_ij = exp(z_ij − lse_i), then through the normalisations. The x gradients of
         disjoint class ranges add up to the whole one. A gradient not needed may be skipped and

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..partials import RowPartials
 from ..settings import LossSettings
-from .base import FUSED_DTYPES, BackendUnavailableError
+from .base import FUSED_DTYPES, BackendUnavailableError, RowGradients
 from .ops import FusedBackend
 
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
@@ -254,21 +254,10 @@ class ExtensionBackend(FusedBackend):
         return out
 
     def backward(
-        self,
-        x: Tensor,
-        w: Tensor,
-        y: Tensor,
-        target_logit: Tensor,
-        target_slope: Tensor,
-        row_max: Tensor,
-        row_sumexp: Tensor,
-        grad_rows: Tensor,
-        settings: LossSettings,
-        class_start: int,
-        num_classes: int,
-        need_x: bool = True,
-        need_w: bool = True,
+        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
+        num_classes: int, need_x: bool = True, need_w: bool = True,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        target_logit, target_slope, row_max, row_sumexp, grad_rows = rows
         x, w = x.detach().contiguous(), w.detach().contiguous()
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.empty_like(w) if need_w else None

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..partials import row_loss
 from ..settings import LossSettings
 from ..target import check_finite, target_cosines, target_logit_grad, target_logits
-from .base import REGISTRY, Backend, RowLoss
+from .base import REGISTRY, Backend, RowGradients, RowLoss
 
 
 def _margin_loss(
@@ -59,9 +59,8 @@ def _margin_loss_backward(
     need_x: bool, need_w: bool,
 ) -> tuple[Tensor, Tensor]:
     settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing)
-    dx, dw = REGISTRY[backend].backward(
-        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows, settings, 0, w.shape[0], need_x, need_w
-    )
+    rows = RowGradients(target_logit, target_slope, row_max, row_sumexp, grad_rows)
+    dx, dw = REGISTRY[backend].backward(x, w, y, rows, settings, 0, w.shape[0], need_x, need_w)
     return _or_nothing(dx, x, need_x), _or_nothing(dw, w, need_w)
 
 

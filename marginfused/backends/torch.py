@@ -30,7 +30,7 @@ from ..partials import RowPartials
 from ..settings import LossSettings
 from ..margins import working_dtype
 from ..target import check_finite, target_logits
-from .base import Backend, RowLoss
+from .base import Backend, RowGradients, RowLoss
 
 
 def cosines(x: Tensor, w: Tensor) -> Tensor:
@@ -116,21 +116,10 @@ class TorchBackend(Backend):
             )
 
     def backward(
-        self,
-        x: Tensor,
-        w: Tensor,
-        y: Tensor,
-        target_logit: Tensor,
-        target_slope: Tensor,
-        row_max: Tensor,
-        row_sumexp: Tensor,
-        grad_rows: Tensor,
-        settings: LossSettings,
-        class_start: int,
-        num_classes: int,
-        need_x: bool = True,
-        need_w: bool = True,
+        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
+        num_classes: int, need_x: bool = True, need_w: bool = True,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        target_logit, target_slope, row_max, row_sumexp, grad_rows = rows
         eps = settings.label_smoothing
         with torch.no_grad():
             cos, logits, local, inside = self._range_logits(

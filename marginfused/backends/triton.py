@@ -13,24 +13,27 @@ B×C elements is ever allocated.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
+from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from ..kernels.configs import interpreting as _interpreting
+from ..kernels import configs
 from ..partials import RowPartials
 from ..settings import LossSettings
-from .base import FUSED_DTYPES
+from .base import FUSED_DTYPES, RowGradients
 from .ops import FusedBackend
 
 
-def _kernels():
+@functools.lru_cache(maxsize=None)
+def _kernels() -> SimpleNamespace:
     """The kernel modules, imported on first use (this imports triton)."""
-    from ..kernels import backward, configs, forward, norms, project
+    from ..kernels import backward, forward, norms, project
 
-    return forward, backward, project, configs, norms
+    return SimpleNamespace(forward=forward, backward=backward, project=project, norms=norms)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -50,17 +53,23 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _on_device(device: torch.device):
-    """Launch on the tensors' GPU, not the current one (a no-op for CPU tensors)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+def _on_the_tensors_device(method):
+    """Run a backend method's launches on its embeddings' GPU, not the current one (a no-op for
+    CPU tensors)."""
+
+    @functools.wraps(method)
+    def launch(self, x: Tensor, *args, **kwargs):
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+            return method(self, x, *args, **kwargs)
+
+    return launch
 
 
 def _inverse_norms(rows: Tensor) -> Tensor:
     """1/max(‖row‖, 1e-12) of every row, float32: the pre-pass (kernels/norms.py)."""
-    _, _, _, configs, norms = _kernels()
     tiles = configs.project_tiles()
     out = _empty((rows.shape[0],), torch.float32, rows.device)
-    norms.inverse_norms_kernel[(_cdiv(rows.shape[0], tiles.block_b),)](
+    _kernels().norms.inverse_norms_kernel[(_cdiv(rows.shape[0], tiles.block_b),)](
         rows, out, rows.shape[0], rows.shape[1], rows.stride(0),
         BLOCK_R=tiles.block_b, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
     )
@@ -93,7 +102,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _num_splits(batch_tiles: int, num_classes: int, device: torch.device) -> int:
     """How many class splits each batch tile is cut into (a small number, not growing with C)."""
-    _, _, _, configs, _ = _kernels()
     if configs.interpreting():
         wanted = configs.INTERPRET_SPLITS
     else:
@@ -104,7 +112,6 @@ def _num_splits(batch_tiles: int, num_classes: int, device: torch.device) -> int
 
 def _class_splits(batch: int, num_classes: int, device: torch.device, block_b: int) -> tuple[int, int]:
     """(n_splits, classes_per_split): splits aligned to SPLIT_ALIGN, every split non-empty."""
-    _, _, _, configs, _ = _kernels()
     align = configs.split_align()
     wanted = _num_splits(_cdiv(batch, block_b), num_classes, device)
     per_split = _cdiv(num_classes, wanted)
@@ -126,14 +133,14 @@ class _Plan(NamedTuple):
 
 def _plan(direction: str, x: Tensor, num_classes: int) -> _Plan:
     """The kernel, launch settings and class splits of the "forward" or "backward" pass."""
-    forward, backward, _, configs, _ = _kernels()
+    kernels = _kernels()
     tuned = configs.autotuning(x.dtype)
     if direction == "forward":
         tiles, candidates = configs.forward_tiles(x.dtype, _arch(x.device)), configs.AUTOTUNE_FORWARD
-        kernel = configs.autotuned_forward() if tuned else forward.row_partials_kernel
+        kernel = configs.autotuned_forward() if tuned else kernels.forward.row_partials_kernel
     else:
         tiles, candidates = configs.backward_tiles(x.dtype, _arch(x.device)), configs.AUTOTUNE_BACKWARD
-        kernel = configs.autotuned_backward() if tuned else backward.grad_kernel
+        kernel = configs.autotuned_backward() if tuned else kernels.backward.grad_kernel
     # With autotuning, BLOCK_B varies by config: size the splits for the smallest one.
     block_b = min(t.block_b for t in candidates) if tuned else tiles.block_b
     n_splits, per_split = _class_splits(x.shape[0], num_classes, x.device, block_b)
@@ -228,7 +235,7 @@ class TritonBackend(FusedBackend):
             import triton  # noqa: F401
         except Exception as error:  # ImportError, or a broken install
             return f"triton cannot be imported ({type(error).__name__}: {error})"
-        if _interpreting():
+        if configs.interpreting():
             return None
         if not torch.cuda.is_available():
             return (
@@ -241,7 +248,7 @@ class TritonBackend(FusedBackend):
         if dtype not in FUSED_DTYPES:
             hint = "; use backend='torch'" if dtype == torch.float64 else ""
             return f"{dtype} inputs are not supported (float32, float16, bfloat16 only){hint}"
-        if _interpreting():
+        if configs.interpreting():
             if device_type != "cpu":
                 return f"under TRITON_INTERPRET=1 the kernels run on CPU tensors only, got {device_type} tensors"
             if dtype == torch.bfloat16:
@@ -253,41 +260,23 @@ class TritonBackend(FusedBackend):
             return f"needs CUDA tensors, got {device_type} tensors (or set TRITON_INTERPRET=1 for CPU tensors)"
         return None
 
+    @_on_the_tensors_device
     def row_partials(
         self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
     ) -> RowPartials:
         """Partials over the classes [class_start, class_start + w.shape[0]), merged over the
         kernel's class splits (y global labels; labels outside the shard contribute no target)."""
         x, w, y, target_logit = _prepare(x, w, y, target_logit)
-        with torch.no_grad(), _on_device(x.device):
+        with torch.no_grad():
             return _merge_splits(_split_partials(x, w, y, target_logit, settings, int(class_start)))
 
+    @_on_the_tensors_device
     def backward(
-        self,
-        x: Tensor,
-        w: Tensor,
-        y: Tensor,
-        target_logit: Tensor,
-        target_slope: Tensor,
-        row_max: Tensor,
-        row_sumexp: Tensor,
-        grad_rows: Tensor,
-        settings: LossSettings,
-        class_start: int,
-        num_classes: int,
-        need_x: bool = True,
-        need_w: bool = True,
+        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
+        num_classes: int, need_x: bool = True, need_w: bool = True,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(
-            x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows
-        )
-        with _on_device(x.device):
-            return self._backward(x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows, settings,
-                                  class_start, num_classes, need_x, need_w)
-
-    def _backward(self, x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows, settings, class_start,
-                  num_classes, need_x, need_w):
-        _, _, project, configs, _ = _kernels()
+        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(x, w, y, *rows)
+        kernels = _kernels()
         batch, dim = x.shape
         local = w.shape[0]
         plan = _plan("backward", x, local)
@@ -313,14 +302,14 @@ class TritonBackend(FusedBackend):
         dx = dw = None
         if need_x:
             dx = _empty((batch, dim), x.dtype, x.device)
-            project.project_kernel[(_cdiv(batch, ptiles.block_b),)](
+            kernels.project.project_kernel[(_cdiv(batch, ptiles.block_b),)](
                 dx_part, x, dx, batch, dim, x.stride(0), plan.n_splits,
                 BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
             )
         if need_w:
             # float32: project in place (each element is read before its program writes it).
             dw = dw_acc if w.dtype == torch.float32 else _empty((local, dim), w.dtype, w.device)
-            project.project_kernel[(_cdiv(local, ptiles.block_b),)](
+            kernels.project.project_kernel[(_cdiv(local, ptiles.block_b),)](
                 dw_acc, w, dw, local, dim, w.stride(0), 1,
                 BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
             )

@@ -6,12 +6,14 @@ numbers and counted work, never a measurement; `python -m bench` measures.
 
 Counting (docs/design.md §5), for B rows, C classes, D dims, e bytes per input element:
 
-- FLOPs: each cosine GEMM is 2·B·C·D; forward 1, backward 3 (recompute, dX, dW) for `triton` and
-  `cuda`; the owned-output backward of docs/design.md §3.2 recomputes once more (4).
-- HBM bytes: what must leave or enter the GPU's memory (W once per pass when the batch tiles
-  that share a class split run together and L2 serves the rest; B×chunk tiles that outgrow L2).
-- L2 bytes: re-reads of W by each batch tile, atomic read-modify-writes, dX partials
-  read-modified-written per class tile.
+- FLOPs: each cosine GEMM is 2·B·C·D. `cuda`: forward 1, backward 3 (recompute, dX, dW).
+  `triton` (docs/design.md §3.2, every output written once by its owner): forward 1; each of its
+  two backward kernels recomputes the cosines once per slice of D (BLOCK_G wide) and runs one
+  gradient GEMM, so 2·(⌈D/BLOCK_G⌉ + 1): 4 at D ≤ BLOCK_G, 6 at D = 2·BLOCK_G.
+- HBM bytes: what must leave or enter the GPU's memory (W once per pass when the tiles that
+  share it run together and L2 serves the rest; B×chunk tiles that outgrow L2).
+- L2 bytes: each tile's operands, re-read by every program that needs them (a program holds its
+  accumulator in registers, its operand tiles only while it uses them).
 
 A kernel's predicted time is the largest of FLOPs / (peak × MATMUL_EFFICIENCY), HBM bytes / HBM
 bandwidth and L2 bytes / L2 bandwidth; atomics are counted as L2 traffic at ATOMIC_EFFICIENCY
@@ -72,40 +74,28 @@ class Kernel:
         )
 
 
-def triton_kernels(batch: int, classes: int, dim: int, dtype: str, block_b_forward: int = 128,
-                   block_b_backward: int = 64, block_c_backward: int = 128) -> list[Kernel]:
-    """The `triton` backend as built today: norms pre-pass, forward, backward with dW summed by
-    float32 atomic adds into a (C, D) buffer and dX partials read-modified-written per class tile,
-    and the projections."""
+def triton_kernels(batch: int, classes: int, dim: int, dtype: str, forward_tile: tuple = (128, 64),
+                   row_tile: tuple = (64, 64), class_tile: tuple = (32, 64), block_g: int = 256) -> list[Kernel]:
+    """The `triton` backend as built: norms pre-pass, forward, and the owned-output backward: dX
+    by (batch tile, class split, D slice) programs, dW by (class tile, D slice) programs, no
+    atomics. Tiles are (BLOCK_B, BLOCK_C) of kernels/configs.py's Hopper 16-bit configurations."""
     e = BYTES[dtype]
     gemm = 2.0 * batch * classes * dim
-    w_bytes = classes * dim * e
-    forward_tiles = math.ceil(batch / block_b_forward)
-    backward_tiles = math.ceil(batch / block_b_backward)
-    return [
-        Kernel("triton", "norms (x, W)", 0.0, (batch + classes) * dim * e, 0.0),
-        Kernel("triton", "forward", gemm, w_bytes + batch * dim * e, forward_tiles * w_bytes),
-        Kernel("triton", "norms again (backward)", 0.0, (batch + classes) * dim * e, 0.0),
-        Kernel("triton", "backward", 3 * gemm,
-               2 * w_bytes + classes * dim * 4 * 2,  # W twice; the zeroed dW buffer written back
-               2 * backward_tiles * w_bytes + 8.0 * batch * classes * dim / block_c_backward,
-               atomic_bytes=2.0 * backward_tiles * classes * dim * 4),
-        Kernel("triton", "project dW", 0.0, classes * dim * (4 + e + e), 0.0),
-    ]
+    w_bytes, x_bytes = classes * dim * e, batch * dim * e
+    passes = math.ceil(dim / block_g) + 1  # cosine recomputes, one per slice, and the gradient GEMM
 
+    def operand_traffic(tile: tuple, passes: int) -> float:
+        """L2 bytes of a kernel whose (BLOCK_B × BLOCK_C) programs each read their x and W tiles
+        `passes` times: every W tile once per batch tile, every x tile once per class tile."""
+        block_b, block_c = tile
+        return passes * (math.ceil(batch / block_b) * w_bytes + math.ceil(classes / block_c) * x_bytes)
 
-def owned_output_kernels(batch: int, classes: int, dim: int, dtype: str, block_b: int = 128) -> list[Kernel]:
-    """The owned-output backward of docs/design.md §3.2 (not built yet): dW by class-tile programs
-    with register accumulators (one recompute of the cosines more), dX by (batch tile, split)."""
-    e = BYTES[dtype]
-    gemm = 2.0 * batch * classes * dim
-    w_bytes = classes * dim * e
-    tiles = math.ceil(batch / block_b)
     return [
-        Kernel("owned", "norms (x, W)", 0.0, (batch + classes) * dim * e, 0.0),
-        Kernel("owned", "forward", gemm, w_bytes, tiles * w_bytes),
-        Kernel("owned", "backward dW (class tiles)", 2 * gemm, 2 * w_bytes, tiles * w_bytes),
-        Kernel("owned", "backward dX (splits)", 2 * gemm, w_bytes, tiles * w_bytes),
+        Kernel("triton", "norms (x, W)", 0.0, w_bytes + x_bytes, 0.0),
+        Kernel("triton", "forward", gemm, w_bytes + x_bytes, operand_traffic(forward_tile, 1)),
+        Kernel("triton", "norms again (backward)", 0.0, w_bytes + x_bytes, 0.0),
+        Kernel("triton", "backward dX (row tiles)", passes * gemm, w_bytes, operand_traffic(row_tile, passes)),
+        Kernel("triton", "backward dW (class tiles)", passes * gemm, 2 * w_bytes, operand_traffic(class_tile, passes)),
     ]
 
 
@@ -135,7 +125,6 @@ def predict(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str) -> dict[st
     """Predicted forward+backward seconds per backend, with each kernel's (name, seconds)."""
     out = {}
     for backend, kernels in (("triton", triton_kernels(batch, classes, dim, dtype)),
-                             ("triton owned-output (§3.2, not built)", owned_output_kernels(batch, classes, dim, dtype)),
                              ("cuda", cuda_kernels(batch, classes, dim, dtype, l2_mb=gpu.l2_mb))):
         times = [(k.name, k.seconds(gpu, dtype)) for k in kernels]
         out[backend] = (sum(t for _, t in times), times)

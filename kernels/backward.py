@@ -1,4 +1,4 @@
-"""Backward kernel: recompute the cosine tiles, form ∂ℓ/∂c, accumulate dX̂ and dŴ.
+"""Backward kernels: every gradient element written once, by the program that owns it.
 
 Math, for a valid row i (label ≠ ignore_index) with upstream gradient u_i, smoothing ε and the
 saved row statistics over all C classes, M_i = max_j z_ij and log S_i = log Σ_j exp(z_ij − M_i):
@@ -11,28 +11,43 @@ saved row statistics over all C classes, M_i = max_j z_ij and log S_i = log Σ_j
     G_ij = ∂(u·ℓ)/∂c_ij = u_i · s · (p_ij − ε/C)                         j ≠ y_i
     G_iy = u_i · σ_i · (p_iy − (1−ε) − ε/C)        σ_i = ∂z_iy/∂c_iy, the caller's target slope
                                                    (s, or s·f′(c_iy) for margin_grad="exact")
-    with z_iy the caller's target logit (the kernel never evaluates a margin)
+    with z_iy the caller's target logit (the kernels never evaluate a margin)
     (the clamp of c to [−1, 1] bounds the value only; the gradient passes through it)
-    dX̂_i = Σ_j G_ij ŵ_j            dŴ_j = Σ_i G_ij x̂_i
+    dX̂_i = Σ_j G_ij ŵ_j = Σ_j (G_ij r_wj) w_j          dŴ_j = Σ_i G_ij x̂_i = Σ_i (G_ij r_xi) x_i
 
-Ignored rows have G = 0. The kernel writes dX̂ and dŴ in float32; `project.py` then maps them
-through the normalisation (∂ℓ/∂x = (g − x̂(x̂·g))/‖x‖) and casts to the input dtype.
+Ignored rows have G = 0. The inverse norms r (a pre-pass's, kernels/norms.py) scale G, not the
+operands, so the x and W tiles go from memory to `tl.dot` untouched. Both kernels recompute the
+cosine tiles (`tiles.cos_tile`) and form G (`tiles.logit_gradient`); neither uses an atomic, and
+every sum runs in a fixed order, so the gradients are bit-identical run to run.
 
-Grid: (cdiv(B, BLOCK_B), n_splits), the forward's. Program (b, k) walks the class tiles of split
-k; per tile it recomputes the cosines (`tiles.cos_tile`, with the pre-pass's inverse norms),
-builds G (BLOCK_B × BLOCK_C, float32), and casts G·2^k to the input dtype for the tensor-core
-dots, whose float32 results it multiplies by 2^-k (exact). 2^k (the host's `grad_scale`) is 1 but
-for float16 inputs, where it lifts G into float16's range: at B = 1024, s = 64 a negative class's
-G ≈ s·p/B ≈ 6e-8 is float16's smallest subnormal, and the negative classes' gradient (O(1) in
-all) would otherwise be lost to the cast. Then per D chunk:
-    dX̂ partial: dx_part[k, rows, d] (+)= G · ŵ[cols, d]       — program-exclusive, no atomics: the
-                 split's first tile stores, later tiles load-add-store; the host's projection sums
-                 the n_splits partials (an (n_splits, B, D) float32 buffer).
-    dŴ:          dw_acc[cols, d] += Gᵀ · x̂[rows, d]           — float32 atomic add (relaxed: no
-                 memory fences, which the default acq_rel adds around every add) into a zeroed
-                 (C_local, D) buffer; cdiv(B, BLOCK_B) programs add to each element (summation
-                 order not deterministic).
-ŵ and x̂ chunks are normalised in registers, never in memory.
+`row_grad_kernel` — dX̂. Grid (cdiv(B, BLOCK_B), n_splits, cdiv(D, BLOCK_G)): program (b, k, g)
+owns rows [b·BLOCK_B, …), the classes of split k (the forward's splits) and the columns
+[g·BLOCK_G, …) of D. It accumulates Σ_j G_ij r_wj w_j[cols] over its split in a (BLOCK_B × BLOCK_G)
+float32 register tile and stores it once, as partial k of an (n_splits, B, D) float32 buffer;
+`project.py` sums the partials in split order and maps them through the normalisation.
+
+`class_grad_kernel` — dW. Grid (cdiv(C_local, BLOCK_C), cdiv(D, BLOCK_G)): program (c, g) owns a
+class tile and the columns [g·BLOCK_G, …) of D and loops over every batch tile, in order, with
+its cosine tiles class-major (BLOCK_C × BLOCK_B), accumulating Σ_i G_ij r_xi x_i[cols] in a
+(BLOCK_C × BLOCK_G) float32 register tile. The projection through the normalisation needs
+ŵ_j·dŴ_j, a sum over all of D; it is accumulated beside, with no second pass over D:
+
+    ŵ_j·dŴ_j = Σ_i G_ij (ŵ_j·x̂_i) = Σ_i G_ij c_ij          (c unclamped; the clamp moves c only
+                                                          by rounding, |Δc| ≤ the cosine's error)
+
+so each program's epilogue maps its slice through the normalisation and stores dW once, in W's
+dtype. No (C, D) float32 buffer exists, and no slice waits for another.
+
+The two dots take G·r cast to the input dtype, and for float16 inputs G·r·2^k with 2^k (the
+host's `grad_scale`, per kernel) the power of two lifting the largest entry of G·r into float16's
+range; the accumulators are multiplied by 2^-k (exact). At B = 1024, s = 64 a negative class's
+G ≈ s·p/B ≈ 6e-8 is float16's smallest subnormal: unscaled, the negative classes' gradient (O(1)
+in all) would be lost to the cast. A zero row's r is 1/1e-12; its entries of G·r·2^k may pass
+float16's range and are clamped to it, so they multiply the row's zeros to exactly 0 (never inf·0).
+
+Cost: 4·B·C·D FLOP per kernel (the recomputed cosines and the gradient dot) when BLOCK_G ≥ D,
+2·B·C·D more for each further slice of D (each recomputes the cosines). Memory: the
+(n_splits, B, D) partials (n_splits does not grow with C) and dW itself.
 Sharding: as in forward.py (class_start, global labels); M, log S and the 1/C of smoothing are
 global (over every shard).
 """
@@ -40,74 +55,130 @@ global (over every shard).
 import triton
 import triton.language as tl
 
-from .tiles import cos_tile, target_in_tile, target_logits
+from .norms import inverse_norm
+from .tiles import cos_tile, logit_gradient, target_offsets
+
+FLOAT16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit
-def grad_kernel(
-    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr,
-    grad_rows_ptr, grad_scale_ptr, dx_part_ptr, dw_acc_ptr,
-    B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
-    scale, ignore_index, target_weight, smoothing_per_class,
-    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dot_operand(g, dtype: tl.constexpr):
+    """G·r·2^k in the input dtype, clamped to float16's range for float16 (see the module)."""
+    if dtype == tl.float16:
+        g = tl.minimum(tl.maximum(g, -FLOAT16_MAX), FLOAT16_MAX)
+    return g.to(dtype)
+
+
+@triton.jit
+def _row_statistics(
+    y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
+    rows, B, C_local, class_start, scale, ignore_index,
 ):
-    # target_weight = 1 − ε, smoothing_per_class = ε / C (C the global class count).
-    # batch_bucket: unused in the body; the autotuning key (B rounded up to a power of two).
-    pid_b = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    """For a block of rows: (the target's local column or −1, target logit, M, log S, σ/s,
+    u·s (0 for ignored rows and rows past B), r_x)."""
     row_ok = rows < B
     labels = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (labels != ignore_index)
     local = labels - class_start
     target_col = tl.where(valid & (local >= 0) & (local < C_local), local, -1)
+    target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
     row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     log_sumexp = tl.load(log_sumexp_ptr + rows, mask=row_ok, other=0.0)
+    slope_ratio = tl.load(target_slope_ptr + rows, mask=row_ok, other=0.0) / scale
     grad_rows = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
-    grad_rows = tl.where(valid, grad_rows, 0.0)
-    target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
-    slope_ratio = tl.load(target_slope_ptr + rows, mask=row_ok, other=0.0) / scale  # σ_i / s
-    row_factor = grad_rows * scale
+    row_factor = tl.where(valid, grad_rows * scale, 0.0)
     inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
-    grad_scale = tl.load(grad_scale_ptr)  # 2^k: G·2^k fits the input dtype; the dots are unscaled
+    return target_col, target_logit, row_max, log_sumexp, slope_ratio, row_factor, inv_x
 
+
+@triton.jit
+def row_grad_kernel(
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr,
+    grad_rows_ptr, grad_scale_ptr, dx_part_ptr,
+    B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
+    scale, ignore_index, target_weight, smoothing_per_class,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    # target_weight = 1 − ε, smoothing_per_class = ε / C (C the global class count).
+    # batch_bucket: unused in the body; the autotuning key (B rounded up to a power of two).
+    pid_b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    d_slice = tl.program_id(2).to(tl.int64)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    target_col, target_logit, row_max, log_sumexp, slope_ratio, row_factor, inv_x = _row_statistics(
+        y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
+        rows, B, C_local, class_start, scale, ignore_index)
+    grad_scale = tl.load(grad_scale_ptr)
+    g_dims = d_slice * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    g_ok = g_dims < D
+
+    acc = tl.zeros((BLOCK_B, BLOCK_G), tl.float32)
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C_local)
     tile = tl.arange(0, BLOCK_C).to(tl.int64)
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tile
         col_ok = cols < c_end
         inv_w = tl.load(inv_w_ptr + cols, mask=col_ok, other=0.0)
         cos = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w, D, stride_x, stride_w,
                        BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
-        is_target = target_in_tile(target_col, c0, BLOCK_C)
-        z = target_logits(cos, is_target, target_logit, scale)
-        p = tl.exp((z - row_max[:, None]) - log_sumexp[:, None])
-        dz = p - tl.where(is_target, target_weight, 0.0) - smoothing_per_class
-        dz = tl.where(is_target, dz * slope_ratio[:, None], dz)
-        g = dz * row_factor[:, None]
-        g = tl.where(col_ok[None, :] & valid[:, None], g, 0.0)
-        g_in = (g * grad_scale).to(x_ptr.dtype.element_ty)
-        later_tile = (dims * 0 + c0) != c_begin  # a vector: the interpreter rejects scalar masks
+        is_target = tl.arange(0, BLOCK_C)[None, :] == target_offsets(target_col, c0, BLOCK_C)[:, None]
+        g = logit_gradient(cos, is_target, target_logit[:, None], row_max[:, None], log_sumexp[:, None],
+                           slope_ratio[:, None], row_factor[:, None], scale, target_weight, smoothing_per_class)
+        g = g * (inv_w * grad_scale)[None, :]  # columns past the split: r_w = 0 and w = 0
+        w = tl.load(w_ptr + cols[:, None] * stride_w + g_dims[None, :],
+                    mask=col_ok[:, None] & g_ok[None, :], other=0.0)
+        acc = tl.dot(_dot_operand(g, w_ptr.dtype.element_ty), w, acc, input_precision=DOT_PRECISION)
 
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dims
-            d_ok = d < D
-            if NEED_DX:
-                w = tl.load(w_ptr + cols[:, None] * stride_w + d[None, :],
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                w_hat = (w.to(tl.float32) * inv_w[:, None]).to(w.dtype)
-                part = tl.dot(g_in, w_hat, input_precision=DOT_PRECISION) / grad_scale
-                dx_ptrs = dx_part_ptr + (split * B + rows[:, None]) * D + d[None, :]
-                dx_mask = row_ok[:, None] & d_ok[None, :]
-                part += tl.load(dx_ptrs, mask=dx_mask & later_tile[None, :], other=0.0)
-                tl.store(dx_ptrs, part, mask=dx_mask)
-            if NEED_DW:
-                x = tl.load(x_ptr + rows[:, None] * stride_x + d[None, :],
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                x_hat = (x.to(tl.float32) * inv_x[:, None]).to(x.dtype)
-                part = tl.dot(tl.trans(g_in), x_hat, input_precision=DOT_PRECISION) / grad_scale
-                tl.atomic_add(dw_acc_ptr + cols[:, None] * D + d[None, :], part,
-                              mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
+    out = dx_part_ptr + (split * B + rows[:, None]) * D + g_dims[None, :]
+    tl.store(out, acc / grad_scale, mask=row_ok[:, None] & g_ok[None, :])
+
+
+@triton.jit
+def class_grad_kernel(
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr,
+    grad_rows_ptr, grad_scale_ptr, dw_ptr,
+    B, C_local, D, stride_x, stride_w, class_start, batch_bucket,
+    scale, ignore_index, target_weight, smoothing_per_class,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    pid_c = tl.program_id(0).to(tl.int64)
+    d_slice = tl.program_id(1).to(tl.int64)
+    c0 = pid_c * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    col_ok = cols < C_local
+    inv_w = tl.load(inv_w_ptr + cols, mask=col_ok, other=0.0)
+    grad_scale = tl.load(grad_scale_ptr)
+    g_dims = d_slice * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    g_ok = g_dims < D
+    batch = tl.arange(0, BLOCK_B).to(tl.int64)
+
+    acc = tl.zeros((BLOCK_C, BLOCK_G), tl.float32)
+    w_hat_dot_g = tl.zeros((BLOCK_C,), tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + batch
+        row_ok = rows < B
+        target_col, target_logit, row_max, log_sumexp, slope_ratio, row_factor, inv_x = _row_statistics(
+            y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
+            rows, B, C_local, class_start, scale, ignore_index)
+        cos = cos_tile(w_ptr, x_ptr, cols, rows, col_ok, row_ok, inv_w, inv_x, D, stride_w, stride_x,
+                       BLOCK_C, BLOCK_B, BLOCK_D, DOT_PRECISION)
+        is_target = tl.arange(0, BLOCK_C)[:, None] == target_offsets(target_col, c0, BLOCK_C)[None, :]
+        g = logit_gradient(cos, is_target, target_logit[None, :], row_max[None, :], log_sumexp[None, :],
+                           slope_ratio[None, :], row_factor[None, :], scale, target_weight, smoothing_per_class)
+        w_hat_dot_g += tl.sum(g * cos, axis=1)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + g_dims[None, :],
+                    mask=row_ok[:, None] & g_ok[None, :], other=0.0)
+        operand = _dot_operand(g * (inv_x * grad_scale)[None, :], x_ptr.dtype.element_ty)
+        acc = tl.dot(operand, x, acc, input_precision=DOT_PRECISION)
+
+    # dW_j = (dŴ_j − ŵ_j (ŵ_j·dŴ_j))·r_wj = dŴ_j·r_wj − w_j·(ŵ_j·dŴ_j)·r_wj², the projection term
+    # dropped where ‖w_j‖ < 1e-12 (r_wj = 1/1e-12: F.normalize's clamp holds the norm constant)
+    mask = col_ok[:, None] & g_ok[None, :]
+    w = tl.load(w_ptr + cols[:, None] * stride_w + g_dims[None, :], mask=mask, other=0.0)
+    along_w = tl.where(inv_w < inverse_norm(0.0), w_hat_dot_g * inv_w * inv_w, 0.0)
+    out = (acc / grad_scale) * inv_w[:, None] - w.to(tl.float32) * along_w[:, None]
+    tl.store(dw_ptr + cols[:, None] * D + g_dims[None, :], out.to(dw_ptr.dtype.element_ty), mask=mask)

@@ -3,10 +3,10 @@ what the compiler emits.
 
 The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not what they compile
 to: layouts, register allocation, shared memory and the software pipeline only meet the real
-compiler on a GPU. This compiles the forward, backward, projection and norms kernels, in each
-input dtype, with their default GPU launch configurations (configs.py) to a cubin for each target
-through Triton's own toolchain, with the alignment hints a real launch gets (16-byte aligned
-pointers; D, strides and the split size divisible by 16), and reads, per kernel and target:
+compiler on a GPU. This compiles the forward, both backward, projection and norms kernels, in
+each input dtype, with their default GPU launch configurations (configs.py) to a cubin for each
+target through Triton's own toolchain, with the alignment hints a real launch gets (16-byte
+aligned pointers; D, strides and the split size divisible by 16), and reads, per kernel and target:
 
 - registers and local memory (spills, stack) of the cubin Triton built (its bundled cuobjdump);
 - shared memory against the target's limit per block;
@@ -14,10 +14,12 @@ pointers; D, strides and the split size divisible by 16), and reads, per kernel 
 - for every dot operand the software pipeline stages in shared memory, its number of buffers
   against num_stages (fewer means an in-flight dot reads a buffer the next copy overwrites:
   triton-lang/triton #6691, which a tile used both by a dot and by register math triggers);
-- fenced atomics (an atomic with acquire/release semantics, or a memory barrier, in the PTX).
+- atomics: none, relaxed, or fenced (an atomic with acquire/release semantics, or a memory
+  barrier, in the PTX). The kernels have none: every output is written once, by its owner.
 
 A kernel fails the check on local memory, shared memory over the limit, a pipelined dot operand
-with fewer buffers than num_stages, or a fenced atomic.
+with fewer buffers than num_stages, or any atomic (the backward's determinism rests on there being
+none).
 
     python -m marginfused.kernels.compile_check [--arch 80 86 89 90 100 120] [--dtype bf16 fp16 fp32]
 
@@ -59,7 +61,7 @@ class Report:
     matrix_instruction: str
     dot_buffers: Optional[int]  # the fewest buffers of any pipelined dot operand; None: none pipelined
     num_stages: int
-    fenced_atomics: bool
+    atomics: str  # "none", "relaxed" or "fenced"
 
     @property
     def required_buffers(self) -> int:
@@ -80,16 +82,16 @@ class Report:
         if self.dot_buffers is not None and self.dot_buffers < self.required_buffers:
             found.append(f"a pipelined dot operand has {self.dot_buffers} buffers, "
                          f"{self.required_buffers} needed for {self.num_stages} stages")
-        if self.fenced_atomics:
-            found.append("fenced atomics")
+        if self.atomics != "none":
+            found.append(f"{self.atomics} atomics")
         return found
 
     def line(self) -> str:
         buffers = "-" if self.dot_buffers is None else f"{self.dot_buffers}/{self.required_buffers}"
         verdict = "; ".join(self.problems()) or "ok"
-        return (f"{self.label:<15} sm_{self.arch:<4} regs {self.registers:>3}  local {self.local_bytes:>3}  "
+        return (f"{self.label:<16} sm_{self.arch:<4} regs {self.registers:>3}  local {self.local_bytes:>3}  "
                 f"smem {self.shared_bytes:>6}/{self.shared_limit:<6}  {self.matrix_instruction:<8} "
-                f"buffers {buffers:<4} stages {self.num_stages}  {'FENCED' if self.fenced_atomics else 'unfenced'}  "
+                f"buffers {buffers:<4} stages {self.num_stages}  atomics {self.atomics:<7}  "
                 f"{verdict}")
 
 
@@ -170,6 +172,7 @@ VIEWS = ("ttg.local_load", "ttg.convert_layout", "ttg.memdesc_trans", "ttg.memde
 FENCED = re.compile(r"\bmembar\.|\bfence\.(sc|acq_rel)\b|\b(atom|red)\.[\w.]*\b(acq_rel|release|acquire)\b")
 """A memory barrier or an acquire/release atomic (the fences `atom` gets by default, sem="acq_rel");
 the proxy and wgmma fences of the tensor-core pipeline are not atomics' fences."""
+ATOMIC = re.compile(r"\b(atom|red)\.")
 
 
 def inspect(kernel, label: str, arch: int, num_stages: int) -> Report:
@@ -179,7 +182,8 @@ def inspect(kernel, label: str, arch: int, num_stages: int) -> Report:
     instruction = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma." in ptx
                    else "mma.sync" if "mma.sync" in ptx else "none")
     return Report(label, arch, registers, local, kernel.metadata.shared, TARGETS[arch], instruction,
-                  pipelined_dot_buffers(kernel.asm["ttgir"]), num_stages, bool(FENCED.search(ptx)))
+                  pipelined_dot_buffers(kernel.asm["ttgir"]), num_stages,
+                  "fenced" if FENCED.search(ptx) else "relaxed" if ATOMIC.search(ptx) else "none")
 
 
 def jobs(dtypes, arch: int) -> list[tuple]:
@@ -195,19 +199,23 @@ def jobs(dtypes, arch: int) -> list[tuple]:
                         y_ptr="*i64", inv_x_ptr="*fp32", inv_w_ptr="*fp32", grad_scale_ptr="*fp32",
                         target_logit_ptr="*fp32", target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32",
                         logit_sum_ptr="*fp32", best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32",
-                        log_sumexp_ptr="*fp32", grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_acc_ptr="*fp32",
+                        log_sumexp_ptr="*fp32", grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_ptr=f"*{element}",
                         g_ptr="*fp32")
         types = {**SCALARS, **pointers}
         forward = configs.FORWARD_GPU[configs.family(arch), width]
-        backward = configs.BACKWARD_GPU[configs.family(arch), width]
+        row_grad = configs.ROW_GRAD_GPU[configs.family(arch), width]
+        class_grad = configs.CLASS_GRAD_GPU[configs.family(arch), width]
         rows = configs.PROJECT_GPU
         out += [
             (f"forward {dtype}", ("forward", "row_partials_kernel"), types,
              dict(DOT_PRECISION=precision, BLOCK_B=forward.block_b, BLOCK_C=forward.block_c,
                   BLOCK_D=forward.block_d), forward),
-            (f"backward {dtype}", ("backward", "grad_kernel"), types,
-             dict(NEED_DX=True, NEED_DW=True, DOT_PRECISION=precision, BLOCK_B=backward.block_b,
-                  BLOCK_C=backward.block_c, BLOCK_D=backward.block_d), backward),
+            (f"row grad {dtype}", ("backward", "row_grad_kernel"), types,
+             dict(DOT_PRECISION=precision, BLOCK_B=row_grad.block_b, BLOCK_C=row_grad.block_c,
+                  BLOCK_D=row_grad.block_d, BLOCK_G=row_grad.block_g), row_grad),
+            (f"class grad {dtype}", ("backward", "class_grad_kernel"), types,
+             dict(DOT_PRECISION=precision, BLOCK_B=class_grad.block_b, BLOCK_C=class_grad.block_c,
+                  BLOCK_D=class_grad.block_d, BLOCK_G=class_grad.block_g), class_grad),
             (f"project {dtype}", ("project", "project_kernel"), {**types, "out_ptr": f"*{element}"},
              dict(BLOCK_R=rows.block_b, BLOCK_D=rows.block_d), rows),
             (f"norms {dtype}", ("norms", "inverse_norms_kernel"), {**types, "out_ptr": "*fp32"},

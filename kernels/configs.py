@@ -6,8 +6,8 @@ tests on CPU tensors under TRITON_INTERPRET=1 cross many tile boundaries quickly
 
 MARGINFUSED_AUTOTUNE=1 (GPU, 16-bit inputs; ignored under the interpreter, which cannot time
 kernels) wraps the forward and backward kernels in `triton.autotune` over `AUTOTUNE_*` below, keyed on D
-and the batch size rounded up to a power of two (`batch_bucket`); the backward's dW buffer is
-zeroed before every trial (`reset_to_zero`), as it is built by atomic adds.
+and the batch size rounded up to a power of two (`batch_bucket`). Every kernel writes each of its
+outputs once, so a trial launch needs no reset.
 """
 
 from __future__ import annotations
@@ -24,32 +24,43 @@ class Tiles:
     block_d: int
     num_warps: int
     num_stages: int
+    block_g: int = 0
+    """The backward kernels' slice of D per program (its gradient accumulator is BLOCK_B × BLOCK_G
+    or BLOCK_C × BLOCK_G float32); unused by the other kernels."""
 
 
 # GPU configurations by target family and input dtype: "16" for float16/bfloat16 (tensor-core
 # dots), "32" for float32 (full-precision dots, no tensor cores). "hopper" is sm_90 and sm_100
 # (wgmma / tcgen05, up to 227 KB of shared memory per block); "ampere" is every other target
 # (mma.sync, 99–163 KB: sm_80, sm_86, sm_89, sm_120), whose register-hungry mma.sync accumulators
-# need smaller backward tiles. Chosen without a GPU, by compiling for every target and reading
-# what Triton's cubin uses (`python -m marginfused.kernels.compile_check`): no spills, no stack,
-# shared memory within each target's limit, every pipelined dot operand fully buffered. None of
-# this is timed yet: to be measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
+# need smaller tiles. Chosen without a GPU, by compiling for every target and reading what
+# Triton's cubin uses (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
+# memory within each target's limit, every pipelined dot operand fully buffered. None of this is
+# timed yet: to be measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
 FORWARD_GPU = {
     ("hopper", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
     ("hopper", "32"): Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=2),
     ("ampere", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
     ("ampere", "32"): Tiles(block_b=32, block_c=64, block_d=16, num_warps=4, num_stages=2),
 }
-BACKWARD_GPU = {
-    ("hopper", "16"): Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=2),
-    ("hopper", "32"): Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=1),
-    ("ampere", "16"): Tiles(block_b=64, block_c=64, block_d=32, num_warps=8, num_stages=2),
-    ("ampere", "32"): Tiles(block_b=16, block_c=64, block_d=32, num_warps=4, num_stages=1),
+ROW_GRAD_GPU = {
+    ("hopper", "16"): Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=256),
+    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
+    ("ampere", "16"): Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=256),
+    ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
+}
+CLASS_GRAD_GPU = {
+    ("hopper", "16"): Tiles(block_b=32, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=256),
+    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
+    ("ampere", "16"): Tiles(block_b=32, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=256),
+    ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
 }
 PROJECT_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
 FORWARD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1)
-BACKWARD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1)
+GRAD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1, block_g=32)
+"""Both backward kernels under the interpreter: D ≤ 32 is one slice of D per program, larger D
+several, so the suite runs both."""
 PROJECT_INTERPRET = Tiles(block_b=16, block_c=0, block_d=32, num_warps=1, num_stages=1)
 
 SPLIT_ALIGN_GPU = 256
@@ -60,8 +71,8 @@ PROGRAMS_PER_SM = 2
 MAX_SPLITS = 256
 """Class splits per batch tile on a GPU: n_splits = min(MAX_SPLITS, ⌈PROGRAMS_PER_SM·SMs / batch
 tiles⌉), so even one batch tile fills the GPU. It never depends on C; n_splits·B stays about
-PROGRAMS_PER_SM·SMs·BLOCK_B, which bounds the backward's (n_splits, B, D) float32 dX̂ buffer
-(≈ 35 MB at 132 SMs, BLOCK_B = 64, D = 512) whatever the batch size."""
+PROGRAMS_PER_SM·SMs·BLOCK_B, which bounds the embeddings' backward's (n_splits, B, D) float32
+partials (≈ 35 MB at 132 SMs, BLOCK_B = 64, D = 512) whatever the batch size."""
 INTERPRET_SPLITS = 3
 """Class splits under the interpreter: more than one, so the merge of splits is always tested."""
 
@@ -72,13 +83,20 @@ AUTOTUNE_FORWARD = [
     Tiles(128, 64, 64, 8, 4),
     Tiles(64, 64, 64, 4, 3),
 ]
-AUTOTUNE_BACKWARD = [
-    Tiles(64, 128, 64, 8, 2),
-    Tiles(64, 128, 64, 8, 3),
-    Tiles(128, 64, 64, 8, 2),
-    Tiles(64, 64, 64, 4, 2),
+AUTOTUNE_ROW_GRAD = [
+    Tiles(64, 64, 64, 8, 3),
+    Tiles(64, 32, 64, 8, 3),
+    Tiles(64, 64, 64, 8, 2),
+    Tiles(64, 64, 32, 8, 3),
 ]
-"""Autotuning candidates (16-bit inputs; float32 inputs keep their fixed configs)."""
+AUTOTUNE_CLASS_GRAD = [
+    Tiles(32, 64, 64, 8, 3),
+    Tiles(64, 64, 64, 8, 3),
+    Tiles(32, 64, 64, 8, 2),
+    Tiles(32, 64, 32, 8, 3),
+]
+"""Autotuning candidates (16-bit inputs; float32 inputs keep their fixed configs). The backward's
+slice of D, BLOCK_G, is not tuned: it stays the fixed configuration's, which the host needs to know."""
 
 
 def interpreting() -> bool:
@@ -99,8 +117,12 @@ def forward_tiles(dtype, arch: int) -> Tiles:
     return FORWARD_INTERPRET if interpreting() else FORWARD_GPU[family(arch), _width(dtype)]
 
 
-def backward_tiles(dtype, arch: int) -> Tiles:
-    return BACKWARD_INTERPRET if interpreting() else BACKWARD_GPU[family(arch), _width(dtype)]
+def row_grad_tiles(dtype, arch: int) -> Tiles:
+    return GRAD_INTERPRET if interpreting() else ROW_GRAD_GPU[family(arch), _width(dtype)]
+
+
+def class_grad_tiles(dtype, arch: int) -> Tiles:
+    return GRAD_INTERPRET if interpreting() else CLASS_GRAD_GPU[family(arch), _width(dtype)]
 
 
 def project_tiles() -> Tiles:
@@ -132,26 +154,16 @@ def _triton_configs(choices):
 
 
 @functools.lru_cache(maxsize=None)
-def autotuned_forward():
-    """The forward kernel wrapped in triton.autotune (built on first use)."""
+def autotuned(kernel: str):
+    """The "forward", "row_grad" or "class_grad" kernel wrapped in triton.autotune (built on first
+    use), keyed on D and the batch bucket."""
     import triton
 
-    from .forward import row_partials_kernel
+    from . import backward, forward
 
-    return triton.autotune(configs=_triton_configs(AUTOTUNE_FORWARD), key=["D", "batch_bucket"])(
-        row_partials_kernel
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def autotuned_backward():
-    """The backward kernel wrapped in triton.autotune; the dW accumulator is zeroed per trial."""
-    import triton
-
-    from .backward import grad_kernel
-
-    return triton.autotune(
-        configs=_triton_configs(AUTOTUNE_BACKWARD),
-        key=["D", "batch_bucket"],
-        reset_to_zero=["dw_acc_ptr"],
-    )(grad_kernel)
+    fn, choices = {
+        "forward": (forward.row_partials_kernel, AUTOTUNE_FORWARD),
+        "row_grad": (backward.row_grad_kernel, AUTOTUNE_ROW_GRAD),
+        "class_grad": (backward.class_grad_kernel, AUTOTUNE_CLASS_GRAD),
+    }[kernel]
+    return triton.autotune(configs=_triton_configs(choices), key=["D", "batch_bucket"])(fn)

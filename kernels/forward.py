@@ -31,7 +31,7 @@ All offsets are int64.
 import triton
 import triton.language as tl
 
-from .tiles import cos_tile, target_in_tile, target_logits
+from .tiles import cos_tile, target_offsets
 
 
 @triton.jit
@@ -70,8 +70,8 @@ def row_partials_kernel(
         inv_w = tl.load(inv_w_ptr + cols, mask=col_ok, other=0.0)
         cos = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w, D, stride_x, stride_w,
                        BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
-        is_target = target_in_tile(target_col, c0, BLOCK_C)
-        z = target_logits(cos, is_target, target_logit, scale)
+        is_target = tl.arange(0, BLOCK_C)[None, :] == target_offsets(target_col, c0, BLOCK_C)[:, None]
+        z = tl.where(is_target, target_logit[:, None], scale * cos)
         z = tl.where(col_ok[None, :], z, float("-inf"))
 
         new_max = tl.maximum(run_max, tl.max(z, axis=1))

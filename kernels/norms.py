@@ -15,6 +15,13 @@ NORM_EPS = tl.constexpr(constants.NORM_EPS)
 
 
 @triton.jit
+def inverse_norm(norm):
+    """1 / max(norm, 1e-12): the one place it is computed, so that a kernel comparing against
+    inverse_norm(0.0) recognises the clamped norms exactly."""
+    return 1.0 / tl.maximum(norm, NORM_EPS)
+
+
+@triton.jit
 def inverse_norms_kernel(v_ptr, out_ptr, R, D, stride_v, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -26,4 +33,4 @@ def inverse_norms_kernel(v_ptr, out_ptr, R, D, stride_v, BLOCK_R: tl.constexpr, 
         v = tl.load(v_ptr + rows[:, None] * stride_v + d[None, :], mask=row_ok[:, None] & (d < D)[None, :],
                     other=0.0).to(tl.float32)
         squares += tl.sum(v * v, axis=1)
-    tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(squares), NORM_EPS), mask=row_ok)
+    tl.store(out_ptr + rows, inverse_norm(tl.sqrt(squares)), mask=row_ok)

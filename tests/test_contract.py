@@ -251,11 +251,11 @@ def _made_by_the_interpreter() -> bool:
     return any(frame.filename.endswith("triton/runtime/interpreter.py") for frame in traceback.extract_stack())
 
 
-def _allocations(backend, classes, batch=48, dim=8):
+def _allocations(backend, classes, batch=48, dim=8, dtype=torch.float32):
     """Every storage (bytes, shape) a forward + backward allocates."""
     x, w, y = make_inputs(batch, classes, dim, ignored=2, seed=12, device=backend.device)
-    x = x.float().requires_grad_()
-    w = w.float().requires_grad_()
+    x = x.to(dtype).requires_grad_()
+    w = w.to(dtype).requires_grad_()
     seen = []
 
     class Recorder(AllocationTracker):
@@ -287,6 +287,24 @@ def test_no_batch_by_classes_allocation_and_no_second_weight_sized_one(backend):
     assert grown <= working, (working, grown)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_the_backward_has_no_weight_sized_temporary(backend, dtype):
+    """At a shape where C·D float32 is 20× the class splits' B·D float32 (3 splits under the
+    interpreter), everything a forward + backward allocates besides W's gradient itself is at
+    most 1/20 of C·D float32: no (C, D) float32 accumulator, whatever W's dtype (vectors of one
+    number per class, C·4 bytes, are D/20 times smaller)."""
+    if backend.name == "torch":
+        pytest.skip("the torch backend is the reference: it materialises B×C logits by design")
+    batch, dim, classes = 48, 64, 3000
+    assert classes * dim * 4 >= 20 * 3 * batch * dim * 4
+    skip_unless_supported(backend.name, torch.zeros(1, dim, dtype=dtype), torch.zeros(1, dim, dtype=dtype))
+    seen = _allocations(backend, classes, batch, dim, dtype)
+    gradient = classes * dim * dtype.itemsize
+    assert sum(1 for n, shape in seen if (n, shape) == (gradient, (classes, dim))) == 1, seen
+    others = [n for n, shape in seen if (n, shape) != (gradient, (classes, dim))]
+    assert max(others) <= classes * dim * 4 / 20, sorted(others)[-5:]
+
+
 # --- inputs at the edges ---------------------------------------------------------------------------
 
 
@@ -300,6 +318,22 @@ def test_zero_norm_embedding_and_class_centre_rows(backend, margin_grad):
     truth = run("torch", x, w, y, margin_grad=margin_grad)
     largest = max(truth.grad_embeddings.abs().max().item(), truth.grad_weight.abs().max().item())
     assert_matches_truth(backend.name, x, w, y, torch.float32, slack=4 * 2**-24 * largest, margin_grad=margin_grad)
+
+
+@pytest.mark.parametrize("zero", ["class centre", "embedding"])
+def test_a_float16_zero_row_does_not_reach_the_other_gradient(backend, zero):
+    """In float16 a zero row's own gradient, g/1e-12, overflows (as in the torch reference), but a
+    zero class centre contributes exactly 0 to dX and a zero embedding exactly 0 to dW: that
+    gradient still holds to the truth (a kernel scaling the gradient tile by 1/‖row‖ before a
+    float16 cast must not turn the zero row into inf·0 = NaN)."""
+    x, w, y = spread_inputs(19, 333, 64, ignored=2, seed=8, device=backend.device)
+    skip_unless_supported(backend.name, x.half(), w.half())
+    (w if zero == "class centre" else x)[3] = 0.0
+    y[3] = 3
+    field = "grad_embeddings" if zero == "class centre" else "grad_weight"
+    truth, limits = budgets(x, w, y, torch.float16, margin="arcface", label_smoothing=0.1)
+    got = run(backend.name, x.half(), w.half(), y, margin="arcface", label_smoothing=0.1)
+    assert_close(f"{backend.name}/{field}", getattr(got, field), getattr(truth, field), limits[field])
 
 
 @pytest.mark.parametrize("margin", ["arcface", "sphereface", "expface", "combined"])

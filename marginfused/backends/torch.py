@@ -34,10 +34,13 @@ from .base import Backend, RowGradients, RowLoss
 
 
 def cosines(x: Tensor, w: Tensor) -> Tensor:
-    """c = x̂ ŵᵀ clamped to [−1, 1] (value only), in the working dtype."""
-    x_hat = F.normalize(x, dim=1, eps=NORM_EPS)
-    w_hat = F.normalize(w, dim=1, eps=NORM_EPS)
-    cos = (x_hat @ w_hat.T).to(working_dtype(x.dtype))
+    """c = x̂ ŵᵀ clamped to [−1, 1] (value only), in the working dtype. The rows are normalised in
+    the working dtype (in float16, 1e-12 itself would round to 0 and a zero row to 0/0) and the
+    product taken in the inputs' dtype."""
+    work = working_dtype(x.dtype)
+    x_hat = F.normalize(x.to(work), dim=1, eps=NORM_EPS).to(x.dtype)
+    w_hat = F.normalize(w.to(work), dim=1, eps=NORM_EPS).to(w.dtype)
+    cos = (x_hat @ w_hat.T).to(work)
     return cos + (cos.clamp(-1.0, 1.0) - cos).detach()
 
 

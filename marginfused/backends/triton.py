@@ -4,23 +4,24 @@ The kernels live in `marginfused.kernels` (kernels/ in the source tree; the math
 in kernels/forward.py, kernels/backward.py and kernels/project.py). They are imported on first
 use, and `import marginfused` works where Triton is not installed.
 
-Memory: forward O(n_splits·B) partials; backward an (n_splits, B, D) float32 dX̂ buffer and a
-(C, D) float32 dŴ buffer (W's shape; returned in place for float32 inputs). n_splits ≤ 256 does not
-grow with C (n_splits·B·D·4 bytes ≈ 35 MB at D = 512 on a 132-SM GPU, whatever B); nothing of
-B×C elements is ever allocated.
+Memory: forward O(n_splits·B) partials; backward an (n_splits, B, D) float32 buffer of the
+embeddings' gradient partials, and W's gradient itself (written once per element, in W's dtype:
+no (C, D) float32 buffer, no atomics). n_splits ≤ 256 does not grow with C (n_splits·B·D·4 bytes
+≈ 35 MB at D = 512 on a 132-SM GPU, whatever B); nothing of B×C elements is ever allocated. The
+backward is deterministic: every sum runs in a fixed order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from .. import constants
 from ..kernels import configs
 from ..partials import RowPartials
 from ..settings import LossSettings
@@ -81,15 +82,28 @@ FLOAT16_GRADIENT_CEILING = 2.0**15
 largest possible entry to at most this, so no entry overflows and the small ones keep their bits."""
 
 
-def _gradient_scale(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor, scale: float) -> Tensor:
-    """2^k (a 1-element float32 tensor, computed on the device: no host synchronisation) by which
-    the backward scales its gradient tile before the cast to float16: |G_ij| ≤ 2·|g_i|·max(s, |σ_i|)
-    (|p − t − ε/C| ≤ 2), so 2^k = 2^⌊log2(2¹⁵ / that)⌋, within [2⁻²⁴, 2²⁴]. 1 for other dtypes."""
+def _gradient_scales(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor, scale: float,
+                     inv_x: Tensor, inv_w: Tensor) -> tuple[Tensor, Tensor]:
+    """2^k for the embeddings' and for the class centres' backward kernel (1-element float32
+    tensors, computed on the device: no host synchronisation): the power of two by which each
+    scales its dot operand G·r before the cast to float16 (kernels/backward.py). |G_ij| ≤
+    2·|u_i|·max(s, |σ_i|) (|p − t − ε/C| ≤ 2), times r_wj in the first kernel and r_xi in the
+    second; 2^k = 2^⌊log2(2¹⁵ / the largest)⌋, within [2⁻²⁴, 2²⁴]. A zero row (r = 1/1e-12, an
+    exact zero in float16, which has no smaller norms) is left out: its products are exactly 0
+    whatever the scale. Both 1 for other dtypes."""
     one = torch.ones(1, dtype=torch.float32, device=grad_rows.device)
     if dtype != torch.float16:
-        return one
-    largest = 2 * grad_rows.abs().amax() * torch.clamp(target_slope.abs().amax(), min=scale)
-    return torch.exp2(torch.floor(torch.log2(FLOAT16_GRADIENT_CEILING / largest)).clamp(-24, 24)).reshape(1)
+        return one, one
+
+    def nonzero_rows(inv: Tensor) -> Tensor:
+        return inv.where(inv * constants.NORM_EPS < 0.5, torch.zeros_like(inv))
+
+    def power_of_two(largest: Tensor) -> Tensor:
+        return torch.exp2(torch.floor(torch.log2(FLOAT16_GRADIENT_CEILING / largest)).clamp(-24, 24)).reshape(1)
+
+    row_bound = 2 * grad_rows.abs() * torch.clamp(target_slope.abs(), min=scale)
+    largest_for_x = row_bound.amax() * nonzero_rows(inv_w).amax() if inv_w.numel() else row_bound.amax()
+    return power_of_two(largest_for_x), power_of_two((row_bound * nonzero_rows(inv_x)).amax())
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -120,38 +134,42 @@ def _class_splits(batch: int, num_classes: int, device: torch.device, block_b: i
 
 
 class _Plan(NamedTuple):
-    """How one pass (forward or backward) is launched."""
+    """How one kernel is launched."""
 
     kernel: object  # the jitted kernel, or its autotuned wrapper
-    meta: dict  # block sizes and warps; empty when autotuning picks them
-    n_splits: int
-    per_split: int
-
-    def grid(self, batch: int):
-        return lambda meta: (_cdiv(batch, meta["BLOCK_B"]), self.n_splits)
+    meta: dict  # block sizes and warps (BLOCK_G only, when autotuning picks the others)
+    tiles: configs.Tiles  # the fixed configuration
 
 
-def _plan(direction: str, x: Tensor, num_classes: int) -> _Plan:
-    """The kernel, launch settings and class splits of the "forward" or "backward" pass."""
-    kernels = _kernels()
-    tuned = configs.autotuning(x.dtype)
-    if direction == "forward":
-        tiles, candidates = configs.forward_tiles(x.dtype, _arch(x.device)), configs.AUTOTUNE_FORWARD
-        kernel = configs.autotuned_forward() if tuned else kernels.forward.row_partials_kernel
+_KERNELS = {
+    "forward": ("forward", "row_partials_kernel", configs.forward_tiles),
+    "row_grad": ("backward", "row_grad_kernel", configs.row_grad_tiles),
+    "class_grad": ("backward", "class_grad_kernel", configs.class_grad_tiles),
+}
+"""Each kernel's module, name and fixed configuration."""
+
+
+def _plan(kernel: str, x: Tensor) -> _Plan:
+    """The "forward", "row_grad" or "class_grad" kernel and its launch settings."""
+    module, name, fixed = _KERNELS[kernel]
+    tiles = fixed(x.dtype, _arch(x.device))
+    sliced = {"BLOCK_G": tiles.block_g} if tiles.block_g else {}
+    if configs.autotuning(x.dtype):
+        return _Plan(configs.autotuned(kernel), sliced, tiles)
+    meta = {"BLOCK_B": tiles.block_b, "BLOCK_C": tiles.block_c, "BLOCK_D": tiles.block_d,
+            "num_warps": tiles.num_warps, "num_stages": tiles.num_stages, **sliced}
+    return _Plan(getattr(getattr(_kernels(), module), name), meta, tiles)
+
+
+def _splits(x: Tensor, num_classes: int, kernel: str) -> tuple[int, int]:
+    """(n_splits, classes_per_split) of a kernel that walks classes in splits; with autotuning,
+    BLOCK_B varies by config: sized for the smallest candidate."""
+    if configs.autotuning(x.dtype):
+        candidates = configs.AUTOTUNE_FORWARD if kernel == "forward" else configs.AUTOTUNE_ROW_GRAD
+        block_b = min(t.block_b for t in candidates)
     else:
-        tiles, candidates = configs.backward_tiles(x.dtype, _arch(x.device)), configs.AUTOTUNE_BACKWARD
-        kernel = configs.autotuned_backward() if tuned else kernels.backward.grad_kernel
-    # With autotuning, BLOCK_B varies by config: size the splits for the smallest one.
-    block_b = min(t.block_b for t in candidates) if tuned else tiles.block_b
-    n_splits, per_split = _class_splits(x.shape[0], num_classes, x.device, block_b)
-    meta = {} if tuned else {
-        "BLOCK_B": tiles.block_b,
-        "BLOCK_C": tiles.block_c,
-        "BLOCK_D": tiles.block_d,
-        "num_warps": tiles.num_warps,
-        "num_stages": tiles.num_stages,
-    }
-    return _Plan(kernel, meta, n_splits, per_split)
+        block_b = _plan(kernel, x).tiles.block_b
+    return _class_splits(x.shape[0], num_classes, x.device, block_b)
 
 
 def _bucket(batch: int) -> int:
@@ -163,8 +181,9 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, setti
     """Per-split partials: each field (n_splits, B)."""
     batch, dim = x.shape
     local = w.shape[0]
-    plan = _plan("forward", x, local)
-    shape = (plan.n_splits, batch)
+    plan = _plan("forward", x)
+    n_splits, per_split = _splits(x, local, "forward")
+    shape = (n_splits, batch)
     out = RowPartials(
         max=_empty(shape, torch.float32, x.device),
         sumexp=_empty(shape, torch.float32, x.device),
@@ -172,9 +191,9 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, setti
         best_cos=_empty(shape, torch.float32, x.device),
         best_class=_empty(shape, torch.int64, x.device),
     )
-    plan.kernel[plan.grid(batch)](
+    plan.kernel[lambda meta: (_cdiv(batch, meta["BLOCK_B"]), n_splits)](
         x, w, y, _inverse_norms(x), _inverse_norms(w), target_logit, *out,
-        batch, local, dim, x.stride(0), w.stride(0), class_start, plan.per_split, _bucket(batch),
+        batch, local, dim, x.stride(0), w.stride(0), class_start, per_split, _bucket(batch),
         float(settings.scale), int(settings.ignore_index),
         DOT_PRECISION=_dot_precision(x.dtype),
         **plan.meta,
@@ -202,22 +221,6 @@ def _prepare(x: Tensor, w: Tensor, y: Tensor, *rows: Tensor) -> tuple[Tensor, ..
     """Contiguous inputs, int64 labels, and per-row float32 vectors, all detached."""
     return (x.detach().contiguous(), w.detach().contiguous(), y.contiguous().long(),
             *(r.detach().to(torch.float32).contiguous() for r in rows))
-
-
-def _alert_atomic_adds() -> None:
-    """dW is summed over batch tiles with float32 atomic adds, in whatever order the GPU runs them:
-    refuse (or warn) the way PyTorch's own non-deterministic operations do."""
-    if not torch.are_deterministic_algorithms_enabled():
-        return
-    message = (
-        "the triton backend's backward (dW summed with atomic adds) does not have a deterministic "
-        "implementation, but you set 'torch.use_deterministic_algorithms(True)'; use backend='torch' "
-        "for bit-identical runs"
-    )
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message)
-    else:
-        raise RuntimeError(message)
 
 
 class TritonBackend(FusedBackend):
@@ -276,41 +279,39 @@ class TritonBackend(FusedBackend):
         num_classes: int, need_x: bool = True, need_w: bool = True,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(x, w, y, *rows)
-        kernels = _kernels()
         batch, dim = x.shape
         local = w.shape[0]
-        plan = _plan("backward", x, local)
-        log_sumexp = torch.log(row_sumexp)
-
-        dx_part = _empty((plan.n_splits, batch, dim), torch.float32, x.device) if need_x else row_max
-        if need_w and x.device.type == "cuda":
-            _alert_atomic_adds()
-        dw_acc = torch.zeros((local, dim), dtype=torch.float32, device=x.device) if need_w else row_max
+        inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
+        scale_for_x, scale_for_w = _gradient_scales(x.dtype, grad_rows, target_slope, settings.scale, inv_x, inv_w)
         eps = float(settings.label_smoothing)
-        plan.kernel[plan.grid(batch)](
-            x, w, y, _inverse_norms(x), _inverse_norms(w), target_logit, target_slope, row_max, log_sumexp,
-            grad_rows, _gradient_scale(x.dtype, grad_rows, target_slope, settings.scale), dx_part, dw_acc,
-            batch, local, dim, x.stride(0), w.stride(0), int(class_start), plan.per_split, _bucket(batch),
-            float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes,
-            NEED_DX=need_x,
-            NEED_DW=need_w,
-            DOT_PRECISION=_dot_precision(x.dtype),
-            **plan.meta,
-        )
-
+        inputs = (x, w, y, inv_x, inv_w, target_logit, target_slope, row_max, torch.log(row_sumexp), grad_rows)
+        shapes = (batch, local, dim, x.stride(0), w.stride(0), int(class_start))
+        constants_ = (float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes)
+        precision = _dot_precision(x.dtype)
+        project = _kernels().project.project_kernel
         ptiles = configs.project_tiles()
         dx = dw = None
+
         if need_x:
+            plan = _plan("row_grad", x)
+            n_splits, per_split = _splits(x, local, "row_grad")
+            dx_part = _empty((n_splits, batch, dim), torch.float32, x.device)
+            slices = _cdiv(dim, plan.tiles.block_g)
+            plan.kernel[lambda meta: (_cdiv(batch, meta["BLOCK_B"]), n_splits, slices)](
+                *inputs, scale_for_x, dx_part, *shapes, per_split, _bucket(batch), *constants_,
+                DOT_PRECISION=precision, **plan.meta,
+            )
             dx = _empty((batch, dim), x.dtype, x.device)
-            kernels.project.project_kernel[(_cdiv(batch, ptiles.block_b),)](
-                dx_part, x, dx, batch, dim, x.stride(0), plan.n_splits,
+            project[(_cdiv(batch, ptiles.block_b),)](
+                dx_part, x, dx, batch, dim, x.stride(0), n_splits,
                 BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
             )
         if need_w:
-            # float32: project in place (each element is read before its program writes it).
-            dw = dw_acc if w.dtype == torch.float32 else _empty((local, dim), w.dtype, w.device)
-            kernels.project.project_kernel[(_cdiv(local, ptiles.block_b),)](
-                dw_acc, w, dw, local, dim, w.stride(0), 1,
-                BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
+            plan = _plan("class_grad", x)
+            slices = _cdiv(dim, plan.tiles.block_g)
+            dw = _empty((local, dim), w.dtype, w.device)
+            plan.kernel[lambda meta: (_cdiv(local, meta["BLOCK_C"]), slices)](
+                *inputs, scale_for_w, dw, *shapes, _bucket(batch), *constants_,
+                DOT_PRECISION=precision, **plan.meta,
             )
         return dx, dw

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -76,20 +77,35 @@ __device__ __forceinline__ Best better(Best a, Best b) {
   return (b.c > a.c || (b.c == a.c && b.j < a.j)) ? b : a;
 }
 
+// Calls f(d, float(v[d])) for the elements of a row that a lane owns: every kWarp-th element, or,
+// where `vectorised` (the row length a multiple of 16 bytes and every row 16-byte aligned: the
+// host's `vector_rows`), every kWarp-th 16-byte group, read with one load.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void for_lane_elements(const scalar_t* __restrict__ v, int64_t dim, int lane, bool vectorised,
+                                                  F&& f) {
+  constexpr int kWidth = 16 / sizeof(scalar_t);
+  if (vectorised) {
+    for (int64_t d = static_cast<int64_t>(lane) * kWidth; d < dim; d += kWarp * kWidth) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(v + d);
+      const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) f(d + k, static_cast<float>(e[k]));
+    }
+  } else {
+    for (int64_t d = lane; d < dim; d += kWarp) f(d, static_cast<float>(v[d]));
+  }
+}
+
 // 1/max(|row|, 1e-12) for `count` rows of length `dim`: one warp per row.
 template <typename scalar_t>
-__global__ void inverse_norms_kernel(const scalar_t* __restrict__ rows, int64_t count, int64_t dim,
+__global__ void inverse_norms_kernel(const scalar_t* __restrict__ rows, int64_t count, int64_t dim, bool vectorised,
                                      float* __restrict__ out) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; row < count;
        row += warps) {
-    const scalar_t* v = rows + row * dim;
     float sq = 0.0f;
-    for (int64_t d = lane; d < dim; d += kWarp) {
-      const float e = static_cast<float>(v[d]);
-      sq += e * e;
-    }
+    for_lane_elements(rows + row * dim, dim, lane, vectorised, [&](int64_t, float e) { sq += e * e; });
     sq = warp_sum(sq);
     if (lane == 0) out[row] = 1.0f / fmaxf(sqrtf(sq), kNormEps);
   }
@@ -260,11 +276,13 @@ __global__ void split_lse_kernel(int64_t batch, const double* lse, float* hi, fl
 }
 
 // out_i = (h_i - v̂_i (v̂_i·h_i))·unlift, v̂_i = inv_i v_i (or h_i·unlift where |v_i| <= 1e-12): one
-// warp per row; `unlift` undoes the float16 gradient tile's scaling (1 otherwise).
+// warp per row; `unlift` undoes the float16 gradient tile's scaling (1 otherwise); rows of v read
+// 16 bytes at a time where `vectorised`.
 // `out` may alias `h` (each lane reads its elements before writing them).
 template <typename scalar_t, typename out_t>
 __global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__ v, const float* __restrict__ inv,
-                                    int64_t count, int64_t dim, const float* __restrict__ unlift, out_t* out) {
+                                    int64_t count, int64_t dim, bool vectorised, const float* __restrict__ unlift,
+                                    out_t* out) {
   const float back = *unlift;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
@@ -273,18 +291,24 @@ __global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__
     const float* hi = h + row * dim;
     const scalar_t* vi = v + row * dim;
     float vh = 0.0f, vv = 0.0f;
-    for (int64_t d = lane; d < dim; d += kWarp) {
-      const float e = static_cast<float>(vi[d]);
+    for_lane_elements(vi, dim, lane, vectorised, [&](int64_t d, float e) {
       vh += e * hi[d];
       vv += e * e;
-    }
+    });
     vh = warp_sum(vh);
     vv = warp_sum(vv);
     const float coef = sqrtf(vv) > kNormEps ? inv[row] * inv[row] * vh : 0.0f;
     out_t* oi = out + row * dim;
-    for (int64_t d = lane; d < dim; d += kWarp)
-      oi[d] = static_cast<out_t>((hi[d] - coef * static_cast<float>(vi[d])) * back);
+    for_lane_elements(vi, dim, lane, vectorised,
+                      [&](int64_t d, float e) { oi[d] = static_cast<out_t>((hi[d] - coef * e) * back); });
   }
+}
+
+// True when every row of a contiguous (rows × dim) tensor starts 16-byte aligned and holds whole
+// 16-byte groups: the kernels may then read its rows 16 bytes at a time.
+bool vector_rows(const at::Tensor& t) {
+  const int64_t width = 16 / t.element_size();
+  return t.size(-1) % width == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
 // S (B×n fp32, contiguous) = X W_chunkᵀ; fp32 output also for half/bf16 inputs.
@@ -321,7 +345,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const int norm_blocks_x = grid_for(B, kThreads / kWarp);
     inverse_norms_kernel<scalar_t><<<norm_blocks_x, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), B, D,
-                                                                          q.data_ptr<float>());
+                                                                          vector_rows(x), q.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     init_partials_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(
         B, class_start, out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), logit_sum.data_ptr<double>(),
@@ -331,7 +355,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       const int64_t n = std::min(n_max, C - c0);
       const at::Tensor wc = w.narrow(0, c0, n);
       inverse_norms_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
-          wc.data_ptr<scalar_t>(), n, D, r.data_ptr<float>());
+          wc.data_ptr<scalar_t>(), n, D, vector_rows(wc), r.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor s_tile = front(tile, B, n);
       cosine_gemm(s_tile, x, wc);
@@ -386,7 +410,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     inverse_norms_kernel<scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), B, D, q.data_ptr<float>());
+        x.data_ptr<scalar_t>(), B, D, vector_rows(x), q.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     split_lse_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, lse.data_ptr<double>(),
                                                                    lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>());
@@ -400,7 +424,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       const int64_t n = std::min(n_max, C - c0);
       const at::Tensor wc = w.narrow(0, c0, n);
       inverse_norms_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
-          wc.data_ptr<scalar_t>(), n, D, r.data_ptr<float>());
+          wc.data_ptr<scalar_t>(), n, D, vector_rows(wc), r.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor s_tile = front(tile, B, n);
       cosine_gemm(s_tile, x, wc);
@@ -429,14 +453,16 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
           at::mm_out(h, u_tile.t(), x, at::kFloat);
         }
         project_rows_kernel<scalar_t, scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
-            h.data_ptr<float>(), wc.data_ptr<scalar_t>(), r.data_ptr<float>(), n, D, unlift.data_ptr<float>(),
+            h.data_ptr<float>(), wc.data_ptr<scalar_t>(), r.data_ptr<float>(), n, D, vector_rows(wc),
+            unlift.data_ptr<float>(),
             grad_w->data_ptr<scalar_t>() + c0 * D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
     if (need_x) {
       project_rows_kernel<scalar_t, scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
-          acc.data_ptr<float>(), x.data_ptr<scalar_t>(), q.data_ptr<float>(), B, D, one.data_ptr<float>(),
+          acc.data_ptr<float>(), x.data_ptr<scalar_t>(), q.data_ptr<float>(), B, D, vector_rows(x),
+          one.data_ptr<float>(),
           grad_x->data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

@@ -67,12 +67,16 @@ SPLIT_ALIGN_GPU = 256
 """Class splits start at multiples of this (every BLOCK_C of every config divides it), so any
 config's tiles line up with the splits and only the last tile of C is partial."""
 SPLIT_ALIGN_INTERPRET = 32
-PROGRAMS_PER_SM = 2
 MAX_SPLITS = 256
-"""Class splits per batch tile on a GPU: n_splits = min(MAX_SPLITS, ⌈PROGRAMS_PER_SM·SMs / batch
-tiles⌉), so even one batch tile fills the GPU. It never depends on C; n_splits·B stays about
-PROGRAMS_PER_SM·SMs·BLOCK_B, which bounds the embeddings' backward's (n_splits, B, D) float32
-partials (≈ 35 MB at 132 SMs, BLOCK_B = 64, D = 512) whatever the batch size."""
+"""Class splits per batch tile on a GPU: as many as fill one wave of programs (`splits_for_one_wave`),
+so even one batch tile fills the GPU. They never depend on C; n_splits·B stays about one wave's
+programs × BLOCK_B, which bounds the embeddings' backward's (n_splits, B, D) float32 partials
+(≈ 35 MB at 132 SMs × 2 programs, BLOCK_B = 64, D = 512) whatever the batch size."""
+PROGRAMS_PER_SM = 2
+"""Programs per SM assumed where a kernel's own occupancy is not known before its launch (with
+autotuning, whose choice of configuration comes with the launch)."""
+RESERVED_SHARED_PER_PROGRAM = 1024
+"""Shared memory the CUDA runtime reserves for each resident block (sm_80 and later)."""
 INTERPRET_SPLITS = 3
 """Class splits under the interpreter: more than one, so the merge of splits is always tested."""
 
@@ -97,6 +101,25 @@ AUTOTUNE_CLASS_GRAD = [
 ]
 """Autotuning candidates (16-bit inputs; float32 inputs keep their fixed configs). The backward's
 slice of D, BLOCK_G, is not tuned: it stays the fixed configuration's, which the host needs to know."""
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, regs_per_sm: int,
+                    shared_per_sm: int, threads_per_sm: int) -> int:
+    """How many programs of a compiled kernel one SM holds at once: the fewest its registers
+    (allocated per warp in units of 256, so 8 per thread), its shared memory (plus the runtime's
+    reserve per block) and its threads allow; at least 1."""
+    threads = 32 * num_warps
+    per_thread = -(-max(registers, 1) // 8) * 8
+    return max(1, min(regs_per_sm // (per_thread * threads),
+                      shared_per_sm // (shared_bytes + RESERVED_SHARED_PER_PROGRAM),
+                      threads_per_sm // threads))
+
+
+def splits_for_one_wave(programs_per_wave: int, programs_per_split: int) -> int:
+    """Class splits such that programs_per_split × splits programs fill at most one wave (every
+    program holds the same amount of work, so a second, partial wave would double the time for a
+    few programs): ⌊wave / programs per split⌋, within [1, MAX_SPLITS]."""
+    return max(1, min(MAX_SPLITS, programs_per_wave // programs_per_split))
 
 
 def interpreting() -> bool:

@@ -2,8 +2,8 @@
 not running, and its compiled code. What every backend must do is tests/test_contract.py.
 
 Without a GPU these run on CPU tensors through Triton's interpreter (conftest sets
-TRITON_INTERPRET=1), in float32 and float16; the interpreter computes bfloat16 dots wrongly
-(triton issue #11584), so bfloat16 is checked only by the `gpu`-marked tests. The interpreter's
+TRITON_INTERPRET=1), in float32 and float16 (bfloat16, whose dots the interpreter computes wrongly,
+triton issue #11584, through the conftest's patch in tests/test_contract.py). The interpreter's
 blocks (kernels/configs.py: 16 rows, 32 classes, 32 dims, 3 class splits) make even small shapes
 cross many tile and split boundaries.
 """
@@ -11,6 +11,7 @@ cross many tile and split boundaries.
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,6 +90,43 @@ def test_split_merge_is_merge_partials_folded(device):
         largest = getattr(parts, name).abs().max().item()
         assert_close(name, getattr(merged, name), getattr(folded, name), 2 * (n + 2) * 2**-24 * n * largest)
     assert torch.equal(merged.best_class, folded.best_class)
+
+
+def test_occupancy_is_the_scarcest_of_registers_shared_memory_and_threads():
+    h100 = dict(regs_per_sm=65536, shared_per_sm=233472, threads_per_sm=2048)
+    # 230 registers round up to 232 per thread: 232 × 256 threads leave room for one program
+    assert tb.configs.programs_per_sm(230, 8, 65536, **h100) == 1
+    # registers: 65536 / (128 × 128) = 4; shared memory: 233472 / (36864 + 1024) = 6
+    assert tb.configs.programs_per_sm(128, 4, 36864, **h100) == 4
+    # shared memory: 233472 / (100000 + 1024) = 2; registers would allow 8
+    assert tb.configs.programs_per_sm(64, 4, 100000, **h100) == 2
+    # threads: 2048 / 32 = 64
+    assert tb.configs.programs_per_sm(8, 1, 0, **h100) == 64
+
+
+def test_class_splits_fill_one_wave_of_the_compiled_kernel(monkeypatch):
+    """On a GPU the number of class splits comes from the compiled kernel's occupancy: batch tiles ×
+    splits × slices of D fill one wave and no more. A stand-in GPU and compiled kernel here."""
+    props = SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                            shared_memory_per_multiprocessor=233472, max_threads_per_multi_processor=2048)
+    compiled = SimpleNamespace(n_regs=230, metadata=SimpleNamespace(shared=65536), _init_handles=lambda: None)
+    compiled_with = {}
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            compiled_with.update(kwargs)
+            return compiled
+
+    monkeypatch.setattr(tb.configs, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    tiles = tb.configs.Tiles(64, 64, 64, 8, 3, block_g=256)
+    meta = {"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "BLOCK_G": 256}
+    x = torch.zeros(1024, 512)
+    n_splits, per_split = tb._class_splits(tb._Plan(Kernel(), meta, tiles), x, 1_000_000, 2, (), {"DOT_PRECISION": "ieee"})
+    # one program per SM (230 registers × 256 threads): 132 per wave; 16 batch tiles × 2 slices = 32 per split
+    assert n_splits == 132 // 32
+    assert per_split % tb.configs.SPLIT_ALIGN_GPU == 0 and (n_splits - 1) * per_split < 1_000_000 <= n_splits * per_split
+    assert compiled_with["DOT_PRECISION"] == "ieee" and compiled_with["num_warps"] == 8
 
 
 def test_class_ids_past_two_to_the_31(device):

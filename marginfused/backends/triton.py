@@ -114,25 +114,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _num_splits(batch_tiles: int, num_classes: int, device: torch.device) -> int:
-    """How many class splits each batch tile is cut into (a small number, not growing with C)."""
-    if configs.interpreting():
-        wanted = configs.INTERPRET_SPLITS
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = min(configs.MAX_SPLITS, max(1, _cdiv(configs.PROGRAMS_PER_SM * sms, batch_tiles)))
-    return max(1, min(wanted, _cdiv(num_classes, configs.split_align())))
-
-
-def _class_splits(batch: int, num_classes: int, device: torch.device, block_b: int) -> tuple[int, int]:
-    """(n_splits, classes_per_split): splits aligned to SPLIT_ALIGN, every split non-empty."""
-    align = configs.split_align()
-    wanted = _num_splits(_cdiv(batch, block_b), num_classes, device)
-    per_split = _cdiv(num_classes, wanted)
-    per_split = _cdiv(per_split, align) * align
-    return _cdiv(num_classes, per_split), per_split
-
-
 class _Plan(NamedTuple):
     """How one kernel is launched."""
 
@@ -161,15 +142,46 @@ def _plan(kernel: str, x: Tensor) -> _Plan:
     return _Plan(getattr(getattr(_kernels(), module), name), meta, tiles)
 
 
-def _splits(x: Tensor, num_classes: int, kernel: str) -> tuple[int, int]:
-    """(n_splits, classes_per_split) of a kernel that walks classes in splits; with autotuning,
-    BLOCK_B varies by config: sized for the smallest candidate."""
-    if configs.autotuning(x.dtype):
-        candidates = configs.AUTOTUNE_FORWARD if kernel == "forward" else configs.AUTOTUNE_ROW_GRAD
-        block_b = min(t.block_b for t in candidates)
+def _programs_per_wave(plan: _Plan, device: torch.device, launch: tuple, constexprs: dict) -> int:
+    """Programs of the planned kernel that the GPU runs at once: its occupancy, from the compiled
+    kernel's registers and shared memory (Triton compiles it here for the launch's arguments and
+    caches it for the launch), times the SMs."""
+    props = torch.cuda.get_device_properties(device)
+    compiled = plan.kernel.warmup(*launch, grid=(1,), **constexprs, **plan.meta)
+    compiled._init_handles()  # loads the binary: the driver reports its registers
+    registers = getattr(props, "regs_per_multiprocessor", 65536)  # 64K on every target from sm_50 on
+    per_sm = configs.programs_per_sm(
+        compiled.n_regs, plan.meta["num_warps"], compiled.metadata.shared, registers,
+        props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor)
+    return per_sm * props.multi_processor_count
+
+
+def _class_splits(plan: _Plan, x: Tensor, num_classes: int, slices: int, launch: tuple,
+                  constexprs: dict) -> tuple[int, int]:
+    """(n_splits, classes_per_split) of a kernel with ⌈B/BLOCK_B⌉ × n_splits × `slices` programs
+    (slices = 0: the forward, which has none): as many splits as fill one wave of the GPU (a fixed
+    number under the interpreter), never growing with C; splits aligned to SPLIT_ALIGN, every
+    split non-empty. `launch` holds the launch's arguments, with a tensor of the right dtype where
+    an output depends on the splits and classes_per_split = SPLIT_ALIGN (the compiler specialises
+    on nothing else of them).
+
+    With autotuning the configuration comes with the launch: BLOCK_B is the smallest candidate's
+    and the occupancy PROGRAMS_PER_SM."""
+    align = configs.split_align()
+    if configs.interpreting():
+        wanted = configs.INTERPRET_SPLITS
     else:
-        block_b = _plan(kernel, x).tiles.block_b
-    return _class_splits(x.shape[0], num_classes, x.device, block_b)
+        if configs.autotuning(x.dtype):
+            candidates = configs.AUTOTUNE_FORWARD if slices == 0 else configs.AUTOTUNE_ROW_GRAD
+            block_b = min(t.block_b for t in candidates)
+            wave = configs.PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+        else:
+            block_b = plan.tiles.block_b
+            wave = _programs_per_wave(plan, x.device, launch, constexprs)
+        wanted = configs.splits_for_one_wave(wave, _cdiv(x.shape[0], block_b) * max(slices, 1))
+    wanted = max(1, min(wanted, _cdiv(num_classes, align)))
+    per_split = _cdiv(_cdiv(num_classes, wanted), align) * align
+    return _cdiv(num_classes, per_split), per_split
 
 
 def _bucket(batch: int) -> int:
@@ -182,7 +194,16 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, setti
     batch, dim = x.shape
     local = w.shape[0]
     plan = _plan("forward", x)
-    n_splits, per_split = _splits(x, local, "forward")
+    inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
+    scalars = (float(settings.scale), int(settings.ignore_index))
+
+    def arguments(outputs, per_split: int) -> tuple:
+        return (x, w, y, inv_x, inv_w, target_logit, *outputs, batch, local, dim, x.stride(0), w.stride(0),
+                class_start, per_split, _bucket(batch), *scalars)
+
+    placeholders = (inv_x, inv_x, inv_x, inv_x, y)  # the outputs' dtypes, for the occupancy query
+    precision = {"DOT_PRECISION": _dot_precision(x.dtype)}
+    n_splits, per_split = _class_splits(plan, x, local, 0, arguments(placeholders, configs.split_align()), precision)
     shape = (n_splits, batch)
     out = RowPartials(
         max=_empty(shape, torch.float32, x.device),
@@ -192,11 +213,7 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, setti
         best_class=_empty(shape, torch.int64, x.device),
     )
     plan.kernel[lambda meta: (_cdiv(batch, meta["BLOCK_B"]), n_splits)](
-        x, w, y, _inverse_norms(x), _inverse_norms(w), target_logit, *out,
-        batch, local, dim, x.stride(0), w.stride(0), class_start, per_split, _bucket(batch),
-        float(settings.scale), int(settings.ignore_index),
-        DOT_PRECISION=_dot_precision(x.dtype),
-        **plan.meta,
+        *arguments(out, per_split), **precision, **plan.meta,
     )
     return out
 
@@ -294,12 +311,16 @@ class TritonBackend(FusedBackend):
 
         if need_x:
             plan = _plan("row_grad", x)
-            n_splits, per_split = _splits(x, local, "row_grad")
-            dx_part = _empty((n_splits, batch, dim), torch.float32, x.device)
             slices = _cdiv(dim, plan.tiles.block_g)
+
+            def arguments(partials: Tensor, per_split: int) -> tuple:
+                return (*inputs, scale_for_x, partials, *shapes, per_split, _bucket(batch), *constants_)
+
+            n_splits, per_split = _class_splits(plan, x, local, slices, arguments(inv_x, configs.split_align()),
+                                                {"DOT_PRECISION": precision})
+            dx_part = _empty((n_splits, batch, dim), torch.float32, x.device)
             plan.kernel[lambda meta: (_cdiv(batch, meta["BLOCK_B"]), n_splits, slices)](
-                *inputs, scale_for_x, dx_part, *shapes, per_split, _bucket(batch), *constants_,
-                DOT_PRECISION=precision, **plan.meta,
+                *arguments(dx_part, per_split), DOT_PRECISION=precision, **plan.meta,
             )
             dx = _empty((batch, dim), x.dtype, x.device)
             project[(_cdiv(batch, ptiles.block_b),)](

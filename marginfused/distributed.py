@@ -1,7 +1,8 @@
 """The margin loss with the class centres sharded over ranks of a torch.distributed group.
 
 When W (C × D) outgrows one GPU, rank r holds the rows [start_r, stop_r) of W, given by
-`shard_range` (the first C mod world_size ranks hold one extra class). Every step:
+`shard_range`: ⌈C / world_size⌉ rows per rank, the last rank the rest (`torch.chunk`'s split,
+which is DTensor's `Shard(0)`, so checkpoints reshard across world sizes). Every step:
 
 1. the local batches x_r (of any size on each rank, none included: the last batch of an epoch)
    and their global labels are all-gathered;
@@ -47,6 +48,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from .autocast import cast_for_autocast
 from .backends import Backend, RowGradients, select_backend
@@ -59,15 +62,20 @@ from .target import NON_FINITE_MESSAGE, all_finite, target_cosines, target_logit
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The classes [start, stop) that `rank` holds: the first num_classes % world_size ranks hold
-    one class more than the others (InsightFace's Partial FC split)."""
+    """The classes [start, stop) that `rank` holds: ⌈num_classes / world_size⌉ per rank, the last
+    rank the rest (`torch.chunk`'s split, and DTensor's Shard(0)). Every rank must hold a class,
+    which holds for num_classes > (world_size − 1)²."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-    if num_classes < world_size:
-        raise ValueError(f"num_classes ({num_classes}) must be at least world_size ({world_size})")
-    base, extra = divmod(num_classes, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+    per_rank = -(-num_classes // world_size)
+    if num_classes < 1 or per_rank * (world_size - 1) >= num_classes:
+        raise ValueError(
+            f"num_classes ({num_classes}) over {world_size} ranks in shards of ⌈{num_classes}/{world_size}⌉ = "
+            f"{per_rank} leaves the last rank no class; use fewer ranks or more classes "
+            f"(num_classes > (world_size − 1)²)"
+        )
+    start = rank * per_rank
+    return start, min(start + per_rank, num_classes)
 
 
 def _group_size_and_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -329,6 +337,17 @@ class ShardedMarginSoftmaxLoss(nn.Module):
     The process group must be initialised before construction. `forward(embeddings, labels)`
     calls `sharded_margin_cross_entropy`; see it for the gradients' convention, sampling and
     `sparse_grad` (a row-sparse weight gradient of the sampled rows, for sampled-row optimizers).
+
+    Checkpoints. `state_dict()` gives the weight as a DTensor of the whole (num_classes,
+    embedding_dim) centres, sharded Shard(0) over the group, its local tensor this rank's rows
+    (the same memory), and a margin module's state (running statistics) as it is. So
+    `torch.distributed.checkpoint.save({"head": head.state_dict()}, checkpoint_id=path)` on R
+    ranks and, on R′ ranks, `sd = head.state_dict()`, `torch.distributed.checkpoint.load({"head":
+    sd}, checkpoint_id=path)`, `head.load_state_dict(sd)` give every rank its rows of the same
+    centres. `load_state_dict` also takes the whole centres as one tensor (a single-process
+    `MarginSoftmaxLoss`'s state, or `gather_centres`'s result) or this rank's rows alone; a weight
+    of any other shape raises ValueError and loads nothing. `gather_centres` assembles the whole
+    centres on one rank, for evaluation.
     """
 
     def __init__(
@@ -362,6 +381,29 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         self.group = group
         self.weight = nn.Parameter(torch.empty(stop - self.class_start, embedding_dim, device=device, dtype=dtype))
         nn.init.normal_(self.weight, mean=0.0, std=WEIGHT_INIT_STD)
+        self.register_state_dict_post_hook(_weight_as_dtensor)
+        self.register_load_state_dict_pre_hook(_weight_from_checkpoint)
+
+    def _mesh(self, device: torch.device) -> DeviceMesh:
+        """The group as a one-dimensional device mesh (for the weight's DTensor)."""
+        return DeviceMesh.from_group(self.group or dist.group.WORLD, device.type)
+
+    def _rows_of_centres(self, value: Tensor) -> Tensor:
+        """This rank's rows of the centres in a checkpoint's `value`: a DTensor of the whole
+        centres, the whole centres as one tensor, or this rank's rows; ValueError otherwise."""
+        whole = (self.num_classes, self.embedding_dim)
+        stop = self.class_start + len(self.weight)
+        shape = tuple(value.shape)
+        if not (shape == whole or (shape == tuple(self.weight.shape) and not isinstance(value, DTensor))):
+            raise ValueError(
+                f"the checkpoint's class centres of shape {shape} do not fit this head: num_classes="
+                f"{self.num_classes}, embedding_dim={self.embedding_dim} (rows [{self.class_start}, {stop}) on "
+                f"this rank); nothing was loaded"
+            )
+        if isinstance(value, DTensor):
+            same_layout = value.placements == (Shard(0),) and value.device_mesh == self._mesh(value.device)
+            return value.to_local() if same_layout else value.full_tensor()[self.class_start:stop]
+        return value[self.class_start:stop] if shape == whole else value
 
     def forward(self, embeddings: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         return sharded_margin_cross_entropy(
@@ -378,3 +420,36 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             f"shard=[{self.class_start}, {self.class_start + len(self.weight)}), margin={self.margin}, "
             f"scale={self.scale}, sample_rate={self.sample_rate}"
         )
+
+
+def _weight_as_dtensor(head: ShardedMarginSoftmaxLoss, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: the weight as a DTensor of the whole centres (this rank's rows its
+    local tensor, sharing their memory), so that torch.distributed.checkpoint can reshard it."""
+    key = prefix + "weight"
+    if key in state_dict:
+        local = state_dict[key].detach()
+        state_dict[key] = DTensor.from_local(
+            local, head._mesh(local.device), [Shard(0)], run_check=False,
+            shape=torch.Size((head.num_classes, head.embedding_dim)), stride=(head.embedding_dim, 1),
+        )
+
+
+def _weight_from_checkpoint(head: ShardedMarginSoftmaxLoss, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: this rank's rows of the checkpoint's centres (see
+    `ShardedMarginSoftmaxLoss`), or a ValueError before anything is loaded."""
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = head._rows_of_centres(state_dict[key])
+
+
+def gather_centres(head: ShardedMarginSoftmaxLoss, dst: int = 0) -> Optional[Tensor]:
+    """The whole (num_classes, embedding_dim) class centres of a sharded head, assembled on rank
+    `dst` of its group (for evaluation); None on the other ranks. Every rank must call it."""
+    group = head.group
+    world_size, rank = _group_size_and_rank(group)
+    per_rank = -(-head.num_classes // world_size)
+    local = head.weight.detach()
+    padded = torch.cat([local, local.new_zeros(per_rank - len(local), local.shape[1])])
+    pieces = [torch.empty_like(padded) for _ in range(world_size)] if rank == dst else None
+    dist.gather(padded, pieces, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
+    return torch.cat(pieces)[: head.num_classes] if rank == dst else None

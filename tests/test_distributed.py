@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 import marginfused as mf
-from marginfused.distributed import ShardedMarginSoftmaxLoss, sample_classes, shard_range, sharded_margin_cross_entropy
+from marginfused.distributed import (
+    ShardedMarginSoftmaxLoss, gather_centres, sample_classes, shard_range, sharded_margin_cross_entropy,
+)
 
 from helpers import UNIT_ROUNDOFF, assert_close, budgets, cosine_bound, make_inputs, working_dtype
 
@@ -25,15 +31,18 @@ MARGINS = [mf.CosFace(), mf.ArcFace(fallback="linear"), mf.SphereFace(), mf.ExpF
 SPAWN_TIMEOUT_S = 240
 
 
-def test_shard_range_splits_every_class_once_with_the_extra_ones_first():
-    for classes, world in [(23, 2), (23, 3), (24, 4), (5, 5), (1000, 7)]:
+def test_shard_range_is_torch_chunks_split():
+    """⌈C/R⌉ classes per rank, the last rank the rest: torch.chunk's split, which is DTensor's
+    Shard(0), so that a checkpoint's shards are those DCP reshards."""
+    for classes, world in [(23, 2), (23, 3), (24, 4), (5, 3), (1000, 7), (1, 1)]:
         ranges = [shard_range(classes, rank, world) for rank in range(world)]
+        assert [stop - start for start, stop in ranges] == [len(c) for c in torch.arange(classes).chunk(world)]
         assert ranges[0][0] == 0 and ranges[-1][1] == classes
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-        sizes = [stop - start for start, stop in ranges]
-        assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
     assert shard_range(23, 0, 3) == (0, 8) and shard_range(23, 2, 3) == (16, 23)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="leaves the last rank no class"):
+        shard_range(9, 0, 4)  # ⌈9/4⌉ = 3: 3, 3, 3, 0
+    with pytest.raises(ValueError, match="leaves the last rank no class"):
         shard_range(2, 0, 3)
 
 
@@ -73,25 +82,27 @@ def _reference(x, w, y, upstream, dtype, world, **options):
     return truth, limits
 
 
-def _sharded(x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=1.0, generator=None, **options):
+def _sharded(x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=1.0, generator=None, device="cpu",
+             **options):
+    """This rank's loss and gradients (float64, on the CPU) from its rows and shard of the inputs."""
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     start, stop = shard_range(NUM_CLASSES, rank, world)
-    x = x_full[rows].to(dtype).requires_grad_()
-    w = w_full[start:stop].to(dtype).requires_grad_()
+    x = x_full[rows].to(device, dtype).requires_grad_()
+    w = w_full[start:stop].to(device, dtype).requires_grad_()
     loss = sharded_margin_cross_entropy(
-        x, w, y_full[rows], class_start=start, num_classes=NUM_CLASSES, scale=30.0,
+        x, w, y_full[rows].to(device), class_start=start, num_classes=NUM_CLASSES, scale=30.0,
         sample_rate=sample_rate, generator=generator, **options,
     )
-    loss.backward(upstream[rows].to(loss.dtype) if options["reduction"] == "none" else None)
-    return loss.detach().double(), x.grad.double(), w.grad.double(), rows, (start, stop)
+    loss.backward(upstream[rows].to(device, loss.dtype) if options["reduction"] == "none" else None)
+    return loss.detach().double().cpu(), x.grad.double().cpu(), w.grad.double().cpu(), rows, (start, stop)
 
 
-def _check_case(rank, world, backend, dtype, **options):
+def _check_case(rank, world, backend, dtype, device="cpu", **options):
     x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=2, seed=world)
     upstream = torch.linspace(-1.0, 2.0, world * LOCAL_BATCH, dtype=torch.float64)
     truth, limits = _reference(x_full, w_full, y_full, upstream, dtype, world, **options)
     got_loss, got_gx, got_gw, rows, (start, stop) = _sharded(
-        x_full, w_full, y_full, upstream, rank, world, dtype, backend=backend, **options
+        x_full, w_full, y_full, upstream, rank, world, dtype, backend=backend, device=device, **options
     )
     expected_loss = truth.loss[rows] if options["reduction"] == "none" else truth.loss
     assert_close("loss", got_loss, expected_loss, limits["loss"])
@@ -127,7 +138,7 @@ UNEVEN = {2: [5, 2], 3: [8, 5, 0]}
 """Rows per rank for the uneven-batch check (the last batch of an epoch; a rank with none)."""
 
 
-def _check_uneven_batches(rank, world, backend, dtype, reduction):
+def _check_uneven_batches(rank, world, backend, dtype, reduction, device="cpu"):
     sizes = UNEVEN[world]
     x_full, w_full, y_full = make_inputs(sum(sizes), NUM_CLASSES, DIM, ignored=2, seed=world + 40)
     upstream = torch.linspace(-1.0, 2.0, sum(sizes), dtype=torch.float64)
@@ -136,16 +147,16 @@ def _check_uneven_batches(rank, world, backend, dtype, reduction):
     first = sum(sizes[:rank])
     rows = slice(first, first + sizes[rank])
     start, stop = shard_range(NUM_CLASSES, rank, world)
-    x = x_full[rows].to(dtype).requires_grad_()
-    w = w_full[start:stop].to(dtype).requires_grad_()
-    loss = sharded_margin_cross_entropy(x, w, y_full[rows], class_start=start, num_classes=NUM_CLASSES, scale=30.0,
-                                        reduction=reduction, label_smoothing=0.1, backend=backend)
-    loss.backward(upstream[rows].to(loss.dtype) if reduction == "none" else None)
+    x = x_full[rows].to(device, dtype).requires_grad_()
+    w = w_full[start:stop].to(device, dtype).requires_grad_()
+    loss = sharded_margin_cross_entropy(x, w, y_full[rows].to(device), class_start=start, num_classes=NUM_CLASSES,
+                                        scale=30.0, reduction=reduction, label_smoothing=0.1, backend=backend)
+    loss.backward(upstream[rows].to(device, loss.dtype) if reduction == "none" else None)
     assert x.grad.shape == (sizes[rank], DIM)
     expected_loss = truth.loss[rows] if reduction == "none" else truth.loss
-    assert_close("loss", loss.detach().double(), expected_loss, limits["loss"])
-    assert_close("x grad", x.grad.double(), world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
-    assert_close("w grad", w.grad.double(), truth.grad_weight[start:stop], limits["grad_weight"])
+    assert_close("loss", loss.detach().double().cpu(), expected_loss, limits["loss"])
+    assert_close("x grad", x.grad.double().cpu(), world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
+    assert_close("w grad", w.grad.double().cpu(), truth.grad_weight[start:stop], limits["grad_weight"])
 
 
 def _check_sampled_row_updates(rank, world):
@@ -274,37 +285,49 @@ def _check_margin_gradients(rank, world):
     assert_close("shared parameter grad, averaged over ranks", total / world, truth_shift, len(y_full) * bound)
 
 
-def _worker(rank, world, store, out_dir, backends):
+def _checks(rank, world, backends):
+    dtypes = {name: torch.float64 if name == "torch" else torch.float32 for name in backends}
+    checks = [(name, lambda o=options: _check_case(rank, world, dtype=dtypes[o["backend"]], **o))
+              for name, options in _cases(backends)]
+    checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, dtypes[b])) for b in backends]
+    checks += [(f"{b}/uneven/{r}", lambda b=b, r=r: _check_uneven_batches(rank, world, b, dtypes[b], r))
+               for b in backends for r in ("mean", "none")]
+    checks.append(("sampled-row updates", lambda: _check_sampled_row_updates(rank, world)))
+    checks.append(("errors", lambda: _check_errors(rank, world)))
+    checks.append(("autocast", lambda: _check_autocast(rank, world)))
+    checks.append(("margin gradients", lambda: _check_margin_gradients(rank, world)))
+    checks.append(("state dict and gathered centres", lambda: _check_state_dict(rank, world)))
+    return checks
+
+
+def _process(rank, world, store, out_dir, checks, args, process_group):
+    """One rank: join the group (gloo on CPUs; nccl with GPU `rank` current), run every check
+    `checks(rank, world, *args)` lists, and write the failures (name and traceback) where the test
+    reads them."""
     failures = []
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        dtypes = {name: torch.float64 if name == "torch" else torch.float32 for name in backends}
-        checks = [(name, lambda o=options: _check_case(rank, world, dtype=dtypes[o["backend"]], **o))
-                  for name, options in _cases(backends)]
-        checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, dtypes[b])) for b in backends]
-        checks += [(f"{b}/uneven/{r}", lambda b=b, r=r: _check_uneven_batches(rank, world, b, dtypes[b], r))
-                   for b in backends for r in ("mean", "none")]
-        checks.append(("sampled-row updates", lambda: _check_sampled_row_updates(rank, world)))
-        checks.append(("errors", lambda: _check_errors(rank, world)))
-        checks.append(("autocast", lambda: _check_autocast(rank, world)))
-        checks.append(("margin gradients", lambda: _check_margin_gradients(rank, world)))
-        for name, check in checks:
+        if process_group == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(process_group, init_method=f"file://{store}", rank=rank, world_size=world)
+        for name, check in checks(rank, world, *args):
             try:
                 check()
-            except Exception:
+            except (Exception, CheckpointException):  # CheckpointException is a BaseException
                 failures.append(f"{name}: {traceback.format_exc(limit=3)}")
         dist.destroy_process_group()
-    except Exception:
+    except (Exception, CheckpointException):
         failures.append(f"setup: {traceback.format_exc()}")
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(failures))
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_loss_equals_the_single_process_loss(world, tmp_path):
-    backends = ["torch"] + [name for name in ("cpu",) if mf.available_backends()[name] is None]
+def run_on_ranks(world, directory, checks, *args, process_group="gloo"):
+    """Spawn `world` ranks of a `process_group` ("gloo" or "nccl") group running `checks` (a
+    module-level function: spawned processes import it); fail with the first failures of each
+    rank, or if a rank is still running after SPAWN_TIMEOUT_S."""
+    directory.mkdir(parents=True, exist_ok=True)
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker, args=(rank, world, tmp_path / "store", tmp_path, backends))
+        context.Process(target=_process, args=(rank, world, directory / "store", directory, checks, args, process_group))
         for rank in range(world)
     ]
     for process in processes:
@@ -315,5 +338,135 @@ def test_sharded_loss_equals_the_single_process_loss(world, tmp_path):
     for process in processes:
         process.kill()
     assert not hung, f"ranks still running after {SPAWN_TIMEOUT_S} s"
-    failures = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)}
+    failures = {rank: json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(world)}
     assert all(not f for f in failures.values()), "\n".join(f"rank {r}: {m}" for r, fs in failures.items() for m in fs[:3])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_loss_equals_the_single_process_loss(world, tmp_path):
+    backends = ["torch"] + [name for name in ("cpu",) if mf.available_backends()[name] is None]
+    run_on_ranks(world, tmp_path, _checks, backends)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+class ShiftedArcFace(nn.Module):
+    """A margin with state, as an adaptive margin has running statistics: cos(θ + 0.5) − shift,
+    `shift` a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(()))
+
+    def forward(self, cos):
+        return mf.ArcFace(0.5)(cos) - self.shift
+
+
+def _centres(seed):
+    return torch.randn(NUM_CLASSES, DIM, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _head_holding(seed, device="cpu"):
+    """A sharded head whose centres are _centres(seed) and whose margin's shift is seed / 8."""
+    head = ShardedMarginSoftmaxLoss(DIM, NUM_CLASSES, ShiftedArcFace(), dtype=torch.float64, device=device)
+    head.margin.to(device)
+    with torch.no_grad():
+        head.weight.copy_(_centres(seed)[head.class_start:head.class_start + len(head.weight)])
+        head.margin.shift.fill_(seed / 8)
+    return head
+
+
+def _check_state_dict(rank, world):
+    """state_dict's weight is a DTensor of the whole centres over this rank's rows (the same memory);
+    load_state_dict takes it back, the whole centres as one tensor, or this rank's rows, and refuses
+    any other shape before loading anything; gather_centres assembles the whole centres on one rank."""
+    head = _head_holding(1)
+    weight = head.state_dict()["weight"]
+    assert isinstance(weight, DTensor) and tuple(weight.shape) == (NUM_CLASSES, DIM)
+    assert weight.to_local().data_ptr() == head.weight.data_ptr()
+    assert torch.equal(weight.full_tensor(), _centres(1))
+    other = _head_holding(2)
+    other.load_state_dict(head.state_dict())
+    assert torch.equal(other.weight.detach(), head.weight.detach()) and other.margin.shift.item() == 1 / 8
+    other.load_state_dict({"weight": _centres(3), "margin.shift": torch.tensor(0.0, dtype=torch.float64)})
+    assert torch.equal(other.weight.detach(), _centres(3)[head.class_start:head.class_start + len(head.weight)])
+    before = other.weight.detach().clone()
+    for wrong in (_centres(4)[:-1], _centres(4)[:, :-1], torch.zeros(len(head.weight) + 1, DIM, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="do not fit this head"):
+            other.load_state_dict({"weight": wrong, "margin.shift": torch.tensor(5.0, dtype=torch.float64)})
+        assert torch.equal(other.weight.detach(), before) and other.margin.shift.item() == 0.0
+    gathered = gather_centres(head, dst=world - 1)
+    if rank == world - 1:
+        assert torch.equal(gathered, _centres(1))
+    else:
+        assert gathered is None
+
+
+def _checkpoint_legs(rank, world, load_from, expect_seed, save_to, save_seed, device="cpu"):
+    """Load the checkpoint `load_from` (saved on any number of ranks) into a head built here with
+    other centres: every rank gets exactly its rows of _centres(expect_seed) and the margin's state;
+    a head of other num_classes or embedding_dim refuses it, unchanged. Then save _centres(save_seed)."""
+
+    def load():
+        head = _head_holding(expect_seed + 100, device)
+        state = head.state_dict()
+        dcp.load({"head": state}, checkpoint_id=load_from)
+        head.load_state_dict(state)
+        start, stop = shard_range(NUM_CLASSES, rank, world)
+        assert torch.equal(head.weight.detach().cpu(), _centres(expect_seed)[start:stop])
+        assert head.margin.shift.item() == expect_seed / 8
+
+    def refuse_other_shapes():
+        for classes, dim in ((NUM_CLASSES + 1, DIM), (NUM_CLASSES, DIM + 1)):
+            head = ShardedMarginSoftmaxLoss(dim, classes, ShiftedArcFace(), dtype=torch.float64, device=device)
+            head.margin.to(device)
+            before = head.weight.detach().clone()
+            with pytest.raises(CheckpointException, match="Size mismatch"):  # a BaseException
+                dcp.load({"head": head.state_dict()}, checkpoint_id=load_from)
+            assert torch.equal(head.weight.detach(), before)
+
+    def save():
+        dcp.save({"head": _head_holding(save_seed, device).state_dict()}, checkpoint_id=save_to)
+
+    checks = [("load", load), ("refuse other shapes", refuse_other_shapes)] if load_from else []
+    return checks + [("save", save)]
+
+
+def test_checkpoints_move_between_world_sizes(tmp_path):
+    """torch.distributed.checkpoint: saved on 2 ranks, loaded on 3, saved again and loaded on 2:
+    the centres and the margin's state arrive exactly."""
+    first, second = str(tmp_path / "two"), str(tmp_path / "three")
+    run_on_ranks(2, tmp_path / "save on 2", _checkpoint_legs, None, None, first, 5)
+    run_on_ranks(3, tmp_path / "load on 3", _checkpoint_legs, first, 5, second, 6)
+    run_on_ranks(2, tmp_path / "load on 2", _checkpoint_legs, second, 6, str(tmp_path / "again"), 7)
+
+
+# --- the same on NCCL, where two GPUs exist --------------------------------------------------------
+
+
+def _nccl_checks(rank, world, backends, checkpoint):
+    """The loss cases and uneven batches on this rank's GPU for every GPU backend, then one leg
+    of the checkpoint round trip (`checkpoint`: _checkpoint_legs's arguments)."""
+    device = f"cuda:{rank}"
+    checks = []
+    if world == 2:
+        checks = [(name, lambda o=options: _check_case(rank, world, dtype=torch.float32, device=device, **o))
+                  for name, options in _cases(backends)]
+        checks += [(f"{b}/uneven/{r}", lambda b=b, r=r: _check_uneven_batches(rank, world, b, torch.float32, r, device))
+                   for b in backends for r in ("mean", "none")]
+    return checks + _checkpoint_legs(rank, world, *checkpoint, device=device)
+
+
+@pytest.mark.gpu
+def test_nccl_sharded_loss_and_checkpoints(tmp_path):
+    """On two GPUs over NCCL: the sharded loss equals the single-process float64 truth for every GPU
+    backend, and a checkpoint saved on 2 ranks loads on 1, and back."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    backends = [name for name in ("torch", "triton", "cuda") if mf.available_backends()[name] is None]
+    first, second = str(tmp_path / "two"), str(tmp_path / "one")
+    run_on_ranks(2, tmp_path / "save on 2", _nccl_checks, backends, (None, None, first, 5), process_group="nccl")
+    run_on_ranks(1, tmp_path / "load on 1", _nccl_checks, backends, (first, 5, second, 6), process_group="nccl")
+    run_on_ranks(2, tmp_path / "load on 2", _nccl_checks, backends, (second, 6, str(tmp_path / "again"), 7),
+                 process_group="nccl")

@@ -28,6 +28,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis"],
-        "bench": ["tqdm", "matplotlib"],
+        "bench": ["tqdm", "matplotlib", "pytorch-metric-learning"],
     },
 )

@@ -25,11 +25,11 @@ import torch
 from tqdm import tqdm
 
 from . import results
-from .providers import PROVIDERS, unavailable_reason
+from .providers import KINDS, PROVIDERS, unavailable_reason
 from .worker import DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER_TIMEOUT_S = 900
+WORKER_TIMEOUT_S = 600
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -43,9 +43,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--classes", type=int, nargs="+",
         default=[10_000, 100_000, 1_000_000, 4_000_000, 16_000_000] if gpu else [10_000, 50_000, 200_000],
     )
-    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bf16"] if gpu else ["fp32"])
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bf16"] if gpu else ["fp32", "bf16"])
     parser.add_argument("--margin", default="arcface")
     parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
+    parser.add_argument("--timeout", type=float, default=WORKER_TIMEOUT_S,
+                        help="seconds one measurement may take (a provider that runs past it is not run at larger C)")
     parser.add_argument("--results", type=Path, default=results.RESULTS, help="CSV to append to")
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     return parser.parse_args(argv)
@@ -69,15 +71,15 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def run_worker(config: dict) -> dict:
+def run_worker(config: dict, timeout: float) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     try:
         done = subprocess.run(
             [sys.executable, "-m", "bench.worker", json.dumps(config)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {WORKER_TIMEOUT_S} s"}
+        return {"status": f"timeout after {timeout:g} s"}
     if done.returncode in (-9, 137):
         return {"status": "OOM"}  # killed by the kernel's out-of-memory killer
     if done.returncode != 0:
@@ -89,7 +91,7 @@ def run_worker(config: dict) -> dict:
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'provider':>18} {'dtype':>5} {'B':>5} {'D':>4} {'C':>9} {'fwd ms':>9} {'bwd ms':>9} "
-        f"{'fwd+bwd ms':>10} {'TFLOP/s':>8} {'%mm':>5} {'work MB':>9}  status"
+        f"{'fwd+bwd ms':>10} {'TFLOP/s':>8} {'%mm':>5} {'work MB':>9}  {'computes':<27}  status"
     )
     lines = [header]
     for r in rows:
@@ -99,7 +101,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['provider']:>18} {r['dtype']:>5} {r['batch']:>5} {r['dim']:>4} {r['classes']:>9} "
             f"{number('fwd_ms', '9.2f'):>9} {number('bwd_ms', '9.2f'):>9} {number('fwd_bwd_ms', '10.2f'):>10} "
-            f"{number('tflops', '8.3f'):>8} {number('pct_matmul', '5.1f'):>5} {number('working_mb', '9.1f'):>9}  {r['status']}"
+            f"{number('tflops', '8.3f'):>8} {number('pct_matmul', '5.1f'):>5} {number('working_mb', '9.1f'):>9}  "
+            f"{KINDS[r['provider']]:<27}  {r['status']}"
         )
     return "\n".join(lines)
 
@@ -112,30 +115,35 @@ def main(argv: list[str]) -> None:
 
     providers = []
     for provider in args.providers:
-        reason = unavailable_reason(provider, device)
+        reason = unavailable_reason(provider, device, args.margin)
         if reason is None:
             providers.append(provider)
         else:
             print(f"skipping {provider}: {reason}")
+    if device.type == "cpu" and "bf16" in args.dtype and "cpu" in providers:
+        from marginfused.backends.cpu import bfloat16_gemm
+
+        print(f"cpu backend, bfloat16 inputs: GEMMs in {bfloat16_gemm()} (bfloat16 where the CPU has "
+              f"AVX512-BF16 or AMX, else on float32 copies)")
     rates = {dtype: matmul_tflops(device, DTYPES[dtype]) for dtype in args.dtype}
     for dtype, rate in rates.items():
         print(f"matmul rate, {dtype}: {rate:.3f} TFLOP/s")
 
     sweep = list(itertools.product(args.dtype, args.batch, args.dim, args.classes, providers))
     rows = []
-    out_of_memory = set()
+    given_up = {}  # (provider, dtype, B, D) -> why larger C is not run: out of memory, or out of time
     for dtype, batch, dim, classes, provider in tqdm(sweep, desc="bench", unit="run", file=sys.stderr):
         row = {**where, "matmul_tflops": f"{rates[dtype]:.6g}", "provider": provider, "margin": args.margin,
                "dtype": dtype, "batch": batch, "dim": dim, "classes": classes}
         family = (provider, dtype, batch, dim)
-        if family in out_of_memory:
-            row["status"] = "OOM (at a smaller C)"
+        if family in given_up:
+            row["status"] = f"{given_up[family]} (at a smaller C)"
         else:
             measured = run_worker(dict(provider=provider, batch=batch, classes=classes, dim=dim, dtype=dtype,
-                                       margin=args.margin, device=args.device, repeats=args.repeats))
+                                       margin=args.margin, device=args.device, repeats=args.repeats), args.timeout)
             row["status"] = measured.pop("status")
-            if row["status"] == "OOM":
-                out_of_memory.add(family)
+            if row["status"] == "OOM" or row["status"].startswith("timeout"):
+                given_up[family] = row["status"]
             if row["status"] == "ok":
                 row.update({key: f"{value:.6g}" for key, value in measured.items()})
                 tflops = 8 * batch * classes * dim / (measured["fwd_bwd_ms"] * 1e-3) / 1e12

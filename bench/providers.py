@@ -3,14 +3,23 @@
 - `torch`: the package's reference backend, eager (materialises B×C logits).
 - `torch-compile`: the same reference math under `torch.compile`.
 - every fused backend of the package (`triton`, `cuda`, `cpu`) where it can run.
-- peers, on a GPU where installed: plain softmax cross-entropy over a linear layer with no
-  margin and no normalisation — the bar a fused margin loss should match:
-  `cut-cross-entropy` (Apple's Cut Cross-Entropy) and `liger-kernel` (Liger's fused linear CE).
+- what a user would pick instead, on any device:
+  `torch-linear-ce`: PyTorch's own `F.linear_cross_entropy` with its chunked path
+  (`torch.nn.LinearCrossEntropyOptions()`); `torch-linear-ce-ref`: the same unchunked;
+  `pytorch-metric-learning`: its `ArcFaceLoss` at the same margin (in degrees) and scale, on
+  the same centres.
+- peers on a GPU where installed: `cut-cross-entropy` (Apple's Cut Cross-Entropy) and
+  `liger-kernel` (Liger's fused linear CE).
+
+The margin-free peers (softmax cross-entropy over a plain linear layer, no normalisation) are the
+bar a fused margin loss should match: they do less. `KINDS` labels every provider so in tables and
+plots.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Callable, Optional
 
 import torch
@@ -18,17 +27,32 @@ from torch import Tensor
 
 import marginfused as mf
 from marginfused.backends.torch import TorchBackend
+from marginfused.margins import resolve_margin
 from marginfused.settings import LossSettings
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 PACKAGE_BACKENDS = ("triton", "cuda", "cpu", "torch")
-PEERS = {"cut-cross-entropy": "cut_cross_entropy", "liger-kernel": "liger_kernel"}
+GPU_PEERS = {"cut-cross-entropy": "cut_cross_entropy", "liger-kernel": "liger_kernel"}
+PEERS = {"torch-linear-ce": "torch", "torch-linear-ce-ref": "torch", "pytorch-metric-learning": "pytorch_metric_learning",
+         **GPU_PEERS}
+"""Each peer and the module it needs."""
 PROVIDERS = (*PACKAGE_BACKENDS, "torch-compile", *PEERS)
 
+MARGIN_NORMALISED = "margin, normalised"
+MARGIN_FREE = "margin-free, not normalised"
+KINDS = {**{name: MARGIN_NORMALISED for name in (*PACKAGE_BACKENDS, "torch-compile", "pytorch-metric-learning")},
+         **{name: MARGIN_FREE for name in ("torch-linear-ce", "torch-linear-ce-ref", *GPU_PEERS)}}
+"""What each provider computes: a margin loss over cosines, or plain softmax cross-entropy over logits."""
 
-def unavailable_reason(provider: str, device: torch.device) -> Optional[str]:
-    """None if `provider` can run on `device` here, else why not."""
+
+def label(provider: str) -> str:
+    """The provider's name with what it computes, for tables and plots."""
+    return f"{provider} ({KINDS[provider]})"
+
+
+def unavailable_reason(provider: str, device: torch.device, margin: str = "arcface") -> Optional[str]:
+    """None if `provider` can run on `device` (for `margin`) here, else why not."""
     if provider in PACKAGE_BACKENDS or provider == "torch-compile":
         backend = "torch" if provider == "torch-compile" else provider
         reason = mf.available_backends()[backend]
@@ -38,10 +62,12 @@ def unavailable_reason(provider: str, device: torch.device) -> Optional[str]:
             reason = "runs on CPU tensors"
         return reason
     if provider in PEERS:
-        if device.type != "cuda":
+        if provider in GPU_PEERS and device.type != "cuda":
             return "a GPU-only peer; this run is on the CPU"
         if importlib.util.find_spec(PEERS[provider]) is None:
             return f"not installed (pip install {provider})"
+        if provider == "pytorch-metric-learning" and not isinstance(resolve_margin(margin), mf.ArcFace):
+            return "benchmarked with ArcFace only (its ArcFaceLoss at the same margin and scale)"
         return None
     return f"unknown provider; known: {', '.join(PROVIDERS)}"
 
@@ -58,6 +84,13 @@ def make_loss(provider: str, margin: str) -> LossFn:
             return reference.per_row_loss(x, w, y, settings).loss.mean()
 
         return torch.compile(reference_mean, dynamic=False)
+    if provider == "torch-linear-ce":
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda x, w, y: torch.nn.functional.linear_cross_entropy(x, w, y, options=options)
+    if provider == "torch-linear-ce-ref":
+        return lambda x, w, y: torch.nn.functional.linear_cross_entropy(x, w, y)
+    if provider == "pytorch-metric-learning":
+        return _metric_learning_arcface(margin)
     if provider == "cut-cross-entropy":
         from cut_cross_entropy import linear_cross_entropy
 
@@ -68,3 +101,24 @@ def make_loss(provider: str, margin: str) -> LossFn:
         liger = LigerFusedLinearCrossEntropyLoss()
         return lambda x, w, y: liger(w, x, y)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def _metric_learning_arcface(margin: str) -> LossFn:
+    """pytorch-metric-learning's ArcFaceLoss at the package's ArcFace margin (radians → its
+    degrees) and scale 64, on the benchmark's centres: its own weight (D × C) is replaced, call by
+    call, by Wᵀ, so gradients reach W as they do for every other provider."""
+    from pytorch_metric_learning.losses import ArcFaceLoss
+
+    arcface = resolve_margin(margin)
+    loss = None
+
+    def arcface_loss(x: Tensor, w: Tensor, y: Tensor) -> Tensor:
+        nonlocal loss
+        if loss is None:
+            loss = ArcFaceLoss(num_classes=w.shape[0], embedding_size=w.shape[1], margin=math.degrees(arcface.m),
+                               scale=64.0).to(w.device)
+            del loss.W
+        loss.W = w.t()
+        return loss(x, y)
+
+    return arcface_loss

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from . import results  # noqa: E402
+from .providers import KINDS, label  # noqa: E402
 
 
 def slug(text: str) -> str:
@@ -40,13 +41,13 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         if not done:
             continue
         classes = [c for c, _ in done]
-        time_axis.plot(classes, [float(r["fwd_bwd_ms"]) for _, r in done], marker="o", label=provider)
+        time_axis.plot(classes, [float(r["fwd_bwd_ms"]) for _, r in done], marker="o", label=label(provider))
         memory_axis.plot(classes, [max(float(r["working_mb"]), 1e-2) for _, r in done], marker="o", label=provider)
-    for axis, label in ((time_axis, "forward+backward (ms)"), (memory_axis, "working memory beyond inputs+grads (MB)")):
+    for axis, quantity in ((time_axis, "forward+backward (ms)"), (memory_axis, "working memory beyond inputs+grads (MB)")):
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("classes C")
-        axis.set_ylabel(label)
+        axis.set_ylabel(quantity)
         axis.grid(True, which="both", alpha=0.3)
     time_axis.legend()
     figure.suptitle(title, fontsize=10)
@@ -57,19 +58,22 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 def markdown(rows: list[dict]) -> str:
     first = rows[0]
+    rates = ", ".join(f"{dtype} {float(rate):.3f}" for dtype, rate in
+                      dict((r["dtype"], r["matmul_tflops"]) for r in rows).items())
     lines = [
         f"{first['device']}, torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
-        f"{first['run']}; matmul rate {float(first['matmul_tflops']):.3f} TFLOP/s; margin {first['margin']}",
+        f"{first['run']}; matmul rate (TFLOP/s, measured in the run) {rates}; margin {first['margin']}",
         "",
-        "| provider | dtype | B | D | C | fwd ms | bwd ms | fwd+bwd ms | TFLOP/s | % matmul | working MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| provider | computes | dtype | B | D | C | fwd ms | bwd ms | fwd+bwd ms | TFLOP/s | % matmul | working MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['provider']} | {r['dtype']} | {r['batch']} | {r['dim']} | {r['classes']} | {r['status']} | | | | | |")
+            lines.append(f"| {r['provider']} | {KINDS[r['provider']]} | {r['dtype']} | {r['batch']} | {r['dim']} | "
+                         f"{r['classes']} | {r['status']} | | | | | |")
             continue
         lines.append(
-            f"| {r['provider']} | {r['dtype']} | {r['batch']} | {r['dim']} | {r['classes']} | "
+            f"| {r['provider']} | {KINDS[r['provider']]} | {r['dtype']} | {r['batch']} | {r['dim']} | {r['classes']} | "
             f"{float(r['fwd_ms']):.2f} | {float(r['bwd_ms']):.2f} | {float(r['fwd_bwd_ms']):.2f} | "
             f"{float(r['tflops']):.3f} | {float(r['pct_matmul']):.1f} | {float(r['working_mb']):.1f} |"
         )

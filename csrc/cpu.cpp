@@ -31,8 +31,12 @@
 // and accumulators are merged at the end; dW rows of different chunks are disjoint. One barrier per
 // call, not several per chunk, keeps the backend fast on a machine whose cores are shared.
 //
-// Inputs in float32, float16 or bfloat16 are converted to fp32 per chunk; all arithmetic and
-// accumulation is fp32 (the logit sum is accumulated across chunks in double).
+// Inputs in float32, float16 or bfloat16. The GEMMs of bfloat16 inputs run in bfloat16 where the CPU
+// has it natively (oneDNN's AVX512-BF16 or AMX paths through ATen: S, and U's products with W and
+// X, computed with float32 accumulation and rounded to bfloat16 once, as the torch reference's own
+// bfloat16 matmul rounds its logits; `use_native_bf16_gemm`, set once per process by the Python
+// side); otherwise, and for float16, chunks are converted to fp32 for fp32 GEMMs. Everything after
+// the GEMMs is fp32 (the logit sum is accumulated across chunks in double).
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -57,6 +61,13 @@ namespace marginfused {
 namespace {
 
 constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
+
+std::atomic<bool> native_bf16_gemm{false};
+
+// Whether this call's GEMMs run in the inputs' own dtype (bfloat16 with the native path on).
+bool native_gemm(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && native_bf16_gemm.load();
+}
 
 // exp(v) in fp32 without a library call, so the loops over a tile row vectorise: Cody-Waite
 // range reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial for e^r, and 2^k built in the
@@ -84,36 +95,62 @@ inline float exp_fp32(float v) {
   return poly * two_k;
 }
 
-// 1/max(|row|, 1e-12) of `rows` contiguous rows of length `dim`, into out.
-void inverse_norms(const float* rows, int64_t count, int64_t dim, float* out) {
+// A 16-bit value widened to fp32, and an fp32 value rounded (to nearest even) to a 16-bit type,
+// written with bit operations for bfloat16 so the row loops that use them vectorise. (Rounding
+// assumes a finite value: the inputs' values are checked before the kernels run.)
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(float));
+  return out;
+}
+inline float widen(c10::Half v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T rounded(float v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 rounded<c10::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(float));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+// 1/max(|row|, 1e-12) of `rows` contiguous rows of length `dim` (fp32 or 16-bit), into out.
+template <typename in_t>
+void inverse_norms(const in_t* rows, int64_t count, int64_t dim, float* out) {
   at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* row = rows + i * dim;
+      const in_t* row = rows + i * dim;
       float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
-      for (int64_t d = 0; d < dim; ++d) sq += row[d] * row[d];
+      for (int64_t d = 0; d < dim; ++d) sq += widen(row[d]) * widen(row[d]);
       out[i] = 1.0f / std::max(std::sqrt(sq), kNormEps);
     }
   });
 }
 
 // out_i = h_i - v̂_i (v̂_i·h_i) with v̂_i = inv_i v_i, or h_i where |v_i| <= 1e-12, for `count`
-// rows: the gradient through v ↦ v/max(|v|, 1e-12) given h = inv_i × (gradient w.r.t. v̂_i).
-template <typename out_t>
-void project_rows(const float* h, const float* v, const float* inv, int64_t count, int64_t dim, out_t* out) {
+// rows (v in fp32 or 16-bit): the gradient through v ↦ v/max(|v|, 1e-12) given h = inv_i × (gradient
+// w.r.t. v̂_i).
+template <typename out_t, typename v_t>
+void project_rows(const float* h, const v_t* v, const float* inv, int64_t count, int64_t dim, out_t* out) {
   at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* hi = h + i * dim;
-      const float* vi = v + i * dim;
+      const v_t* vi = v + i * dim;
       float vh = 0.0f, vv = 0.0f;
 #pragma omp simd reduction(+ : vh, vv)
       for (int64_t d = 0; d < dim; ++d) {
-        vh += vi[d] * hi[d];
-        vv += vi[d] * vi[d];
+        vh += widen(vi[d]) * hi[d];
+        vv += widen(vi[d]) * widen(vi[d]);
       }
       const float coef = std::sqrt(vv) > kNormEps ? inv[i] * inv[i] * vh : 0.0f;
       out_t* oi = out + i * dim;
-      for (int64_t d = 0; d < dim; ++d) oi[d] = static_cast<out_t>(hi[d] - coef * vi[d]);
+      for (int64_t d = 0; d < dim; ++d) oi[d] = static_cast<out_t>(hi[d] - coef * widen(vi[d]));
     }
   });
 }
@@ -146,18 +183,26 @@ struct Partials {
   }
 };
 
-// One row of one chunk, forward. `row` holds S_i· on entry and is overwritten with the cosines as
-// scratch. t_i (`target_logit`) is read only where the target is in the chunk.
-inline void forward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
-                        float target_logit, const LossParams& p, Partials& out, int64_t i) {
+// c_ij = clamp(q_i r_j S_ij, -1, 1), from S_ij in fp32 or a 16-bit GEMM's own output.
+template <typename in_t>
+inline float clamped_cosine(in_t dot, float qi, float rj) {
+  float c = widen(dot) * qi * rj;
+  c = c < -1.0f ? -1.0f : c;
+  return c > 1.0f ? 1.0f : c;
+}
+
+// One row of one chunk, forward. S_i· is read from `dots` (fp32, or a 16-bit GEMM's own output,
+// widened as it is read) and the cosines written to `row` as scratch (which may be `dots` itself).
+// t_i (`target_logit`) is read only where the target is in the chunk.
+template <typename in_t>
+inline void forward_row(const in_t* dots, float* row, int64_t n, float qi, const float* r, int64_t label,
+                        int64_t chunk_start, float target_logit, const LossParams& p, Partials& out, int64_t i) {
   const float s = p.scale;
   float cmax = -std::numeric_limits<float>::infinity();
   float csum = 0.0f;
 #pragma omp simd reduction(max : cmax) reduction(+ : csum)
   for (int64_t j = 0; j < n; ++j) {
-    float c = row[j] * qi * r[j];
-    c = c < -1.0f ? -1.0f : c;
-    c = c > 1.0f ? 1.0f : c;
+    const float c = clamped_cosine(dots[j], qi, r[j]);
     row[j] = c;
     cmax = cmax > c ? cmax : c;
     csum += c;
@@ -196,14 +241,17 @@ inline void forward_row(float* row, int64_t n, float qi, const float* r, int64_t
   out.logit_sum[i] += logits;
 }
 
-// One row of one chunk, backward: S_i· in, U_i· out (in place); zero on an ignored row (or u_i = 0).
-// t_i and σ_i (`target_logit`, `target_slope`) are read only where the target is in the chunk;
-// lse_i is float64, split by split_lse.
-inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
+// One row of one chunk, backward: S_i· in, U_i· out (`row`, in place: element j is read before it
+// is written), in fp32 or, for native 16-bit GEMMs, in their dtype (computed in fp32, rounded once
+// for the next GEMMs); zero on an ignored row (or u_i = 0). t_i and σ_i (`target_logit`,
+// `target_slope`) are read only where the target is in the chunk; lse_i is float64, split by
+// split_lse.
+template <typename value_t>
+inline void backward_row(value_t* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
                          float target_logit, float target_slope, double lse, float grad_row,
                          float smoothing_per_class, const LossParams& p) {
   if (label == p.ignore_index || grad_row == 0.0f) {
-    std::fill(row, row + n, 0.0f);
+    std::fill(row, row + n, rounded<value_t>(0.0f));
     return;
   }
   const float s = p.scale, eps = p.label_smoothing;
@@ -211,16 +259,14 @@ inline void backward_row(float* row, int64_t n, float qi, const float* r, int64_
   const SplitLse split = split_lse(lse);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    float c = row[j] * qi * r[j];
-    c = c < -1.0f ? -1.0f : c;
-    c = c > 1.0f ? 1.0f : c;
+    const float c = clamped_cosine(row[j], qi, r[j]);
     const float prob = exp_fp32((s * c - split.hi) - split.lo);
-    row[j] = uq * r[j] * logit_grad(prob, s, false, eps, smoothing_per_class);
+    row[j] = rounded<value_t>(uq * r[j] * logit_grad(prob, s, false, eps, smoothing_per_class));
   }
   const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
   if (target >= 0) {
     const float prob = exp_fp32((target_logit - split.hi) - split.lo);
-    row[target] = uq * r[target] * logit_grad(prob, target_slope, true, eps, smoothing_per_class);
+    row[target] = rounded<value_t>(uq * r[target] * logit_grad(prob, target_slope, true, eps, smoothing_per_class));
   }
 }
 
@@ -242,19 +288,24 @@ at::Tensor as_fp32(const at::Tensor& t) {
 }
 
 // One thread's buffers, allocated before the parallel region (so allocation trackers see them):
-// the B×n fp32 tile, the fp32 copy of a weight chunk (half/bf16 inputs), dW chunk rows before the
-// projection (half/bf16), the dX accumulator, and the chunk's inverse norms.
+// the B×n tile (S, then U in place; fp32, or the inputs' dtype for native 16-bit GEMMs), the fp32
+// copy of a weight chunk (half/bf16 inputs), dW chunk rows before the projection (half/bf16), the
+// dX accumulator, and the chunk's inverse norms; with native 16-bit GEMMs also their B×D dX term,
+// n×D dW rows and one fp32 row of cosines (the forward's scratch).
 struct Workspace {
-  at::Tensor tile, w32, h32, acc;
-  std::vector<float> r;
+  at::Tensor tile, w32, h32, acc, a16, h16;
+  std::vector<float> r, row;
 
   Workspace(const at::Tensor& x, int64_t batch, int64_t dim, int64_t n_max, bool with_acc, bool with_h)
-      : r(n_max) {
+      : r(n_max), row(native_gemm(x) ? n_max : 0) {
     const auto f32 = x.options().dtype(at::kFloat);
-    tile = at::empty({batch * n_max}, f32);
-    if (x.scalar_type() != at::kFloat) w32 = at::empty({n_max, dim}, f32);
+    const bool native = native_gemm(x);
+    tile = at::empty({batch * n_max}, native ? x.options() : f32);
+    if (x.scalar_type() != at::kFloat && !native) w32 = at::empty({n_max, dim}, f32);
     if (with_h) h32 = at::empty({n_max * dim}, f32);
     if (with_acc) acc = at::empty({batch, dim}, f32);
+    if (native && with_acc) a16 = at::empty({batch, dim}, x.options());
+    if (native && with_h) h16 = at::empty({n_max * dim}, x.options());
   }
 };
 
@@ -309,6 +360,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
+    const bool native = native_gemm(x);
     const at::Tensor xf = as_fp32(x);
     std::vector<float> q(B);
     inverse_norms(xf.data_ptr<float>(), B, D, q.data());
@@ -327,13 +379,24 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     run_chunks(chunks, threads, [&](int t, int64_t k) {
       Workspace& ws = work[t];
       const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
-      const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
-      inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
       at::Tensor s_tile = front(ws.tile, B, n);
-      at::mm_out(s_tile, xf, wc.t());
-      float* s_data = s_tile.data_ptr<float>();
-      for (int64_t i = 0; i < B; ++i)
-        forward_row(s_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], p, partials[t], i);
+      if (native) {  // S in the inputs' dtype, widened into one fp32 row of scratch at a time
+        const at::Tensor wc = w.narrow(0, c0, n);
+        inverse_norms(wc.data_ptr<scalar_t>(), n, D, ws.r.data());
+        at::mm_out(s_tile, x, wc.t());
+        const scalar_t* dots = s_tile.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < B; ++i)
+          forward_row(dots + i * n, ws.row.data(), n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], p,
+                      partials[t], i);
+      } else {
+        const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
+        inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
+        at::mm_out(s_tile, xf, wc.t());
+        float* rows = s_tile.data_ptr<float>();
+        for (int64_t i = 0; i < B; ++i)
+          forward_row(rows + i * n, rows + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], p,
+                      partials[t], i);
+      }
     });
 
     Partials& all = partials[0];
@@ -366,6 +429,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const bool is_float = x.scalar_type() == at::kFloat;
+    const bool native = native_gemm(x);
     const at::Tensor xf = as_fp32(x);
     std::vector<float> q(B);
     inverse_norms(xf.data_ptr<float>(), B, D, q.data());
@@ -390,28 +454,58 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     run_chunks(chunks, threads, [&](int t, int64_t k) {
       Workspace& ws = work[t];
       const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
-      const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
-      inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
+      // the chunk of W in fp32, or as it is for native 16-bit GEMMs
+      const at::Tensor wc = native ? w.narrow(0, c0, n) : fp32_rows(w, c0, n, ws.w32);
+      if (native) {
+        inverse_norms(wc.data_ptr<scalar_t>(), n, D, ws.r.data());
+      } else {
+        inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
+      }
+      // S, then U in place: in the inputs' dtype for native 16-bit GEMMs (U computed in fp32 and
+      // rounded once), else fp32
       at::Tensor u_tile = front(ws.tile, B, n);
-      at::mm_out(u_tile, xf, wc.t());
-      float* u_data = u_tile.data_ptr<float>();
-      for (int64_t i = 0; i < B; ++i)
-        backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
-                     lse_data[i], up[i], smoothing_per_class, plan.params);
-      if (need_x) ws.acc.addmm_(u_tile, wc);
+      at::mm_out(u_tile, native ? x : xf, wc.t());
+      auto row_pass = [&](auto* u_data) {
+        for (int64_t i = 0; i < B; ++i)
+          backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
+                       lse_data[i], up[i], smoothing_per_class, plan.params);
+      };
+      if (native) {
+        row_pass(u_tile.data_ptr<scalar_t>());
+      } else {
+        row_pass(u_tile.data_ptr<float>());
+      }
+      if (need_x) {
+        if (native) {
+          at::mm_out(ws.a16, u_tile, wc);
+          ws.acc.add_(ws.a16);
+        } else {
+          ws.acc.addmm_(u_tile, wc);
+        }
+      }
       if (need_w) {
         at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(ws.h32, n, D);
-        at::mm_out(h, u_tile.t(), xf);
-        project_rows<scalar_t>(h.data_ptr<float>(), wc.data_ptr<float>(), ws.r.data(), n, D,
-                               grad_w->data_ptr<scalar_t>() + c0 * D);
+        if (native) {
+          at::Tensor h16 = front(ws.h16, n, D);
+          at::mm_out(h16, u_tile.t(), x);
+          h.copy_(h16);
+        } else {
+          at::mm_out(h, u_tile.t(), xf);
+        }
+        if (native) {
+          project_rows(h.data_ptr<float>(), wc.data_ptr<scalar_t>(), ws.r.data(), n, D,
+                       grad_w->data_ptr<scalar_t>() + c0 * D);
+        } else {
+          project_rows(h.data_ptr<float>(), wc.data_ptr<float>(), ws.r.data(), n, D,
+                       grad_w->data_ptr<scalar_t>() + c0 * D);
+        }
       }
     });
 
     if (need_x) {
       at::Tensor acc = work[0].acc;
       for (int t = 1; t < threads; ++t) acc.add_(work[t].acc);
-      project_rows<scalar_t>(acc.data_ptr<float>(), xf.data_ptr<float>(), q.data(), B, D,
-                             grad_x->data_ptr<scalar_t>());
+      project_rows(acc.data_ptr<float>(), xf.data_ptr<float>(), q.data(), B, D, grad_x->data_ptr<scalar_t>());
     }
   });
 }
@@ -422,4 +516,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   marginfused::bind_entry_points(m, "marginfused cpu backend: chunked softmax loss partials and gradients, "
                                     "margin-agnostic (ATen GEMM + OpenMP)",
                                  &marginfused::forward_partials, &marginfused::backward);
+  m.def("use_native_bf16_gemm", [](bool native) { marginfused::native_bf16_gemm.store(native); },
+        "Run the GEMMs of bfloat16 inputs in bfloat16 (true) or on float32 copies (false)", pybind11::arg("native"));
 }

@@ -27,19 +27,22 @@ working precision (fp32 for 16- and 32-bit inputs, fp64 for fp64 ones) and u_d o
 stays within λ·√n·u of its exact value except with probability 2·exp(−λ²/2) (Higham & Mary, "A
 new approach to probabilistic rounding error analysis", 2019); λ = 8 makes that 3e-14 per sum.
 
-    δc = λ·√(D + 2)·u_w               a cosine: a D-term dot product and two norms
+    δc = λ·√(D + 2)·u_w + [d ≠ w]·u_d
+                                      a cosine: a D-term dot product and two norms, and for 16-bit
+                                      inputs one rounding of the product to d (|c| ≤ 1), which the
+                                      torch reference itself makes (its matmul returns d) and so
+                                      may any backend (the cpu backend's native bfloat16 GEMMs)
     δz = s·L·δc                       a logit, L = max(1, |f′(c_iy)|) over the targets (the margin
                                       moves its value by |f′|·δc)
     δℓ_i = 2·δz + λ·√C·u_w·(2s + |ℓ_i|)
                                       the loss of a row: lse is 1-Lipschitz in the logits and the
                                       target logit enters once; the sum of C exponentials and the
                                       final log and subtraction round relative to their sizes
-    ρ = 2·δz + λ·√(B + C + D)·u_w + 2·u_d
+    ρ = 2·δz + λ·√(B + C + D)·u_w + 3·u_d
                                       the relative error of a gradient term: p_ij = exp(z − lse)
                                       moves by ≤ 2δz relative, the sums over rows, classes and
-                                      dims round, and the gradient tile and the result may be
-                                      cast to d
-
+                                      dims round, and the gradient tile, its GEMMs' products and
+                                      the result may each be rounded to d
 A gradient entry is a sum of terms G_ij·(unit vector)/‖row‖ with G_ij = ω_i·s·(p_ij − t_ij)
 (times the target's slope in exact mode), ω_i the upstream weight of row i and t_ij the smoothed
 one-hot target. p_ij and t_ij each carry a relative error up to ρ, and their difference may
@@ -91,8 +94,10 @@ LAMBDA = 8.0
 
 def cosine_bound(dtype: torch.dtype, dim: int) -> float:
     """δc: how far a correctly computed cosine may be from the exact cosine of its inputs (as
-    rounded to `dtype`)."""
-    return LAMBDA * math.sqrt(dim + 2) * UNIT_ROUNDOFF[working_dtype(dtype)]
+    rounded to `dtype`), the product rounded once to a 16-bit `dtype` included."""
+    work = working_dtype(dtype)
+    product = UNIT_ROUNDOFF[dtype] if dtype != work else 0.0  # the product rounded once to dtype
+    return LAMBDA * math.sqrt(dim + 2) * UNIT_ROUNDOFF[work] + product
 
 
 def make_inputs(
@@ -224,7 +229,7 @@ def arithmetic_bounds(
     u_d, u_w = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[working_dtype(dtype)]
     delta_z = scale * lipschitz * cosine_bound(dtype, dim)
     delta_loss = 2 * delta_z + LAMBDA * math.sqrt(classes) * u_w * (2 * scale + loss.abs())
-    rho = 2 * delta_z + LAMBDA * math.sqrt(batch + classes + dim) * u_w + 2 * u_d
+    rho = 2 * delta_z + LAMBDA * math.sqrt(batch + classes + dim) * u_w + 3 * u_d
 
     if reduction == "none":
         omega = (upstream if upstream is not None else torch.ones(batch)).double().cpu().abs()

@@ -10,12 +10,14 @@ B=23, C=300, D=40 the `cpu` backend's max gradient error exceeded 2× the torch 
 §4 rule) in 3 (0 of 15 at s = 30), while on average it is 1.5× torch's. bf16/fp16 checks use s = 64.
 """
 
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import marginfused as mf
-from marginfused.backends import BackendUnavailableError, extension, select_backend
+from marginfused.backends import BackendUnavailableError, cpu, extension, select_backend
 from marginfused.backends.cpu import CpuBackend
 from marginfused.settings import LossSettings
 
@@ -58,6 +60,36 @@ def test_thread_counts(ext, chunk, threads):
         assert_predictions_are_nearest(best, x, w, torch.float32)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["bfloat16", "float32"], ids=["bf16-gemm", "fp32-gemm"])
+def bfloat16_gemm(request):
+    """Each path for bfloat16 inputs, whichever this CPU would take: GEMMs in bfloat16 (oneDNN;
+    emulated, slowly, on CPUs without AVX512-BF16 or AMX) or on float32 copies."""
+    before = cpu.bfloat16_gemm()
+    cpu.use_native_bfloat16_gemm(request.param == "bfloat16")
+    yield request.param
+    cpu.use_native_bfloat16_gemm(before == "bfloat16")
+
+
+@pytest.mark.parametrize("margin_grad", ["detached", "exact"])
+def test_both_bfloat16_gemm_paths_hold_to_the_truth(ext, chunk, bfloat16_gemm, margin_grad):
+    """bfloat16 inputs through either GEMM path, across many chunks and both threads, against
+    float64 truth by the §4 rule (the torch backend's own bfloat16 error is the yardstick)."""
+    chunk(37)
+    x, w, y = make_inputs(23, 300, 40, ignored=3, seed=11)
+    assert_matches_truth("cpu", x, w, y, torch.bfloat16, margin="arcface", margin_grad=margin_grad,
+                         label_smoothing=0.1, reduction="none")
+
+
+def test_the_bfloat16_gemm_choice_is_made_once_per_process():
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu.bfloat16_gemm() in ("bfloat16", "float32")
+    script = "from marginfused.backends import cpu; print(cpu.bfloat16_gemm())"
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert fresh == ("bfloat16" if native else "float32")
+    with pytest.raises(TypeError, match="must be a bool"):
+        cpu.use_native_bfloat16_gemm("yes")
 
 
 def test_dispatch(ext):

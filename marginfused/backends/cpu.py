@@ -1,12 +1,67 @@
-"""The `cpu` backend: the chunked algorithm in C++ with ATen GEMMs and OpenMP (csrc/cpu.cpp)."""
+"""The `cpu` backend: the chunked algorithm in C++ with ATen GEMMs and OpenMP (csrc/cpu.cpp).
+
+bfloat16 inputs: where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; oneDNN's paths
+through ATen), the GEMMs run in bfloat16 with float32 accumulation, their results rounded to
+bfloat16 once (as the torch reference's own bfloat16 matmul rounds its logits); elsewhere the
+weight's chunks are converted to float32 for float32 GEMMs, which is then the faster path. The
+choice is made once per process (`bfloat16_gemm`); `use_native_bfloat16_gemm` overrides it.
+float16 always takes the float32 path (native float16 GEMMs need AVX512-FP16 or AMX-FP16).
+"""
 
 from __future__ import annotations
 
-from .extension import ExtensionBackend
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..partials import RowPartials
+from ..settings import LossSettings
+from .base import RowGradients
+from .extension import ExtensionBackend, load
+
+_native_bfloat16: Optional[bool] = None
+
+
+def bfloat16_gemm() -> str:
+    """The dtype the cpu backend's GEMMs run in for bfloat16 inputs, "bfloat16" (native) or
+    "float32" (converted chunks): native where this CPU has AVX512-BF16 or AMX, unless
+    `use_native_bfloat16_gemm` said otherwise."""
+    global _native_bfloat16
+    if _native_bfloat16 is None:
+        _native_bfloat16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return "bfloat16" if _native_bfloat16 else "float32"
+
+
+def use_native_bfloat16_gemm(native: bool) -> None:
+    """Run the GEMMs of bfloat16 inputs in bfloat16 (True) or on float32 copies (False), for the
+    rest of the process."""
+    global _native_bfloat16
+    if not isinstance(native, bool):
+        raise TypeError(f"native must be a bool, got {type(native).__name__}")
+    _native_bfloat16 = native
 
 
 class CpuBackend(ExtensionBackend):
-    """C++ with ATen GEMMs (MKL/OpenBLAS) and OpenMP for CPU tensors."""
+    """C++ with ATen GEMMs (MKL/OpenBLAS, oneDNN for bfloat16) and OpenMP for CPU tensors."""
 
     name = "cpu"
     device_type = "cpu"
+
+    def row_partials(
+        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
+    ) -> RowPartials:
+        _configure()
+        return super().row_partials(x, w, y, target_logit, settings, class_start)
+
+    def backward(
+        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
+        num_classes: int, need_x: bool = True, need_w: bool = True,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        _configure()
+        return super().backward(x, w, y, rows, settings, class_start, num_classes, need_x, need_w)
+
+
+def _configure() -> None:
+    """Hand the process's bfloat16 GEMM choice to the extension."""
+    load("cpu").use_native_bf16_gemm(bfloat16_gemm() == "bfloat16")

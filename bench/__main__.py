@@ -72,7 +72,15 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def run_worker(config: dict, timeout: float) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    """The worker's times, then in a second process its working memory (bench/worker.py)."""
+    result = _run_worker({**config, "what": "time"}, dict(os.environ), timeout)
+    if result["status"] != "ok":
+        return result
+    memory = _run_worker({**config, "what": "memory"}, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), timeout)
+    return {**result, **memory} if memory["status"] == "ok" else memory
+
+
+def _run_worker(config: dict, env: dict, timeout: float) -> dict:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "bench.worker", json.dumps(config)],

@@ -16,8 +16,8 @@ Counting (docs/design.md §5), for B rows, C classes, D dims, e bytes per input 
   accumulator in registers, its operand tiles only while it uses them).
 
 A kernel's predicted time is the largest of FLOPs / (peak × MATMUL_EFFICIENCY), HBM bytes / HBM
-bandwidth and L2 bytes / L2 bandwidth; atomics are counted as L2 traffic at ATOMIC_EFFICIENCY
-of the L2 bandwidth. The efficiencies are assumptions to be replaced by measured rates.
+bandwidth and L2 bytes / L2 bandwidth. The efficiency and the L2 bandwidth are assumptions to be
+replaced by measured rates.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ GPUS = {
 MATMUL_EFFICIENCY = 0.8
 """Fraction of the datasheet matmul rate a large GEMM reaches (assumed; 790/989 was measured on
 an H200 for bf16, docs/design.md §5)."""
-ATOMIC_EFFICIENCY = 0.25
-"""Fraction of L2 bandwidth float32 atomic adds reach (assumed)."""
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -63,14 +61,13 @@ class Kernel:
     flops: float
     hbm_bytes: float
     l2_bytes: float
-    atomic_bytes: float = 0.0
 
     def seconds(self, gpu: Gpu, dtype: str) -> float:
         peak = (gpu.fp32_tflops if dtype == "fp32" else gpu.bf16_tflops) * 1e12 * MATMUL_EFFICIENCY
         return max(
             self.flops / peak,
             self.hbm_bytes / (gpu.hbm_tbps * 1e12),
-            self.l2_bytes / (gpu.l2_tbps * 1e12) + self.atomic_bytes / (gpu.l2_tbps * 1e12 * ATOMIC_EFFICIENCY),
+            self.l2_bytes / (gpu.l2_tbps * 1e12),
         )
 
 

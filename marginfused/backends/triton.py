@@ -303,7 +303,7 @@ class TritonBackend(FusedBackend):
         eps = float(settings.label_smoothing)
         inputs = (x, w, y, inv_x, inv_w, target_logit, target_slope, row_max, torch.log(row_sumexp), grad_rows)
         shapes = (batch, local, dim, x.stride(0), w.stride(0), int(class_start))
-        constants_ = (float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes)
+        scalars = (float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes)
         precision = _dot_precision(x.dtype)
         project = _kernels().project.project_kernel
         ptiles = configs.project_tiles()
@@ -314,7 +314,7 @@ class TritonBackend(FusedBackend):
             slices = _cdiv(dim, plan.tiles.block_g)
 
             def arguments(partials: Tensor, per_split: int) -> tuple:
-                return (*inputs, scale_for_x, partials, *shapes, per_split, _bucket(batch), *constants_)
+                return (*inputs, scale_for_x, partials, *shapes, per_split, _bucket(batch), *scalars)
 
             n_splits, per_split = _class_splits(plan, x, local, slices, arguments(inv_x, configs.split_align()),
                                                 {"DOT_PRECISION": precision})
@@ -332,7 +332,7 @@ class TritonBackend(FusedBackend):
             slices = _cdiv(dim, plan.tiles.block_g)
             dw = _empty((local, dim), w.dtype, w.device)
             plan.kernel[lambda meta: (_cdiv(local, meta["BLOCK_C"]), slices)](
-                *inputs, scale_for_w, dw, *shapes, _bucket(batch), *constants_,
+                *inputs, scale_for_w, dw, *shapes, _bucket(batch), *scalars,
                 DOT_PRECISION=precision, **plan.meta,
             )
         return dx, dw

@@ -10,9 +10,10 @@ must produce — the CUDA allocator's peak on a GPU; on the CPU the process's pe
 (VmHWM, reset through /proc/self/clear_refs), with large blocks returned to the system on free
 (MALLOC_MMAP_THRESHOLD_) so it counts memory in use, not memory cached.
 
-The caller runs the two in separate processes (`what`: "time" or "memory"): the timing with the
-allocator as a training process has it, the memory with every block above 64 KiB mapped and
-unmapped on its own, which would add page faults to every allocation a timed run makes.
+On the CPU the caller runs the two in separate processes (`what`: "time" or "memory"): the timing
+with the allocator as a training process has it, the memory with every block above 64 KiB mapped
+and unmapped on its own, which would add page faults to every allocation a timed run makes. On a
+GPU one process does both (`what`: "both"): the CUDA allocator's statistics need no such setting.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def median_ms(prepare: Callable[[], object], run: Callable[[object], None], devi
 
 def measure(provider: str, batch: int, classes: int, dim: int, dtype: str, margin: str, device: str, repeats: int,
             what: str) -> dict:
-    """The times ("time") or the working memory ("memory") of one provider at one shape."""
+    """The times ("time"), the working memory ("memory") or both ("both") of one provider at one shape."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, dim, generator=generator).to(device, DTYPES[dtype]).requires_grad_()
@@ -100,12 +101,15 @@ def measure(provider: str, batch: int, classes: int, dim: int, dtype: str, margi
         clear_grads()
         return loss_fn(x, w, y)
 
-    if what == "time":
-        return {
+    result = {}
+    if what in ("time", "both"):
+        result = {
             "fwd_ms": median_ms(clear_grads, lambda _: loss_fn(x, w, y), device, repeats),
             "bwd_ms": median_ms(forward, lambda loss: loss.backward(), device, repeats),
             "fwd_bwd_ms": median_ms(clear_grads, forward_backward, device, repeats),
         }
+    if what == "time":
+        return result
     forward_backward()  # compile caches and lazily built state: not working memory
     clear_grads()
     gradients = x.numel() * x.element_size() + w.numel() * w.element_size()
@@ -113,7 +117,7 @@ def measure(provider: str, batch: int, classes: int, dim: int, dtype: str, margi
         peak = _cuda_peak_bytes(forward_backward, device)
     else:
         peak = _cpu_peak_bytes(forward_backward)
-    return {"working_mb": max(peak - gradients, 0) / 2**20}
+    return {**result, "working_mb": max(peak - gradients, 0) / 2**20}
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ very many classes, fused so the batch × classes logits never exist in memory.
     head = mf.MarginSoftmaxLoss(512, 1_000_000, margin=mf.ArcFace(m=0.5), scale=64.0)
 """
 
+from .adaptive import AdaptiveMargin, ElasticFace
 from .backends import BackendUnavailableError, available_backends, explain_backend
 from .functional import margin_cross_entropy
 from .margins import ArcFace, CombinedMargin, CosFace, ExpFace, Margin, SphereFace
@@ -14,10 +15,12 @@ from .modules import MarginSoftmaxLoss
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveMargin",
     "ArcFace",
     "BackendUnavailableError",
     "CombinedMargin",
     "CosFace",
+    "ElasticFace",
     "ExpFace",
     "Margin",
     "MarginSoftmaxLoss",

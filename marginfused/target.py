@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .adaptive import AdaptiveMargin
 from .constants import DERIVATIVE_EPS, NORM_EPS
 from .margins import Margin, MarginFunction, working_dtype
 from .settings import LossSettings
@@ -59,9 +60,11 @@ def margin_slope(margin: MarginFunction, cos: Tensor) -> Tensor:
 
 
 def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings) -> TargetLogits:
-    """z_iy = s·f(c_iy) and σ_i for the (B,) target cosines `cos` (detached) of the rows `valid`."""
+    """z_iy = s·f(c_iy) and σ_i for the (B,) target cosines `cos` (detached) of the rows `valid`;
+    an adaptive margin decides this call's f first (`marginfused.adaptive`)."""
     cos = cos.detach()
-    value = settings.margin(cos)
+    margin = settings.margin.for_call(cos) if isinstance(settings.margin, AdaptiveMargin) else settings.margin
+    value = margin(cos)
     if not isinstance(value, Tensor) or value.shape != cos.shape:
         raise ValueError(
             f"margin must map the (B,) target cosines to a tensor of the same shape {tuple(cos.shape)}, "
@@ -69,7 +72,7 @@ def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings) -> TargetL
         )
     logit = settings.scale * value.to(cos.dtype)
     if settings.margin_grad == "exact":
-        slope = settings.scale * margin_slope(settings.margin, cos).to(cos.dtype)
+        slope = settings.scale * margin_slope(margin, cos).to(cos.dtype)
     else:
         slope = torch.full_like(cos, settings.scale)
     zero = torch.zeros_like(cos)

@@ -71,6 +71,25 @@ def test_per_row_margin_tensors(backend, margin_grad):
     assert_matches_truth(backend.name, x, w, y, torch.float32, margin=mf.ArcFace(m), margin_grad=margin_grad)
 
 
+@pytest.mark.parametrize("kind, margin", [("arc", mf.ArcFace), ("cos", mf.CosFace)])
+def test_elasticface_draws_each_rows_margin_once_per_call(backend, kind, margin):
+    """ElasticFace in training mode: the loss and gradients are those of ArcFace (CosFace) with
+    per-row margins drawn from N(m, 0.05) by its generator, once per call (the slope of exact mode
+    from the same draws); in eval mode, those of the mean margin."""
+    x, w, y = spread_inputs(19, 70, 24, ignored=2, seed=23, device=backend.device)
+    mean = {"arc": 0.5, "cos": 0.35}[kind]
+    drawn = torch.normal(mean, 0.05, size=(19,), generator=torch.Generator(backend.device).manual_seed(5),
+                         device=backend.device)  # as ElasticFace draws for float32 cosines
+    truth, limits = budgets(x, w, y, torch.float32, margin=margin(drawn.double()), margin_grad="exact")
+    elastic = mf.ElasticFace(kind, generator=torch.Generator(backend.device).manual_seed(5))
+    got = run(backend.name, x.float(), w.float(), y, margin=elastic, margin_grad="exact")
+    for field, limit in limits.items():
+        assert_close(f"{backend.name}/{field}", getattr(got, field), getattr(truth, field), limit)
+    truth, limits = budgets(x, w, y, torch.float32, margin=margin(mean))
+    got = run(backend.name, x.float(), w.float(), y, margin=elastic.eval())
+    assert_close(f"{backend.name}/eval loss", got.loss, truth.loss, limits["loss"])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradients_reach_a_per_row_margin_tensor(backend, reduction):
     """∂L/∂m_i through the target logit, ∂L/∂z_iy = g_i·(p_iy − (1 − ε) − ε/C), which the fused

@@ -210,3 +210,23 @@ def test_per_row_tensors_of_the_wrong_length_are_refused():
     x, w, y = make_inputs(5, 9, 8, seed=26)
     with pytest.raises(ValueError, match="margin parameter m must hold one value per row"):
         mf.margin_cross_entropy(x, w, y, margin=mf.ArcFace(torch.full((4,), 0.5, dtype=torch.float64)))
+
+
+def test_elasticface_says_what_it_needs():
+    with pytest.raises(ValueError, match="kind must be 'arc' or 'cos'"):
+        mf.ElasticFace("sphere")
+    with pytest.raises(ValueError, match="std"):
+        mf.ElasticFace(std=-0.1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        mf.ElasticFace(generator=0)
+    assert mf.ElasticFace("cos").m == 0.35 and mf.ElasticFace().m == 0.5
+
+
+def test_elasticface_is_a_module_of_the_head():
+    head = mf.MarginSoftmaxLoss(8, 20, margin=mf.ElasticFace(generator=torch.Generator().manual_seed(0)))
+    assert isinstance(head.margin, mf.ElasticFace) and "margin" in dict(head.named_children())
+    x, y = torch.randn(5, 8), torch.randint(0, 20, (5,))
+    first, second = head(x, y), head(x, y)
+    assert not torch.equal(first, second)  # a new draw per call in training mode
+    head.eval()
+    assert torch.equal(head(x, y), head(x, y))

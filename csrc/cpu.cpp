@@ -134,23 +134,23 @@ void inverse_norms(const in_t* rows, int64_t count, int64_t dim, float* out) {
 }
 
 // out_i = h_i - v̂_i (v̂_i·h_i) with v̂_i = inv_i v_i, or h_i where |v_i| <= 1e-12, for `count`
-// rows (v in fp32 or 16-bit): the gradient through v ↦ v/max(|v|, 1e-12) given h = inv_i × (gradient
-// w.r.t. v̂_i).
-template <typename out_t, typename v_t>
-void project_rows(const float* h, const v_t* v, const float* inv, int64_t count, int64_t dim, out_t* out) {
+// rows (h and v in fp32 or 16-bit): the gradient through v ↦ v/max(|v|, 1e-12) given h = inv_i ×
+// (gradient w.r.t. v̂_i). `out` may alias an fp32 `h` (each element is read before it is written).
+template <typename out_t, typename h_t, typename v_t>
+void project_rows(const h_t* h, const v_t* v, const float* inv, int64_t count, int64_t dim, out_t* out) {
   at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* hi = h + i * dim;
+      const h_t* hi = h + i * dim;
       const v_t* vi = v + i * dim;
       float vh = 0.0f, vv = 0.0f;
 #pragma omp simd reduction(+ : vh, vv)
       for (int64_t d = 0; d < dim; ++d) {
-        vh += widen(vi[d]) * hi[d];
+        vh += widen(vi[d]) * widen(hi[d]);
         vv += widen(vi[d]) * widen(vi[d]);
       }
       const float coef = std::sqrt(vv) > kNormEps ? inv[i] * inv[i] * vh : 0.0f;
       out_t* oi = out + i * dim;
-      for (int64_t d = 0; d < dim; ++d) oi[d] = static_cast<out_t>(hi[d] - coef * widen(vi[d]));
+      for (int64_t d = 0; d < dim; ++d) oi[d] = static_cast<out_t>(widen(hi[d]) - coef * widen(vi[d]));
     }
   });
 }
@@ -289,9 +289,9 @@ at::Tensor as_fp32(const at::Tensor& t) {
 
 // One thread's buffers, allocated before the parallel region (so allocation trackers see them):
 // the B×n tile (S, then U in place; fp32, or the inputs' dtype for native 16-bit GEMMs), the fp32
-// copy of a weight chunk (half/bf16 inputs), dW chunk rows before the projection (half/bf16), the
-// dX accumulator, and the chunk's inverse norms; with native 16-bit GEMMs also their B×D dX term,
-// n×D dW rows and one fp32 row of cosines (the forward's scratch).
+// copy of a weight chunk and fp32 dW chunk rows before the projection (half/bf16 inputs), the dX
+// accumulator, and the chunk's inverse norms; with native 16-bit GEMMs instead their B×D dX term,
+// their n×D dW rows and one fp32 row of cosines (the forward's scratch).
 struct Workspace {
   at::Tensor tile, w32, h32, acc, a16, h16;
   std::vector<float> r, row;
@@ -302,7 +302,7 @@ struct Workspace {
     const bool native = native_gemm(x);
     tile = at::empty({batch * n_max}, native ? x.options() : f32);
     if (x.scalar_type() != at::kFloat && !native) w32 = at::empty({n_max, dim}, f32);
-    if (with_h) h32 = at::empty({n_max * dim}, f32);
+    if (with_h && !native) h32 = at::empty({n_max * dim}, f32);
     if (with_acc) acc = at::empty({batch, dim}, f32);
     if (native && with_acc) a16 = at::empty({batch, dim}, x.options());
     if (native && with_h) h16 = at::empty({n_max * dim}, x.options());
@@ -484,20 +484,15 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
         }
       }
       if (need_w) {
-        at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(ws.h32, n, D);
-        if (native) {
-          at::Tensor h16 = front(ws.h16, n, D);
-          at::mm_out(h16, u_tile.t(), x);
-          h.copy_(h16);
+        scalar_t* out = grad_w->data_ptr<scalar_t>() + c0 * D;
+        if (native) {  // dW rows before the projection in the inputs' dtype, projected from there
+          at::Tensor h = front(ws.h16, n, D);
+          at::mm_out(h, u_tile.t(), x);
+          project_rows(h.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), ws.r.data(), n, D, out);
         } else {
+          at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(ws.h32, n, D);
           at::mm_out(h, u_tile.t(), xf);
-        }
-        if (native) {
-          project_rows(h.data_ptr<float>(), wc.data_ptr<scalar_t>(), ws.r.data(), n, D,
-                       grad_w->data_ptr<scalar_t>() + c0 * D);
-        } else {
-          project_rows(h.data_ptr<float>(), wc.data_ptr<float>(), ws.r.data(), n, D,
-                       grad_w->data_ptr<scalar_t>() + c0 * D);
+          project_rows(h.data_ptr<float>(), wc.data_ptr<float>(), ws.r.data(), n, D, out);
         }
       }
     });

@@ -99,8 +99,10 @@ AUTOTUNE_CLASS_GRAD = [
     Tiles(32, 64, 64, 8, 2),
     Tiles(32, 64, 32, 8, 3),
 ]
-"""Autotuning candidates (16-bit inputs; float32 inputs keep their fixed configs). The backward's
-slice of D, BLOCK_G, is not tuned: it stays the fixed configuration's, which the host needs to know."""
+AUTOTUNE = {"forward": AUTOTUNE_FORWARD, "row_grad": AUTOTUNE_ROW_GRAD, "class_grad": AUTOTUNE_CLASS_GRAD}
+"""Autotuning candidates by kernel (16-bit inputs; float32 inputs keep their fixed configs). The
+backward's slice of D, BLOCK_G, is not tuned: it stays the fixed configuration's, which the host
+needs to know."""
 
 
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, regs_per_sm: int,
@@ -184,9 +186,6 @@ def autotuned(kernel: str):
 
     from . import backward, forward
 
-    fn, choices = {
-        "forward": (forward.row_partials_kernel, AUTOTUNE_FORWARD),
-        "row_grad": (backward.row_grad_kernel, AUTOTUNE_ROW_GRAD),
-        "class_grad": (backward.class_grad_kernel, AUTOTUNE_CLASS_GRAD),
-    }[kernel]
-    return triton.autotune(configs=_triton_configs(choices), key=["D", "batch_bucket"])(fn)
+    fn = {"forward": forward.row_partials_kernel, "row_grad": backward.row_grad_kernel,
+          "class_grad": backward.class_grad_kernel}[kernel]
+    return triton.autotune(configs=_triton_configs(AUTOTUNE[kernel]), key=["D", "batch_bucket"])(fn)

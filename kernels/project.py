@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import constants
+from .norms import inverse_norm
 
 NORM_EPS = tl.constexpr(constants.NORM_EPS)
 
@@ -50,7 +51,7 @@ def project_kernel(
         v_dot_g += tl.sum(v * g, axis=1)
 
     norm = tl.sqrt(v_sq)
-    inv = 1.0 / tl.maximum(norm, NORM_EPS)
+    inv = inverse_norm(norm)
     coef = tl.where(norm >= NORM_EPS, v_dot_g * inv * inv, 0.0)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + dims

@@ -447,7 +447,8 @@ def gather_centres(head: ShardedMarginSoftmaxLoss, dst: int = 0) -> Optional[Ten
     `dst` of its group (for evaluation); None on the other ranks. Every rank must call it."""
     group = head.group
     world_size, rank = _group_size_and_rank(group)
-    per_rank = -(-head.num_classes // world_size)
+    start, stop = shard_range(head.num_classes, 0, world_size)  # the largest shard: every rank's but the last
+    per_rank = stop - start
     local = head.weight.detach()
     padded = torch.cat([local, local.new_zeros(per_rank - len(local), local.shape[1])])
     pieces = [torch.empty_like(padded) for _ in range(world_size)] if rank == dst else None

@@ -122,7 +122,7 @@ def test_class_splits_fill_one_wave_of_the_compiled_kernel(monkeypatch):
     tiles = tb.configs.Tiles(64, 64, 64, 8, 3, block_g=256)
     meta = {"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "BLOCK_G": 256}
     x = torch.zeros(1024, 512)
-    n_splits, per_split = tb._class_splits(tb._Plan(Kernel(), meta, tiles), x, 1_000_000, 2, (), {"DOT_PRECISION": "ieee"})
+    n_splits, per_split = tb._class_splits(tb._Plan("row_grad", Kernel(), meta, tiles), x, 1_000_000, 2, (), {"DOT_PRECISION": "ieee"})
     # one program per SM (230 registers × 256 threads): 132 per wave; 16 batch tiles × 2 slices = 32 per split
     assert n_splits == 132 // 32
     assert per_split % tb.configs.SPLIT_ALIGN_GPU == 0 and (n_splits - 1) * per_split < 1_000_000 <= n_splits * per_split

@@ -117,6 +117,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 class _Plan(NamedTuple):
     """How one kernel is launched."""
 
+    name: str  # "forward", "row_grad" or "class_grad"
     kernel: object  # the jitted kernel, or its autotuned wrapper
     meta: dict  # block sizes and warps (BLOCK_G only, when autotuning picks the others)
     tiles: configs.Tiles  # the fixed configuration
@@ -136,10 +137,10 @@ def _plan(kernel: str, x: Tensor) -> _Plan:
     tiles = fixed(x.dtype, _arch(x.device))
     sliced = {"BLOCK_G": tiles.block_g} if tiles.block_g else {}
     if configs.autotuning(x.dtype):
-        return _Plan(configs.autotuned(kernel), sliced, tiles)
+        return _Plan(kernel, configs.autotuned(kernel), sliced, tiles)
     meta = {"BLOCK_B": tiles.block_b, "BLOCK_C": tiles.block_c, "BLOCK_D": tiles.block_d,
             "num_warps": tiles.num_warps, "num_stages": tiles.num_stages, **sliced}
-    return _Plan(getattr(getattr(_kernels(), module), name), meta, tiles)
+    return _Plan(kernel, getattr(getattr(_kernels(), module), name), meta, tiles)
 
 
 def _programs_per_wave(plan: _Plan, device: torch.device, launch: tuple, constexprs: dict) -> int:
@@ -158,8 +159,8 @@ def _programs_per_wave(plan: _Plan, device: torch.device, launch: tuple, constex
 
 def _class_splits(plan: _Plan, x: Tensor, num_classes: int, slices: int, launch: tuple,
                   constexprs: dict) -> tuple[int, int]:
-    """(n_splits, classes_per_split) of a kernel with ⌈B/BLOCK_B⌉ × n_splits × `slices` programs
-    (slices = 0: the forward, which has none): as many splits as fill one wave of the GPU (a fixed
+    """(n_splits, classes_per_split) of a kernel with ⌈B/BLOCK_B⌉ × n_splits × `slices` programs:
+    as many splits as fill one wave of the GPU (a fixed
     number under the interpreter), never growing with C; splits aligned to SPLIT_ALIGN, every
     split non-empty. `launch` holds the launch's arguments, with a tensor of the right dtype where
     an output depends on the splits and classes_per_split = SPLIT_ALIGN (the compiler specialises
@@ -172,13 +173,12 @@ def _class_splits(plan: _Plan, x: Tensor, num_classes: int, slices: int, launch:
         wanted = configs.INTERPRET_SPLITS
     else:
         if configs.autotuning(x.dtype):
-            candidates = configs.AUTOTUNE_FORWARD if slices == 0 else configs.AUTOTUNE_ROW_GRAD
-            block_b = min(t.block_b for t in candidates)
+            block_b = min(t.block_b for t in configs.AUTOTUNE[plan.name])
             wave = configs.PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
         else:
             block_b = plan.tiles.block_b
             wave = _programs_per_wave(plan, x.device, launch, constexprs)
-        wanted = configs.splits_for_one_wave(wave, _cdiv(x.shape[0], block_b) * max(slices, 1))
+        wanted = configs.splits_for_one_wave(wave, _cdiv(x.shape[0], block_b) * slices)
     wanted = max(1, min(wanted, _cdiv(num_classes, align)))
     per_split = _cdiv(_cdiv(num_classes, wanted), align) * align
     return _cdiv(num_classes, per_split), per_split
@@ -203,7 +203,7 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, setti
 
     placeholders = (inv_x, inv_x, inv_x, inv_x, y)  # the outputs' dtypes, for the occupancy query
     precision = {"DOT_PRECISION": _dot_precision(x.dtype)}
-    n_splits, per_split = _class_splits(plan, x, local, 0, arguments(placeholders, configs.split_align()), precision)
+    n_splits, per_split = _class_splits(plan, x, local, 1, arguments(placeholders, configs.split_align()), precision)
     shape = (n_splits, batch)
     out = RowPartials(
         max=_empty(shape, torch.float32, x.device),

@@ -9,7 +9,8 @@ from setuptools import setup
 setup(
     name="marginfused",
     version="0.1.0",
-    description="Fused margin softmax losses (CosFace, ArcFace, SphereFace, ExpFace) for very many classes",
+    description=("Fused margin softmax losses (CosFace, ArcFace, SphereFace, ExpFace, AdaFace, MagFace, "
+                 "CurricularFace, ElasticFace) for very many classes"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
@@ -27,7 +28,7 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "pytorch-metric-learning"],
         "bench": ["tqdm", "matplotlib", "pytorch-metric-learning"],
     },
 )

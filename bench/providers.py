@@ -27,7 +27,7 @@ from torch import Tensor
 
 import marginfused as mf
 from marginfused.backends.torch import TorchBackend
-from marginfused.margins import resolve_margin
+from marginfused.settings import resolve_margin
 from marginfused.settings import LossSettings
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]

@@ -3,7 +3,8 @@
 //
 // Both backends are margin-agnostic: the caller supplies each row's target logit z_iy = s f(c_iy)
 // and its slope σ_i = ∂z_iy/∂c_iy, whatever the margin f; the kernels compute the cosines, every
-// other logit z_ij = s c_ij, and the gradient through the normalisations.
+// other logit z_ij = s c_ij (or the negative-logit rule's, below), and the gradient through the
+// normalisations.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -51,6 +52,36 @@ MF_HOST_DEVICE int64_t target_column(int64_t label, int64_t chunk_start, int64_t
   return label != ignore_index && local >= 0 && local < n ? local : -1;
 }
 
+// The negative-logit rule (marginfused/negatives.py), given by the caller per row: a non-target
+// entry with c > τ_i takes z = s c (a_i + q c), ∂z/∂c = s (a_i + 2 q c); every other one s c, s.
+// (CurricularFace: τ_i = cos(θ_iy + m), a_i = t, q = 1; inter-class filtering: τ, 0, 0.)
+struct HardNegatives {
+  const float* threshold;  // (B,) τ_i, or nullptr: no rule
+  const float* offset;     // (B,) a_i
+  float quadratic;         // q
+};
+
+// A row's negatives without a rule.
+struct PlainNegatives {
+  float scale;
+  MF_HOST_DEVICE float logit(float c) const { return scale * c; }
+  MF_HOST_DEVICE float slope(float) const { return scale; }
+};
+
+// A row's negatives under the rule (τ_i = +inf where there is none: every entry plain).
+struct RuledNegatives {
+  float scale, threshold, offset, quadratic;
+  MF_HOST_DEVICE float logit(float c) const { return c > threshold ? scale * c * (offset + quadratic * c) : scale * c; }
+  MF_HOST_DEVICE float slope(float c) const {
+    return c > threshold ? scale * (offset + 2.0f * quadratic * c) : scale;
+  }
+};
+
+MF_HOST_DEVICE RuledNegatives ruled_negatives(const HardNegatives& rule, float scale, int64_t i) {
+  return rule.threshold ? RuledNegatives{scale, rule.threshold[i], rule.offset[i], rule.quadratic}
+                        : RuledNegatives{scale, INFINITY, 0.0f, 0.0f};
+}
+
 // lse_i (float64) as fp32 hi + lo: z - hi is exact where p_ij matters (z near lse), so
 // p_ij = exp((z - hi) - lo) keeps fp32 relative accuracy instead of losing ulp(lse) ~ 4e-6 at s = 64
 // to the rounding of lse itself.
@@ -77,17 +108,23 @@ MF_HOST_DEVICE float logit_grad(float prob, float slope, bool is_target, float l
 // forward_partials: per-row partials over this weight shard's classes [class_start, class_start + C),
 // into the five (B,) outputs: max_j z_ij, Σ_j exp(z_ij − max), Σ_j z_ij, max_j c_ij and its global
 // class (the first on ties). target_logit (B,) fp32 is z_iy, read only where y_i is in this shard.
+// hard_threshold, hard_offset ((B,) fp32, both or neither) and hard_quadratic: the negative-logit rule.
 using ForwardPartialsFn = void(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
-                               const at::Tensor& target_logit, int64_t class_start, int64_t chunk, double scale,
+                               const at::Tensor& target_logit, const std::optional<at::Tensor>& hard_threshold,
+                               const std::optional<at::Tensor>& hard_offset, double hard_quadratic,
+                               int64_t class_start, int64_t chunk, double scale,
                                int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
                                const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
                                const at::Tensor& out_best_class);
 
 // backward: the gradients of Σ_i u_i ℓ_i w.r.t. x and this weight shard, given lse_i (B,) float64 over
 // all num_classes classes, u = grad_rows (B,) fp32, z_iy = target_logit and σ_i = target_slope (B,)
-// fp32. grad_x (B×D) and grad_w (C×D), in the input dtype, are written whole; either may be None.
+// fp32, the negative-logit rule as in forward_partials. grad_x (B×D) and grad_w (C×D), in the input
+// dtype, are written whole; either may be None.
 using BackwardFn = void(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
-                        const at::Tensor& target_logit, const at::Tensor& target_slope, const at::Tensor& lse,
+                        const at::Tensor& target_logit, const at::Tensor& target_slope,
+                        const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_offset,
+                        double hard_quadratic, const at::Tensor& lse,
                         const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk,
                         double scale, double label_smoothing, int64_t ignore_index,
                         const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w);
@@ -141,6 +178,18 @@ inline void check_beside(const char* op, const char* name, const at::Tensor& t, 
               x.device());
 }
 
+// The negative-logit rule's arguments: τ and a both (B,) fp32 beside x, or both absent.
+inline HardNegatives check_rule(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& threshold,
+                                const std::optional<at::Tensor>& offset, double quadratic) {
+  const bool has_threshold = threshold.has_value() && threshold->defined();
+  const bool has_offset = offset.has_value() && offset->defined();
+  TORCH_CHECK(has_threshold == has_offset, op, ": hard_threshold and hard_offset must be given together");
+  if (!has_threshold) return HardNegatives{nullptr, nullptr, 0.0f};
+  check_beside(op, "hard_threshold", *threshold, x, at::kFloat, {x.size(0)});
+  check_beside(op, "hard_offset", *offset, x, at::kFloat, {x.size(0)});
+  return HardNegatives{threshold->data_ptr<float>(), offset->data_ptr<float>(), static_cast<float>(quadratic)};
+}
+
 inline void check_ranges(const char* op, int64_t class_start, int64_t local_classes, int64_t num_classes,
                          int64_t chunk) {
   TORCH_CHECK(class_start >= 0, op, ": class_start must be >= 0, got ", class_start);
@@ -156,13 +205,21 @@ inline LossParams make_params(const char* op, double scale, double label_smoothi
   return LossParams{static_cast<float>(scale), static_cast<float>(label_smoothing), ignore_index};
 }
 
-// Every check of forward_partials' arguments on `device_type`; the call's scalars.
-inline LossParams check_forward_partials(const char* op, c10::DeviceType device_type, const at::Tensor& x,
-                                         const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
-                                         int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
-                                         const at::Tensor& out_max, const at::Tensor& out_sumexp,
-                                         const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
-                                         const at::Tensor& out_best_class) {
+// forward_partials' scalars and negative-logit rule.
+struct ForwardPlan {
+  LossParams params;
+  HardNegatives rule;
+};
+
+// Every check of forward_partials' arguments on `device_type`.
+inline ForwardPlan check_forward_partials(const char* op, c10::DeviceType device_type, const at::Tensor& x,
+                                          const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
+                                          const std::optional<at::Tensor>& hard_threshold,
+                                          const std::optional<at::Tensor>& hard_offset, double hard_quadratic,
+                                          int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
+                                          const at::Tensor& out_max, const at::Tensor& out_sumexp,
+                                          const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                                          const at::Tensor& out_best_class) {
   check_inputs(op, x, w, y, device_type);
   const int64_t B = x.size(0), C = w.size(0);
   check_ranges(op, class_start, C, class_start + C, chunk);
@@ -172,12 +229,14 @@ inline LossParams check_forward_partials(const char* op, c10::DeviceType device_
   check_beside(op, "out_logit_sum", out_logit_sum, x, at::kFloat, {B});
   check_beside(op, "out_best_cos", out_best_cos, x, at::kFloat, {B});
   check_beside(op, "out_best_class", out_best_class, x, at::kLong, {B});
-  return make_params(op, scale, 0.0, ignore_index);
+  const HardNegatives rule = check_rule(op, x, hard_threshold, hard_offset, hard_quadratic);
+  return ForwardPlan{make_params(op, scale, 0.0, ignore_index), rule};
 }
 
-// backward's scalars and which of grad_x, grad_w are wanted (given, not None).
+// backward's scalars, negative-logit rule, and which of grad_x, grad_w are wanted (given, not None).
 struct BackwardPlan {
   LossParams params;
+  HardNegatives rule;
   bool need_x;
   bool need_w;
 };
@@ -185,7 +244,9 @@ struct BackwardPlan {
 // Every check of backward's arguments on `device_type`.
 inline BackwardPlan check_backward(const char* op, c10::DeviceType device_type, const at::Tensor& x,
                                    const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
-                                   const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows,
+                                   const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
+                                   const std::optional<at::Tensor>& hard_offset, double hard_quadratic,
+                                   const at::Tensor& lse, const at::Tensor& grad_rows,
                                    int64_t class_start, int64_t num_classes, int64_t chunk, double scale,
                                    double label_smoothing, int64_t ignore_index,
                                    const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
@@ -200,7 +261,8 @@ inline BackwardPlan check_backward(const char* op, c10::DeviceType device_type, 
   const bool need_w = grad_w.has_value() && grad_w->defined();
   if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
   if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {C, D});
-  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), need_x, need_w};
+  const HardNegatives rule = check_rule(op, x, hard_threshold, hard_offset, hard_quadratic);
+  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), rule, need_x, need_w};
 }
 
 }  // namespace marginfused

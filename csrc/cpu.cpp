@@ -5,7 +5,9 @@
 //   c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),  z_ij = s c_ij (j ≠ y_i),  z_iy = t_i,
 // where the caller gives each row's target logit t_i = s f(c_iy) and its slope σ_i = ∂t_i/∂c_iy
 // (whatever the margin f; this file never evaluates one). A row whose label is ignore_index, or
-// outside this shard, has no target here: all its logits are s c_ij.
+// outside this shard, has no target here: all its logits are s c_ij. Under a negative-logit rule
+// (common.h's HardNegatives) a hard negative's logit is s c_ij (a_i + q c_ij) instead, and its
+// s in G below s (a_i + 2 q c_ij).
 //
 // Forward, per chunk of classes [c0, c0 + n) (n from the caller, so one B×n fp32 tile per thread
 // stays within a fixed budget whatever C is):
@@ -193,19 +195,23 @@ inline float clamped_cosine(in_t dot, float qi, float rj) {
 
 // One row of one chunk, forward. S_i· is read from `dots` (fp32, or a 16-bit GEMM's own output,
 // widened as it is read) and the cosines written to `row` as scratch (which may be `dots` itself).
-// t_i (`target_logit`) is read only where the target is in the chunk.
-template <typename in_t>
+// t_i (`target_logit`) is read only where the target is in the chunk; `neg` gives the other
+// entries' logits (PlainNegatives, or RuledNegatives under a negative-logit rule).
+template <typename in_t, typename Negatives>
 inline void forward_row(const in_t* dots, float* row, int64_t n, float qi, const float* r, int64_t label,
-                        int64_t chunk_start, float target_logit, const LossParams& p, Partials& out, int64_t i) {
-  const float s = p.scale;
+                        int64_t chunk_start, float target_logit, const Negatives& neg, const LossParams& p,
+                        Partials& out, int64_t i) {
   float cmax = -std::numeric_limits<float>::infinity();
-  float csum = 0.0f;
-#pragma omp simd reduction(max : cmax) reduction(+ : csum)
+  float zmax = -std::numeric_limits<float>::infinity();
+  float zsum = 0.0f;
+#pragma omp simd reduction(max : cmax, zmax) reduction(+ : zsum)
   for (int64_t j = 0; j < n; ++j) {
     const float c = clamped_cosine(dots[j], qi, r[j]);
     row[j] = c;
     cmax = cmax > c ? cmax : c;
-    csum += c;
+    const float z = neg.logit(c);
+    zmax = zmax > z ? zmax : z;
+    zsum += z;
   }
   if (cmax > out.best_cos[i]) {  // strictly greater: the first maximal class wins, like argmax
     int64_t j = 0;
@@ -214,27 +220,29 @@ inline void forward_row(const in_t* dots, float* row, int64_t n, float qi, const
     out.best_class[i] = chunk_start + j;
   }
   const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
-  double logits = static_cast<double>(s) * static_cast<double>(csum);  // Σ_j z_ij over the chunk
-  float zmax = s * cmax;
+  double logits = static_cast<double>(zsum);  // Σ_j z_ij over the chunk
   if (target >= 0) {
-    // The target's logit is t_i, not s c: take its cosine out of the row (exp of -inf adds e^-87,
-    // see exp_fp32) and fold t_i in separately.
-    const float ct = row[target];
+    // The target's logit is t_i, not its negative's: take its cosine out of the row (the logit of
+    // -inf is -inf, whose exp adds e^-87, see exp_fp32) and fold t_i in separately.
+    const float zt = neg.logit(row[target]);
     row[target] = -std::numeric_limits<float>::infinity();
-    logits += static_cast<double>(target_logit) - static_cast<double>(s) * static_cast<double>(ct);
-    float others = cmax;
-    if (ct >= cmax) {  // the target held the maximum: the largest other cosine
+    logits += static_cast<double>(target_logit) - static_cast<double>(zt);
+    float others = zmax;
+    if (zt >= zmax) {  // the target held the maximum: the largest other logit
       others = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : others)
-      for (int64_t j = 0; j < n; ++j) others = others > row[j] ? others : row[j];
+      for (int64_t j = 0; j < n; ++j) {
+        const float z = neg.logit(row[j]);
+        others = others > z ? others : z;
+      }
     }
-    zmax = std::max(s * others, target_logit);
+    zmax = std::max(others, target_logit);
   }
   const float m_old = out.max[i];
   const float m_new = std::max(m_old, zmax);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += exp_fp32(s * row[j] - m_new);
+  for (int64_t j = 0; j < n; ++j) sum += exp_fp32(neg.logit(row[j]) - m_new);
   if (target >= 0) sum += exp_fp32(target_logit - m_new);
   out.sumexp[i] = out.sumexp[i] * exp_fp32(m_old - m_new) + sum;
   out.max[i] = m_new;
@@ -244,29 +252,40 @@ inline void forward_row(const in_t* dots, float* row, int64_t n, float qi, const
 // One row of one chunk, backward: S_i· in, U_i· out (`row`, in place: element j is read before it
 // is written), in fp32 or, for native 16-bit GEMMs, in their dtype (computed in fp32, rounded once
 // for the next GEMMs); zero on an ignored row (or u_i = 0). t_i and σ_i (`target_logit`,
-// `target_slope`) are read only where the target is in the chunk; lse_i is float64, split by
-// split_lse.
-template <typename value_t>
+// `target_slope`) are read only where the target is in the chunk; `neg` gives the other entries'
+// logits and slopes; lse_i is float64, split by split_lse.
+template <typename value_t, typename Negatives>
 inline void backward_row(value_t* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
-                         float target_logit, float target_slope, double lse, float grad_row,
+                         float target_logit, float target_slope, const Negatives& neg, double lse, float grad_row,
                          float smoothing_per_class, const LossParams& p) {
   if (label == p.ignore_index || grad_row == 0.0f) {
     std::fill(row, row + n, rounded<value_t>(0.0f));
     return;
   }
-  const float s = p.scale, eps = p.label_smoothing;
+  const float eps = p.label_smoothing;
   const float uq = grad_row * qi;
   const SplitLse split = split_lse(lse);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float c = clamped_cosine(row[j], qi, r[j]);
-    const float prob = exp_fp32((s * c - split.hi) - split.lo);
-    row[j] = rounded<value_t>(uq * r[j] * logit_grad(prob, s, false, eps, smoothing_per_class));
+    const float prob = exp_fp32((neg.logit(c) - split.hi) - split.lo);
+    row[j] = rounded<value_t>(uq * r[j] * logit_grad(prob, neg.slope(c), false, eps, smoothing_per_class));
   }
   const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
   if (target >= 0) {
     const float prob = exp_fp32((target_logit - split.hi) - split.lo);
     row[target] = rounded<value_t>(uq * r[target] * logit_grad(prob, target_slope, true, eps, smoothing_per_class));
+  }
+}
+
+// body(negatives of row i) with row i's negatives: PlainNegatives without a rule (the fast loop),
+// else RuledNegatives.
+template <typename Body>
+inline void with_negatives(const HardNegatives& rule, float scale, int64_t i, const Body& body) {
+  if (rule.threshold) {
+    body(ruled_negatives(rule, scale, i));
+  } else {
+    body(PlainNegatives{scale});
   }
 }
 
@@ -350,13 +369,15 @@ void run_chunks(int64_t chunks, int threads, const Body& body) {
 // forward_partials (common.h): every element of the five (B,) outputs. Labels are global class
 // ids; the weight holds [class_start, class_start + C).
 void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
-                      int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
+                      const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_offset,
+                      double hard_quadratic, int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
                       const at::Tensor& out_max, const at::Tensor& out_sumexp, const at::Tensor& out_logit_sum,
                       const at::Tensor& out_best_cos, const at::Tensor& out_best_class) {
   constexpr const char* op = "marginfused cpu forward_partials";
-  const LossParams p = check_forward_partials(op, kCPU, x, w, y, target_logit, class_start, chunk, scale,
-                                              ignore_index, out_max, out_sumexp, out_logit_sum, out_best_cos,
-                                              out_best_class);
+  const ForwardPlan plan = check_forward_partials(op, kCPU, x, w, y, target_logit, hard_threshold, hard_offset,
+                                                  hard_quadratic, class_start, chunk, scale, ignore_index, out_max,
+                                                  out_sumexp, out_logit_sum, out_best_cos, out_best_class);
+  const LossParams& p = plan.params;
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -386,16 +407,20 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
         at::mm_out(s_tile, x, wc.t());
         const scalar_t* dots = s_tile.data_ptr<scalar_t>();
         for (int64_t i = 0; i < B; ++i)
-          forward_row(dots + i * n, ws.row.data(), n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], p,
-                      partials[t], i);
+          with_negatives(plan.rule, p.scale, i, [&](const auto& neg) {
+            forward_row(dots + i * n, ws.row.data(), n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i],
+                        neg, p, partials[t], i);
+          });
       } else {
         const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
         inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
         at::mm_out(s_tile, xf, wc.t());
         float* rows = s_tile.data_ptr<float>();
         for (int64_t i = 0; i < B; ++i)
-          forward_row(rows + i * n, rows + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], p,
-                      partials[t], i);
+          with_negatives(plan.rule, p.scale, i, [&](const auto& neg) {
+            forward_row(rows + i * n, rows + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i],
+                        neg, p, partials[t], i);
+          });
       }
     });
 
@@ -417,12 +442,15 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 // backward (common.h): lse is float64 (see backward_row). With shards, the grad_x of every shard
 // are summed by the caller.
 void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
-              const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows, int64_t class_start,
-              int64_t num_classes, int64_t chunk, double scale, double label_smoothing, int64_t ignore_index,
-              const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
+              const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
+              const std::optional<at::Tensor>& hard_offset, double hard_quadratic, const at::Tensor& lse,
+              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, double scale,
+              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
+              const std::optional<at::Tensor>& grad_w) {
   constexpr const char* op = "marginfused cpu backward";
-  const BackwardPlan plan = check_backward(op, kCPU, x, w, y, target_logit, target_slope, lse, grad_rows, class_start,
-                                           num_classes, chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
+  const BackwardPlan plan = check_backward(op, kCPU, x, w, y, target_logit, target_slope, hard_threshold, hard_offset,
+                                           hard_quadratic, lse, grad_rows, class_start, num_classes, chunk, scale,
+                                           label_smoothing, ignore_index, grad_x, grad_w);
   const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
@@ -467,8 +495,10 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       at::mm_out(u_tile, native ? x : xf, wc.t());
       auto row_pass = [&](auto* u_data) {
         for (int64_t i = 0; i < B; ++i)
-          backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
-                       lse_data[i], up[i], smoothing_per_class, plan.params);
+          with_negatives(plan.rule, plan.params.scale, i, [&](const auto& neg) {
+            backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
+                         neg, lse_data[i], up[i], smoothing_per_class, plan.params);
+          });
       };
       if (native) {
         row_pass(u_tile.data_ptr<scalar_t>());

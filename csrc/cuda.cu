@@ -4,7 +4,8 @@
 // The algorithm and notation are those of csrc/cpu.cpp (read its header first):
 //   q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12), c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),
 //   z_ij = s c_ij (j ≠ y_i), z_iy = t_i, the caller's target logit, with slope σ_i = ∂t_i/∂c_iy;
-//   ∂ℓ_i/∂c_ij = s (p_ij - ε/C) off the target, σ_i (p_iy - (1-ε) - ε/C) on it (logit_grad).
+//   ∂ℓ_i/∂c_ij = s (p_ij - ε/C) off the target, σ_i (p_iy - (1-ε) - ε/C) on it (logit_grad); under a
+//   negative-logit rule a hard negative's z and s are the rule's (common.h, RuledNegatives).
 // Per chunk of n classes (the B×n fp32 tile is bounded by the caller's chunk size):
 //   forward:  r for the chunk (inverse_norms_kernel), S = X W_chunkᵀ with ATen (cuBLAS; fp32 output
 //             also for half/bf16 inputs), then forward_chunk_kernel: one block per row folds the
@@ -135,16 +136,18 @@ __global__ void finish_partials_kernel(int64_t batch, const double* logit_sum, f
 __global__ void __launch_bounds__(kThreads)
     forward_chunk_kernel(const float* __restrict__ s_tile, int64_t n, const float* __restrict__ q,
                          const float* __restrict__ r, const int64_t* __restrict__ labels,
-                         const float* __restrict__ target_logit, int64_t chunk_start, LossParams p, float* max,
-                         float* sumexp, double* logit_sum, float* best_cos, int64_t* best_class) {
+                         const float* __restrict__ target_logit, HardNegatives rule, int64_t chunk_start,
+                         LossParams p, float* max, float* sumexp, double* logit_sum, float* best_cos,
+                         int64_t* best_class) {
   const int64_t i = blockIdx.x;
   const float* row = s_tile + i * n;
   const float qi = q[i];
   const int64_t target = target_column(labels[i], chunk_start, n, p.ignore_index);
+  const RuledNegatives neg = ruled_negatives(rule, p.scale, i);
 
   OnlineSum acc{-INFINITY, 0.0f};
   Best best{-INFINITY, n};
-  float csum = 0.0f;  // Σ c over this thread's elements other than the target
+  float zsum = 0.0f;  // Σ z over this thread's elements other than the target
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const float c = clamp_unit(row[j] * qi * r[j]);
     best = better(best, Best{c, j});
@@ -152,8 +155,8 @@ __global__ void __launch_bounds__(kThreads)
     if (j == target) {
       z = target_logit[i];
     } else {
-      z = p.scale * c;
-      csum += c;
+      z = neg.logit(c);
+      zsum += z;
     }
     if (z > acc.m) {
       acc.s = acc.s * expf(acc.m - z) + 1.0f;
@@ -169,16 +172,16 @@ __global__ void __launch_bounds__(kThreads)
     acc = merge(acc, other);
     const Best other_best{__shfl_xor_sync(kFullMask, best.c, offset), __shfl_xor_sync(kFullMask, best.j, offset)};
     best = better(best, other_best);
-    csum += __shfl_xor_sync(kFullMask, csum, offset);
+    zsum += __shfl_xor_sync(kFullMask, zsum, offset);
   }
   __shared__ OnlineSum warp_acc[kThreads / kWarp];
   __shared__ Best warp_best[kThreads / kWarp];
-  __shared__ float warp_csum[kThreads / kWarp];
+  __shared__ float warp_zsum[kThreads / kWarp];
   const int warp = threadIdx.x / kWarp;
   if (threadIdx.x % kWarp == 0) {
     warp_acc[warp] = acc;
     warp_best[warp] = best;
-    warp_csum[warp] = csum;
+    warp_zsum[warp] = zsum;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -186,12 +189,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 1; k < warps; ++k) {
       acc = merge(acc, warp_acc[k]);
       best = better(best, warp_best[k]);
-      csum += warp_csum[k];
+      zsum += warp_zsum[k];
     }
     const OnlineSum total = merge(OnlineSum{max[i], sumexp[i]}, acc);
     max[i] = total.m;
     sumexp[i] = total.s;
-    double logits = static_cast<double>(p.scale) * static_cast<double>(csum);  // Σ_j z_ij over the chunk
+    double logits = static_cast<double>(zsum);  // Σ_j z_ij over the chunk
     if (target >= 0) logits += static_cast<double>(target_logit[i]);
     logit_sum[i] += logits;
     if (best.c > best_cos[i]) {  // strictly: an earlier chunk keeps a tie
@@ -208,7 +211,7 @@ template <typename grad_t>
 __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64_t batch, int64_t n,
                                       const float* __restrict__ q, const float* __restrict__ r,
                                       const int64_t* __restrict__ labels, const float* __restrict__ target_logit,
-                                      const float* __restrict__ target_slope, int64_t chunk_start,
+                                      const float* __restrict__ target_slope, HardNegatives rule, int64_t chunk_start,
                                       const float* __restrict__ lse_hi, const float* __restrict__ lse_lo,
                                       const float* __restrict__ grad_rows, const float* __restrict__ grad_scale,
                                       float smoothing_per_class, LossParams p) {
@@ -223,8 +226,10 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
     float value = 0.0f;
     if (label != p.ignore_index && u != 0.0f) {
       const bool is_target = label - chunk_start == j;
-      const float z = is_target ? target_logit[i] : p.scale * clamp_unit(s_tile[idx] * q[i] * r[j]);
-      const float slope = is_target ? target_slope[i] : p.scale;
+      const float c = clamp_unit(s_tile[idx] * q[i] * r[j]);
+      const RuledNegatives neg = ruled_negatives(rule, p.scale, i);
+      const float z = is_target ? target_logit[i] : neg.logit(c);
+      const float slope = is_target ? target_slope[i] : neg.slope(c);
       const float prob = expf((z - lse_hi[i]) - lse_lo[i]);
       value = lift * u * q[i] * r[j] * logit_grad(prob, slope, is_target, p.label_smoothing, smoothing_per_class);
     }
@@ -233,19 +238,22 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
 }
 
 // The power of two 2^k by which a float16 gradient tile is lifted before its cast (and 2^-k, by
-// which the GEMM results are brought back): |U_ij| ≤ 2·|u_i|·max(s, |σ_i|)·q_i·r_j before the norms,
-// and k = ⌊log2(2^15 / (2·max|u|·max(s, max|σ|)))⌋ within [-24, 24], so no entry overflows float16
-// and the small ones (a negative class's ~6e-8 at B = 1024, s = 64) keep their bits. One block.
-// The row and column inverse norms multiply in after the bound: rows of norm far below 1 may still
-// overflow, as the unscaled cast would.
+// which the GEMM results are brought back): |U_ij| ≤ 2·|u_i|·max(s, |σ_i|, s·(|a_i| + 2q))·q_i·r_j
+// before the norms (the last term the slope bound of a negative-logit rule's hard negatives, whose
+// cosines are at most 1), and k = ⌊log2(2^15 / (2·max|u|·max slope))⌋ within [-24, 24], so no entry
+// overflows float16 and the small ones (a negative class's ~6e-8 at B = 1024, s = 64) keep their
+// bits. One block. The row and column inverse norms multiply in after the bound: rows of norm far
+// below 1 may still overflow, as the unscaled cast would.
 __global__ void gradient_scale_kernel(const float* __restrict__ grad_rows, const float* __restrict__ target_slope,
-                                      int64_t batch, float scale, bool enabled, float* lift, float* unlift) {
+                                      HardNegatives rule, int64_t batch, float scale, bool enabled, float* lift,
+                                      float* unlift) {
   __shared__ float largest_grad[kThreads];
   __shared__ float largest_slope[kThreads];
   float g = 0.0f, sigma = scale;
   for (int64_t i = threadIdx.x; i < batch; i += blockDim.x) {
     g = fmaxf(g, fabsf(grad_rows[i]));
     sigma = fmaxf(sigma, fabsf(target_slope[i]));
+    if (rule.threshold) sigma = fmaxf(sigma, scale * (fabsf(rule.offset[i]) + 2.0f * fabsf(rule.quadratic)));
   }
   largest_grad[threadIdx.x] = g;
   largest_slope[threadIdx.x] = sigma;
@@ -324,13 +332,15 @@ void cosine_gemm(at::Tensor& s_tile, const at::Tensor& x, const at::Tensor& wc) 
 
 // forward_partials (common.h): every element of the five (B,) outputs.
 void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
-                      int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
+                      const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_offset,
+                      double hard_quadratic, int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
                       const at::Tensor& out_max, const at::Tensor& out_sumexp, const at::Tensor& out_logit_sum,
                       const at::Tensor& out_best_cos, const at::Tensor& out_best_class) {
   constexpr const char* op = "marginfused cuda forward_partials";
-  const LossParams p = check_forward_partials(op, kCUDA, x, w, y, target_logit, class_start, chunk, scale,
-                                              ignore_index, out_max, out_sumexp, out_logit_sum, out_best_cos,
-                                              out_best_class);
+  const ForwardPlan plan = check_forward_partials(op, kCUDA, x, w, y, target_logit, hard_threshold, hard_offset,
+                                                  hard_quadratic, class_start, chunk, scale, ignore_index, out_max,
+                                                  out_sumexp, out_logit_sum, out_best_cos, out_best_class);
+  const LossParams& p = plan.params;
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -362,7 +372,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       TORCH_CHECK(B <= std::numeric_limits<int>::max(), op, ": batch too large for one grid");
       forward_chunk_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
           s_tile.data_ptr<float>(), n, q.data_ptr<float>(), r.data_ptr<float>(), y.data_ptr<int64_t>(),
-          target_logit.data_ptr<float>(), class_start + c0, p, out_max.data_ptr<float>(),
+          target_logit.data_ptr<float>(), plan.rule, class_start + c0, p, out_max.data_ptr<float>(),
           out_sumexp.data_ptr<float>(), logit_sum.data_ptr<double>(), out_best_cos.data_ptr<float>(),
           out_best_class.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -375,13 +385,15 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 
 // backward (common.h).
 void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
-              const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows, int64_t class_start,
-              int64_t num_classes, int64_t chunk, double scale, double label_smoothing, int64_t ignore_index,
-              const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
+              const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
+              const std::optional<at::Tensor>& hard_offset, double hard_quadratic, const at::Tensor& lse,
+              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, double scale,
+              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
+              const std::optional<at::Tensor>& grad_w) {
   constexpr const char* op = "marginfused cuda backward";
-  const BackwardPlan plan = check_backward(op, kCUDA, x, w, y, target_logit, target_slope, lse, grad_rows,
-                                           class_start, num_classes, chunk, scale, label_smoothing, ignore_index,
-                                           grad_x, grad_w);
+  const BackwardPlan plan = check_backward(op, kCUDA, x, w, y, target_logit, target_slope, hard_threshold,
+                                           hard_offset, hard_quadratic, lse, grad_rows, class_start, num_classes, chunk,
+                                           scale, label_smoothing, ignore_index, grad_x, grad_w);
   const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
@@ -415,7 +427,8 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     split_lse_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, lse.data_ptr<double>(),
                                                                    lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gradient_scale_kernel<<<1, kThreads, 0, stream>>>(grad_rows.data_ptr<float>(), target_slope.data_ptr<float>(), B,
+    gradient_scale_kernel<<<1, kThreads, 0, stream>>>(grad_rows.data_ptr<float>(), target_slope.data_ptr<float>(),
+                                                      plan.rule, B,
                                                       plan.params.scale, x.scalar_type() == at::kHalf,
                                                       lift.data_ptr<float>(), lift.data_ptr<float>() + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -433,7 +446,8 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
                       static_cast<unsigned>(std::min<int64_t>(B, 65535)));
       backward_chunk_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, q.data_ptr<float>(), r.data_ptr<float>(),
-          y.data_ptr<int64_t>(), target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), class_start + c0,
+          y.data_ptr<int64_t>(), target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), plan.rule,
+          class_start + c0,
           lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), lift.data_ptr<float>(),
           smoothing_per_class, plan.params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -6,6 +6,7 @@ that point plus Gaussian noise. A small MLP maps samples to embeddings, and
 training accuracy (nearest class centre) rises as the network learns to separate identities.
 
     python examples/train.py                                  # 4,000 identities on the CPU, < 1 min
+    python examples/train.py --margin adaface                 # any margin name: magface, curricularface, ...
     python examples/train.py --device cuda --classes 1000000  # a million identities on a GPU
 """
 
@@ -74,7 +75,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=4000)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--margin", default="arcface")
+    parser.add_argument("--margin", default="arcface",
+                        help="a margin name: cosface, arcface, sphereface, expface, combined, adaface, magface, "
+                             "curricularface")
     parser.add_argument("--scale", type=float, default=64.0)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--backend", default="auto")

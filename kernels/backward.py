@@ -11,7 +11,9 @@ saved row statistics over all C classes, M_i = max_j z_ij and log S_i = log Σ_j
     G_ij = ∂(u·ℓ)/∂c_ij = u_i · s · (p_ij − ε/C)                         j ≠ y_i
     G_iy = u_i · σ_i · (p_iy − (1−ε) − ε/C)        σ_i = ∂z_iy/∂c_iy, the caller's target slope
                                                    (s, or s·f′(c_iy) for margin_grad="exact")
-    with z_iy the caller's target logit (the kernels never evaluate a margin)
+    with z_iy the caller's target logit (the kernels never evaluate a margin); under a
+    negative-logit rule (HARD_NEGATIVES) a hard negative's z_ij = s·c_ij·(a_i + q·c_ij) and its
+    s in G_ij becomes s·(a_i + 2q·c_ij) (tiles.py)
     (the clamp of c to [−1, 1] bounds the value only; the gradient passes through it)
     dX̂_i = Σ_j G_ij ŵ_j = Σ_j (G_ij r_wj) w_j          dŴ_j = Σ_i G_ij x̂_i = Σ_i (G_ij r_xi) x_i
 
@@ -56,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .norms import inverse_norm
-from .tiles import cos_tile, logit_gradient, target_offsets
+from .tiles import cos_tile, logit_gradient, row_rule, target_offsets
 
 FLOAT16_MAX = tl.constexpr(65504.0)
 
@@ -93,11 +95,11 @@ def _row_statistics(
 
 @triton.jit
 def row_grad_kernel(
-    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr,
-    grad_rows_ptr, grad_scale_ptr, dx_part_ptr,
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, hard_threshold_ptr,
+    hard_offset_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, grad_scale_ptr, dx_part_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
-    scale, ignore_index, target_weight, smoothing_per_class,
-    DOT_PRECISION: tl.constexpr,
+    scale, ignore_index, target_weight, smoothing_per_class, quadratic,
+    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # target_weight = 1 − ε, smoothing_per_class = ε / C (C the global class count).
@@ -110,6 +112,7 @@ def row_grad_kernel(
     target_col, target_logit, row_max, log_sumexp, slope_ratio, row_factor, inv_x = _row_statistics(
         y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
         rows, B, C_local, class_start, scale, ignore_index)
+    threshold, offset = row_rule(hard_threshold_ptr, hard_offset_ptr, rows, row_ok, HARD_NEGATIVES)
     grad_scale = tl.load(grad_scale_ptr)
     g_dims = d_slice * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     g_ok = g_dims < D
@@ -126,7 +129,8 @@ def row_grad_kernel(
                        BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
         is_target = tl.arange(0, BLOCK_C)[None, :] == target_offsets(target_col, c0, BLOCK_C)[:, None]
         g = logit_gradient(cos, is_target, target_logit[:, None], row_max[:, None], log_sumexp[:, None],
-                           slope_ratio[:, None], row_factor[:, None], scale, target_weight, smoothing_per_class)
+                           slope_ratio[:, None], row_factor[:, None], threshold[:, None], offset[:, None], quadratic,
+                           scale, target_weight, smoothing_per_class, HARD_NEGATIVES)
         g = g * (inv_w * grad_scale)[None, :]  # columns past the split: r_w = 0 and w = 0
         w = tl.load(w_ptr + cols[:, None] * stride_w + g_dims[None, :],
                     mask=col_ok[:, None] & g_ok[None, :], other=0.0)
@@ -138,11 +142,11 @@ def row_grad_kernel(
 
 @triton.jit
 def class_grad_kernel(
-    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr,
-    grad_rows_ptr, grad_scale_ptr, dw_ptr,
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, hard_threshold_ptr,
+    hard_offset_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, grad_scale_ptr, dw_ptr,
     B, C_local, D, stride_x, stride_w, class_start, batch_bucket,
-    scale, ignore_index, target_weight, smoothing_per_class,
-    DOT_PRECISION: tl.constexpr,
+    scale, ignore_index, target_weight, smoothing_per_class, quadratic,
+    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_c = tl.program_id(0).to(tl.int64)
@@ -164,11 +168,13 @@ def class_grad_kernel(
         target_col, target_logit, row_max, log_sumexp, slope_ratio, row_factor, inv_x = _row_statistics(
             y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
             rows, B, C_local, class_start, scale, ignore_index)
+        threshold, offset = row_rule(hard_threshold_ptr, hard_offset_ptr, rows, row_ok, HARD_NEGATIVES)
         cos = cos_tile(w_ptr, x_ptr, cols, rows, col_ok, row_ok, inv_w, inv_x, D, stride_w, stride_x,
                        BLOCK_C, BLOCK_B, BLOCK_D, DOT_PRECISION)
         is_target = tl.arange(0, BLOCK_C)[:, None] == target_offsets(target_col, c0, BLOCK_C)[None, :]
         g = logit_gradient(cos, is_target, target_logit[None, :], row_max[None, :], log_sumexp[None, :],
-                           slope_ratio[None, :], row_factor[None, :], scale, target_weight, smoothing_per_class)
+                           slope_ratio[None, :], row_factor[None, :], threshold[None, :], offset[None, :], quadratic,
+                           scale, target_weight, smoothing_per_class, HARD_NEGATIVES)
         w_hat_dot_g += tl.sum(g * cos, axis=1)
         x = tl.load(x_ptr + rows[:, None] * stride_x + g_dims[None, :],
                     mask=row_ok[:, None] & g_ok[None, :], other=0.0)

@@ -45,7 +45,8 @@ DTYPES = ("bf16", "fp16", "fp32")
 ALIGNED_INTS = {"D", "stride_x", "stride_w", "stride_v", "classes_per_split"}
 SCALARS = dict(B="i32", C_local="i32", D="i32", stride_x="i32", stride_w="i32", class_start="i64",
                classes_per_split="i32", batch_bucket="i32", scale="fp32", ignore_index="i32",
-               target_weight="fp32", smoothing_per_class="fp32", R="i32", stride_v="i32", n_parts="i32")
+               target_weight="fp32", smoothing_per_class="fp32", quadratic="fp32", R="i32", stride_v="i32",
+               n_parts="i32")
 
 
 @dataclass
@@ -200,22 +201,26 @@ def jobs(dtypes, arch: int) -> list[tuple]:
                         target_logit_ptr="*fp32", target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32",
                         logit_sum_ptr="*fp32", best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32",
                         log_sumexp_ptr="*fp32", grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_ptr=f"*{element}",
-                        g_ptr="*fp32")
+                        g_ptr="*fp32", hard_threshold_ptr="*fp32", hard_offset_ptr="*fp32")
         types = {**SCALARS, **pointers}
         forward = configs.FORWARD_GPU[configs.family(arch), width]
         row_grad = configs.ROW_GRAD_GPU[configs.family(arch), width]
         class_grad = configs.CLASS_GRAD_GPU[configs.family(arch), width]
         rows = configs.PROJECT_GPU
+        for rule in (False, True):
+            variant = " +rule" if rule else ""
+            common = dict(DOT_PRECISION=precision, HARD_NEGATIVES=rule)
+            out += [
+                (f"forward{variant} {dtype}", ("forward", "row_partials_kernel"), types,
+                 dict(common, BLOCK_B=forward.block_b, BLOCK_C=forward.block_c, BLOCK_D=forward.block_d), forward),
+                (f"row grad{variant} {dtype}", ("backward", "row_grad_kernel"), types,
+                 dict(common, BLOCK_B=row_grad.block_b, BLOCK_C=row_grad.block_c, BLOCK_D=row_grad.block_d,
+                      BLOCK_G=row_grad.block_g), row_grad),
+                (f"class grad{variant} {dtype}", ("backward", "class_grad_kernel"), types,
+                 dict(common, BLOCK_B=class_grad.block_b, BLOCK_C=class_grad.block_c,
+                      BLOCK_D=class_grad.block_d, BLOCK_G=class_grad.block_g), class_grad),
+            ]
         out += [
-            (f"forward {dtype}", ("forward", "row_partials_kernel"), types,
-             dict(DOT_PRECISION=precision, BLOCK_B=forward.block_b, BLOCK_C=forward.block_c,
-                  BLOCK_D=forward.block_d), forward),
-            (f"row grad {dtype}", ("backward", "row_grad_kernel"), types,
-             dict(DOT_PRECISION=precision, BLOCK_B=row_grad.block_b, BLOCK_C=row_grad.block_c,
-                  BLOCK_D=row_grad.block_d, BLOCK_G=row_grad.block_g), row_grad),
-            (f"class grad {dtype}", ("backward", "class_grad_kernel"), types,
-             dict(DOT_PRECISION=precision, BLOCK_B=class_grad.block_b, BLOCK_C=class_grad.block_c,
-                  BLOCK_D=class_grad.block_d, BLOCK_G=class_grad.block_g), class_grad),
             (f"project {dtype}", ("project", "project_kernel"), {**types, "out_ptr": f"*{element}"},
              dict(BLOCK_R=rows.block_b, BLOCK_D=rows.block_d), rows),
             (f"norms {dtype}", ("norms", "inverse_norms_kernel"), {**types, "out_ptr": "*fp32"},

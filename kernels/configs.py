@@ -35,18 +35,21 @@ class Tiles:
 # (mma.sync, 99–163 KB: sm_80, sm_86, sm_89, sm_120), whose register-hungry mma.sync accumulators
 # need smaller tiles. Chosen without a GPU, by compiling for every target and reading what
 # Triton's cubin uses (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
-# memory within each target's limit, every pipelined dot operand fully buffered. None of this is
+# memory within each target's limit, every pipelined dot operand fully buffered, in the plain and
+# the negative-logit-rule variant of each kernel (Hopper's float32 forward at BLOCK_C = 64 spilled
+# 24 bytes on sm_100 with the rule, the Ampere 16-bit embeddings' backward at BLOCK_C = 64 on
+# sm_120: BLOCK_C = 32 for both). None of this is
 # timed yet: to be measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
 FORWARD_GPU = {
     ("hopper", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
-    ("hopper", "32"): Tiles(block_b=32, block_c=64, block_d=32, num_warps=4, num_stages=2),
+    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2),
     ("ampere", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
     ("ampere", "32"): Tiles(block_b=32, block_c=64, block_d=16, num_warps=4, num_stages=2),
 }
 ROW_GRAD_GPU = {
     ("hopper", "16"): Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=256),
     ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
-    ("ampere", "16"): Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=256),
+    ("ampere", "16"): Tiles(block_b=64, block_c=32, block_d=64, num_warps=8, num_stages=2, block_g=256),
     ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
 }
 CLASS_GRAD_GPU = {

@@ -9,7 +9,9 @@ which is DTensor's `Shard(0)`, so checkpoints reshard across world sizes). Every
 2. the target pre-pass (`marginfused.target`): the rank holding class y_i computes the target
    cosine c_iy from its row of W, an all-reduce gives every rank all of them, and each rank
    applies the margin to its own rows (so per-row margin tensors are of the local batch) and
-   all-gathers the target logits z_iy and slopes;
+   all-gathers the target logits z_iy and slopes (and a negative-logit rule's per-row values). An
+   adaptive margin's batch statistics are all-reduced over the global batch, so every rank's
+   copy of its state advances alike and equals a single process's on the whole batch;
 3. each rank computes, with a fused backend, the per-row partials of its shard's logits over the
    whole gathered batch: max m, Σ exp(z − m), logit sum (see `partials.py`);
 4. an all-reduce of the maxima, then one of the rescaled sums, gives the global log-sum-exp, and
@@ -56,9 +58,11 @@ from .backends import Backend, RowGradients, select_backend
 from .checks import check_inputs
 from .margins import MarginLike
 from .modules import WEIGHT_INIT_STD, store_settings
+from .negatives import HardNegatives
 from .partials import RowPartials, row_loss
-from .settings import LossSettings, check_reduction
-from .target import NON_FINITE_MESSAGE, all_finite, target_cosines, target_logit_grad, target_logits
+from .settings import LossSettings, check_functional_margin, check_reduction
+from .target import (NON_FINITE_MESSAGE, TargetLogits, all_finite, target_cosines, target_logit_grad,
+                     target_logits)
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -204,16 +208,19 @@ class _ShardedLoss(torch.autograd.Function):
     rows; and ∂L/∂z_iy of this rank's rows (world_size × as well), into the margin's own graph."""
 
     @staticmethod
-    def forward(ctx, x_local, w_shard, z_local, x, labels, slope, backend: Backend, settings: LossSettings,
-                class_start: int, num_classes: int, reduction: str, group, sizes: list[int]):
+    def forward(ctx, x_local, w_shard, z_local, x, labels, slope, negatives: Optional[HardNegatives],
+                backend: Backend, settings: LossSettings, class_start: int, num_classes: int, reduction: str, group,
+                sizes: list[int]):
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         mine = _rows_of(rank, sizes)
         z = _all_gather(z_local.detach(), group, sizes)
-        partials = _all_reduce_partials(backend.row_partials(x, w_shard.detach(), labels, z, settings, class_start), group)
+        partials = _all_reduce_partials(
+            backend.row_partials(x, w_shard.detach(), labels, z, settings, class_start, negatives), group)
         per_row = row_loss(partials, z, labels, settings.ignore_index, settings.label_smoothing, num_classes)
         valid = labels != settings.ignore_index
         ctx.save_for_backward(x, w_shard, labels, z, slope, valid.sum(), partials.max, partials.sumexp)
         ctx.settings = (backend, settings, class_start, num_classes, reduction, group, world_size, sizes, mine)
+        ctx.negatives = negatives
         ctx.local_dtype = x_local.dtype
         if reduction == "none":
             return per_row[mine].clone()
@@ -231,7 +238,7 @@ class _ShardedLoss(torch.autograd.Function):
         accumulate = torch.promote_types(x.dtype, torch.float32)
         grad_rows = grad_rows.to(accumulate)
         need_x, need_w, need_z = ctx.needs_input_grad[:3]
-        rows = RowGradients(z, slope, row_max, row_sumexp, grad_rows)
+        rows = RowGradients(z, slope, row_max, row_sumexp, grad_rows, ctx.negatives)
         grad_x, grad_w = backend.backward(x, w_shard, labels, rows, settings, class_start, num_classes, True, need_w)
         grad_x = grad_x.to(accumulate)
         dist.all_reduce(grad_x, group=group)
@@ -241,7 +248,7 @@ class _ShardedLoss(torch.autograd.Function):
             grad_z = target_logit_grad(row_max, row_sumexp, z, grad_rows, labels, settings.ignore_index,
                                              settings.label_smoothing, num_classes)
             grad_z_local = world_size * grad_z[mine]
-        return (grad_x_local, grad_w, grad_z_local) + (None,) * 10
+        return (grad_x_local, grad_w, grad_z_local) + (None,) * 11
 
 
 def _rows_of(rank: int, sizes: list[int]) -> slice:
@@ -264,6 +271,7 @@ def sharded_margin_cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    interclass_filtering: Optional[float] = None,
     sample_rate: float = 1.0,
     backend: str = "auto",
     generator: Optional[torch.Generator] = None,
@@ -283,25 +291,70 @@ def sharded_margin_cross_entropy(
     `margin_cross_entropy` (`marginfused.autocast`). `sparse_grad=True` makes w_shard's gradient a
     row-sparse `torch.sparse_coo` tensor of the sampled rows alone (its memory scales with the
     sample, not the shard), for `torch.optim.SparseAdam` or `marginfused.optim.SparseMomentumSGD`,
-    which leave the other rows and their optimizer state untouched. Other arguments as in
-    `margin_cross_entropy`.
+    which leave the other rows and their optimizer state untouched. An adaptive margin's batch
+    statistics are over the global batch; a margin's per-row loss term (MagFace's regulariser)
+    is in the returned loss, its gradient to x_local world_size × as for the rest. Other arguments
+    as in `margin_cross_entropy`.
     """
     world_size, rank = _group_size_and_rank(group)
     x_local, w_shard, autocast_off = cast_for_autocast(x_local, w_shard)
     with autocast_off:
         return _sharded_margin_cross_entropy(
             x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction,
-            ignore_index, label_smoothing, sample_rate, backend, generator, sparse_grad, world_size, rank,
+            ignore_index, label_smoothing, interclass_filtering, sample_rate, backend, generator, sparse_grad,
+            world_size, rank,
         )
+
+
+def _global_batch_sum(valid: Tensor, group: Optional[dist.ProcessGroup]):
+    """`MarginCall.batch_sum` over every rank's valid rows: the local sum, all-reduced."""
+
+    def batch_sum(values: Tensor) -> Tensor:
+        keep = valid.reshape(-1, *([1] * (values.dim() - 1)))
+        total = torch.where(keep, values.detach(), torch.zeros_like(values)).sum(dim=0)
+        dist.all_reduce(total, group=group)
+        return total
+
+    return batch_sum
+
+
+def _gather_rule(rule: Optional[HardNegatives], group, sizes: list[int]) -> Optional[HardNegatives]:
+    """The negative-logit rule of the gathered batch from every rank's rows of it."""
+    if rule is None:
+        return None
+    return HardNegatives(_all_gather(rule.threshold.detach(), group, sizes),
+                         _all_gather(rule.offset.detach(), group, sizes), rule.quadratic)
+
+
+def _with_regulariser(loss: Tensor, target: TargetLogits, labels: Tensor, ignore_index: int, reduction: str,
+                      group, world_size: int) -> Tensor:
+    """The loss plus the margin's per-row term: of this rank's rows for reduction="none"; else
+    summed over the global batch (its value the same on every rank), and divided by the global
+    number of valid rows for "mean". Its gradient to this rank's rows is world_size × theirs, the
+    convention of x_local's gradient."""
+    if target.regulariser is None:
+        return loss
+    term = target.regulariser.to(loss.dtype)
+    term = term.detach() + world_size * (term - term.detach())  # its value, world_size × its gradient
+    if reduction == "none":
+        return loss + term
+    local = term.sum()
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    term = total + (local - local.detach())
+    if reduction == "mean":
+        term = term / (labels != ignore_index).sum()
+    return loss + term
 
 
 def _sharded_margin_cross_entropy(
     x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction, ignore_index,
-    label_smoothing, sample_rate, backend, generator, sparse_grad, world_size, rank,
+    label_smoothing, interclass_filtering, sample_rate, backend, generator, sparse_grad, world_size, rank,
 ) -> Tensor:
     problem: Optional[Exception] = None
     try:
-        settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+        check_functional_margin(margin)
+        settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering)
         check_reduction(reduction)
         _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, settings, rank, world_size)
     except (TypeError, ValueError) as error:
@@ -317,16 +370,19 @@ def _sharded_margin_cross_entropy(
     implementation = select_backend(backend, x_local)
     x = _all_gather(x_local.detach(), group, sizes)
     cos = _target_cosines(x, w_shard, labels, class_start, ignore_index, group)
-    target = target_logits(cos[_rows_of(rank, sizes)], y_local != ignore_index, settings)
-    finite = all_finite(target, y_local != ignore_index).to(torch.int32).reshape(1)
+    valid_local = y_local != ignore_index
+    target = target_logits(cos[_rows_of(rank, sizes)], valid_local, settings, x_local,
+                           _global_batch_sum(valid_local, group))
+    finite = all_finite(target, valid_local).to(torch.int32).reshape(1)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)  # every rank raises together
     if not bool(finite):
         raise ValueError(NON_FINITE_MESSAGE)
     slope = _all_gather(target.slope, group, sizes)
-    return _ShardedLoss.apply(
-        x_local, w_shard, target.logit, x, labels, slope, implementation, settings, class_start, num_classes,
-        reduction, group, sizes,
+    loss = _ShardedLoss.apply(
+        x_local, w_shard, target.logit, x, labels, slope, _gather_rule(target.negatives, group, sizes),
+        implementation, settings, class_start, num_classes, reduction, group, sizes,
     )
+    return _with_regulariser(loss, target, labels, ignore_index, reduction, group, world_size)
 
 
 class ShardedMarginSoftmaxLoss(nn.Module):
@@ -364,6 +420,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
+        interclass_filtering: Optional[float] = None,
         backend: str = "auto",
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
@@ -371,7 +428,8 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         super().__init__()
         world_size, rank = _group_size_and_rank(group)
         store_settings(
-            self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing, backend
+            self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
+            interclass_filtering, backend,
         )
         self.class_start, stop = shard_range(num_classes, rank, world_size)
         if not isinstance(sparse_grad, bool):
@@ -411,7 +469,8 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             class_start=self.class_start, num_classes=self.num_classes, group=self.group,
             scale=self.scale, margin_grad=self.margin_grad, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-            sample_rate=self.sample_rate, backend=self.backend, generator=generator, sparse_grad=self.sparse_grad,
+            interclass_filtering=self.interclass_filtering, sample_rate=self.sample_rate, backend=self.backend,
+            generator=generator, sparse_grad=self.sparse_grad,
         )
 
     def extra_repr(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -10,7 +10,7 @@ from torch import Tensor
 from .autocast import cast_for_autocast
 from .checks import check_inputs
 from .backends import select_backend
-from .settings import LossSettings, check_reduction
+from .settings import LossSettings, check_functional_margin, check_reduction
 from .margins import MarginLike
 
 
@@ -25,6 +25,7 @@ def margin_cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    interclass_filtering: Optional[float] = None,
     backend: str = "auto",
     return_accuracy: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
@@ -41,10 +42,13 @@ def margin_cross_entropy(
         weight: (C, D) class centres, same dtype and device as `embeddings`.
         labels: (B,) integer class ids in [0, C), or `ignore_index` for rows that take no part.
         margin: a name ("cosface"/"additive", "arcface"/"angular", "sphereface"/"multiplicative",
-            "expface"/"exponential", "combined") with literature defaults, a margin object
-            (`CosFace`, `ArcFace`, `SphereFace`, `ExpFace`, `CombinedMargin`) whose parameters may
-            be floats or (B,) tensors of per-row values, or any differentiable callable
-            f(cos) -> cos' on the (B,) tensor of target cosines (e.g.
+            "expface"/"exponential", "combined", "magface") with literature defaults, a margin
+            object (`CosFace`, `ArcFace`, `SphereFace`, `ExpFace`, `CombinedMargin`) whose
+            parameters may be floats or (B,) tensors of per-row values, an adaptive margin module
+            (`AdaFace`, `MagFace`, `CurricularFace`, `ElasticFace`; keep the same instance across
+            calls: its running statistics advance on training-mode calls, which is why
+            "adaface" and "curricularface" are names for loss heads only), or any differentiable
+            callable f(cos) -> cos' on the (B,) tensor of target cosines (e.g.
             `lambda c: torch.cos(torch.acos(c) + 0.3) - 0.1`). The margin runs in PyTorch on the
             target cosines only (`marginfused.target`); autograd reaches whatever it depends on.
         scale: s, the logit scale (> 0).
@@ -55,6 +59,9 @@ def margin_cross_entropy(
             `F.cross_entropy`), "sum", or "none" (per-row, 0 for ignored rows).
         ignore_index: label value marking rows that take no part.
         label_smoothing: ε in [0, 1).
+        interclass_filtering: τ in [−1, 1), InsightFace's inter-class filtering: negatives whose
+            cosine exceeds τ (likely the same identity under another label) take logit 0 and no
+            gradient; None (default) filters nothing. Not with CurricularFace.
         backend: "auto" (fastest usable for the tensors' device), or one of
             `available_backends()`; a backend named here that cannot run raises
             `BackendUnavailableError` saying why.
@@ -74,15 +81,16 @@ def margin_cross_entropy(
     with autocast_off:
         return _margin_cross_entropy(
             embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
-            backend, return_accuracy,
+            interclass_filtering, backend, return_accuracy,
         )
 
 
 def _margin_cross_entropy(
-    embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing, backend,
-    return_accuracy,
+    embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
+    interclass_filtering, backend, return_accuracy,
 ):
-    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+    check_functional_margin(margin)
+    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering)
     check_reduction(reduction)
     check_inputs(embeddings, weight, labels, ignore_index, margin=settings.margin)
     labels = labels.long()

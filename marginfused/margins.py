@@ -27,6 +27,7 @@ f(cos) → cos′ works too; its f′ comes from autograd.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -98,6 +99,18 @@ class Margin(abc.ABC):
     @abc.abstractmethod
     def _slope(self, theta: Tensor, cos: Tensor) -> Tensor:
         """f′(c) with θ strictly inside (0, π)."""
+
+    @classmethod
+    def unchecked(cls, **parameters: Parameter):
+        """The margin with these parameters (the rest at their defaults) taken as valid: no range
+        checks, so no host synchronisation on per-row tensors. For values built valid by
+        construction (an adaptive margin's own); users' values go through the constructor."""
+        margin = object.__new__(cls)
+        for field in dataclasses.fields(cls):
+            object.__setattr__(margin, field.name, parameters.pop(field.name, field.default))
+        if parameters:
+            raise TypeError(f"{cls.__name__}: unknown parameters {sorted(parameters)}")
+        return margin
 
     def __call__(self, cos: Tensor) -> Tensor:
         """f(c), differentiable (in c and in tensor parameters), in the dtype of `cos`."""
@@ -274,23 +287,6 @@ MarginFunction = Callable[[Tensor], Tensor]
 """What the loss applies to the (B,) target cosines: a built-in `Margin` or any callable."""
 
 MarginLike = Union[str, MarginFunction]
-
-
-def resolve_margin(margin: MarginLike) -> MarginFunction:
-    """A margin function from a name or alias (literature defaults), a margin object, or any
-    callable f(cos) → cos′ on a (B,) tensor."""
-    if isinstance(margin, str):
-        cls = MARGIN_NAMES.get(margin.lower())
-        if cls is None:
-            known = ", ".join(sorted(MARGIN_NAMES))
-            raise ValueError(f"margin: unknown name {margin!r}; known names: {known}")
-        return cls()
-    if callable(margin):
-        return margin
-    raise TypeError(
-        f"margin must be a name, a margin object (CosFace, ArcFace, ...) or a callable f(cos) -> cos', "
-        f"got {type(margin).__name__}"
-    )
 
 
 def per_row_parameters(margin: MarginFunction) -> dict[str, Tensor]:

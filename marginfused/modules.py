@@ -24,15 +24,17 @@ def store_settings(
     reduction: str,
     ignore_index: int,
     label_smoothing: float,
+    interclass_filtering: Optional[float],
     backend: str,
 ) -> None:
-    """Validate a loss head's settings and store them on `module` as attributes of those names."""
+    """Validate a loss head's settings and store them on `module` as attributes of those names
+    (an adaptive margin module becomes a submodule: its statistics are in the head's state_dict)."""
     for name, value in (("embedding_dim", embedding_dim), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing)
+    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering)
     module.embedding_dim = embedding_dim
     module.num_classes = num_classes
     module.margin = settings.margin
@@ -41,6 +43,7 @@ def store_settings(
     module.reduction = check_reduction(reduction)
     module.ignore_index = settings.ignore_index
     module.label_smoothing = settings.label_smoothing
+    module.interclass_filtering = settings.interclass_filtering
     module.backend = backend
 
 
@@ -51,7 +54,9 @@ class MarginSoftmaxLoss(nn.Module):
     N(0, 0.01²) (the normalisation makes only the direction of each row matter; a small norm
     keeps the early gradients of W, which scale as 1/‖w_j‖, large). `forward(embeddings, labels)`
     returns `margin_cross_entropy(embeddings, self.weight, labels, ...)` with the settings given
-    here; see that function for the formula and every argument.
+    here; see that function for the formula and every argument. Every margin name works here,
+    "adaface" and "curricularface" included: the head keeps the margin module (a submodule, its
+    running statistics in the state_dict).
     """
 
     def __init__(
@@ -65,13 +70,15 @@ class MarginSoftmaxLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
+        interclass_filtering: Optional[float] = None,
         backend: str = "auto",
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         store_settings(
-            self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing, backend
+            self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
+            interclass_filtering, backend,
         )
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()
@@ -94,6 +101,7 @@ class MarginSoftmaxLoss(nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
+            interclass_filtering=self.interclass_filtering,
             backend=self.backend,
             return_accuracy=return_accuracy,
         )

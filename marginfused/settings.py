@@ -6,10 +6,42 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .margins import MarginFunction, MarginLike, resolve_margin
+from .adaptive import ADAPTIVE_NAMES, AdaptiveMargin
+from .margins import MARGIN_NAMES, MarginFunction, MarginLike
 
 MARGIN_GRADS = ("detached", "exact")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def resolve_margin(margin: MarginLike) -> MarginFunction:
+    """A margin function from a name or alias (literature defaults: a fixed margin of
+    `marginfused.margins`, or an adaptive margin module of `marginfused.adaptive`), a margin
+    object, or any callable f(cos) → cos′ on a (B,) tensor."""
+    if isinstance(margin, str):
+        cls = MARGIN_NAMES.get(margin.lower()) or ADAPTIVE_NAMES.get(margin.lower())
+        if cls is None:
+            known = ", ".join(sorted([*MARGIN_NAMES, *ADAPTIVE_NAMES]))
+            raise ValueError(f"margin: unknown name {margin!r}; known names: {known}")
+        return cls()
+    if callable(margin):
+        return margin
+    raise TypeError(
+        f"margin must be a name, a margin object (CosFace, ArcFace, ...) or a callable f(cos) -> cos', "
+        f"got {type(margin).__name__}"
+    )
+
+
+def check_functional_margin(margin: MarginLike) -> None:
+    """A loss function (not a head) resolves a name afresh on every call, so a margin with running
+    statistics named by a string would start over each time: refuse it, saying what to pass."""
+    if isinstance(margin, str) and margin.lower() in ADAPTIVE_NAMES:
+        cls = ADAPTIVE_NAMES[margin.lower()]
+        if any(True for _ in cls().buffers()):
+            raise ValueError(
+                f"margin={margin!r} keeps running statistics, which a name passed to a loss function would "
+                f"start afresh on every call: pass one marginfused.{cls.__name__}() kept across calls, or use a "
+                f"loss head (MarginSoftmaxLoss(..., margin={margin!r}))"
+            )
 
 
 @dataclass(frozen=True)
@@ -20,6 +52,8 @@ class LossSettings:
 
     margin_grad="detached": ∂z_iy/∂c_iy = s (straight-through; InsightFace, SphereFace-R, ExpFace).
     margin_grad="exact":    ∂z_iy/∂c_iy = s·f′(c_iy) (pytorch-metric-learning, original ArcFace).
+    interclass_filtering: τ, InsightFace's filter (negatives with c_ij > τ take logit 0 and no
+    gradient; `marginfused.negatives`), or None.
     """
 
     margin: Optional[MarginFunction]
@@ -27,6 +61,7 @@ class LossSettings:
     margin_grad: Optional[str] = "detached"
     ignore_index: int = -100
     label_smoothing: float = 0.0
+    interclass_filtering: Optional[float] = None
 
     @classmethod
     def build(
@@ -36,6 +71,7 @@ class LossSettings:
         margin_grad: str,
         ignore_index: int,
         label_smoothing: float,
+        interclass_filtering: Optional[float] = None,
     ) -> "LossSettings":
         """Validate user-facing arguments; raise TypeError/ValueError naming the bad one."""
         margin = resolve_margin(margin)
@@ -53,7 +89,20 @@ class LossSettings:
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        return cls(margin, float(scale), margin_grad, ignore_index, float(label_smoothing))
+        if interclass_filtering is not None:
+            if isinstance(interclass_filtering, bool) or not isinstance(interclass_filtering, (int, float)):
+                raise TypeError(
+                    f"interclass_filtering must be None or a real number, got {type(interclass_filtering).__name__}"
+                )
+            if not -1.0 <= interclass_filtering < 1.0:
+                raise ValueError(f"interclass_filtering must be in [-1, 1) (a cosine), got {interclass_filtering}")
+            if isinstance(margin, AdaptiveMargin) and margin.changes_negatives:
+                raise ValueError(
+                    f"interclass_filtering cannot be combined with {type(margin).__name__}, which rules the "
+                    "negatives' logits itself"
+                )
+            interclass_filtering = float(interclass_filtering)
+        return cls(margin, float(scale), margin_grad, ignore_index, float(label_smoothing), interclass_filtering)
 
     @classmethod
     def for_kernels(cls, scale: float, ignore_index: int, label_smoothing: float) -> "LossSettings":

@@ -13,28 +13,37 @@ kernel. For row i with label y_i (not ignored):
 The fused kernels take z_iy in place of the target column's s·c_iy and σ_i for that column's
 gradient; their backward returns ∂L/∂z_iy, which autograd carries into f's other inputs. c_iy
 enters f detached: its gradient reaches x and W through σ_i inside the kernels, once.
+
+An adaptive margin (`marginfused.adaptive`) decides f here, once per call, from the call's target
+cosines and embedding norms; it may add a rule for the hard negatives' logits and a per-row term
+of the loss. Inter-class filtering (a setting) is such a rule too (`marginfused.negatives`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adaptive import AdaptiveMargin
+from .adaptive import AdaptiveMargin, CallMargin, MarginCall, local_batch_sum
 from .constants import DERIVATIVE_EPS, NORM_EPS
 from .margins import Margin, MarginFunction, working_dtype
+from .negatives import HardNegatives, interclass_filtering
 from .settings import LossSettings
 
 
 class TargetLogits(NamedTuple):
     """Per row: z_iy (float32, or float64 for float64 inputs; differentiable in the margin's own
-    inputs) and σ_i = ∂z_iy/∂c_iy (detached). Ignored rows hold z = σ = 0."""
+    inputs) and σ_i = ∂z_iy/∂c_iy (detached); ignored rows hold z = σ = 0. With them, the call's
+    rule for the hard negatives (or None) and the (B,) term the margin adds to each row's loss (or
+    None; 0 on ignored rows)."""
 
     logit: Tensor
     slope: Tensor
+    negatives: Optional[HardNegatives] = None
+    regulariser: Optional[Tensor] = None
 
 
 def target_cosines(x: Tensor, w: Tensor, column: Tensor, valid: Tensor) -> Tensor:
@@ -59,11 +68,25 @@ def margin_slope(margin: MarginFunction, cos: Tensor) -> Tensor:
     return slope.detach()
 
 
-def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings) -> TargetLogits:
-    """z_iy = s·f(c_iy) and σ_i for the (B,) target cosines `cos` (detached) of the rows `valid`;
-    an adaptive margin decides this call's f first (`marginfused.adaptive`)."""
+def _decide(cos: Tensor, valid: Tensor, settings: LossSettings, x: Tensor,
+            batch_sum: Optional[Callable[[Tensor], Tensor]]) -> CallMargin:
+    """This call's margin: the settings' own, or an adaptive margin's decision (from the norms of
+    the embeddings `x`, differentiable, and sums over the global batch)."""
+    if not isinstance(settings.margin, AdaptiveMargin):
+        return CallMargin(settings.margin)
+    norms = x.to(working_dtype(x.dtype)).norm(dim=1).to(cos.dtype)
+    call = MarginCall(cos, norms, valid, batch_sum or local_batch_sum(valid))
+    return settings.margin.for_call(call)
+
+
+def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings, x: Tensor,
+                  batch_sum: Optional[Callable[[Tensor], Tensor]] = None) -> TargetLogits:
+    """z_iy = s·f(c_iy) and σ_i for the (B,) target cosines `cos` (detached) of the rows `valid`
+    of the embeddings `x`, with this call's margin decided first (`_decide`; `batch_sum` is
+    `MarginCall.batch_sum`, the local batch's when None), and the call's negative-logit rule."""
     cos = cos.detach()
-    margin = settings.margin.for_call(cos) if isinstance(settings.margin, AdaptiveMargin) else settings.margin
+    decision = _decide(cos, valid, settings, x, batch_sum)
+    margin = decision.margin
     value = margin(cos)
     if not isinstance(value, Tensor) or value.shape != cos.shape:
         raise ValueError(
@@ -76,7 +99,18 @@ def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings) -> TargetL
     else:
         slope = torch.full_like(cos, settings.scale)
     zero = torch.zeros_like(cos)
-    return TargetLogits(torch.where(valid, logit, zero), torch.where(valid, slope, zero))
+    negatives = decision.negatives
+    if settings.interclass_filtering is not None:
+        negatives = interclass_filtering(settings.interclass_filtering, cos, valid)
+    regulariser = decision.regulariser
+    if regulariser is not None:
+        regulariser = torch.where(valid, regulariser.to(cos.dtype), zero)
+    return TargetLogits(torch.where(valid, logit, zero), torch.where(valid, slope, zero), negatives, regulariser)
+
+
+def with_regulariser(loss: Tensor, target: TargetLogits) -> Tensor:
+    """The per-row loss plus the margin's per-row term, if it has one."""
+    return loss if target.regulariser is None else loss + target.regulariser.to(loss.dtype)
 
 
 def all_finite(target: TargetLogits, valid: Tensor) -> Tensor:

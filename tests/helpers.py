@@ -52,10 +52,20 @@ cancel (p_iy → 1 for a row that is fit), so the error is at most ρ times the 
 
 computed from the float64 truth (the sizes of the terms, not an error). The loss bound is
 Σ_i |ω_i|·δℓ_i for "mean" and "sum", max_i δℓ_i for "none".
+
+**Adaptive margins and negative-logit rules** (`marginfused.adaptive`, `marginfused.negatives`).
+The bound is taken for the call's decision (margin, rule, per-row term), from the inputs as the
+margin sees them. A hard negative's logit moves by s·(|a_i| + 2|q|)·δc, so L also covers
+|a_i| + 2|q|, and H_ij takes the rule's slope s·|a_i + 2q·c_ij| in place of s. Where the decision
+depends on the norms a_i = ‖x_i‖ (MagFace), computed to λ·√D·u_w relative: z_iy moves by
+|∂z_iy/∂a_i|·a_i·λ√D·u_w more; the per-row term r_i adds its own error λ·u_w·|r_i| +
+|∂r_i/∂a_i|·a_i·λ√D·u_w to the loss; and ∂/∂x_i gains ρ·|ω_i|·(|∂ℓ_i/∂z_iy|·|∂z_iy/∂a_i| +
+|∂r_i/∂a_i|) for the paths through a_i (x̂_i a unit vector).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -65,7 +75,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import marginfused as mf
-from marginfused.margins import resolve_margin, working_dtype
+from marginfused.adaptive import AdaptiveMargin, MarginCall, local_batch_sum
+from marginfused.margins import working_dtype
+from marginfused.negatives import negative_logits
+from marginfused.settings import resolve_margin
 from marginfused.target import margin_slope
 
 MARGINS = {
@@ -154,12 +167,18 @@ def run(
     upstream: Optional[Tensor] = None,
     **kwargs,
 ) -> Outcome:
-    """Forward and backward of `margin_cross_entropy` on fresh leaf copies of x and w."""
+    """Forward and backward of `margin_cross_entropy` on fresh leaf copies of x and w. A margin
+    module's state (running statistics) is as it was before the run, after it: runs compared
+    with each other start from the same state."""
     x = x.detach().clone().requires_grad_(True)
     w = w.detach().clone().requires_grad_(True)
+    margin = kwargs.get("margin")
+    state = copy.deepcopy(margin.state_dict()) if isinstance(margin, torch.nn.Module) else None
     loss = mf.margin_cross_entropy(x, w, y, backend=backend, **kwargs)
     grad = torch.ones_like(loss) if upstream is None else upstream.to(loss)
     loss.backward(grad)
+    if state is not None:
+        margin.load_state_dict(state)
     return Outcome(loss.detach().double(), x.grad.double(), w.grad.double())
 
 
@@ -194,7 +213,8 @@ def assert_close(name: str, actual: Tensor, expected: Tensor, tolerance: float) 
 
 
 def _settings(kwargs: dict) -> tuple:
-    """(margin, scale, margin_grad, reduction, ignore_index, label_smoothing) of a call's kwargs."""
+    """(margin, scale, margin_grad, reduction, ignore_index, label_smoothing, interclass_filtering)
+    of a call's kwargs."""
     return (
         resolve_margin(kwargs.get("margin", "arcface")),
         float(kwargs.get("scale", 64.0)),
@@ -202,7 +222,36 @@ def _settings(kwargs: dict) -> tuple:
         kwargs.get("reduction", "mean"),
         int(kwargs.get("ignore_index", -100)),
         float(kwargs.get("label_smoothing", 0.0)),
+        kwargs.get("interclass_filtering"),
     )
+
+
+class Decision:
+    """What the loss's pre-pass decides for a call on float64 inputs (for the bound, not the
+    truth): the margin function, the negative-logit rule, the per-row term r_i, and ∂z_iy/∂a_i,
+    ∂r_i/∂a_i in the norms a_i = ‖x_i‖ (zero where nothing depends on them)."""
+
+    def __init__(self, margin, x: Tensor, c_target: Tensor, valid: Tensor, scale: float,
+                 interclass_filtering: Optional[float]):
+        from marginfused.negatives import interclass_filtering as filtering
+
+        self.negatives = None if interclass_filtering is None else filtering(interclass_filtering, c_target, valid)
+        zero = torch.zeros_like(c_target)
+        self.regulariser, self.logit_in_norm, self.regulariser_in_norm = zero, zero, zero
+        if not isinstance(margin, AdaptiveMargin):
+            self.margin = margin
+            return
+        adaptive = copy.deepcopy(margin)
+        norms = x.norm(dim=1).requires_grad_(True)
+        decision = adaptive.for_call(MarginCall(c_target, norms, valid, local_batch_sum(valid)))
+        self.margin = decision.margin
+        self.negatives = decision.negatives if decision.negatives is not None else self.negatives
+        logit = scale * self.margin(c_target)
+        if logit.requires_grad:
+            self.logit_in_norm = torch.autograd.grad(logit.sum(), norms, retain_graph=True)[0].abs()
+        if decision.regulariser is not None:
+            self.regulariser = decision.regulariser.detach().where(valid, zero)
+            self.regulariser_in_norm = torch.autograd.grad(decision.regulariser.sum(), norms)[0].abs()
 
 
 def arithmetic_bounds(
@@ -210,7 +259,7 @@ def arithmetic_bounds(
 ) -> dict[str, float]:
     """The bound (module docstring) on the arithmetic error of the loss and of each gradient
     computed from inputs x, w in `dtype`, with labels y and `margin_cross_entropy`'s kwargs."""
-    margin, scale, margin_grad, reduction, ignore_index, smoothing = _settings(kwargs)
+    margin, scale, margin_grad, reduction, ignore_index, smoothing, filtering = _settings(kwargs)
     x, w = x.to(dtype).double().cpu(), w.to(dtype).double().cpu()
     y = y.long().cpu()
     batch, dim = x.shape
@@ -218,17 +267,35 @@ def arithmetic_bounds(
     valid = y != ignore_index
     rows = torch.where(valid, y, torch.zeros_like(y))
     cos = (F.normalize(x, dim=1) @ F.normalize(w, dim=1).T).clamp(-1.0, 1.0)
-    c_target = cos.gather(1, rows[:, None]).squeeze(1)
+    c_target = cos.gather(1, rows[:, None]).squeeze(1).where(valid, torch.zeros_like(valid, dtype=cos.dtype))
+    decision = Decision(margin, x, c_target, valid, scale, filtering)
+    margin = decision.margin
     slope = margin_slope(margin, c_target).abs().where(valid, torch.ones_like(c_target))
     lipschitz = max(1.0, float(slope.max()))
-    logits = scale * cos
+    logits, slopes = negative_logits(cos, decision.negatives, scale)
+    if decision.negatives is not None:
+        rule = decision.negatives
+        lipschitz = max(lipschitz, float((rule.offset.abs() + 2 * abs(rule.quadratic)).max()))
+        # a negative's logit jumps where its cosine crosses τ_i: no first-order bound covers a cosine
+        # that a correct computation may put on either side (τ_i itself moves with c_iy by |ArcFace′|)
+        margin_of_error = 4 * (1 + lipschitz) * cosine_bound(dtype, dim)
+        off_target = torch.ones_like(cos, dtype=torch.bool)
+        off_target[valid, rows[valid]] = False
+        close = ((cos - rule.threshold[:, None]).abs() < margin_of_error) & off_target & valid[:, None]
+        assert not bool(close.any()), (
+            f"{int(close.sum())} negative cosine(s) within {margin_of_error:.1e} of their row's threshold: "
+            "the bound does not cover the rule's jump there; choose other inputs"
+        )
+        slopes = slopes.abs() + 2 * abs(rule.quadratic) * scale * cosine_bound(dtype, dim)  # s(a + 2qc) errs by 2|q|sδc
     logits[valid, rows[valid]] = scale * margin(c_target)[valid].detach()
     lse = torch.logsumexp(logits, dim=1)
     loss = lse - (1 - smoothing) * logits.gather(1, rows[:, None]).squeeze(1) - smoothing * logits.mean(dim=1)
 
     u_d, u_w = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[working_dtype(dtype)]
-    delta_z = scale * lipschitz * cosine_bound(dtype, dim)
+    norm_error = LAMBDA * math.sqrt(dim) * u_w * x.norm(dim=1)  # of each a_i = ‖x_i‖
+    delta_z = scale * lipschitz * cosine_bound(dtype, dim) + float((decision.logit_in_norm * norm_error).max())
     delta_loss = 2 * delta_z + LAMBDA * math.sqrt(classes) * u_w * (2 * scale + loss.abs())
+    delta_loss = delta_loss + LAMBDA * u_w * decision.regulariser.abs() + decision.regulariser_in_norm * norm_error
     rho = 2 * delta_z + LAMBDA * math.sqrt(batch + classes + dim) * u_w + 3 * u_d
 
     if reduction == "none":
@@ -240,16 +307,20 @@ def arithmetic_bounds(
     omega = omega.where(valid, torch.zeros_like(omega))
     target = torch.full_like(cos, smoothing / classes)
     target[valid, rows[valid]] += 1 - smoothing
-    terms = omega[:, None] * scale * (torch.softmax(logits, dim=1) + target)
+    probabilities = torch.softmax(logits, dim=1)
+    terms = omega[:, None] * slopes.abs() * (probabilities + target)
+    terms[valid, rows[valid]] = omega[valid] * scale * (probabilities + target)[valid, rows[valid]]
     if margin_grad == "exact":
         terms[valid, rows[valid]] *= slope[valid]
+    p_target = (probabilities + target).gather(1, rows[:, None]).squeeze(1)
+    through_norms = omega * (p_target * decision.logit_in_norm + decision.regulariser_in_norm)
     if reduction == "none":
         loss_bound = float(delta_loss.where(valid, torch.zeros_like(delta_loss)).max())
     else:
         loss_bound = float((delta_loss * omega).sum())
     return {
         "loss": loss_bound,
-        "grad_embeddings": rho * float((terms.sum(dim=1) / x.norm(dim=1).clamp_min(1e-12)).max()),
+        "grad_embeddings": rho * float((terms.sum(dim=1) / x.norm(dim=1).clamp_min(1e-12) + through_norms).max()),
         "grad_weight": rho * float((terms.sum(dim=0) / w.norm(dim=1).clamp_min(1e-12)).max()),
     }
 
@@ -342,7 +413,7 @@ def shard_targets(x: Tensor, w: Tensor, y: Tensor, settings) -> tuple[Tensor, Te
     from marginfused.target import target_cosines, target_logits
 
     valid = y != settings.ignore_index
-    target = target_logits(target_cosines(x, w, y, valid), valid, settings)
+    target = target_logits(target_cosines(x, w, y, valid), valid, settings, x)
     return target.logit.detach(), target.slope
 
 

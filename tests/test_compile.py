@@ -54,12 +54,14 @@ def test_the_operator_gives_the_reference_gradients(reference_fused, margin_grad
     assert_matches_truth(reference_fused, x, w, y, torch.float32, **options)
 
 
-def test_opcheck(reference_fused):
+@pytest.mark.parametrize("rule", [False, True], ids=["plain", "negative-logit-rule"])
+def test_opcheck(reference_fused, rule):
     x, w, y = make_inputs(5, 9, 8, ignored=1, seed=1)
     settings = LossSettings.build(mf.ArcFace(fallback="easy"), 30.0, "exact", -100, 0.1)
     logit, slope = shard_targets(x.float(), w.float(), y, settings)
+    threshold, offset = (torch.full((5,), 0.2), torch.full((5,), 0.3)) if rule else (None, None)
     args = (x.float().requires_grad_(), w.float().requires_grad_(), y, logit.float().requires_grad_(), slope.float(),
-            reference_fused, 30.0, -100, 0.1)
+            threshold, offset, reference_fused, 30.0, -100, 0.1, 1.0 if rule else 0.0)
     torch.library.opcheck(margin_loss, args)
 
 

@@ -9,6 +9,7 @@ What only one backend has (its C++ argument checks, its interpreter, its compile
 that backend's own test module.
 """
 
+import math
 import traceback
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 import marginfused as mf
 from marginfused.backends import REGISTRY, RowGradients
-from marginfused.margins import resolve_margin
+from marginfused.settings import resolve_margin
 from marginfused.partials import merge_partials, row_loss
 from marginfused.settings import LossSettings
 
@@ -88,6 +89,71 @@ def test_elasticface_draws_each_rows_margin_once_per_call(backend, kind, margin)
     truth, limits = budgets(x, w, y, torch.float32, margin=margin(mean))
     got = run(backend.name, x.float(), w.float(), y, margin=elastic.eval())
     assert_close(f"{backend.name}/eval loss", got.loss, truth.loss, limits["loss"])
+
+
+def adaptive_inputs(seed: int, device: str):
+    """`spread_inputs` with the embeddings' norms spread over [4, 130]: past both ends of MagFace's
+    [10, 110] and across AdaFace's quality range."""
+    x, w, y = spread_inputs(19, 70, 24, ignored=2, seed=seed, device=device)
+    norms = torch.linspace(4.0, 130.0, 19, dtype=x.dtype, device=device)[torch.randperm(19, generator=torch.Generator().manual_seed(seed))]
+    return x / x.norm(dim=1, keepdim=True) * norms[:, None], w, y
+
+
+def adaptive_cases() -> dict:
+    """Each adaptive margin and negative-logit rule, with state away from its start (AdaFace's
+    norm statistics, CurricularFace's t), as `margin_cross_entropy` keyword arguments."""
+    adaface = mf.AdaFace()
+    adaface.batch_mean.fill_(50.0)
+    adaface.batch_std.fill_(30.0)
+    curricular = mf.CurricularFace()
+    curricular.t.fill_(0.3)
+    return {
+        "adaface": dict(margin=adaface),
+        "magface": dict(margin=mf.MagFace()),
+        "curricularface": dict(margin=curricular),
+        "interclass-filtering": dict(margin=mf.ArcFace(0.5), interclass_filtering=0.1),
+    }
+
+
+@pytest.mark.parametrize("margin_grad", ["detached", "exact"])
+@pytest.mark.parametrize("case", list(adaptive_cases()))
+def test_adaptive_margins_and_negative_logit_rules(backend, case, margin_grad):
+    """AdaFace, MagFace (its margin and regulariser differentiable in ‖x‖), CurricularFace (its hard
+    negatives), inter-class filtering: a training-mode call, whose statistics advance before use."""
+    x, w, y = adaptive_inputs(31, backend.device)
+    assert_matches_truth(backend.name, x, w, y, torch.float32, margin_grad=margin_grad, reduction="none",
+                         label_smoothing=0.1, scale=32.0, **adaptive_cases()[case])
+
+
+def rule_inputs(device: str):
+    """Inputs whose negatives lie far (≥ 0.1) from the rules' thresholds, so that 16-bit rounding
+    (δc up to ~4e-3) leaves every negative on its side: class centres along the first 8 axes of
+    32 dims; row i's target cosine t_i ∈ [0.6, 0.75] (CurricularFace's τ_i = cos(θ_iy + 0.5) ∈
+    [0.14, 0.34]), one hard negative at τ_i + 0.15 (above the filter's 0.1 too), six at −0.1 or 0,
+    the rest of the unit vector along the other axes; norms spread over [4, 130]."""
+    batch, classes, dim = 12, 8, 32
+    g = torch.Generator().manual_seed(40)
+    w = torch.eye(classes, dim, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    x = torch.zeros(batch, dim, dtype=torch.float64)
+    for i, t in enumerate(torch.linspace(0.6, 0.75, batch, dtype=torch.float64)):
+        others = [j for j in range(classes) if j != y[i]]
+        x[i, others] = -0.1 * torch.randint(0, 2, (7,), generator=g, dtype=torch.float64)
+        x[i, others[i % 7]] = math.cos(math.acos(t) + 0.5) + 0.15
+        x[i, y[i]] = t
+        rest = torch.randn(dim - classes, generator=g, dtype=torch.float64)
+        x[i, classes:] = rest / rest.norm() * (1 - x[i].square().sum()).sqrt()
+    norms = torch.linspace(4.0, 130.0, batch, dtype=torch.float64)
+    return (x * norms[:, None]).to(device), w.to(device), y.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", ["curricularface", "interclass-filtering"])
+def test_negative_logit_rules_in_low_precision(backend, dtype, case):
+    """The rules' slopes s·(a_i + 2q·c) enter the float16 gradient scale's bound."""
+    x, w, y = rule_inputs(backend.device)
+    skip_unless_supported(backend.name, x.to(dtype), w.to(dtype))
+    assert_matches_truth(backend.name, x, w, y, dtype, margin_grad="exact", **adaptive_cases()[case])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

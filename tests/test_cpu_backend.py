@@ -108,8 +108,8 @@ def _forward_args(x, w, y, **override):
     """Valid arguments of the extension's forward_partials, with `override` applied."""
     b = x.shape[0]
     args = dict(
-        x=x, w=w, y=y, target_logit=torch.zeros(b), class_start=0, chunk=8, scale=64.0,
-        ignore_index=-100, out_max=torch.empty(b), out_sumexp=torch.empty(b),
+        x=x, w=w, y=y, target_logit=torch.zeros(b), hard_threshold=None, hard_offset=None, hard_quadratic=0.0,
+        class_start=0, chunk=8, scale=64.0, ignore_index=-100, out_max=torch.empty(b), out_sumexp=torch.empty(b),
         out_logit_sum=torch.empty(b), out_best_cos=torch.empty(b), out_best_class=torch.empty(b, dtype=torch.long),
     )
     args.update(override)
@@ -120,8 +120,8 @@ def _backward_args(x, w, y, **override):
     """Valid arguments of the extension's backward, with `override` applied."""
     b = x.shape[0]
     args = dict(
-        x=x, w=w, y=y, target_logit=torch.zeros(b), target_slope=torch.full((b,), 64.0),
-        lse=torch.zeros(b, dtype=torch.float64), grad_rows=torch.ones(b), class_start=0, num_classes=w.shape[0],
+        x=x, w=w, y=y, target_logit=torch.zeros(b), target_slope=torch.full((b,), 64.0), hard_threshold=None,
+        hard_offset=None, hard_quadratic=0.0, lse=torch.zeros(b, dtype=torch.float64), grad_rows=torch.ones(b), class_start=0, num_classes=w.shape[0],
         chunk=8, scale=64.0, label_smoothing=0.0,
         ignore_index=-100, grad_x=torch.empty_like(x), grad_w=torch.empty_like(w),
     )
@@ -149,6 +149,10 @@ BAD_FORWARD = {
     "class_start": (lambda x, w, y: dict(class_start=-1), "class_start must be >= 0"),
     "target_logit size": (lambda x, w, y: dict(target_logit=torch.zeros(5)), "target_logit must have size 6"),
     "scale": (lambda x, w, y: dict(scale=0.0), "scale must be > 0"),
+    "rule without offsets": (lambda x, w, y: dict(hard_threshold=torch.zeros(6)),
+                             "hard_threshold and hard_offset must be given together"),
+    "rule threshold size": (lambda x, w, y: dict(hard_threshold=torch.zeros(5), hard_offset=torch.zeros(6)),
+                            "hard_threshold must have size 6"),
 }
 
 
@@ -173,6 +177,8 @@ BAD_BACKWARD = {
     "smoothing": (lambda x, w, y: dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
     "target_slope dtype": (lambda x, w, y: dict(target_slope=torch.ones(6, dtype=torch.float64)),
                            "target_slope must have dtype Float"),
+    "rule offset dtype": (lambda x, w, y: dict(hard_threshold=torch.zeros(6), hard_offset=torch.zeros(6).double()),
+                          "hard_offset must have dtype Float"),
 }
 
 

@@ -130,15 +130,25 @@ def test_cuda_rejects_bad_inputs(cuda_ext):
     x, w, y = make_inputs(6, 20, 8, device="cuda")
     x, w = x.float(), w.float()
     b = 6
-    outs = [torch.empty(b, device="cuda") for _ in range(5)] + [torch.empty(b, dtype=torch.long, device="cuda")]
+
+    def forward(**change):
+        args = dict(x=x, w=w, y=y, target_logit=torch.zeros(b, device="cuda"), hard_threshold=None,
+                    hard_offset=None, hard_quadratic=0.0, class_start=0, chunk=8, scale=64.0, ignore_index=-100,
+                    out_max=torch.empty(b, device="cuda"), out_sumexp=torch.empty(b, device="cuda"),
+                    out_logit_sum=torch.empty(b, device="cuda"), out_best_cos=torch.empty(b, device="cuda"),
+                    out_best_class=torch.empty(b, dtype=torch.long, device="cuda"))
+        cuda_ext.forward_partials(**{**args, **change})
+
     with pytest.raises(RuntimeError, match="embeddings must be a CUDA tensor"):
-        cuda_ext.forward_partials(x.cpu(), w, y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, *outs)
+        forward(x=x.cpu())
     with pytest.raises(RuntimeError, match="embeddings must be float32, float16 or bfloat16"):
-        cuda_ext.forward_partials(x.double(), w.double(), y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, *outs)
+        forward(x=x.double(), w=w.double())
     with pytest.raises(RuntimeError, match="weight must be contiguous"):
-        cuda_ext.forward_partials(x, w.t().contiguous().t(), y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, *outs)
+        forward(w=w.t().contiguous().t())
     with pytest.raises(RuntimeError, match="out_max must be a CUDA tensor"):
-        cuda_ext.forward_partials(x, w, y, 0, 8, 1, 0, 0.5, 0.0, 0.0, 64.0, -100, torch.empty(b), *outs[1:])
+        forward(out_max=torch.empty(b))
+    with pytest.raises(RuntimeError, match="hard_threshold and hard_offset must be given together"):
+        forward(hard_threshold=torch.zeros(b, device="cuda"))
 
 
 @pytest.mark.gpu

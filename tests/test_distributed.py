@@ -5,6 +5,7 @@ single-process reference it computes itself, and writes the names of failed case
 error) to a file the test reads back. Each spawn is bounded in time.
 """
 
+import copy
 import itertools
 import json
 import multiprocessing
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -61,12 +63,29 @@ def test_partial_fc_sampling_keeps_positives_and_the_rate():
     assert everything.tolist() == [1, 15]
 
 
+def _adaptive_margins() -> dict:
+    """The adaptive margins and the negative-logit rules, as keyword arguments, their state away
+    from its start."""
+    adaface = mf.AdaFace()
+    adaface.batch_mean.fill_(50.0)
+    adaface.batch_std.fill_(30.0)
+    curricular = mf.CurricularFace()
+    curricular.t.fill_(0.3)
+    return {"adaface": dict(margin=adaface), "magface": dict(margin=mf.MagFace()),
+            "curricularface": dict(margin=curricular),
+            "filtering": dict(margin=mf.ArcFace(), interclass_filtering=0.1)}
+
+
 def _cases(backends):
     for backend, margin, margin_grad, reduction in itertools.product(backends, MARGINS, ["detached", "exact"], ["mean", "sum", "none"]):
         yield f"{backend}/{margin}/{margin_grad}/{reduction}", dict(
             backend=backend, margin=margin, margin_grad=margin_grad, reduction=reduction,
             label_smoothing=0.1 if reduction == "sum" else 0.0,
         )
+    for backend, (name, options), reduction in itertools.product(backends, _adaptive_margins().items(),
+                                                                 ["mean", "none"]):
+        yield f"{backend}/{name}/{reduction}", dict(backend=backend, margin_grad="exact", reduction=reduction,
+                                                     spread_norms=True, **options)
 
 
 def _reference(x, w, y, upstream, dtype, world, **options):
@@ -97,10 +116,17 @@ def _sharded(x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=1
     return loss.detach().double().cpu(), x.grad.double().cpu(), w.grad.double().cpu(), rows, (start, stop)
 
 
-def _check_case(rank, world, backend, dtype, device="cpu", **options):
+def _check_case(rank, world, backend, dtype, device="cpu", spread_norms=False, **options):
+    """One case against the single-process truth; with `spread_norms` the embeddings' norms spread
+    over [4, 130] (for the adaptive margins), whose statistics must then advance on every rank as in
+    a single process's call on the whole batch (each float32 statistic rounded once per call)."""
     x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=2, seed=world)
+    if spread_norms:
+        x_full = F.normalize(x_full, dim=1) * torch.linspace(4.0, 130.0, len(x_full), dtype=torch.float64)[:, None]
     upstream = torch.linspace(-1.0, 2.0, world * LOCAL_BATCH, dtype=torch.float64)
     truth, limits = _reference(x_full, w_full, y_full, upstream, dtype, world, **options)
+    margin = options.get("margin")
+    state = copy.deepcopy(margin.state_dict()) if isinstance(margin, nn.Module) else {}
     got_loss, got_gx, got_gw, rows, (start, stop) = _sharded(
         x_full, w_full, y_full, upstream, rank, world, dtype, backend=backend, device=device, **options
     )
@@ -108,6 +134,16 @@ def _check_case(rank, world, backend, dtype, device="cpu", **options):
     assert_close("loss", got_loss, expected_loss, limits["loss"])
     assert_close("x grad", got_gx, world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
     assert_close("w grad", got_gw, truth.grad_weight[start:stop], limits["grad_weight"])
+    if state:
+        advanced = copy.deepcopy(margin.state_dict())
+        margin.load_state_dict(state)
+        mf.margin_cross_entropy(x_full, w_full, y_full, backend="torch", scale=30.0,
+                                **{k: v for k, v in options.items() if k != "backend"})
+        for name, value in margin.state_dict().items():
+            # the statistic of float32 (or float64) inputs vs float64 ones: the norms' and cosines'
+            # rounding moves means ≲ 100 by ≤ λ√D·u_w relative, and the buffer rounds once
+            bound = (8 * DIM**0.5 * UNIT_ROUNDOFF[working_dtype(dtype)] + 2 * 2**-24) * (1 + float(value.abs()))
+            assert_close(f"statistic {name}", advanced[name].double(), value.double(), bound)
 
 
 def _check_sampling(rank, world, backend, dtype):

@@ -28,6 +28,16 @@ def test_the_loss_falls(backend):
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 
+@pytest.mark.parametrize("margin", ["adaface", "magface", "curricularface"])
+def test_the_loss_falls_with_an_adaptive_margin(margin):
+    """The adaptive margins ask more of a few hundred steps (MagFace's margin reaches 0.8, and its
+    loss includes the norm regulariser; CurricularFace weights hard negatives up): 150 steps at
+    s = 32."""
+    backend = "cpu" if mf.available_backends()["cpu"] is None else "torch"
+    losses = example.train(steps=150, backend=backend, margin=margin, scale=32.0, **SMALL)
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
+
+
 @pytest.mark.parametrize("sampling", [["--sample-rate", "0.5"], ["--sample-rate", "0.1", "--sparse-grad"]],
                          ids=["dense", "sparse-0.1"])
 def test_the_distributed_example_trains_under_torchrun_on_two_cpu_ranks(sampling):

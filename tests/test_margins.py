@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import marginfused as mf
-from marginfused.margins import MARGIN_NAMES, resolve_margin
+from marginfused.margins import MARGIN_NAMES
+from marginfused.settings import resolve_margin
 
 from helpers import assert_close, make_inputs, run
 

@@ -48,7 +48,7 @@ def test_every_output_element_is_written(monkeypatch, device):
     x, w, y = make_inputs(37, num_classes, 40, ignored=5, seed=10, device=device)
     settings = LossSettings.build("arcface", 64.0, "exact", -100, 0.1)
     logit, slope = shard_targets(x.float(), w.float(), y, settings)
-    parts = tb._split_partials(x.float(), w.float(), y, logit.float(), settings, 0)
+    parts = tb._split_partials(x.float(), w.float(), y, logit.float(), settings, 0, None)
     assert parts.max.shape[0] > 1, "the test needs several class splits"
     for name, field in parts._asdict().items():
         if field.is_floating_point():
@@ -188,10 +188,11 @@ def test_what_the_compiler_emits_passes_on_every_target():
     """What the interpreter cannot check: every kernel, in every dtype, compiles (LLVM, ptxas) for
     sm_80, sm_86, sm_89, sm_90, sm_100 and sm_120 with its configuration for that target, and the
     cubin has no spills or stack, shared memory within the target's limit, every pipelined dot
-    operand fully buffered and no atomic. No GPU needed."""
+    operand fully buffered and no atomic; the forward and backward kernels also in their
+    negative-logit-rule variant. No GPU needed."""
     run_ = _without_the_interpreter(["-m", "marginfused.kernels.compile_check"])
     assert run_.returncode == 0, run_.stdout + run_.stderr
-    assert run_.stdout.count("ok ") == 5 * 3 * 6, run_.stdout  # 5 kernels, 3 dtypes, 6 targets
+    assert run_.stdout.count("ok ") == 8 * 3 * 6, run_.stdout  # 5 kernels (3 also with the rule), 3 dtypes, 6 targets
 
 
 CHECKED_BY_THE_COMPILE_CHECK = """

@@ -6,6 +6,8 @@ target column takes a logit the caller supplies,
 
     z_ij = s·c_ij   (j ≠ y_i),        z_iy = target_logit_i,
 
+(hard negatives, with a negative-logit rule, s·c_ij·(a_i + q·c_ij): `marginfused.negatives`)
+
 forward as per-row partials (`marginfused.partials`), backward as the gradients with respect to
 x and the shard of W, the target column's term entering through the caller's per-row slope
 ∂z_iy/∂c_iy (`target_slope`). The margin itself is PyTorch code on the target cosines
@@ -23,6 +25,7 @@ from typing import ClassVar, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..negatives import HardNegatives
 from ..partials import RowPartials
 from ..settings import LossSettings
 
@@ -50,14 +53,15 @@ class RowLoss(NamedTuple):
 
 class RowGradients(NamedTuple):
     """What a backward takes per row (each (B,)): the target logit z_iy and slope σ_i of the
-    pre-pass, the max and sumexp of the partials merged over all classes, and grad_rows_i, the
-    gradient of the loss with respect to ℓ_i."""
+    pre-pass, the max and sumexp of the partials merged over all classes, grad_rows_i, the
+    gradient of the loss with respect to ℓ_i, and the call's negative-logit rule (or None)."""
 
     target_logit: Tensor
     target_slope: Tensor
     row_max: Tensor
     row_sumexp: Tensor
     grad_rows: Tensor
+    negatives: Optional[HardNegatives] = None
 
 
 class Backend(abc.ABC):
@@ -85,11 +89,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
+        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
+        negatives: Optional[HardNegatives] = None,
     ) -> RowPartials:
         """Partials (`marginfused.partials`) of the logits over the classes [class_start,
         class_start + C) whose centres are the C rows of `w`, the target column of row i (if in
-        range) taking target_logit_i. No autograd."""
+        range) taking target_logit_i, hard negatives by the rule `negatives`. No autograd."""
 
     @abc.abstractmethod
     def backward(
@@ -103,6 +108,8 @@ class Backend(abc.ABC):
 
             ∂/∂c_ij = g_i · s · (p_ij − ε/C)                           j ≠ y_i
             ∂/∂c_iy = g_i · σ_i · (p_iy − (1 − ε) − ε/C)              σ_i = rows.target_slope_i
+
+        (a hard negative's s becoming s·(a_i + 2q·c_ij), by the rule `rows.negatives`)
 
         with p_ij = exp(z_ij − lse_i), then through the normalisations. The x gradients of
         disjoint class ranges add up to the whole one. A gradient not needed may be skipped and

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..negatives import HardNegatives
 from ..partials import RowPartials
 from ..settings import LossSettings
 from .base import RowGradients
@@ -49,10 +50,11 @@ class CpuBackend(ExtensionBackend):
     device_type = "cpu"
 
     def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
+        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
+        negatives: Optional[HardNegatives] = None,
     ) -> RowPartials:
         _configure()
-        return super().row_partials(x, w, y, target_logit, settings, class_start)
+        return super().row_partials(x, w, y, target_logit, settings, class_start, negatives)
 
     def backward(
         self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,

@@ -33,6 +33,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
+from ..negatives import HardNegatives
 from ..partials import RowPartials
 from ..settings import LossSettings
 from .base import FUSED_DTYPES, BackendUnavailableError, RowGradients
@@ -201,6 +202,16 @@ def chunk_size(device: torch.device, batch: int) -> int:
     return max(MIN_CHUNK, tile_bytes(device) // (4 * batch))
 
 
+def _rule_arguments(negatives: Optional[HardNegatives]) -> dict:
+    """The negative-logit rule as the extensions take it: (B,) float32 τ and a, and q (None, None,
+    0 without a rule)."""
+    if negatives is None:
+        return dict(hard_threshold=None, hard_offset=None, hard_quadratic=0.0)
+    threshold, offset, quadratic = negatives
+    return dict(hard_threshold=threshold.detach().float().contiguous(),
+                hard_offset=offset.detach().float().contiguous(), hard_quadratic=float(quadratic))
+
+
 class ExtensionBackend(FusedBackend):
     """A backend running the chunked C++ extension built for `device_type` tensors (csrc/).
 
@@ -233,7 +244,8 @@ class ExtensionBackend(FusedBackend):
         return None
 
     def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
+        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
+        negatives: Optional[HardNegatives] = None,
     ) -> RowPartials:
         batch = x.shape[0]
         f32 = dict(dtype=torch.float32, device=x.device)
@@ -246,9 +258,9 @@ class ExtensionBackend(FusedBackend):
         )
         load(self.device_type).forward_partials(
             x=x.detach().contiguous(), w=w.detach().contiguous(), y=y.long().contiguous(),
-            target_logit=target_logit.detach().float().contiguous(), class_start=class_start,
-            chunk=chunk_size(x.device, batch), scale=settings.scale, ignore_index=settings.ignore_index,
-            out_max=out.max, out_sumexp=out.sumexp, out_logit_sum=out.logit_sum, out_best_cos=out.best_cos,
+            target_logit=target_logit.detach().float().contiguous(), **_rule_arguments(negatives),
+            class_start=class_start, chunk=chunk_size(x.device, batch), scale=settings.scale,
+            ignore_index=settings.ignore_index, out_max=out.max, out_sumexp=out.sumexp, out_logit_sum=out.logit_sum, out_best_cos=out.best_cos,
             out_best_class=out.best_class,
         )
         return out
@@ -257,13 +269,13 @@ class ExtensionBackend(FusedBackend):
         self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
         num_classes: int, need_x: bool = True, need_w: bool = True,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        target_logit, target_slope, row_max, row_sumexp, grad_rows = rows
+        target_logit, target_slope, row_max, row_sumexp, grad_rows, negatives = rows
         x, w = x.detach().contiguous(), w.detach().contiguous()
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.empty_like(w) if need_w else None
         load(self.device_type).backward(
             x=x, w=w, y=y.long().contiguous(), target_logit=target_logit.detach().float().contiguous(),
-            target_slope=target_slope.detach().float().contiguous(),
+            target_slope=target_slope.detach().float().contiguous(), **_rule_arguments(negatives),
             lse=(row_max.double() + torch.log(row_sumexp.double())).contiguous(),
             grad_rows=grad_rows.detach().float().contiguous(), class_start=class_start, num_classes=num_classes,
             chunk=chunk_size(x.device, x.shape[0]), scale=settings.scale,

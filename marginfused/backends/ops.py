@@ -4,12 +4,17 @@ Every fused backend computes two things (`base.Backend`): the partials of the lo
 range, and the backward of a class range given the max and sumexp of the partials over all
 classes. Here they become two custom operators,
 
-    marginfused::margin_loss(x, w, y, target_logit, target_slope, backend, scale, ignore_index,
-                             label_smoothing) -> (loss, prediction, row_max, row_sumexp)
+    marginfused::margin_loss(x, w, y, target_logit, target_slope, hard_threshold, hard_offset,
+                             backend, scale, ignore_index, label_smoothing, hard_quadratic)
+                             -> (loss, prediction, row_max, row_sumexp)
         partials over all C classes, then ℓ_i = row_loss(...)   (`marginfused.partials`)
-    marginfused::margin_loss_backward(x, w, y, target_logit, target_slope, row_max, row_sumexp,
-                                      grad_rows, backend, scale, ignore_index, label_smoothing,
-                                      need_x, need_w) -> (dx, dw)   (empty where not needed)
+    marginfused::margin_loss_backward(x, w, y, target_logit, target_slope, hard_threshold,
+                                      hard_offset, row_max, row_sumexp, grad_rows, backend, scale,
+                                      ignore_index, label_smoothing, hard_quadratic, need_x, need_w)
+                                      -> (dx, dw)   (empty where not needed)
+
+(hard_threshold, hard_offset, hard_quadratic: the negative-logit rule, `marginfused.negatives`;
+None, None, 0 without one)
 
 joined by `register_autograd` and given shape functions by `register_fake`, so that autograd
 needs nothing else and torch.compile traces a training step through the loss with no graph
@@ -23,18 +28,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from typing import Optional
+
+from ..negatives import HardNegatives
 from ..partials import row_loss
 from ..settings import LossSettings
-from ..target import check_finite, target_cosines, target_logit_grad, target_logits
+from ..target import check_finite, target_cosines, target_logit_grad, target_logits, with_regulariser
 from .base import REGISTRY, Backend, RowGradients, RowLoss
 
 
+def _rule(threshold: Optional[Tensor], offset: Optional[Tensor], quadratic: float) -> Optional[HardNegatives]:
+    return None if threshold is None else HardNegatives(threshold, offset, quadratic)
+
+
 def _margin_loss(
-    x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, backend: str, scale: float,
-    ignore_index: int, label_smoothing: float,
+    x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, hard_threshold: Optional[Tensor],
+    hard_offset: Optional[Tensor], backend: str, scale: float, ignore_index: int, label_smoothing: float,
+    hard_quadratic: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing)
-    partials = REGISTRY[backend].row_partials(x, w, y, target_logit, settings, 0)
+    negatives = _rule(hard_threshold, hard_offset, hard_quadratic)
+    partials = REGISTRY[backend].row_partials(x, w, y, target_logit, settings, 0, negatives)
     loss = row_loss(partials, target_logit, y, ignore_index, label_smoothing, w.shape[0])
     return loss, partials.best_class, partials.max, partials.sumexp
 
@@ -54,12 +68,13 @@ def _(x, w, y, target_logit, target_slope, *settings):
 
 
 def _margin_loss_backward(
-    x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, row_max: Tensor,
-    row_sumexp: Tensor, grad_rows: Tensor, backend: str, scale: float, ignore_index: int, label_smoothing: float,
-    need_x: bool, need_w: bool,
+    x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, hard_threshold: Optional[Tensor],
+    hard_offset: Optional[Tensor], row_max: Tensor, row_sumexp: Tensor, grad_rows: Tensor, backend: str,
+    scale: float, ignore_index: int, label_smoothing: float, hard_quadratic: float, need_x: bool, need_w: bool,
 ) -> tuple[Tensor, Tensor]:
     settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing)
-    rows = RowGradients(target_logit, target_slope, row_max, row_sumexp, grad_rows)
+    negatives = _rule(hard_threshold, hard_offset, hard_quadratic)
+    rows = RowGradients(target_logit, target_slope, row_max, row_sumexp, grad_rows, negatives)
     dx, dw = REGISTRY[backend].backward(x, w, y, rows, settings, 0, w.shape[0], need_x, need_w)
     return _or_nothing(dx, x, need_x), _or_nothing(dw, w, need_w)
 
@@ -81,27 +96,28 @@ def _(x, w, *rest):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w, y, target_logit, target_slope, *settings = inputs
+    x, w, y, target_logit, target_slope, hard_threshold, hard_offset, *settings = inputs
     _, _, row_max, row_sumexp = output
-    ctx.save_for_backward(x, w, y, target_logit, target_slope, row_max, row_sumexp)
+    ctx.save_for_backward(x, w, y, target_logit, target_slope, hard_threshold, hard_offset, row_max, row_sumexp)
     ctx.settings = settings
 
 
 def _backward(ctx, grad_rows, grad_prediction, grad_max, grad_sumexp):
-    x, w, y, target_logit, target_slope, row_max, row_sumexp = ctx.saved_tensors
-    _, scale, ignore_index, label_smoothing = ctx.settings
+    x, w, y, target_logit, target_slope, hard_threshold, hard_offset, row_max, row_sumexp = ctx.saved_tensors
+    backend, scale, ignore_index, label_smoothing, hard_quadratic = ctx.settings
     need_x, need_w, need_target = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:4]
     grad_rows = grad_rows.contiguous()
     dx = dw = grad_target = None
     if need_x or need_w:
         dx, dw = margin_loss_backward(
-            x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows, *ctx.settings, need_x, need_w
+            x, w, y, target_logit, target_slope, hard_threshold, hard_offset, row_max, row_sumexp, grad_rows,
+            *ctx.settings, need_x, need_w,
         )
     if need_target:
         grad_target = target_logit_grad(
             row_max, row_sumexp, target_logit, grad_rows, y, ignore_index, label_smoothing, w.shape[0]
         )
-    return (dx if need_x else None, dw if need_w else None, None, grad_target, None) + (None,) * len(ctx.settings)
+    return (dx if need_x else None, dw if need_w else None, None, grad_target) + (None,) * (3 + len(ctx.settings))
 
 
 margin_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -114,10 +130,13 @@ class FusedBackend(Backend):
 
     def per_row_loss(self, x: Tensor, w: Tensor, y: Tensor, settings: LossSettings) -> RowLoss:
         valid = y != settings.ignore_index
-        target = target_logits(target_cosines(x, w, y, valid), valid, settings)
+        target = target_logits(target_cosines(x, w, y, valid), valid, settings, x)
         check_finite(target, valid)
+        rule = target.negatives
         loss, prediction, _, _ = margin_loss(
-            x, w, y, target.logit.float(), target.slope.float(), self.name, settings.scale, settings.ignore_index,
-            settings.label_smoothing,
+            x, w, y, target.logit.float(), target.slope.float(),
+            None if rule is None else rule.threshold.float(), None if rule is None else rule.offset.float(),
+            self.name, settings.scale, settings.ignore_index, settings.label_smoothing,
+            0.0 if rule is None else float(rule.quadratic),
         )
-        return RowLoss(loss, prediction)
+        return RowLoss(with_regulariser(loss, target), prediction)

@@ -9,7 +9,8 @@ Plain PyTorch that materialises the (B, C) logits, written to be obviously right
 
 The margin is the same PyTorch code the fused backends' pre-pass runs (`marginfused.target`),
 applied to the target column of the materialised cosines, with ∂z_iy/∂c_iy = σ_i through a
-straight-through term. The clamp bounds the value only; the gradient passes through it unchanged.
+straight-through term; a negative-logit rule (`marginfused.negatives`) applies to the other
+columns, differentiated by autograd. The clamp bounds the value only; the gradient passes through it unchanged.
 Normalisation and the matmul run in the input dtype (as a plain PyTorch user would); everything
 from the cosines on runs in float32, or float64 for float64 inputs.
 
@@ -29,7 +30,8 @@ from ..constants import NORM_EPS
 from ..partials import RowPartials
 from ..settings import LossSettings
 from ..margins import working_dtype
-from ..target import check_finite, target_logits
+from ..negatives import HardNegatives, negative_logits
+from ..target import check_finite, target_logits, with_regulariser
 from .base import Backend, RowGradients, RowLoss
 
 
@@ -44,14 +46,17 @@ def cosines(x: Tensor, w: Tensor) -> Tensor:
     return cos + (cos.clamp(-1.0, 1.0) - cos).detach()
 
 
-def _with_targets(cos: Tensor, local: Tensor, inside: Tensor, logit: Tensor, slope: Tensor, scale: float) -> Tensor:
-    """z = s·c with the target column of the rows `inside` replaced by the target logit, whose
-    gradient in c is the slope (straight-through)."""
+def _with_targets(cos: Tensor, local: Tensor, inside: Tensor, logit: Tensor, slope: Tensor, scale: float,
+                  negatives: Optional[HardNegatives]) -> tuple[Tensor, Tensor]:
+    """The logits and ∂z/∂c: s·c (or the rule's, for hard negatives) with the target column of the
+    rows `inside` replaced by the target logit, whose gradient in c is the slope (straight-through)."""
     column = local.clamp(min=0).unsqueeze(1)
+    negative, negative_slope = negative_logits(cos, negatives, scale)
     c_target = cos.gather(1, column).squeeze(1)
     z_target = logit + slope * (c_target - c_target.detach())
-    z_target = torch.where(inside, z_target, scale * c_target)
-    return (scale * cos).scatter(1, column, z_target.unsqueeze(1))
+    z_target = torch.where(inside, z_target, negative.gather(1, column).squeeze(1))
+    z_slope = torch.where(inside, slope, negative_slope.gather(1, column).squeeze(1))
+    return negative.scatter(1, column, z_target.unsqueeze(1)), negative_slope.scatter(1, column, z_slope.unsqueeze(1))
 
 
 def _normalized(rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -82,31 +87,33 @@ class TorchBackend(Backend):
         cos = cosines(x, w)
         valid = y != settings.ignore_index
         column = torch.where(valid, y, torch.zeros_like(y))
-        target = target_logits(cos.gather(1, column.unsqueeze(1)).squeeze(1), valid, settings)
+        target = target_logits(cos.gather(1, column.unsqueeze(1)).squeeze(1), valid, settings, x)
         check_finite(target, valid)
-        logits = _with_targets(cos, column, valid, target.logit.to(cos.dtype), target.slope.to(cos.dtype),
-                               settings.scale)
+        logits, _ = _with_targets(cos, column, valid, target.logit.to(cos.dtype), target.slope.to(cos.dtype),
+                                  settings.scale, target.negatives)
         loss = F.cross_entropy(
             logits, y, ignore_index=settings.ignore_index, label_smoothing=settings.label_smoothing, reduction="none"
         )
-        return RowLoss(loss, cos.detach().argmax(dim=1))
+        return RowLoss(with_regulariser(loss, target), cos.detach().argmax(dim=1))
 
-    def _range_logits(self, x, w, y, target_logit, target_slope, settings, class_start):
-        """Cosines and logits of the classes [class_start, class_start + C); labels outside the
-        range have no target there."""
+    def _range_logits(self, x, w, y, target_logit, target_slope, settings, class_start, negatives):
+        """Cosines, logits and ∂z/∂c of the classes [class_start, class_start + C); labels outside
+        the range have no target there."""
         local = y - class_start
         inside = (local >= 0) & (local < w.shape[0]) & (y != settings.ignore_index)
         cos = cosines(x, w)
-        logits = _with_targets(cos, torch.where(inside, local, torch.zeros_like(local)), inside,
-                               target_logit.to(cos.dtype), target_slope.to(cos.dtype), settings.scale)
-        return cos, logits, local, inside
+        logits, slopes = _with_targets(cos, torch.where(inside, local, torch.zeros_like(local)), inside,
+                                       target_logit.to(cos.dtype), target_slope.to(cos.dtype), settings.scale,
+                                       negatives)
+        return cos, logits, slopes, local, inside
 
     def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
+        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
+        negatives: Optional[HardNegatives] = None,
     ) -> RowPartials:
         with torch.no_grad():
-            cos, logits, _, _ = self._range_logits(
-                x, w, y, target_logit, torch.zeros_like(target_logit), settings, class_start
+            cos, logits, _, _, _ = self._range_logits(
+                x, w, y, target_logit, torch.zeros_like(target_logit), settings, class_start, negatives
             )
             top = logits.max(dim=1).values
             best = cos.max(dim=1)
@@ -122,20 +129,18 @@ class TorchBackend(Backend):
         self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
         num_classes: int, need_x: bool = True, need_w: bool = True,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        target_logit, target_slope, row_max, row_sumexp, grad_rows = rows
+        target_logit, target_slope, row_max, row_sumexp, grad_rows, negatives = rows
         eps = settings.label_smoothing
         with torch.no_grad():
-            cos, logits, local, inside = self._range_logits(
-                x, w, y, target_logit, target_slope, settings, class_start
+            cos, logits, slopes, local, inside = self._range_logits(
+                x, w, y, target_logit, target_slope, settings, class_start, negatives
             )
             probabilities = torch.exp(logits - row_max.unsqueeze(1).to(logits)) / row_sumexp.unsqueeze(1).to(logits)
             column = torch.where(inside, local, torch.zeros_like(local)).unsqueeze(1)
             onehot = torch.zeros_like(logits).scatter_(1, column, inside.unsqueeze(1).to(logits.dtype))
             weight_rows = torch.where(y != settings.ignore_index, grad_rows.to(logits.dtype), 0.0)
-            # ∂/∂c_ij = g_i · s · (p_ij − (1 − ε)[j = y_i] − ε/C), with σ_i in place of s at the target
-            grad_cos = settings.scale * weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)
-            slope_ratio = torch.where(inside, target_slope.to(logits.dtype) / settings.scale, torch.ones_like(grad_rows, dtype=logits.dtype))
-            grad_cos.scatter_(1, column, grad_cos.gather(1, column) * slope_ratio.unsqueeze(1))
+            # ∂/∂c_ij = g_i · ∂z_ij/∂c_ij · (p_ij − (1 − ε)[j = y_i] − ε/C)
+            grad_cos = slopes * weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)
             x_hat, x_norm = _normalized(x, cos.dtype)
             w_hat, w_norm = _normalized(w, cos.dtype)
             grad_x = _through_normalization(grad_cos @ w_hat, x_hat, x_norm).to(x.dtype) if need_x else None

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import constants
 from ..kernels import configs
+from ..negatives import HardNegatives
 from ..partials import RowPartials
 from ..settings import LossSettings
 from .base import FUSED_DTYPES, RowGradients
@@ -83,12 +84,12 @@ largest possible entry to at most this, so no entry overflows and the small ones
 
 
 def _gradient_scales(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor, scale: float,
-                     inv_x: Tensor, inv_w: Tensor) -> tuple[Tensor, Tensor]:
+                     inv_x: Tensor, inv_w: Tensor, negatives: Optional[HardNegatives]) -> tuple[Tensor, Tensor]:
     """2^k for the embeddings' and for the class centres' backward kernel (1-element float32
     tensors, computed on the device: no host synchronisation): the power of two by which each
     scales its dot operand G·r before the cast to float16 (kernels/backward.py). |G_ij| ≤
-    2·|u_i|·max(s, |σ_i|) (|p − t − ε/C| ≤ 2), times r_wj in the first kernel and r_xi in the
-    second; 2^k = 2^⌊log2(2¹⁵ / the largest)⌋, within [2⁻²⁴, 2²⁴]. A zero row (r = 1/1e-12, an
+    2·|u_i|·max(s, |σ_i|, s·(|a_i| + 2q)) (|p − t − ε/C| ≤ 2; the last term a negative-logit rule's
+    slope bound, |c| ≤ 1), times r_wj in the first kernel and r_xi in the second; 2^k = 2^⌊log2(2¹⁵ / the largest)⌋, within [2⁻²⁴, 2²⁴]. A zero row (r = 1/1e-12, an
     exact zero in float16, which has no smaller norms) is left out: its products are exactly 0
     whatever the scale. Both 1 for other dtypes."""
     one = torch.ones(1, dtype=torch.float32, device=grad_rows.device)
@@ -101,7 +102,10 @@ def _gradient_scales(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor
     def power_of_two(largest: Tensor) -> Tensor:
         return torch.exp2(torch.floor(torch.log2(FLOAT16_GRADIENT_CEILING / largest)).clamp(-24, 24)).reshape(1)
 
-    row_bound = 2 * grad_rows.abs() * torch.clamp(target_slope.abs(), min=scale)
+    slope_bound = torch.clamp(target_slope.abs(), min=scale)
+    if negatives is not None:
+        slope_bound = torch.maximum(slope_bound, scale * (negatives.offset.abs() + 2 * abs(negatives.quadratic)))
+    row_bound = 2 * grad_rows.abs() * slope_bound
     largest_for_x = row_bound.amax() * nonzero_rows(inv_w).amax() if inv_w.numel() else row_bound.amax()
     return power_of_two(largest_for_x), power_of_two((row_bound * nonzero_rows(inv_x)).amax())
 
@@ -188,21 +192,31 @@ def _bucket(batch: int) -> int:
     return 1 << max(0, (batch - 1).bit_length())
 
 
+def _rule_arguments(negatives: Optional[HardNegatives], target_logit: Tensor) -> tuple[tuple, float, dict]:
+    """The kernels' (τ, a) pointers, q and HARD_NEGATIVES for a negative-logit rule or none (then
+    the pointers are never read: any float32 vector stands in)."""
+    if negatives is None:
+        return (target_logit, target_logit), 0.0, {"HARD_NEGATIVES": False}
+    threshold, offset = (v.detach().to(torch.float32).contiguous() for v in negatives[:2])
+    return (threshold, offset), float(negatives.quadratic), {"HARD_NEGATIVES": True}
+
+
 def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings,
-                    class_start: int) -> RowPartials:
+                    class_start: int, negatives: Optional[HardNegatives]) -> RowPartials:
     """Per-split partials: each field (n_splits, B)."""
     batch, dim = x.shape
     local = w.shape[0]
     plan = _plan("forward", x)
     inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
-    scalars = (float(settings.scale), int(settings.ignore_index))
+    rule, quadratic, variant = _rule_arguments(negatives, target_logit)
+    scalars = (float(settings.scale), int(settings.ignore_index), quadratic)
 
     def arguments(outputs, per_split: int) -> tuple:
-        return (x, w, y, inv_x, inv_w, target_logit, *outputs, batch, local, dim, x.stride(0), w.stride(0),
+        return (x, w, y, inv_x, inv_w, target_logit, *rule, *outputs, batch, local, dim, x.stride(0), w.stride(0),
                 class_start, per_split, _bucket(batch), *scalars)
 
     placeholders = (inv_x, inv_x, inv_x, inv_x, y)  # the outputs' dtypes, for the occupancy query
-    precision = {"DOT_PRECISION": _dot_precision(x.dtype)}
+    precision = {"DOT_PRECISION": _dot_precision(x.dtype), **variant}
     n_splits, per_split = _class_splits(plan, x, local, 1, arguments(placeholders, configs.split_align()), precision)
     shape = (n_splits, batch)
     out = RowPartials(
@@ -282,28 +296,33 @@ class TritonBackend(FusedBackend):
 
     @_on_the_tensors_device
     def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int
+        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
+        negatives: Optional[HardNegatives] = None,
     ) -> RowPartials:
         """Partials over the classes [class_start, class_start + w.shape[0]), merged over the
         kernel's class splits (y global labels; labels outside the shard contribute no target)."""
         x, w, y, target_logit = _prepare(x, w, y, target_logit)
         with torch.no_grad():
-            return _merge_splits(_split_partials(x, w, y, target_logit, settings, int(class_start)))
+            return _merge_splits(_split_partials(x, w, y, target_logit, settings, int(class_start), negatives))
 
     @_on_the_tensors_device
     def backward(
         self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
         num_classes: int, need_x: bool = True, need_w: bool = True,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(x, w, y, *rows)
+        negatives = rows.negatives
+        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(x, w, y, *rows[:5])
         batch, dim = x.shape
         local = w.shape[0]
         inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
-        scale_for_x, scale_for_w = _gradient_scales(x.dtype, grad_rows, target_slope, settings.scale, inv_x, inv_w)
+        scale_for_x, scale_for_w = _gradient_scales(x.dtype, grad_rows, target_slope, settings.scale, inv_x, inv_w,
+                                                    negatives)
         eps = float(settings.label_smoothing)
-        inputs = (x, w, y, inv_x, inv_w, target_logit, target_slope, row_max, torch.log(row_sumexp), grad_rows)
+        rule, quadratic, variant = _rule_arguments(negatives, target_logit)
+        inputs = (x, w, y, inv_x, inv_w, target_logit, target_slope, *rule, row_max, torch.log(row_sumexp),
+                  grad_rows)
         shapes = (batch, local, dim, x.stride(0), w.stride(0), int(class_start))
-        scalars = (float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes)
+        scalars = (float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes, quadratic)
         precision = _dot_precision(x.dtype)
         project = _kernels().project.project_kernel
         ptiles = configs.project_tiles()
@@ -317,10 +336,10 @@ class TritonBackend(FusedBackend):
                 return (*inputs, scale_for_x, partials, *shapes, per_split, _bucket(batch), *scalars)
 
             n_splits, per_split = _class_splits(plan, x, local, slices, arguments(inv_x, configs.split_align()),
-                                                {"DOT_PRECISION": precision})
+                                                {"DOT_PRECISION": precision, **variant})
             dx_part = _empty((n_splits, batch, dim), torch.float32, x.device)
             plan.kernel[lambda meta: (_cdiv(batch, meta["BLOCK_B"]), n_splits, slices)](
-                *arguments(dx_part, per_split), DOT_PRECISION=precision, **plan.meta,
+                *arguments(dx_part, per_split), DOT_PRECISION=precision, **variant, **plan.meta,
             )
             dx = _empty((batch, dim), x.dtype, x.device)
             project[(_cdiv(batch, ptiles.block_b),)](
@@ -333,6 +352,6 @@ class TritonBackend(FusedBackend):
             dw = _empty((local, dim), w.dtype, w.device)
             plan.kernel[lambda meta: (_cdiv(local, meta["BLOCK_C"]), slices)](
                 *inputs, scale_for_w, dw, *shapes, _bucket(batch), *scalars,
-                DOT_PRECISION=precision, **plan.meta,
+                DOT_PRECISION=precision, **variant, **plan.meta,
             )
         return dx, dw

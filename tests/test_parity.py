@@ -1,0 +1,100 @@
+"""The README's migrations ("from X, write Y") give the numbers of the library users come from:
+loss and gradients in float64, against pytorch-metric-learning's losses themselves and against
+InsightFace's CombinedMarginLoss as its code defines it (written out here, as it has no package).
+
+Each comparison is of two float64 computations of one function, each within the suite's
+arithmetic bound in float64 (tests/helpers.py) of the exact values, so within twice that of
+each other.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pytorch_metric_learning.losses as pml
+
+import marginfused as mf
+
+from helpers import arithmetic_bounds, assert_close, make_inputs
+
+
+def assert_same(loss, x, w, y, w_t: bool = False, **options):
+    """`loss` (float64, of leaves x and w, or of w's transpose with `w_t`) against the torch backend's
+    loss and gradients with `options` on the same inputs."""
+    grad_x, grad_w = torch.autograd.grad(loss, (x, w))
+    grad_w = grad_w.T if w_t else grad_w
+    centres = (w.T if w_t else w).detach()
+    mine_x, mine_w = x.detach().clone().requires_grad_(), centres.clone().requires_grad_()
+    mine = mf.margin_cross_entropy(mine_x, mine_w, y, backend="torch", **options)
+    mine.backward()
+    bounds = arithmetic_bounds(x.detach(), centres, y, torch.float64, **options)
+    assert_close("loss", mine.detach(), loss.detach(), 2 * bounds["loss"])
+    assert_close("grad x", mine_x.grad, grad_x, 2 * bounds["grad_embeddings"])
+    assert_close("grad w", mine_w.grad, grad_w, 2 * bounds["grad_weight"])
+
+
+@pytest.mark.parametrize("degrees", [28.6, 120.0])  # 120°: past π − m the linear fallback acts
+def test_from_pytorch_metric_learning_arcface(degrees):
+    """ArcFaceLoss(C, D, margin=deg, scale=s) is MarginSoftmaxLoss(D, C, margin=mf.ArcFace(
+    math.radians(deg), fallback="linear"), scale=s, margin_grad="exact") with weight = W.T."""
+    x, w, y = make_inputs(17, 40, 12, seed=50)
+    reference = pml.ArcFaceLoss(40, 12, margin=degrees, scale=30.0).double()
+    reference.W.data.copy_(w.T)
+    x.requires_grad_()
+    assert_same(reference(x, y), x, reference.W, y, w_t=True, margin=mf.ArcFace(math.radians(degrees), fallback="linear"),
+                scale=30.0, margin_grad="exact")
+
+
+def test_from_pytorch_metric_learning_cosface():
+    """CosFaceLoss(C, D, margin=m, scale=s) is MarginSoftmaxLoss(D, C, margin=mf.CosFace(m), scale=s)."""
+    x, w, y = make_inputs(17, 40, 12, seed=51)
+    reference = pml.CosFaceLoss(num_classes=40, embedding_size=12, margin=0.35, scale=64.0).double()
+    reference.W.data.copy_(w.T)
+    x.requires_grad_()
+    assert_same(reference(x, y), x, reference.W, y, w_t=True, margin=mf.CosFace(0.35), scale=64.0)
+
+
+def insightface_combined_margin_loss(x, w, y, s, m1, m2, m3, filtering=0.0):
+    """InsightFace's arcface_torch CombinedMarginLoss on F.linear(x̂, ŵ) and cross-entropy, as its
+    code defines it: with interclass_filtering_threshold τ > 0, every non-target cosine above τ is
+    multiplied by 0 (a mask without gradient); for (m1, m3) = (1, 0) the logits go through arccos,
+    + m2 on the target, cos, all without gradient (the gradient of every logit is s, straight
+    through); for m3 > 0 the target logit is c − m3 (m1 and m2 unused); any other combination
+    raises."""
+    cos = F.linear(F.normalize(x), F.normalize(w)).clamp(-1, 1)
+    rows = torch.arange(len(y))
+    logits = cos.clone()
+    if filtering > 0:
+        with torch.no_grad():
+            dirty = (logits > filtering).to(logits)
+            dirty[rows, y] = 0
+        logits = (1 - dirty) * logits
+    if m1 == 1.0 and m3 == 0.0:
+        with torch.no_grad():
+            angles = logits.detach().arccos()
+            angles[rows, y] += m2
+            shifted = angles.cos()
+        logits = logits + (shifted - logits).detach()
+    elif m3 > 0:
+        logits = logits - m3 * F.one_hot(y, w.shape[0]).to(logits)
+    else:
+        raise ValueError("InsightFace's CombinedMarginLoss supports m1 == 1 with m3 == 0, or m3 > 0")
+    return F.cross_entropy(s * logits, y)
+
+
+@pytest.mark.parametrize("m1, m2, m3, filtering, margin", [
+    (1.0, 0.5, 0.0, 0.0, mf.ArcFace(0.5)),
+    (1.0, 0.0, 0.4, 0.0, mf.CosFace(0.4)),
+    (1.0, 0.3, 0.2, 0.0, mf.CosFace(0.2)),  # its m3 > 0 branch ignores m2
+    (1.0, 0.5, 0.0, 0.2, mf.ArcFace(0.5)),
+], ids=["arcface", "cosface", "m3-branch", "arcface-filtering"])
+def test_from_insightface_combined_margin_loss(m1, m2, m3, filtering, margin):
+    """CombinedMarginLoss(64, m1, m2, m3, τ) is margin=mf.ArcFace(m2) (m3 = 0) or mf.CosFace(m3)
+    (m3 > 0), margin_grad="detached" (the default), no fallback, interclass_filtering=τ."""
+    x, w, y = make_inputs(17, 40, 12, seed=52)
+    x.requires_grad_()
+    w.requires_grad_()
+    loss = insightface_combined_margin_loss(x, w, y, 64.0, m1, m2, m3, filtering)
+    assert_same(loss, x, w, y, margin=margin, scale=64.0, interclass_filtering=filtering or None)

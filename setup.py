@@ -13,7 +13,7 @@ setup(
                  "CurricularFace, ElasticFace) for very many classes"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=["marginfused", "marginfused.backends", "marginfused.kernels", "marginfused.csrc"],
     package_dir={
         "marginfused": "marginfused",

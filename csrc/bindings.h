@@ -16,17 +16,18 @@ inline void bind_entry_points(pybind11::module_& m, const char* doc, ForwardPart
   m.doc() = doc;
   m.def("forward_partials", forward_partials, py::call_guard<py::gil_scoped_release>(),
         "Per-row partials (max, sumexp, logit_sum, best_cos, best_class) over the weight's classes, "
-        "given each row's target logit and the negative-logit rule",
+        "given each row's target logit, the negative-logit rule and the sub-centres per class",
         py::kw_only(), py::arg("x"), py::arg("w"), py::arg("y"), py::arg("target_logit"), py::arg("hard_threshold"),
-        py::arg("hard_offset"), py::arg("hard_quadratic"), py::arg("class_start"),
+        py::arg("hard_offset"), py::arg("hard_quadratic"), py::arg("class_start"), py::arg("subcenters"),
         py::arg("chunk"), py::arg("scale"), py::arg("ignore_index"), py::arg("out_max"), py::arg("out_sumexp"),
         py::arg("out_logit_sum"), py::arg("out_best_cos"), py::arg("out_best_class"));
   m.def("backward", backward, py::call_guard<py::gil_scoped_release>(),
         "Gradients w.r.t. x and the weight shard, given each row's target logit and its slope, the global lse "
         "and the per-row gradient grad_rows",
         py::kw_only(), py::arg("x"), py::arg("w"), py::arg("y"), py::arg("target_logit"), py::arg("target_slope"),
-        py::arg("hard_threshold"), py::arg("hard_offset"), py::arg("hard_quadratic"), py::arg("lse"), py::arg("grad_rows"), py::arg("class_start"), py::arg("num_classes"), py::arg("chunk"),
-        py::arg("scale"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("grad_x"),
+        py::arg("hard_threshold"), py::arg("hard_offset"), py::arg("hard_quadratic"), py::arg("lse"),
+        py::arg("grad_rows"), py::arg("class_start"), py::arg("subcenters"), py::arg("num_classes"),
+        py::arg("chunk"), py::arg("scale"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("grad_x"),
         py::arg("grad_w"));
 }
 

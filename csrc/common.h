@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -109,23 +110,27 @@ MF_HOST_DEVICE float logit_grad(float prob, float slope, bool is_target, float l
 // into the five (B,) outputs: max_j z_ij, Σ_j exp(z_ij − max), Σ_j z_ij, max_j c_ij and its global
 // class (the first on ties). target_logit (B,) fp32 is z_iy, read only where y_i is in this shard.
 // hard_threshold, hard_offset ((B,) fp32, both or neither) and hard_quadratic: the negative-logit rule.
+// subcenters K: w holds C·K rows, class j's sub-centres at rows jK..jK+K−1, and c_ij is the largest
+// of their cosines (see sub-centres below). chunk: rows of w per chunk (rounded down to whole classes).
 using ForwardPartialsFn = void(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
                                const at::Tensor& target_logit, const std::optional<at::Tensor>& hard_threshold,
                                const std::optional<at::Tensor>& hard_offset, double hard_quadratic,
-                               int64_t class_start, int64_t chunk, double scale,
+                               int64_t class_start, int64_t subcenters, int64_t chunk, double scale,
                                int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
                                const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
                                const at::Tensor& out_best_class);
 
 // backward: the gradients of Σ_i u_i ℓ_i w.r.t. x and this weight shard, given lse_i (B,) float64 over
 // all num_classes classes, u = grad_rows (B,) fp32, z_iy = target_logit and σ_i = target_slope (B,)
-// fp32, the negative-logit rule as in forward_partials. grad_x (B×D) and grad_w (C×D), in the input
-// dtype, are written whole; either may be None.
+// fp32, the negative-logit rule and sub-centres as in forward_partials (each class's gradient goes
+// to its arg-max sub-centre alone). grad_x (B×D) and grad_w (CK×D), in the input dtype, are written
+// whole; either may be None.
 using BackwardFn = void(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
                         const at::Tensor& target_logit, const at::Tensor& target_slope,
                         const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_offset,
                         double hard_quadratic, const at::Tensor& lse,
-                        const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk,
+                        const at::Tensor& grad_rows, int64_t class_start, int64_t subcenters, int64_t num_classes,
+                        int64_t chunk,
                         double scale, double label_smoothing, int64_t ignore_index,
                         const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w);
 
@@ -190,6 +195,39 @@ inline HardNegatives check_rule(const char* op, const at::Tensor& x, const std::
   return HardNegatives{threshold->data_ptr<float>(), offset->data_ptr<float>(), static_cast<float>(quadratic)};
 }
 
+// The number of sub-centres K: at least 1, and the weight's rows whole classes of K. The weight's classes.
+inline int64_t check_subcenters(const char* op, const at::Tensor& w, int64_t subcenters) {
+  TORCH_CHECK(subcenters >= 1, op, ": subcenters must be >= 1, got ", subcenters);
+  TORCH_CHECK(w.size(0) % subcenters == 0, op, ": weight's ", w.size(0), " rows are not whole classes of ",
+              subcenters, " sub-centres");
+  return w.size(0) / subcenters;
+}
+
+// Sub-centres: a class's cosine is the largest of its K sub-centres' and its gradient goes to the
+// first sub-centre holding it: pick_subcenter gives both, c_ij = max_k clamp(q_i r_k S_k, -1, 1) over
+// the class's K raw dot products `dots` and inverse norms `r` (`to_float` reads a stored dot product).
+struct SubcenterPick {
+  float cosine;
+  int64_t k;
+};
+
+template <typename Dot, typename ToFloat>
+MF_HOST_DEVICE SubcenterPick pick_subcenter(const Dot* dots, const float* r, float qi, int64_t subcenters,
+                                            ToFloat to_float) {
+  SubcenterPick best{clamp_unit(to_float(dots[0]) * qi * r[0]), 0};
+  for (int64_t k = 1; k < subcenters; ++k) {
+    const float c = clamp_unit(to_float(dots[k]) * qi * r[k]);
+    if (c > best.cosine) best = SubcenterPick{c, k};
+  }
+  return best;
+}
+
+// Rows of W per chunk: the caller's `chunk`, at most all of them, rounded down to whole classes of
+// K sub-centres (at least one class).
+inline int64_t chunk_rows(int64_t chunk, int64_t rows, int64_t subcenters) {
+  return std::max<int64_t>(subcenters, std::min(chunk, rows) / subcenters * subcenters);
+}
+
 inline void check_ranges(const char* op, int64_t class_start, int64_t local_classes, int64_t num_classes,
                          int64_t chunk) {
   TORCH_CHECK(class_start >= 0, op, ": class_start must be >= 0, got ", class_start);
@@ -205,10 +243,12 @@ inline LossParams make_params(const char* op, double scale, double label_smoothi
   return LossParams{static_cast<float>(scale), static_cast<float>(label_smoothing), ignore_index};
 }
 
-// forward_partials' scalars and negative-logit rule.
+// forward_partials' scalars, negative-logit rule, sub-centres per class and classes.
 struct ForwardPlan {
   LossParams params;
   HardNegatives rule;
+  int64_t subcenters;
+  int64_t classes;
 };
 
 // Every check of forward_partials' arguments on `device_type`.
@@ -216,12 +256,13 @@ inline ForwardPlan check_forward_partials(const char* op, c10::DeviceType device
                                           const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
                                           const std::optional<at::Tensor>& hard_threshold,
                                           const std::optional<at::Tensor>& hard_offset, double hard_quadratic,
-                                          int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
+                                          int64_t class_start, int64_t subcenters, int64_t chunk, double scale,
+                                          int64_t ignore_index,
                                           const at::Tensor& out_max, const at::Tensor& out_sumexp,
                                           const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
                                           const at::Tensor& out_best_class) {
   check_inputs(op, x, w, y, device_type);
-  const int64_t B = x.size(0), C = w.size(0);
+  const int64_t B = x.size(0), C = check_subcenters(op, w, subcenters);
   check_ranges(op, class_start, C, class_start + C, chunk);
   check_beside(op, "target_logit", target_logit, x, at::kFloat, {B});
   check_beside(op, "out_max", out_max, x, at::kFloat, {B});
@@ -230,13 +271,16 @@ inline ForwardPlan check_forward_partials(const char* op, c10::DeviceType device
   check_beside(op, "out_best_cos", out_best_cos, x, at::kFloat, {B});
   check_beside(op, "out_best_class", out_best_class, x, at::kLong, {B});
   const HardNegatives rule = check_rule(op, x, hard_threshold, hard_offset, hard_quadratic);
-  return ForwardPlan{make_params(op, scale, 0.0, ignore_index), rule};
+  return ForwardPlan{make_params(op, scale, 0.0, ignore_index), rule, subcenters, C};
 }
 
-// backward's scalars, negative-logit rule, and which of grad_x, grad_w are wanted (given, not None).
+// backward's scalars, negative-logit rule, sub-centres per class and classes, and which of grad_x,
+// grad_w are wanted (given, not None).
 struct BackwardPlan {
   LossParams params;
   HardNegatives rule;
+  int64_t subcenters;
+  int64_t classes;
   bool need_x;
   bool need_w;
 };
@@ -247,11 +291,12 @@ inline BackwardPlan check_backward(const char* op, c10::DeviceType device_type, 
                                    const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
                                    const std::optional<at::Tensor>& hard_offset, double hard_quadratic,
                                    const at::Tensor& lse, const at::Tensor& grad_rows,
-                                   int64_t class_start, int64_t num_classes, int64_t chunk, double scale,
+                                   int64_t class_start, int64_t subcenters, int64_t num_classes, int64_t chunk,
+                                   double scale,
                                    double label_smoothing, int64_t ignore_index,
                                    const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
   check_inputs(op, x, w, y, device_type);
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  const int64_t B = x.size(0), D = x.size(1), C = check_subcenters(op, w, subcenters);
   check_ranges(op, class_start, C, num_classes, chunk);
   check_beside(op, "target_logit", target_logit, x, at::kFloat, {B});
   check_beside(op, "target_slope", target_slope, x, at::kFloat, {B});
@@ -260,9 +305,9 @@ inline BackwardPlan check_backward(const char* op, c10::DeviceType device_type, 
   const bool need_x = grad_x.has_value() && grad_x->defined();
   const bool need_w = grad_w.has_value() && grad_w->defined();
   if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
-  if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {C, D});
+  if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {w.size(0), D});
   const HardNegatives rule = check_rule(op, x, hard_threshold, hard_offset, hard_quadratic);
-  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), rule, need_x, need_w};
+  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), rule, subcenters, C, need_x, need_w};
 }
 
 }  // namespace marginfused

@@ -26,6 +26,10 @@
 //     ∂ℓ/∂x_i = A_i - x̂_i (x̂_i·A_i),   ∂ℓ/∂w_j = H_j - ŵ_j (ŵ_j·H_j)
 //   (without the projection where |row| <= 1e-12, as F.normalize's clamp does).
 //
+// Sub-centres (K per class, W of C·K rows, class j's at rows jK..jK+K−1): chunks hold whole classes;
+// c_ij is the largest of the class's K cosines, and U_i· puts each class's entry at its arg-max
+// sub-centre's row and 0 at the others, so the same two GEMMs give dX and every sub-centre's dW.
+//
 // Threads: the chunks are dealt dynamically to the OpenMP threads (statically under
 // torch.use_deterministic_algorithms(True), for bit-identical runs) in one parallel region per
 // call; each thread owns a tile, partials (forward) or a dX accumulator (backward), and runs the
@@ -54,6 +58,7 @@
 #include <exception>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "bindings.h"
@@ -193,20 +198,50 @@ inline float clamped_cosine(in_t dot, float qi, float rj) {
   return c > 1.0f ? 1.0f : c;
 }
 
-// One row of one chunk, forward. S_i· is read from `dots` (fp32, or a 16-bit GEMM's own output,
-// widened as it is read) and the cosines written to `row` as scratch (which may be `dots` itself).
-// t_i (`target_logit`) is read only where the target is in the chunk; `neg` gives the other
-// entries' logits (PlainNegatives, or RuledNegatives under a negative-logit rule).
-template <typename in_t, typename Negatives>
-inline void forward_row(const in_t* dots, float* row, int64_t n, float qi, const float* r, int64_t label,
-                        int64_t chunk_start, float target_logit, const Negatives& neg, const LossParams& p,
-                        Partials& out, int64_t i) {
+// c_ij of row i from S_i· (fp32, or a 16-bit GEMM's own output, widened as it is read): one row of
+// W per class.
+template <typename in_t>
+struct RowCosines {
+  const in_t* dots;
+  float qi;
+  const float* r;
+  float operator()(int64_t j) const { return clamped_cosine(dots[j], qi, r[j]); }
+};
+
+// pick_subcenter's reading of a stored dot product: widen.
+struct Widen {
+  template <typename T>
+  float operator()(T v) const {
+    return widen(v);
+  }
+};
+
+// c_ij of row i with K sub-centres per class: the largest of the class's K cosines (common.h).
+template <typename in_t>
+struct SubcenterCosines {
+  const in_t* dots;
+  float qi;
+  const float* r;
+  int64_t subcenters;
+  float operator()(int64_t j) const {
+    return pick_subcenter(dots + j * subcenters, r + j * subcenters, qi, subcenters, Widen{}).cosine;
+  }
+};
+
+// One row of one chunk of n classes, forward. cosine_of(j) gives c_ij (RowCosines or
+// SubcenterCosines, from the row's raw dot products), written to `row` as scratch (which may hold
+// those dot products itself where each is read before it is written). t_i (`target_logit`) is read
+// only where the target is in the chunk; `neg` gives the other entries' logits (PlainNegatives, or
+// RuledNegatives under a negative-logit rule).
+template <typename CosineOf, typename Negatives>
+inline void forward_row(const CosineOf& cosine_of, float* row, int64_t n, int64_t label, int64_t chunk_start,
+                        float target_logit, const Negatives& neg, const LossParams& p, Partials& out, int64_t i) {
   float cmax = -std::numeric_limits<float>::infinity();
   float zmax = -std::numeric_limits<float>::infinity();
   float zsum = 0.0f;
 #pragma omp simd reduction(max : cmax, zmax) reduction(+ : zsum)
   for (int64_t j = 0; j < n; ++j) {
-    const float c = clamped_cosine(dots[j], qi, r[j]);
+    const float c = cosine_of(j);
     row[j] = c;
     cmax = cmax > c ? cmax : c;
     const float z = neg.logit(c);
@@ -278,6 +313,35 @@ inline void backward_row(value_t* row, int64_t n, float qi, const float* r, int6
   }
 }
 
+// backward_row with K sub-centres per class: `row` holds S_i· over the chunk's n·K rows of W and
+// becomes U_i· in place, each class's entry at its arg-max sub-centre and 0 at the others (the
+// class's K entries are all read before any is written).
+template <typename value_t, typename Negatives>
+inline void backward_row_subcenters(value_t* row, int64_t n, int64_t subcenters, float qi, const float* r,
+                                    int64_t label, int64_t chunk_start, float target_logit, float target_slope,
+                                    const Negatives& neg, double lse, float grad_row, float smoothing_per_class,
+                                    const LossParams& p) {
+  const int64_t rows = n * subcenters;
+  if (label == p.ignore_index || grad_row == 0.0f) {
+    std::fill(row, row + rows, rounded<value_t>(0.0f));
+    return;
+  }
+  const float eps = p.label_smoothing;
+  const float uq = grad_row * qi;
+  const SplitLse split = split_lse(lse);
+  const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
+  for (int64_t j = 0; j < n; ++j) {
+    value_t* group = row + j * subcenters;
+    const SubcenterPick pick = pick_subcenter(group, r + j * subcenters, qi, subcenters, Widen{});
+    const bool is_target = j == target;
+    const float z = is_target ? target_logit : neg.logit(pick.cosine);
+    const float slope = is_target ? target_slope : neg.slope(pick.cosine);
+    const float prob = exp_fp32((z - split.hi) - split.lo);
+    const float value = uq * r[j * subcenters + pick.k] * logit_grad(prob, slope, is_target, eps, smoothing_per_class);
+    for (int64_t k = 0; k < subcenters; ++k) group[k] = rounded<value_t>(k == pick.k ? value : 0.0f);
+  }
+}
+
 // body(negatives of row i) with row i's negatives: PlainNegatives without a rule (the fast loop),
 // else RuledNegatives.
 template <typename Body>
@@ -309,14 +373,14 @@ at::Tensor as_fp32(const at::Tensor& t) {
 // One thread's buffers, allocated before the parallel region (so allocation trackers see them):
 // the B×n tile (S, then U in place; fp32, or the inputs' dtype for native 16-bit GEMMs), the fp32
 // copy of a weight chunk and fp32 dW chunk rows before the projection (half/bf16 inputs), the dX
-// accumulator, and the chunk's inverse norms; with native 16-bit GEMMs instead their B×D dX term,
-// their n×D dW rows and one fp32 row of cosines (the forward's scratch).
+// accumulator, the chunk's inverse norms and one fp32 row of cosines (the forward's scratch); with
+// native 16-bit GEMMs instead their B×D dX term and their n×D dW rows. n counts rows of W.
 struct Workspace {
   at::Tensor tile, w32, h32, acc, a16, h16;
   std::vector<float> r, row;
 
   Workspace(const at::Tensor& x, int64_t batch, int64_t dim, int64_t n_max, bool with_acc, bool with_h)
-      : r(n_max), row(native_gemm(x) ? n_max : 0) {
+      : r(n_max), row(n_max) {
     const auto f32 = x.options().dtype(at::kFloat);
     const bool native = native_gemm(x);
     tile = at::empty({batch * n_max}, native ? x.options() : f32);
@@ -370,15 +434,16 @@ void run_chunks(int64_t chunks, int threads, const Body& body) {
 // ids; the weight holds [class_start, class_start + C).
 void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
                       const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_offset,
-                      double hard_quadratic, int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
-                      const at::Tensor& out_max, const at::Tensor& out_sumexp, const at::Tensor& out_logit_sum,
-                      const at::Tensor& out_best_cos, const at::Tensor& out_best_class) {
+                      double hard_quadratic, int64_t class_start, int64_t subcenters, int64_t chunk, double scale,
+                      int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
+                      const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                      const at::Tensor& out_best_class) {
   constexpr const char* op = "marginfused cpu forward_partials";
   const ForwardPlan plan = check_forward_partials(op, kCPU, x, w, y, target_logit, hard_threshold, hard_offset,
-                                                  hard_quadratic, class_start, chunk, scale, ignore_index, out_max,
-                                                  out_sumexp, out_logit_sum, out_best_cos, out_best_class);
+                                                  hard_quadratic, class_start, subcenters, chunk, scale, ignore_index,
+                                                  out_max, out_sumexp, out_logit_sum, out_best_cos, out_best_class);
   const LossParams& p = plan.params;
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  const int64_t B = x.size(0), D = x.size(1);
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const bool native = native_gemm(x);
@@ -386,8 +451,9 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     std::vector<float> q(B);
     inverse_norms(xf.data_ptr<float>(), B, D, q.data());
 
-    const int64_t n_max = std::min(chunk, C);
-    const int64_t chunks = (C + n_max - 1) / n_max;
+    const int64_t K = plan.subcenters;
+    const int64_t n_max = chunk_rows(chunk, w.size(0), K);
+    const int64_t chunks = (w.size(0) + n_max - 1) / n_max;
     const int threads = thread_count(chunks);
     std::vector<Workspace> work;
     std::vector<Partials> partials;
@@ -399,28 +465,34 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     const float* targets = target_logit.data_ptr<float>();
     run_chunks(chunks, threads, [&](int t, int64_t k) {
       Workspace& ws = work[t];
-      const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
-      at::Tensor s_tile = front(ws.tile, B, n);
-      if (native) {  // S in the inputs' dtype, widened into one fp32 row of scratch at a time
-        const at::Tensor wc = w.narrow(0, c0, n);
-        inverse_norms(wc.data_ptr<scalar_t>(), n, D, ws.r.data());
-        at::mm_out(s_tile, x, wc.t());
-        const scalar_t* dots = s_tile.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < B; ++i)
-          with_negatives(plan.rule, p.scale, i, [&](const auto& neg) {
-            forward_row(dots + i * n, ws.row.data(), n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i],
-                        neg, p, partials[t], i);
-          });
+      // the chunk's rows [r0, r0 + rows) of W: its classes [c0, c0 + n)
+      const int64_t r0 = k * n_max, rows = std::min(n_max, w.size(0) - r0), c0 = r0 / K, n = rows / K;
+      at::Tensor s_tile = front(ws.tile, B, rows);
+      // S in the inputs' dtype for native 16-bit GEMMs (widened as it is read), else fp32
+      const at::Tensor wc = native ? w.narrow(0, r0, rows) : fp32_rows(w, r0, rows, ws.w32);
+      if (native) {
+        inverse_norms(wc.data_ptr<scalar_t>(), rows, D, ws.r.data());
       } else {
-        const at::Tensor wc = fp32_rows(w, c0, n, ws.w32);
-        inverse_norms(wc.data_ptr<float>(), n, D, ws.r.data());
-        at::mm_out(s_tile, xf, wc.t());
-        float* rows = s_tile.data_ptr<float>();
+        inverse_norms(wc.data_ptr<float>(), rows, D, ws.r.data());
+      }
+      at::mm_out(s_tile, native ? x : xf, wc.t());
+      auto fold = [&](const auto* dots) {
+        using in_t = std::remove_cv_t<std::remove_pointer_t<decltype(dots)>>;
         for (int64_t i = 0; i < B; ++i)
           with_negatives(plan.rule, p.scale, i, [&](const auto& neg) {
-            forward_row(rows + i * n, rows + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i],
-                        neg, p, partials[t], i);
+            if (K == 1) {
+              forward_row(RowCosines<in_t>{dots + i * rows, q[i], ws.r.data()}, ws.row.data(), n, labels[i],
+                          class_start + c0, targets[i], neg, p, partials[t], i);
+            } else {
+              forward_row(SubcenterCosines<in_t>{dots + i * rows, q[i], ws.r.data(), K}, ws.row.data(), n,
+                          labels[i], class_start + c0, targets[i], neg, p, partials[t], i);
+            }
           });
+      };
+      if (native) {
+        fold(s_tile.data_ptr<scalar_t>());
+      } else {
+        fold(s_tile.data_ptr<float>());
       }
     });
 
@@ -444,16 +516,16 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
               const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
               const std::optional<at::Tensor>& hard_offset, double hard_quadratic, const at::Tensor& lse,
-              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, double scale,
-              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
+              const at::Tensor& grad_rows, int64_t class_start, int64_t subcenters, int64_t num_classes, int64_t chunk,
+              double scale, double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
               const std::optional<at::Tensor>& grad_w) {
   constexpr const char* op = "marginfused cpu backward";
   const BackwardPlan plan = check_backward(op, kCPU, x, w, y, target_logit, target_slope, hard_threshold, hard_offset,
-                                           hard_quadratic, lse, grad_rows, class_start, num_classes, chunk, scale,
-                                           label_smoothing, ignore_index, grad_x, grad_w);
+                                           hard_quadratic, lse, grad_rows, class_start, subcenters, num_classes,
+                                           chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
   const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  const int64_t B = x.size(0), D = x.size(1), K = plan.subcenters;
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const bool is_float = x.scalar_type() == at::kFloat;
@@ -462,8 +534,8 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     std::vector<float> q(B);
     inverse_norms(xf.data_ptr<float>(), B, D, q.data());
 
-    const int64_t n_max = std::min(chunk, C);
-    const int64_t chunks = (C + n_max - 1) / n_max;
+    const int64_t n_max = chunk_rows(chunk, w.size(0), K);
+    const int64_t chunks = (w.size(0) + n_max - 1) / n_max;
     const int threads = thread_count(chunks);
     std::vector<Workspace> work;
     // A = Σ_chunks U W_chunk, one fp32 accumulator per thread; thread 0's is grad_x itself when fp32.
@@ -481,9 +553,10 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
 
     run_chunks(chunks, threads, [&](int t, int64_t k) {
       Workspace& ws = work[t];
-      const int64_t c0 = k * n_max, n = std::min(n_max, C - c0);
+      // the chunk's rows [r0, r0 + n) of W, its classes [c0, c0 + n / K)
+      const int64_t r0 = k * n_max, n = std::min(n_max, w.size(0) - r0), c0 = r0 / K;
       // the chunk of W in fp32, or as it is for native 16-bit GEMMs
-      const at::Tensor wc = native ? w.narrow(0, c0, n) : fp32_rows(w, c0, n, ws.w32);
+      const at::Tensor wc = native ? w.narrow(0, r0, n) : fp32_rows(w, r0, n, ws.w32);
       if (native) {
         inverse_norms(wc.data_ptr<scalar_t>(), n, D, ws.r.data());
       } else {
@@ -496,8 +569,14 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       auto row_pass = [&](auto* u_data) {
         for (int64_t i = 0; i < B; ++i)
           with_negatives(plan.rule, plan.params.scale, i, [&](const auto& neg) {
-            backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
-                         neg, lse_data[i], up[i], smoothing_per_class, plan.params);
+            if (K == 1) {
+              backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
+                           neg, lse_data[i], up[i], smoothing_per_class, plan.params);
+            } else {
+              backward_row_subcenters(u_data + i * n, n / K, K, q[i], ws.r.data(), labels[i], class_start + c0,
+                                      targets[i], slopes[i], neg, lse_data[i], up[i], smoothing_per_class,
+                                      plan.params);
+            }
           });
       };
       if (native) {
@@ -514,13 +593,13 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
         }
       }
       if (need_w) {
-        scalar_t* out = grad_w->data_ptr<scalar_t>() + c0 * D;
+        scalar_t* out = grad_w->data_ptr<scalar_t>() + r0 * D;
         if (native) {  // dW rows before the projection in the inputs' dtype, projected from there
           at::Tensor h = front(ws.h16, n, D);
           at::mm_out(h, u_tile.t(), x);
           project_rows(h.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), ws.r.data(), n, D, out);
         } else {
-          at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(ws.h32, n, D);
+          at::Tensor h = is_float ? grad_w->narrow(0, r0, n) : front(ws.h32, n, D);
           at::mm_out(h, u_tile.t(), xf);
           project_rows(h.data_ptr<float>(), wc.data_ptr<float>(), ws.r.data(), n, D, out);
         }

@@ -16,6 +16,8 @@
 //             W_chunk and H = Uᵀ X with ATen, and
 //             project_rows_kernel turns H into dW rows: dw_j = H_j - ŵ_j (ŵ_j·H_j). After the
 //             last chunk the same projection turns A into dx.
+// Sub-centres as in cpu.cpp: chunks of whole classes; a class's cosine is the largest of its K rows'
+// (pick_subcenter) and its entry of U sits at its arg-max row, 0 at the others.
 // Everything after the GEMMs is fp32; the logit sum is accumulated in double.
 //
 // Only ATen/c10 headers are used (no cuBLAS headers), so this file compiles with nvcc against the
@@ -131,16 +133,25 @@ __global__ void finish_partials_kernel(int64_t batch, const double* logit_sum, f
     out_logit_sum[i] = static_cast<float>(logit_sum[i]);
 }
 
-// One block per row: fold the row's n logits of this chunk into its partials; the target's is t_i
-// (target_logit, read only where the target is in the chunk).
+// pick_subcenter's reading of a stored dot product.
+struct ToFloat {
+  template <typename T>
+  __device__ float operator()(T v) const {
+    return static_cast<float>(v);
+  }
+};
+
+// One block per row: fold the row's logits of this chunk's n classes (its `subcenters` · n rows of
+// W) into its partials; the target's is t_i (target_logit, read only where the target is in the
+// chunk).
 __global__ void __launch_bounds__(kThreads)
-    forward_chunk_kernel(const float* __restrict__ s_tile, int64_t n, const float* __restrict__ q,
+    forward_chunk_kernel(const float* __restrict__ s_tile, int64_t n, int64_t subcenters, const float* __restrict__ q,
                          const float* __restrict__ r, const int64_t* __restrict__ labels,
                          const float* __restrict__ target_logit, HardNegatives rule, int64_t chunk_start,
                          LossParams p, float* max, float* sumexp, double* logit_sum, float* best_cos,
                          int64_t* best_class) {
   const int64_t i = blockIdx.x;
-  const float* row = s_tile + i * n;
+  const float* row = s_tile + i * n * subcenters;
   const float qi = q[i];
   const int64_t target = target_column(labels[i], chunk_start, n, p.ignore_index);
   const RuledNegatives neg = ruled_negatives(rule, p.scale, i);
@@ -149,7 +160,9 @@ __global__ void __launch_bounds__(kThreads)
   Best best{-INFINITY, n};
   float zsum = 0.0f;  // Σ z over this thread's elements other than the target
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float c = clamp_unit(row[j] * qi * r[j]);
+    const float c = subcenters == 1 ? clamp_unit(row[j] * qi * r[j])
+                                    : pick_subcenter(row + j * subcenters, r + j * subcenters, qi, subcenters,
+                                                     ToFloat{}).cosine;
     best = better(best, Best{c, j});
     float z;
     if (j == target) {
@@ -204,11 +217,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Elementwise over the B×n tile: U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij from S_ij (zero on ignored rows),
-// written as grad_t (the input dtype, for the GEMMs; in place when that is float). t_i and σ_i
-// (target_logit, target_slope) are read only on the target. lse_i = lse_hi + lse_lo (split_lse).
+// Elementwise over the B×n tile (n rows of W): U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij from S_ij (zero on
+// ignored rows), written as grad_t (the input dtype, for the GEMMs; in place when that is float).
+// t_i and σ_i (target_logit, target_slope) are read only on the target. lse_i = lse_hi + lse_lo
+// (split_lse). With K sub-centres per class, element jK + k holds class j's entry if k is its
+// arg-max sub-centre, else 0 (each thread reads its class's K dot products; none is written in
+// place then: the tile is fp32 only when the inputs are, and K > 1 uses a separate output).
 template <typename grad_t>
 __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64_t batch, int64_t n,
+                                      int64_t subcenters,
                                       const float* __restrict__ q, const float* __restrict__ r,
                                       const int64_t* __restrict__ labels, const float* __restrict__ target_logit,
                                       const float* __restrict__ target_slope, HardNegatives rule, int64_t chunk_start,
@@ -224,9 +241,13 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
     const int64_t label = labels[i];
     const float u = grad_rows[i];
     float value = 0.0f;
-    if (label != p.ignore_index && u != 0.0f) {
-      const bool is_target = label - chunk_start == j;
-      const float c = clamp_unit(s_tile[idx] * q[i] * r[j]);
+    const int64_t group = j - j % subcenters;  // the first row of this row's class
+    const SubcenterPick pick = subcenters == 1 ? SubcenterPick{clamp_unit(s_tile[idx] * q[i] * r[j]), 0}
+                                               : pick_subcenter(s_tile + i * n + group, r + group, q[i],
+                                                                subcenters, ToFloat{});
+    if (label != p.ignore_index && u != 0.0f && group + pick.k == j) {
+      const bool is_target = label - chunk_start == j / subcenters;
+      const float c = pick.cosine;
       const RuledNegatives neg = ruled_negatives(rule, p.scale, i);
       const float z = is_target ? target_logit[i] : neg.logit(c);
       const float slope = is_target ? target_slope[i] : neg.slope(c);
@@ -333,19 +354,20 @@ void cosine_gemm(at::Tensor& s_tile, const at::Tensor& x, const at::Tensor& wc) 
 // forward_partials (common.h): every element of the five (B,) outputs.
 void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
                       const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_offset,
-                      double hard_quadratic, int64_t class_start, int64_t chunk, double scale, int64_t ignore_index,
-                      const at::Tensor& out_max, const at::Tensor& out_sumexp, const at::Tensor& out_logit_sum,
-                      const at::Tensor& out_best_cos, const at::Tensor& out_best_class) {
+                      double hard_quadratic, int64_t class_start, int64_t subcenters, int64_t chunk, double scale,
+                      int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
+                      const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
+                      const at::Tensor& out_best_class) {
   constexpr const char* op = "marginfused cuda forward_partials";
   const ForwardPlan plan = check_forward_partials(op, kCUDA, x, w, y, target_logit, hard_threshold, hard_offset,
-                                                  hard_quadratic, class_start, chunk, scale, ignore_index, out_max,
-                                                  out_sumexp, out_logit_sum, out_best_cos, out_best_class);
+                                                  hard_quadratic, class_start, subcenters, chunk, scale, ignore_index,
+                                                  out_max, out_sumexp, out_logit_sum, out_best_cos, out_best_class);
   const LossParams& p = plan.params;
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = plan.subcenters;
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n_max = std::min(chunk, C);
+  const int64_t n_max = chunk_rows(chunk, C, K);  // rows of W per chunk, whole classes
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor tile = at::empty({B * n_max}, f32);
   at::Tensor r = at::empty({n_max}, f32);
@@ -361,9 +383,9 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
         B, class_start, out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), logit_sum.data_ptr<double>(),
         out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    for (int64_t c0 = 0; c0 < C; c0 += n_max) {
-      const int64_t n = std::min(n_max, C - c0);
-      const at::Tensor wc = w.narrow(0, c0, n);
+    for (int64_t r0 = 0; r0 < C; r0 += n_max) {  // the chunk's rows [r0, r0 + n), classes from r0 / K
+      const int64_t n = std::min(n_max, C - r0);
+      const at::Tensor wc = w.narrow(0, r0, n);
       inverse_norms_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
           wc.data_ptr<scalar_t>(), n, D, vector_rows(wc), r.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -371,8 +393,8 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       cosine_gemm(s_tile, x, wc);
       TORCH_CHECK(B <= std::numeric_limits<int>::max(), op, ": batch too large for one grid");
       forward_chunk_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-          s_tile.data_ptr<float>(), n, q.data_ptr<float>(), r.data_ptr<float>(), y.data_ptr<int64_t>(),
-          target_logit.data_ptr<float>(), plan.rule, class_start + c0, p, out_max.data_ptr<float>(),
+          s_tile.data_ptr<float>(), n / K, K, q.data_ptr<float>(), r.data_ptr<float>(), y.data_ptr<int64_t>(),
+          target_logit.data_ptr<float>(), plan.rule, class_start + r0 / K, p, out_max.data_ptr<float>(),
           out_sumexp.data_ptr<float>(), logit_sum.data_ptr<double>(), out_best_cos.data_ptr<float>(),
           out_best_class.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -387,24 +409,25 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
               const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
               const std::optional<at::Tensor>& hard_offset, double hard_quadratic, const at::Tensor& lse,
-              const at::Tensor& grad_rows, int64_t class_start, int64_t num_classes, int64_t chunk, double scale,
-              double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
+              const at::Tensor& grad_rows, int64_t class_start, int64_t subcenters, int64_t num_classes, int64_t chunk,
+              double scale, double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
               const std::optional<at::Tensor>& grad_w) {
   constexpr const char* op = "marginfused cuda backward";
   const BackwardPlan plan = check_backward(op, kCUDA, x, w, y, target_logit, target_slope, hard_threshold,
-                                           hard_offset, hard_quadratic, lse, grad_rows, class_start, num_classes, chunk,
-                                           scale, label_smoothing, ignore_index, grad_x, grad_w);
+                                           hard_offset, hard_quadratic, lse, grad_rows, class_start, subcenters,
+                                           num_classes, chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
   const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0);
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = plan.subcenters;
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool is_float = x.scalar_type() == at::kFloat;
-  const int64_t n_max = std::min(chunk, C);
+  const int64_t n_max = chunk_rows(chunk, C, K);  // rows of W per chunk, whole classes
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor tile = at::empty({B * n_max}, f32);
-  at::Tensor u_lowp = is_float ? tile : at::empty({B * n_max}, x.options());
+  // U in place of S only where each element reads its own S alone (fp32, one row per class)
+  at::Tensor u_lowp = is_float && K == 1 ? tile : at::empty({B * n_max}, x.options());
   at::Tensor r = at::empty({n_max}, f32);
   at::Tensor q = at::empty({B}, f32);
   at::Tensor lse_hi = at::empty({B}, f32);
@@ -433,21 +456,21 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
                                                       lift.data_ptr<float>(), lift.data_ptr<float>() + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor unlift = lift.narrow(0, 1, 1);
-    for (int64_t c0 = 0; c0 < C; c0 += n_max) {
-      const int64_t n = std::min(n_max, C - c0);
-      const at::Tensor wc = w.narrow(0, c0, n);
+    for (int64_t r0 = 0; r0 < C; r0 += n_max) {  // the chunk's rows [r0, r0 + n), classes from r0 / K
+      const int64_t n = std::min(n_max, C - r0);
+      const at::Tensor wc = w.narrow(0, r0, n);
       inverse_norms_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
           wc.data_ptr<scalar_t>(), n, D, vector_rows(wc), r.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor s_tile = front(tile, B, n);
       cosine_gemm(s_tile, x, wc);
-      at::Tensor u_tile = front(u_lowp, B, n);  // the tile itself when float
+      at::Tensor u_tile = front(u_lowp, B, n);
       const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads),
                       static_cast<unsigned>(std::min<int64_t>(B, 65535)));
       backward_chunk_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, q.data_ptr<float>(), r.data_ptr<float>(),
+          s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, K, q.data_ptr<float>(), r.data_ptr<float>(),
           y.data_ptr<int64_t>(), target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), plan.rule,
-          class_start + c0,
+          class_start + r0 / K,
           lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), lift.data_ptr<float>(),
           smoothing_per_class, plan.params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -460,7 +483,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
         }
       }
       if (need_w) {
-        at::Tensor h = is_float ? grad_w->narrow(0, c0, n) : front(h_buffer, n, D);
+        at::Tensor h = is_float ? grad_w->narrow(0, r0, n) : front(h_buffer, n, D);
         if (is_float) {
           at::mm_out(h, u_tile.t(), x);
         } else {
@@ -469,7 +492,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
         project_rows_kernel<scalar_t, scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
             h.data_ptr<float>(), wc.data_ptr<scalar_t>(), r.data_ptr<float>(), n, D, vector_rows(wc),
             unlift.data_ptr<float>(),
-            grad_w->data_ptr<scalar_t>() + c0 * D);
+            grad_w->data_ptr<scalar_t>() + r0 * D);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

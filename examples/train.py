@@ -7,6 +7,7 @@ training accuracy (nearest class centre) rises as the network learns to separate
 
     python examples/train.py                                  # 4,000 identities on the CPU, < 1 min
     python examples/train.py --margin adaface                 # any margin name: magface, curricularface, ...
+    python examples/train.py --subcenters 3                   # sub-centre ArcFace: 3 centres per identity
     python examples/train.py --device cuda --classes 1000000  # a million identities on a GPU
 """
 
@@ -37,6 +38,7 @@ def train(
     batch: int = 512,
     steps: int = 300,
     margin: str = "arcface",
+    subcenters: int = 1,
     scale: float = 64.0,
     noise: float = 0.6,
     lr: float = 0.1,
@@ -49,7 +51,8 @@ def train(
     torch.manual_seed(seed)
     identities = nn.functional.normalize(torch.randn(classes, input_dim, device=device), dim=1)
     network = embedding_network(input_dim, embedding_dim).to(device)
-    head = mf.MarginSoftmaxLoss(embedding_dim, classes, margin=margin, scale=scale, backend=backend, device=device)
+    head = mf.MarginSoftmaxLoss(embedding_dim, classes, margin=margin, scale=scale, subcenters=subcenters,
+                                backend=backend, device=device)
     optimizer = torch.optim.SGD([*network.parameters(), *head.parameters()], lr=lr, momentum=0.9, weight_decay=5e-4)
     sampler = torch.Generator(device=device).manual_seed(seed + 1)
     losses = []
@@ -78,6 +81,7 @@ def main() -> None:
     parser.add_argument("--margin", default="arcface",
                         help="a margin name: cosface, arcface, sphereface, expface, combined, adaface, magface, "
                              "curricularface")
+    parser.add_argument("--subcenters", type=int, default=1, help="class centres per identity (sub-centre ArcFace)")
     parser.add_argument("--scale", type=float, default=64.0)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--backend", default="auto")
@@ -86,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"backends: {mf.available_backends()}")
     losses = train(
-        classes=args.classes, batch=args.batch, steps=args.steps, margin=args.margin, scale=args.scale,
+        classes=args.classes, batch=args.batch, steps=args.steps, margin=args.margin, subcenters=args.subcenters,
+        scale=args.scale,
         lr=args.lr, backend=args.backend, device=args.device, seed=args.seed,
     )
     print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")

@@ -28,7 +28,7 @@ owns rows [b·BLOCK_B, …), the classes of split k (the forward's splits) and t
 float32 register tile and stores it once, as partial k of an (n_splits, B, D) float32 buffer;
 `project.py` sums the partials in split order and maps them through the normalisation.
 
-`class_grad_kernel` — dW. Grid (cdiv(C_local, BLOCK_C), cdiv(D, BLOCK_G)): program (c, g) owns a
+`class_grad_kernel` — dW. Grid (cdiv(C_local, BLOCK_C), cdiv(D, BLOCK_G), K): program (c, g) owns a
 class tile and the columns [g·BLOCK_G, …) of D and loops over every batch tile, in order, with
 its cosine tiles class-major (BLOCK_C × BLOCK_B), accumulating Σ_i G_ij r_xi x_i[cols] in a
 (BLOCK_C × BLOCK_G) float32 register tile. The projection through the normalisation needs
@@ -47,6 +47,14 @@ G ≈ s·p/B ≈ 6e-8 is float16's smallest subnormal: unscaled, the negative cl
 in all) would be lost to the cast. A zero row's r is 1/1e-12; its entries of G·r·2^k may pass
 float16's range and are clamped to it, so they multiply the row's zeros to exactly 0 (never inf·0).
 
+Sub-centres (SUBCENTERS = K > 1; C counts classes, W has C·K rows): both kernels take each class's
+cosine as the largest of its K (`tiles.class_cos_tile`) and send its G_ij to the first sub-centre
+holding it. `row_grad_kernel` makes K gradient dots per class tile, each with G masked to the
+classes whose choice is k; `class_grad_kernel` gains a third grid axis over k: program (c, g, k)
+owns sub-centre k of its classes, recomputes all K cosine tiles to know each class's choice, and
+accumulates the G of the classes that chose k (K·(2K + 2)·B·C·D FLOP at BLOCK_G ≥ D, against
+4·B·C·K·D for K plain classes: the recomputed cosines are the price of owning each output).
+
 Cost: 4·B·C·D FLOP per kernel (the recomputed cosines and the gradient dot) when BLOCK_G ≥ D,
 2·B·C·D more for each further slice of D (each recomputes the cosines). Memory: the
 (n_splits, B, D) partials (n_splits does not grow with C) and dW itself.
@@ -58,7 +66,7 @@ import triton
 import triton.language as tl
 
 from .norms import inverse_norm
-from .tiles import cos_tile, logit_gradient, row_rule, target_offsets
+from .tiles import class_cos_tile, logit_gradient, row_rule, target_offsets
 
 FLOAT16_MAX = tl.constexpr(65504.0)
 
@@ -99,7 +107,7 @@ def row_grad_kernel(
     hard_offset_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, grad_scale_ptr, dx_part_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
     scale, ignore_index, target_weight, smoothing_per_class, quadratic,
-    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr, SUBCENTERS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # target_weight = 1 − ε, smoothing_per_class = ε / C (C the global class count).
@@ -124,17 +132,22 @@ def row_grad_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tile
         col_ok = cols < c_end
-        inv_w = tl.load(inv_w_ptr + cols, mask=col_ok, other=0.0)
-        cos = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w, D, stride_x, stride_w,
-                       BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
+        cos, choice = class_cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w_ptr, D, stride_x,
+                                     stride_w, BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION, SUBCENTERS, False)
         is_target = tl.arange(0, BLOCK_C)[None, :] == target_offsets(target_col, c0, BLOCK_C)[:, None]
         g = logit_gradient(cos, is_target, target_logit[:, None], row_max[:, None], log_sumexp[:, None],
                            slope_ratio[:, None], row_factor[:, None], threshold[:, None], offset[:, None], quadratic,
                            scale, target_weight, smoothing_per_class, HARD_NEGATIVES)
-        g = g * (inv_w * grad_scale)[None, :]  # columns past the split: r_w = 0 and w = 0
-        w = tl.load(w_ptr + cols[:, None] * stride_w + g_dims[None, :],
-                    mask=col_ok[:, None] & g_ok[None, :], other=0.0)
-        acc = tl.dot(_dot_operand(g, w_ptr.dtype.element_ty), w, acc, input_precision=DOT_PRECISION)
+        for k in tl.static_range(SUBCENTERS):
+            w_rows = cols * SUBCENTERS + k
+            inv_w = tl.load(inv_w_ptr + w_rows, mask=col_ok, other=0.0)
+            g_k = g
+            if SUBCENTERS > 1:
+                g_k = tl.where(choice == k, g, 0.0)  # the classes whose gradient goes to sub-centre k
+            g_k = g_k * (inv_w * grad_scale)[None, :]  # columns past the split: r_w = 0 and w = 0
+            w = tl.load(w_ptr + w_rows[:, None] * stride_w + g_dims[None, :],
+                        mask=col_ok[:, None] & g_ok[None, :], other=0.0)
+            acc = tl.dot(_dot_operand(g_k, w_ptr.dtype.element_ty), w, acc, input_precision=DOT_PRECISION)
 
     out = dx_part_ptr + (split * B + rows[:, None]) * D + g_dims[None, :]
     tl.store(out, acc / grad_scale, mask=row_ok[:, None] & g_ok[None, :])
@@ -146,15 +159,17 @@ def class_grad_kernel(
     hard_offset_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, grad_scale_ptr, dw_ptr,
     B, C_local, D, stride_x, stride_w, class_start, batch_bucket,
     scale, ignore_index, target_weight, smoothing_per_class, quadratic,
-    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr, SUBCENTERS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_c = tl.program_id(0).to(tl.int64)
     d_slice = tl.program_id(1).to(tl.int64)
+    sub = tl.program_id(2)  # the sub-centre of its classes this program owns (0 without sub-centres)
     c0 = pid_c * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
     col_ok = cols < C_local
-    inv_w = tl.load(inv_w_ptr + cols, mask=col_ok, other=0.0)
+    w_rows = cols * SUBCENTERS + sub
+    inv_w = tl.load(inv_w_ptr + w_rows, mask=col_ok, other=0.0)
     grad_scale = tl.load(grad_scale_ptr)
     g_dims = d_slice * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     g_ok = g_dims < D
@@ -169,12 +184,14 @@ def class_grad_kernel(
             y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
             rows, B, C_local, class_start, scale, ignore_index)
         threshold, offset = row_rule(hard_threshold_ptr, hard_offset_ptr, rows, row_ok, HARD_NEGATIVES)
-        cos = cos_tile(w_ptr, x_ptr, cols, rows, col_ok, row_ok, inv_w, inv_x, D, stride_w, stride_x,
-                       BLOCK_C, BLOCK_B, BLOCK_D, DOT_PRECISION)
+        cos, choice = class_cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w_ptr, D, stride_x,
+                                     stride_w, BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION, SUBCENTERS, True)
         is_target = tl.arange(0, BLOCK_C)[:, None] == target_offsets(target_col, c0, BLOCK_C)[None, :]
         g = logit_gradient(cos, is_target, target_logit[None, :], row_max[None, :], log_sumexp[None, :],
                            slope_ratio[None, :], row_factor[None, :], threshold[None, :], offset[None, :], quadratic,
                            scale, target_weight, smoothing_per_class, HARD_NEGATIVES)
+        if SUBCENTERS > 1:
+            g = tl.where(choice == sub, g, 0.0)  # the classes whose gradient goes to this sub-centre
         w_hat_dot_g += tl.sum(g * cos, axis=1)
         x = tl.load(x_ptr + rows[:, None] * stride_x + g_dims[None, :],
                     mask=row_ok[:, None] & g_ok[None, :], other=0.0)
@@ -184,7 +201,7 @@ def class_grad_kernel(
     # dW_j = (dŴ_j − ŵ_j (ŵ_j·dŴ_j))·r_wj = dŴ_j·r_wj − w_j·(ŵ_j·dŴ_j)·r_wj², the projection term
     # dropped where ‖w_j‖ < 1e-12 (r_wj = 1/1e-12: F.normalize's clamp holds the norm constant)
     mask = col_ok[:, None] & g_ok[None, :]
-    w = tl.load(w_ptr + cols[:, None] * stride_w + g_dims[None, :], mask=mask, other=0.0)
+    w = tl.load(w_ptr + w_rows[:, None] * stride_w + g_dims[None, :], mask=mask, other=0.0)
     along_w = tl.where(inv_w < inverse_norm(0.0), w_hat_dot_g * inv_w * inv_w, 0.0)
     out = (acc / grad_scale) * inv_w[:, None] - w.to(tl.float32) * along_w[:, None]
-    tl.store(dw_ptr + cols[:, None] * D + g_dims[None, :], out.to(dw_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptr + w_rows[:, None] * D + g_dims[None, :], out.to(dw_ptr.dtype.element_ty), mask=mask)

@@ -187,6 +187,10 @@ def inspect(kernel, label: str, arch: int, num_stages: int) -> Report:
                   "fenced" if FENCED.search(ptx) else "relaxed" if ATOMIC.search(ptx) else "none")
 
 
+VARIANTS = [("", False, 1), (" +rule", True, 1), (" +subcentres", False, 3)]
+"""The forward and backward kernels' variants checked: (label, HARD_NEGATIVES, SUBCENTERS)."""
+
+
 def jobs(dtypes, arch: int) -> list[tuple]:
     """(label, kernel module and name, argument types, constexprs, tiles) of every kernel variant."""
     from . import configs
@@ -203,13 +207,13 @@ def jobs(dtypes, arch: int) -> list[tuple]:
                         log_sumexp_ptr="*fp32", grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_ptr=f"*{element}",
                         g_ptr="*fp32", hard_threshold_ptr="*fp32", hard_offset_ptr="*fp32")
         types = {**SCALARS, **pointers}
-        forward = configs.FORWARD_GPU[configs.family(arch), width]
-        row_grad = configs.ROW_GRAD_GPU[configs.family(arch), width]
-        class_grad = configs.CLASS_GRAD_GPU[configs.family(arch), width]
         rows = configs.PROJECT_GPU
-        for rule in (False, True):
-            variant = " +rule" if rule else ""
-            common = dict(DOT_PRECISION=precision, HARD_NEGATIVES=rule)
+        for variant, rule, subcenters in VARIANTS:
+            key = configs.family(arch), width
+            forward = (configs.FORWARD_GPU if subcenters == 1 else configs.FORWARD_SUBCENTRES_GPU)[key]
+            row_grad = (configs.ROW_GRAD_GPU if subcenters == 1 else configs.ROW_GRAD_SUBCENTRES_GPU)[key]
+            class_grad = (configs.CLASS_GRAD_GPU if subcenters == 1 else configs.CLASS_GRAD_SUBCENTRES_GPU)[key]
+            common = dict(DOT_PRECISION=precision, HARD_NEGATIVES=rule, SUBCENTERS=subcenters)
             out += [
                 (f"forward{variant} {dtype}", ("forward", "row_partials_kernel"), types,
                  dict(common, BLOCK_B=forward.block_b, BLOCK_C=forward.block_c, BLOCK_D=forward.block_d), forward),

@@ -58,6 +58,26 @@ CLASS_GRAD_GPU = {
     ("ampere", "16"): Tiles(block_b=32, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=256),
     ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
 }
+# With K > 1 sub-centres per class each cosine tile is the largest of K, kept beside the tile being
+# computed and the arg-max tile (the backward's): smaller class tiles (or, for Hopper's 16-bit
+# embeddings' backward, a narrower slice of D) where the plain configuration would spill (checked
+# at K = 3).
+FORWARD_SUBCENTRES_GPU = {
+    **FORWARD_GPU,
+    ("hopper", "16"): Tiles(block_b=128, block_c=32, block_d=64, num_warps=8, num_stages=3),
+    ("ampere", "16"): Tiles(block_b=128, block_c=32, block_d=64, num_warps=8, num_stages=3),
+    ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2),
+}
+ROW_GRAD_SUBCENTRES_GPU = {
+    **ROW_GRAD_GPU,
+    ("hopper", "16"): Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=128),
+    ("ampere", "32"): Tiles(block_b=32, block_c=16, block_d=16, num_warps=4, num_stages=2, block_g=64),
+}
+CLASS_GRAD_SUBCENTRES_GPU = {
+    **CLASS_GRAD_GPU,
+    ("ampere", "16"): Tiles(block_b=32, block_c=32, block_d=64, num_warps=8, num_stages=2, block_g=256),
+    ("ampere", "32"): Tiles(block_b=32, block_c=16, block_d=16, num_warps=4, num_stages=2, block_g=64),
+}
 PROJECT_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
 FORWARD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1)
@@ -141,27 +161,31 @@ def family(arch: int) -> str:
     return "hopper" if arch in (90, 100, 103) else "ampere"
 
 
-def forward_tiles(dtype, arch: int) -> Tiles:
-    return FORWARD_INTERPRET if interpreting() else FORWARD_GPU[family(arch), _width(dtype)]
+def forward_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
+    table = FORWARD_GPU if subcenters == 1 else FORWARD_SUBCENTRES_GPU
+    return FORWARD_INTERPRET if interpreting() else table[family(arch), _width(dtype)]
 
 
-def row_grad_tiles(dtype, arch: int) -> Tiles:
-    return GRAD_INTERPRET if interpreting() else ROW_GRAD_GPU[family(arch), _width(dtype)]
+def row_grad_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
+    table = ROW_GRAD_GPU if subcenters == 1 else ROW_GRAD_SUBCENTRES_GPU
+    return GRAD_INTERPRET if interpreting() else table[family(arch), _width(dtype)]
 
 
-def class_grad_tiles(dtype, arch: int) -> Tiles:
-    return GRAD_INTERPRET if interpreting() else CLASS_GRAD_GPU[family(arch), _width(dtype)]
+def class_grad_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
+    table = CLASS_GRAD_GPU if subcenters == 1 else CLASS_GRAD_SUBCENTRES_GPU
+    return GRAD_INTERPRET if interpreting() else table[family(arch), _width(dtype)]
 
 
 def project_tiles() -> Tiles:
     return PROJECT_INTERPRET if interpreting() else PROJECT_GPU
 
 
-def autotuning(dtype=None) -> bool:
+def autotuning(dtype=None, subcenters: int = 1) -> bool:
     """True when MARGINFUSED_AUTOTUNE=1 asks for autotuning, kernels run on a GPU, and the inputs
-    are 16-bit (the candidates are 16-bit configurations)."""
+    are 16-bit (the candidates are 16-bit configurations) with one row per class (the candidates
+    are not checked with sub-centres)."""
     asked = os.environ.get("MARGINFUSED_AUTOTUNE", "0") not in ("", "0")
-    return asked and not interpreting() and _width(dtype) == "16"
+    return asked and not interpreting() and _width(dtype) == "16" and subcenters == 1
 
 
 def split_align() -> int:

@@ -6,6 +6,7 @@ target logit the caller supplies, s·f(c_iy) for a margin f evaluated in PyTorch
     c_ij = clamp(x̂_i · ŵ_j, −1, 1)
     z_ij = s·c_ij  (j ≠ y_i),   z_iy = target_logit_i
     (HARD_NEGATIVES: z_ij = s·c_ij·(a_i + q·c_ij) where c_ij > τ_i, j ≠ y_i; tiles.py)
+    (SUBCENTERS = K > 1: c_ij = max_k clamp(x̂_i · ŵ_{jK+k}, −1, 1); tiles.class_cos_tile)
     over the classes j of one split, per row i:
         max_i       = max_j z_ij
         sumexp_i    = Σ_j exp(z_ij − max_i)        (online: rescaled as the max grows)
@@ -32,7 +33,7 @@ All offsets are int64.
 import triton
 import triton.language as tl
 
-from .tiles import cos_tile, negative_logits, row_rule, target_offsets
+from .tiles import class_cos_tile, negative_logits, row_rule, target_offsets
 
 
 @triton.jit
@@ -41,9 +42,10 @@ def row_partials_kernel(
     max_ptr, sumexp_ptr, logit_sum_ptr, best_cos_ptr, best_class_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
     scale, ignore_index, quadratic,
-    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr, SUBCENTERS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # C_local counts classes; W has C_local·SUBCENTERS rows
     # batch_bucket: unused in the body; the autotuning key (B rounded up to a power of two).
     pid_b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -69,9 +71,8 @@ def row_partials_kernel(
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tile
         col_ok = cols < c_end
-        inv_w = tl.load(inv_w_ptr + cols, mask=col_ok, other=0.0)
-        cos = cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w, D, stride_x, stride_w,
-                       BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
+        cos, _ = class_cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w_ptr, D, stride_x, stride_w,
+                                BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION, SUBCENTERS, False)
         is_target = tl.arange(0, BLOCK_C)[None, :] == target_offsets(target_col, c0, BLOCK_C)[:, None]
         negatives = negative_logits(cos, threshold[:, None], offset[:, None], quadratic, scale, HARD_NEGATIVES)
         z = tl.where(is_target, target_logit[:, None], negatives)

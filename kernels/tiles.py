@@ -44,6 +44,37 @@ def cos_tile(
 
 
 @triton.jit
+def class_cos_tile(
+    x_ptr, w_ptr, rows, classes, row_ok, class_ok, inv_x, inv_w_ptr, D, stride_x, stride_w,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SUBCENTERS: tl.constexpr, CLASS_MAJOR: tl.constexpr,
+):
+    """The class cosines c_ij of a tile, batch-major (BLOCK_B × BLOCK_C) or CLASS_MAJOR (BLOCK_C ×
+    BLOCK_B), and which sub-centre k gives each (int32, the first on ties; all 0 for one row per
+    class, unused there and compiled away): with SUBCENTERS = K > 1 the largest of the K cosine
+    tiles `cos_tile` gives for rows jK + k, the rows' inverse norms loaded per k."""
+    shape: tl.constexpr = (BLOCK_C, BLOCK_B) if CLASS_MAJOR else (BLOCK_B, BLOCK_C)
+    best = tl.full(shape, -2.0, tl.float32)  # below every clamped cosine
+    choice = tl.zeros(shape, tl.int32)
+    for k in tl.static_range(SUBCENTERS):
+        w_rows = classes * SUBCENTERS + k
+        inv_w = tl.load(inv_w_ptr + w_rows, mask=class_ok, other=0.0)
+        if CLASS_MAJOR:
+            cos = cos_tile(w_ptr, x_ptr, w_rows, rows, class_ok, row_ok, inv_w, inv_x, D, stride_w, stride_x,
+                           BLOCK_C, BLOCK_B, BLOCK_D, DOT_PRECISION)
+        else:
+            cos = cos_tile(x_ptr, w_ptr, rows, w_rows, row_ok, class_ok, inv_x, inv_w, D, stride_x, stride_w,
+                           BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION)
+        if SUBCENTERS == 1:
+            best = cos
+        else:
+            better = cos > best
+            choice = tl.where(better, k, choice)
+            best = tl.where(better, cos, best)
+    return best, choice
+
+
+@triton.jit
 def target_offsets(target_col, c0, BLOCK_C: tl.constexpr):
     """Each row's target column relative to the class tile starting at c0, or −1 where the target
     is not in the tile (int32: an int64 comparison tile costs twice the registers)."""

@@ -12,6 +12,7 @@ from .backends import BackendUnavailableError, available_backends, explain_backe
 from .functional import margin_cross_entropy
 from .margins import ArcFace, CombinedMargin, CosFace, ExpFace, Margin, SphereFace
 from .modules import MarginSoftmaxLoss
+from .subcenters import SubcenterCleaning, subcenter_outliers
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,9 @@ __all__ = [
     "Margin",
     "MarginSoftmaxLoss",
     "SphereFace",
+    "SubcenterCleaning",
     "available_backends",
     "explain_backend",
     "margin_cross_entropy",
+    "subcenter_outliers",
 ]

@@ -33,12 +33,13 @@ def check_inputs(
     num_classes: Optional[int] = None,
     margin: Optional[MarginFunction] = None,
     allow_no_rows: bool = False,
+    subcenters: int = 1,
 ) -> None:
     """Check shapes, dtypes, devices, finiteness and label range of the loss's inputs.
 
     embeddings: (B, D) floating; weight: (C, D), same dtype and device; labels: (B,) integer,
     each in [0, num_classes) or equal to `ignore_index`, num_classes being C unless given (a shard
-    of the classes takes global labels); a margin's per-row parameters one value per row, on the
+    of the classes takes global labels), C = the weight's rows / `subcenters` (whole classes); a margin's per-row parameters one value per row, on the
     embeddings' device. B = 0 only with `allow_no_rows` (a rank's share of a sharded batch).
     Raises TypeError or ValueError naming the argument.
     Under torch.compile only shapes, dtypes and devices are checked, not values.
@@ -67,9 +68,14 @@ def check_inputs(
     batch, dim = x.shape
     if (batch == 0 and not allow_no_rows) or dim == 0:
         raise ValueError(f"embeddings must be non-empty, got shape {tuple(x.shape)}")
-    num_classes = w.shape[0] if num_classes is None else num_classes
     if w.shape[0] == 0:
         raise ValueError(f"weight must have at least one class, got shape {tuple(w.shape)}")
+    if w.shape[0] % subcenters:
+        raise ValueError(
+            f"weight's {w.shape[0]} rows are not whole classes of subcenters={subcenters} sub-centres each "
+            f"(class j's sub-centres are rows j·{subcenters} to j·{subcenters} + {subcenters - 1})"
+        )
+    num_classes = w.shape[0] // subcenters if num_classes is None else num_classes
     if w.shape[1] != dim:
         raise ValueError(
             f"weight must have the embedding dim of embeddings ({dim}), got shape {tuple(w.shape)}"

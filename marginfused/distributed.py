@@ -120,12 +120,12 @@ def _all_reduce_partials(local: RowPartials, group: Optional[dist.ProcessGroup])
 
 
 def _target_cosines(x: Tensor, w_shard: Tensor, labels: Tensor, class_start: int, ignore_index: int,
-                    group: Optional[dist.ProcessGroup]) -> Tensor:
+                    subcenters: int, group: Optional[dist.ProcessGroup]) -> Tensor:
     """c_iy of every row of the gathered batch: the rank holding class y_i computes it from its
-    row of W, the others contribute 0, and an all-reduce sums them."""
+    row(s) of W, the others contribute 0, and an all-reduce sums them."""
     local = labels - class_start
-    mine = (labels != ignore_index) & (local >= 0) & (local < len(w_shard))
-    cos = target_cosines(x, w_shard, local, mine)
+    mine = (labels != ignore_index) & (local >= 0) & (local < len(w_shard) // subcenters)
+    cos = target_cosines(x, w_shard, local, mine, subcenters)
     dist.all_reduce(cos, group=group)
     return cos
 
@@ -174,14 +174,16 @@ def _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rat
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     expected = shard_range(num_classes, rank, world_size)
-    if not isinstance(w_shard, Tensor) or (class_start, class_start + len(w_shard)) != expected:
+    per_class = settings.subcenters
+    held = divmod(len(w_shard), per_class) if isinstance(w_shard, Tensor) else None  # (classes, rows left over)
+    if held is None or held[1] or (class_start, class_start + held[0]) != expected:
         rows = len(w_shard) if isinstance(w_shard, Tensor) else type(w_shard).__name__
         raise ValueError(
             f"w_shard must hold the classes shard_range({num_classes}, {rank}, {world_size}) = "
-            f"[{expected[0]}, {expected[1]}), got class_start={class_start} with {rows} rows"
+            f"[{expected[0]}, {expected[1]}) ({per_class} row(s) each), got class_start={class_start} with {rows} rows"
         )
     check_inputs(x_local, w_shard, y_local, settings.ignore_index, num_classes=num_classes, margin=settings.margin,
-                 allow_no_rows=True)
+                 allow_no_rows=True, subcenters=per_class)
 
 
 def _agree_on_inputs(problem: Optional[Exception], x_local: object, group: Optional[dist.ProcessGroup]) -> list[int]:
@@ -272,6 +274,7 @@ def sharded_margin_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     interclass_filtering: Optional[float] = None,
+    subcenters: int = 1,
     sample_rate: float = 1.0,
     backend: str = "auto",
     generator: Optional[torch.Generator] = None,
@@ -282,8 +285,9 @@ def sharded_margin_cross_entropy(
     Every rank passes its local batch `x_local` (B_local × D; B_local may differ between ranks and
     be 0 on some, and the loss is that of the concatenated batch), its
     labels `y_local` (global class ids in [0, num_classes), or ignore_index), and its shard
-    `w_shard` of W: the rows [class_start, class_start + len(w_shard)), which must be
-    `shard_range(num_classes, rank, world_size)`. Returns the loss over the global batch, the same
+    `w_shard` of W: the classes [class_start, class_start + len(w_shard) / subcenters), which must be
+    `shard_range(num_classes, rank, world_size)` (with K = `subcenters` rows per class, W's rows
+    [class_start·K, stop·K)). Returns the loss over the global batch, the same
     on every rank ("mean" over its rows not ignored, or "sum"); with reduction="none", the
     per-row losses of this rank's rows. Gradients: w_shard gets ∂L/∂w_shard, x_local gets
     world_size × ∂L/∂x_local (see the module docstring). `sample_rate` < 1 is Partial FC's class
@@ -301,8 +305,8 @@ def sharded_margin_cross_entropy(
     with autocast_off:
         return _sharded_margin_cross_entropy(
             x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction,
-            ignore_index, label_smoothing, interclass_filtering, sample_rate, backend, generator, sparse_grad,
-            world_size, rank,
+            ignore_index, label_smoothing, interclass_filtering, subcenters, sample_rate, backend, generator,
+            sparse_grad, world_size, rank,
         )
 
 
@@ -349,12 +353,13 @@ def _with_regulariser(loss: Tensor, target: TargetLogits, labels: Tensor, ignore
 
 def _sharded_margin_cross_entropy(
     x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction, ignore_index,
-    label_smoothing, interclass_filtering, sample_rate, backend, generator, sparse_grad, world_size, rank,
+    label_smoothing, interclass_filtering, subcenters, sample_rate, backend, generator, sparse_grad, world_size, rank,
 ) -> Tensor:
     problem: Optional[Exception] = None
     try:
         check_functional_margin(margin)
-        settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering)
+        settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering,
+                                      subcenters)
         check_reduction(reduction)
         _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, settings, rank, world_size)
     except (TypeError, ValueError) as error:
@@ -363,13 +368,14 @@ def _sharded_margin_cross_entropy(
 
     labels = _all_gather(y_local.long(), group, sizes)
     if sample_rate < 1 or sparse_grad:
-        index = sample_classes(labels, class_start, len(w_shard), sample_rate, ignore_index, generator)
+        index = sample_classes(labels, class_start, len(w_shard) // subcenters, sample_rate, ignore_index, generator)
         labels, class_start, num_classes = _sampled_labels(labels, index, class_start, ignore_index, group)
-        # the sampled rows; with sparse_grad their gradient is a sparse tensor of those rows alone
-        w_shard = F.embedding(index, w_shard, sparse=sparse_grad)
+        # the sampled classes' rows; with sparse_grad their gradient is a sparse tensor of those rows alone
+        rows = (index.unsqueeze(1) * subcenters + torch.arange(subcenters, device=index.device)).flatten()
+        w_shard = F.embedding(rows, w_shard, sparse=sparse_grad)
     implementation = select_backend(backend, x_local)
     x = _all_gather(x_local.detach(), group, sizes)
-    cos = _target_cosines(x, w_shard, labels, class_start, ignore_index, group)
+    cos = _target_cosines(x, w_shard, labels, class_start, ignore_index, subcenters, group)
     valid_local = y_local != ignore_index
     target = target_logits(cos[_rows_of(rank, sizes)], valid_local, settings, x_local,
                            _global_batch_sum(valid_local, group))
@@ -394,15 +400,19 @@ class ShardedMarginSoftmaxLoss(nn.Module):
     calls `sharded_margin_cross_entropy`; see it for the gradients' convention, sampling and
     `sparse_grad` (a row-sparse weight gradient of the sampled rows, for sampled-row optimizers).
 
+    With `subcenters=K`, `weight` holds K rows per class (class j's at rows (j − class_start)·K …).
+
     Checkpoints. `state_dict()` gives the weight as a DTensor of the whole (num_classes,
-    embedding_dim) centres, sharded Shard(0) over the group, its local tensor this rank's rows
-    (the same memory), and a margin module's state (running statistics) as it is. So
+    embedding_dim) centres ((num_classes, K, embedding_dim) with K > 1 sub-centres, so that its
+    Shard(0) splits whole classes), sharded Shard(0) over the group, its local tensor this rank's
+    rows (the same memory), and a margin module's state (running statistics) as it is. So
     `torch.distributed.checkpoint.save({"head": head.state_dict()}, checkpoint_id=path)` on R
     ranks and, on R′ ranks, `sd = head.state_dict()`, `torch.distributed.checkpoint.load({"head":
     sd}, checkpoint_id=path)`, `head.load_state_dict(sd)` give every rank its rows of the same
     centres. `load_state_dict` also takes the whole centres as one tensor (a single-process
-    `MarginSoftmaxLoss`'s state, or `gather_centres`'s result) or this rank's rows alone; a weight
-    of any other shape raises ValueError and loads nothing. `gather_centres` assembles the whole
+    `MarginSoftmaxLoss`'s state, or `gather_centres`'s result; with K > 1 as (num_classes·K,
+    embedding_dim) too) or this rank's rows alone; a weight of any other shape raises ValueError
+    and loads nothing. `gather_centres` assembles the whole
     centres on one rank, for evaluation.
     """
 
@@ -421,6 +431,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         interclass_filtering: Optional[float] = None,
+        subcenters: int = 1,
         backend: str = "auto",
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
@@ -429,7 +440,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         world_size, rank = _group_size_and_rank(group)
         store_settings(
             self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
-            interclass_filtering, backend,
+            interclass_filtering, subcenters, backend,
         )
         self.class_start, stop = shard_range(num_classes, rank, world_size)
         if not isinstance(sparse_grad, bool):
@@ -437,7 +448,8 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         self.sample_rate = sample_rate
         self.sparse_grad = sparse_grad
         self.group = group
-        self.weight = nn.Parameter(torch.empty(stop - self.class_start, embedding_dim, device=device, dtype=dtype))
+        rows = (stop - self.class_start) * subcenters
+        self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device, dtype=dtype))
         nn.init.normal_(self.weight, mean=0.0, std=WEIGHT_INIT_STD)
         self.register_state_dict_post_hook(_weight_as_dtensor)
         self.register_load_state_dict_pre_hook(_weight_from_checkpoint)
@@ -446,22 +458,31 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         """The group as a one-dimensional device mesh (for the weight's DTensor)."""
         return DeviceMesh.from_group(self.group or dist.group.WORLD, device.type)
 
+    def _checkpoint_shape(self) -> tuple[int, ...]:
+        """The whole centres' shape in a checkpoint: (C, D), or (C, K, D) with K > 1 sub-centres."""
+        per_class = () if self.subcenters == 1 else (self.subcenters,)
+        return (self.num_classes, *per_class, self.embedding_dim)
+
     def _rows_of_centres(self, value: Tensor) -> Tensor:
         """This rank's rows of the centres in a checkpoint's `value`: a DTensor of the whole
         centres, the whole centres as one tensor, or this rank's rows; ValueError otherwise."""
-        whole = (self.num_classes, self.embedding_dim)
-        stop = self.class_start + len(self.weight)
+        per_class, dim = self.subcenters, self.embedding_dim
+        stop = self.class_start + len(self.weight) // per_class
+        whole = {self._checkpoint_shape(), (self.num_classes * per_class, dim)}
+        mine = {tuple(self.weight.shape), (stop - self.class_start, per_class, dim)}
         shape = tuple(value.shape)
-        if not (shape == whole or (shape == tuple(self.weight.shape) and not isinstance(value, DTensor))):
+        if not (shape == self._checkpoint_shape() or (shape in whole | mine and not isinstance(value, DTensor))):
             raise ValueError(
                 f"the checkpoint's class centres of shape {shape} do not fit this head: num_classes="
-                f"{self.num_classes}, embedding_dim={self.embedding_dim} (rows [{self.class_start}, {stop}) on "
-                f"this rank); nothing was loaded"
+                f"{self.num_classes}, subcenters={per_class}, embedding_dim={dim} (classes "
+                f"[{self.class_start}, {stop}) on this rank); nothing was loaded"
             )
         if isinstance(value, DTensor):
             same_layout = value.placements == (Shard(0),) and value.device_mesh == self._mesh(value.device)
-            return value.to_local() if same_layout else value.full_tensor()[self.class_start:stop]
-        return value[self.class_start:stop] if shape == whole else value
+            value = value.to_local() if same_layout else value.full_tensor()[self.class_start:stop]
+        elif shape in whole:
+            value = value.reshape(self.num_classes, per_class, dim)[self.class_start:stop]
+        return value.reshape(-1, dim)
 
     def forward(self, embeddings: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         return sharded_margin_cross_entropy(
@@ -469,14 +490,15 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             class_start=self.class_start, num_classes=self.num_classes, group=self.group,
             scale=self.scale, margin_grad=self.margin_grad, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-            interclass_filtering=self.interclass_filtering, sample_rate=self.sample_rate, backend=self.backend,
-            generator=generator, sparse_grad=self.sparse_grad,
+            interclass_filtering=self.interclass_filtering, subcenters=self.subcenters, sample_rate=self.sample_rate,
+            backend=self.backend, generator=generator, sparse_grad=self.sparse_grad,
         )
 
     def extra_repr(self) -> str:
         return (
             f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
-            f"shard=[{self.class_start}, {self.class_start + len(self.weight)}), margin={self.margin}, "
+            f"shard=[{self.class_start}, {self.class_start + len(self.weight) // self.subcenters}), "
+            f"subcenters={self.subcenters}, margin={self.margin}, "
             f"scale={self.scale}, sample_rate={self.sample_rate}"
         )
 
@@ -486,10 +508,11 @@ def _weight_as_dtensor(head: ShardedMarginSoftmaxLoss, state_dict: dict, prefix:
     local tensor, sharing their memory), so that torch.distributed.checkpoint can reshard it."""
     key = prefix + "weight"
     if key in state_dict:
-        local = state_dict[key].detach()
+        shape = head._checkpoint_shape()
+        local = state_dict[key].detach().view(-1, *shape[1:])
         state_dict[key] = DTensor.from_local(
-            local, head._mesh(local.device), [Shard(0)], run_check=False,
-            shape=torch.Size((head.num_classes, head.embedding_dim)), stride=(head.embedding_dim, 1),
+            local, head._mesh(local.device), [Shard(0)], run_check=False, shape=torch.Size(shape),
+            stride=torch.empty(shape, device="meta").stride(),
         )
 
 
@@ -502,14 +525,14 @@ def _weight_from_checkpoint(head: ShardedMarginSoftmaxLoss, state_dict: dict, pr
 
 
 def gather_centres(head: ShardedMarginSoftmaxLoss, dst: int = 0) -> Optional[Tensor]:
-    """The whole (num_classes, embedding_dim) class centres of a sharded head, assembled on rank
-    `dst` of its group (for evaluation); None on the other ranks. Every rank must call it."""
+    """The whole (num_classes·subcenters, embedding_dim) class centres of a sharded head, assembled
+    on rank `dst` of its group (for evaluation); None on the other ranks. Every rank must call it."""
     group = head.group
     world_size, rank = _group_size_and_rank(group)
     start, stop = shard_range(head.num_classes, 0, world_size)  # the largest shard: every rank's but the last
-    per_rank = stop - start
+    per_rank = (stop - start) * head.subcenters
     local = head.weight.detach()
     padded = torch.cat([local, local.new_zeros(per_rank - len(local), local.shape[1])])
     pieces = [torch.empty_like(padded) for _ in range(world_size)] if rank == dst else None
     dist.gather(padded, pieces, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
-    return torch.cat(pieces)[: head.num_classes] if rank == dst else None
+    return torch.cat(pieces)[: head.num_classes * head.subcenters] if rank == dst else None

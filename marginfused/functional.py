@@ -26,6 +26,7 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     interclass_filtering: Optional[float] = None,
+    subcenters: int = 1,
     backend: str = "auto",
     return_accuracy: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
@@ -39,7 +40,8 @@ def margin_cross_entropy(
 
     Args:
         embeddings: (B, D) floating tensor.
-        weight: (C, D) class centres, same dtype and device as `embeddings`.
+        weight: (C·K, D) class centres, same dtype and device as `embeddings`: K = `subcenters` rows
+            per class, class j's at rows j·K to j·K + K − 1 (one row per class by default).
         labels: (B,) integer class ids in [0, C), or `ignore_index` for rows that take no part.
         margin: a name ("cosface"/"additive", "arcface"/"angular", "sphereface"/"multiplicative",
             "expface"/"exponential", "combined", "magface") with literature defaults, a margin
@@ -62,6 +64,10 @@ def margin_cross_entropy(
         interclass_filtering: τ in [−1, 1), InsightFace's inter-class filtering: negatives whose
             cosine exceeds τ (likely the same identity under another label) take logit 0 and no
             gradient; None (default) filters nothing. Not with CurricularFace.
+        subcenters: K, sub-centre ArcFace's sub-centres per class: c_ij is the largest cosine of
+            class j's K rows, and its gradient goes to that row alone (the first on ties).
+            `marginfused.subcenter_outliers` finds each class's dominant sub-centre and the
+            samples far from it.
         backend: "auto" (fastest usable for the tensors' device), or one of
             `available_backends()`; a backend named here that cannot run raises
             `BackendUnavailableError` saying why.
@@ -81,18 +87,19 @@ def margin_cross_entropy(
     with autocast_off:
         return _margin_cross_entropy(
             embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
-            interclass_filtering, backend, return_accuracy,
+            interclass_filtering, subcenters, backend, return_accuracy,
         )
 
 
 def _margin_cross_entropy(
     embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
-    interclass_filtering, backend, return_accuracy,
+    interclass_filtering, subcenters, backend, return_accuracy,
 ):
     check_functional_margin(margin)
-    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering)
+    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering,
+                                  subcenters)
     check_reduction(reduction)
-    check_inputs(embeddings, weight, labels, ignore_index, margin=settings.margin)
+    check_inputs(embeddings, weight, labels, ignore_index, margin=settings.margin, subcenters=subcenters)
     labels = labels.long()
     implementation = select_backend(backend, embeddings)
     per_row, prediction = implementation.per_row_loss(embeddings, weight, labels, settings)

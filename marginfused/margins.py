@@ -27,9 +27,8 @@ f(cos) → cos′ works too; its f′ comes from autograd.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
@@ -89,8 +88,20 @@ def _per_row(value: Parameter, like: Tensor) -> Union[float, Tensor]:
     return value.to(device=like.device, dtype=like.dtype) if isinstance(value, Tensor) else value
 
 
+@dataclass(frozen=True)
 class Margin(abc.ABC):
-    """A built-in margin f applied to the target cosines; subclasses are frozen dataclasses."""
+    """A built-in margin f applied to the target cosines; subclasses are frozen dataclasses whose
+    constructor checks their parameters (`_check`)."""
+
+    _validate: bool = field(default=True, repr=False, compare=False, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self._validate:
+            self._check()
+
+    @abc.abstractmethod
+    def _check(self) -> None:
+        """Check (and normalise) the parameters; raise TypeError or ValueError naming the bad one."""
 
     @abc.abstractmethod
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
@@ -102,15 +113,10 @@ class Margin(abc.ABC):
 
     @classmethod
     def unchecked(cls, **parameters: Parameter):
-        """The margin with these parameters (the rest at their defaults) taken as valid: no range
-        checks, so no host synchronisation on per-row tensors. For values built valid by
-        construction (an adaptive margin's own); users' values go through the constructor."""
-        margin = object.__new__(cls)
-        for field in dataclasses.fields(cls):
-            object.__setattr__(margin, field.name, parameters.pop(field.name, field.default))
-        if parameters:
-            raise TypeError(f"{cls.__name__}: unknown parameters {sorted(parameters)}")
-        return margin
+        """The margin with these parameters taken as valid: no range checks, so no host
+        synchronisation on per-row tensors, and traceable by torch.compile. For values built valid
+        by construction (an adaptive margin's own); users' values go through the constructor."""
+        return cls(**parameters, _validate=False)
 
     def __call__(self, cos: Tensor) -> Tensor:
         """f(c), differentiable (in c and in tensor parameters), in the dtype of `cos`."""
@@ -132,7 +138,7 @@ class CosFace(Margin):
 
     m: Parameter = 0.35
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         object.__setattr__(self, "m", _check_parameter("CosFace", "m", self.m, 0.0))
 
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
@@ -159,7 +165,7 @@ class ArcFace(Margin):
     m: Parameter = 0.5
     fallback: Optional[str] = None
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         object.__setattr__(self, "m", _check_parameter("ArcFace", "m", self.m, 0.0, math.pi, high_open=True))
         if self.fallback not in (None, "linear", "easy"):
             raise ValueError(f'ArcFace: fallback must be None, "linear" or "easy", got {self.fallback!r}')
@@ -201,7 +207,7 @@ class SphereFace(Margin):
 
     m: Parameter = 1.7
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         object.__setattr__(self, "m", _check_parameter("SphereFace", "m", self.m, 1.0))
 
     def _k_and_sign(self, theta: Tensor, m) -> tuple[Tensor, Tensor]:
@@ -233,7 +239,7 @@ class ExpFace(Margin):
 
     m: Parameter = 0.7
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         object.__setattr__(self, "m", _check_parameter("ExpFace", "m", self.m, 0.0, low_open=True))
 
     def _value(self, theta: Tensor, cos: Tensor) -> Tensor:
@@ -257,7 +263,7 @@ class CombinedMargin(Margin):
     m2: Parameter = 0.3
     m3: Parameter = 0.2
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         object.__setattr__(self, "m1", _check_parameter("CombinedMargin", "m1", self.m1, 0.0, low_open=True))
         object.__setattr__(self, "m2", _check_parameter("CombinedMargin", "m2", self.m2, 0.0, math.pi, high_open=True))
         object.__setattr__(self, "m3", _check_parameter("CombinedMargin", "m3", self.m3, 0.0))

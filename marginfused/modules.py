@@ -25,6 +25,7 @@ def store_settings(
     ignore_index: int,
     label_smoothing: float,
     interclass_filtering: Optional[float],
+    subcenters: int,
     backend: str,
 ) -> None:
     """Validate a loss head's settings and store them on `module` as attributes of those names
@@ -34,7 +35,8 @@ def store_settings(
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering)
+    settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering,
+                                  subcenters)
     module.embedding_dim = embedding_dim
     module.num_classes = num_classes
     module.margin = settings.margin
@@ -44,13 +46,15 @@ def store_settings(
     module.ignore_index = settings.ignore_index
     module.label_smoothing = settings.label_smoothing
     module.interclass_filtering = settings.interclass_filtering
+    module.subcenters = settings.subcenters
     module.backend = backend
 
 
 class MarginSoftmaxLoss(nn.Module):
     """A classification head of class centres trained with a margin softmax loss.
 
-    `weight` is the (num_classes, embedding_dim) Parameter of class centres, initialised from
+    `weight` is the (num_classes·subcenters, embedding_dim) Parameter of class centres (class j's
+    sub-centres at rows j·subcenters …; one row per class by default), initialised from
     N(0, 0.01²) (the normalisation makes only the direction of each row matter; a small norm
     keeps the early gradients of W, which scale as 1/‖w_j‖, large). `forward(embeddings, labels)`
     returns `margin_cross_entropy(embeddings, self.weight, labels, ...)` with the settings given
@@ -71,6 +75,7 @@ class MarginSoftmaxLoss(nn.Module):
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         interclass_filtering: Optional[float] = None,
+        subcenters: int = 1,
         backend: str = "auto",
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
@@ -78,9 +83,10 @@ class MarginSoftmaxLoss(nn.Module):
         super().__init__()
         store_settings(
             self, embedding_dim, num_classes, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
-            interclass_filtering, backend,
+            interclass_filtering, subcenters, backend,
         )
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=device, dtype=dtype))
+        rows = num_classes * self.subcenters
+        self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -102,13 +108,14 @@ class MarginSoftmaxLoss(nn.Module):
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
             interclass_filtering=self.interclass_filtering,
+            subcenters=self.subcenters,
             backend=self.backend,
             return_accuracy=return_accuracy,
         )
 
     def extra_repr(self) -> str:
         return (
-            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, subcenters={self.subcenters}, "
             f"margin={self.margin}, scale={self.scale}, margin_grad={self.margin_grad!r}, "
             f"backend={self.backend!r}"
         )

@@ -54,6 +54,8 @@ class LossSettings:
     margin_grad="exact":    ∂z_iy/∂c_iy = s·f′(c_iy) (pytorch-metric-learning, original ArcFace).
     interclass_filtering: τ, InsightFace's filter (negatives with c_ij > τ take logit 0 and no
     gradient; `marginfused.negatives`), or None.
+    subcenters: K, the class centres' rows per class (sub-centre ArcFace): W holds C·K rows, class
+    j's at rows jK..jK+K−1, and c_ij is the largest of their cosines.
     """
 
     margin: Optional[MarginFunction]
@@ -62,6 +64,7 @@ class LossSettings:
     ignore_index: int = -100
     label_smoothing: float = 0.0
     interclass_filtering: Optional[float] = None
+    subcenters: int = 1
 
     @classmethod
     def build(
@@ -72,6 +75,7 @@ class LossSettings:
         ignore_index: int,
         label_smoothing: float,
         interclass_filtering: Optional[float] = None,
+        subcenters: int = 1,
     ) -> "LossSettings":
         """Validate user-facing arguments; raise TypeError/ValueError naming the bad one."""
         margin = resolve_margin(margin)
@@ -102,13 +106,23 @@ class LossSettings:
                     "negatives' logits itself"
                 )
             interclass_filtering = float(interclass_filtering)
-        return cls(margin, float(scale), margin_grad, ignore_index, float(label_smoothing), interclass_filtering)
+        check_subcenters(subcenters)
+        return cls(margin, float(scale), margin_grad, ignore_index, float(label_smoothing), interclass_filtering,
+                   subcenters)
 
     @classmethod
-    def for_kernels(cls, scale: float, ignore_index: int, label_smoothing: float) -> "LossSettings":
+    def for_kernels(cls, scale: float, ignore_index: int, label_smoothing: float, subcenters: int = 1) -> "LossSettings":
         """The settings the fused kernels read (inside a custom operator, which takes numbers):
         the margin has already been applied to the target logits."""
-        return cls(None, scale, None, ignore_index, label_smoothing)
+        return cls(None, scale, None, ignore_index, label_smoothing, None, subcenters)
+
+
+def check_subcenters(subcenters: int) -> int:
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int):
+        raise TypeError(f"subcenters must be an int, got {type(subcenters).__name__}")
+    if subcenters < 1:
+        raise ValueError(f"subcenters must be >= 1, got {subcenters}")
+    return subcenters
 
 
 def check_reduction(reduction: str) -> str:

@@ -46,14 +46,16 @@ class TargetLogits(NamedTuple):
     regulariser: Optional[Tensor] = None
 
 
-def target_cosines(x: Tensor, w: Tensor, column: Tensor, valid: Tensor) -> Tensor:
+def target_cosines(x: Tensor, w: Tensor, column: Tensor, valid: Tensor, subcenters: int = 1) -> Tensor:
     """c_iy = clamp(x̂_i · ŵ_{column_i}, −1, 1) from the gathered rows of W (detached: O(B·D), and
-    no gather backward allocating a W-shaped gradient), in the working dtype; 0 where not `valid`."""
-    rows = w.detach()[torch.where(valid, column, torch.zeros_like(column))]
+    no gather backward allocating a W-shaped gradient), in the working dtype; 0 where not `valid`.
+    With K sub-centres per class, the largest over the class's K rows (O(B·K·D))."""
+    column = torch.where(valid, column, torch.zeros_like(column))
+    rows = w.detach().unflatten(0, (-1, subcenters))[column]  # (B, K, D)
     dtype = working_dtype(x.dtype)
     x_hat = F.normalize(x.detach().to(dtype), dim=1, eps=NORM_EPS)
-    w_hat = F.normalize(rows.to(dtype), dim=1, eps=NORM_EPS)
-    cos = (x_hat * w_hat).sum(dim=1).clamp(-1.0, 1.0)
+    w_hat = F.normalize(rows.to(dtype), dim=2, eps=NORM_EPS)
+    cos = (x_hat.unsqueeze(1) * w_hat).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
     return torch.where(valid, cos, torch.zeros_like(cos))
 
 

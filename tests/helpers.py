@@ -53,6 +53,11 @@ cancel (p_iy → 1 for a row that is fit), so the error is at most ρ times the 
 computed from the float64 truth (the sizes of the terms, not an error). The loss bound is
 Σ_i |ω_i|·δℓ_i for "mean" and "sum", max_i δℓ_i for "none".
 
+**Sub-centres** (K rows of W per class; c_ij the largest of the class's K cosines). The max moves
+by no more than its arguments, so δc holds; each term H_ij goes to the row the class chose. Where
+a class's best two sub-centres are within 4δc, a correct computation may choose either: that
+class's terms then count whole (not ρ of them) for each of its rows and, twice, for x.
+
 **Adaptive margins and negative-logit rules** (`marginfused.adaptive`, `marginfused.negatives`).
 The bound is taken for the call's decision (margin, rule, per-row term), from the inputs as the
 margin sees them. A hard negative's logit moves by s·(|a_i| + 2|q|)·δc, so L also covers
@@ -213,8 +218,8 @@ def assert_close(name: str, actual: Tensor, expected: Tensor, tolerance: float) 
 
 
 def _settings(kwargs: dict) -> tuple:
-    """(margin, scale, margin_grad, reduction, ignore_index, label_smoothing, interclass_filtering)
-    of a call's kwargs."""
+    """(margin, scale, margin_grad, reduction, ignore_index, label_smoothing, interclass_filtering,
+    subcenters) of a call's kwargs."""
     return (
         resolve_margin(kwargs.get("margin", "arcface")),
         float(kwargs.get("scale", 64.0)),
@@ -223,6 +228,7 @@ def _settings(kwargs: dict) -> tuple:
         int(kwargs.get("ignore_index", -100)),
         float(kwargs.get("label_smoothing", 0.0)),
         kwargs.get("interclass_filtering"),
+        int(kwargs.get("subcenters", 1)),
     )
 
 
@@ -259,14 +265,14 @@ def arithmetic_bounds(
 ) -> dict[str, float]:
     """The bound (module docstring) on the arithmetic error of the loss and of each gradient
     computed from inputs x, w in `dtype`, with labels y and `margin_cross_entropy`'s kwargs."""
-    margin, scale, margin_grad, reduction, ignore_index, smoothing, filtering = _settings(kwargs)
+    margin, scale, margin_grad, reduction, ignore_index, smoothing, filtering, subcenters = _settings(kwargs)
     x, w = x.to(dtype).double().cpu(), w.to(dtype).double().cpu()
     y = y.long().cpu()
     batch, dim = x.shape
-    classes = w.shape[0]
+    classes = w.shape[0] // subcenters
     valid = y != ignore_index
     rows = torch.where(valid, y, torch.zeros_like(y))
-    cos = (F.normalize(x, dim=1) @ F.normalize(w, dim=1).T).clamp(-1.0, 1.0)
+    cos, choice, near = _class_cosines(x, w, subcenters, 4 * cosine_bound(dtype, dim))
     c_target = cos.gather(1, rows[:, None]).squeeze(1).where(valid, torch.zeros_like(valid, dtype=cos.dtype))
     decision = Decision(margin, x, c_target, valid, scale, filtering)
     margin = decision.margin
@@ -318,11 +324,37 @@ def arithmetic_bounds(
         loss_bound = float(delta_loss.where(valid, torch.zeros_like(delta_loss)).max())
     else:
         loss_bound = float((delta_loss * omega).sum())
+    # a class whose two best sub-centres are within reach of the cosines' error may send its
+    # gradient to either: its terms count whole for each of its rows and for x (‖ŵ_k − ŵ_k′‖ ≤ 2)
+    unsure = (terms * near).sum(dim=0).repeat_interleave(subcenters)
+    x_norms = x.norm(dim=1).clamp_min(1e-12)
     return {
         "loss": loss_bound,
-        "grad_embeddings": rho * float((terms.sum(dim=1) / x.norm(dim=1).clamp_min(1e-12) + through_norms).max()),
-        "grad_weight": rho * float((terms.sum(dim=0) / w.norm(dim=1).clamp_min(1e-12)).max()),
+        "grad_embeddings": float((rho * (terms.sum(dim=1) / x_norms + through_norms)
+                                  + 2 * (terms * near).sum(dim=1) / x_norms).max()),
+        "grad_weight": float(((rho * _by_row(terms, choice, subcenters).sum(dim=0) + unsure)
+                              / w.norm(dim=1).clamp_min(1e-12)).max()),
     }
+
+
+def _by_row(terms: Tensor, choice: Optional[Tensor], subcenters: int) -> Tensor:
+    """(B, C) terms placed at each class's chosen row of W: (B, C·K)."""
+    if choice is None:
+        return terms
+    rows = torch.zeros(*terms.shape, subcenters, dtype=terms.dtype)
+    return rows.scatter_(2, choice.unsqueeze(2), terms.unsqueeze(2)).flatten(1)
+
+
+def _class_cosines(x: Tensor, w: Tensor, subcenters: int, reach: float) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """The class cosines (B, C), which sub-centre gives each (None for one per class), and where the
+    best two sub-centres are closer than `reach` (B, C bool)."""
+    cos = (F.normalize(x, dim=1) @ F.normalize(w, dim=1).T).clamp(-1.0, 1.0)
+    if subcenters == 1:
+        return cos, None, torch.zeros_like(cos, dtype=torch.bool)
+    grouped = cos.unflatten(1, (-1, subcenters))
+    best_two = grouped.topk(2, dim=2).values
+    best = grouped.max(dim=2)
+    return best.values, best.indices, (best_two[..., 0] - best_two[..., 1]) < reach
 
 
 def budgets(

@@ -61,7 +61,7 @@ def test_opcheck(reference_fused, rule):
     logit, slope = shard_targets(x.float(), w.float(), y, settings)
     threshold, offset = (torch.full((5,), 0.2), torch.full((5,), 0.3)) if rule else (None, None)
     args = (x.float().requires_grad_(), w.float().requires_grad_(), y, logit.float().requires_grad_(), slope.float(),
-            threshold, offset, reference_fused, 30.0, -100, 0.1, 1.0 if rule else 0.0)
+            threshold, offset, reference_fused, 30.0, -100, 0.1, 1.0 if rule else 0.0, 1)
     torch.library.opcheck(margin_loss, args)
 
 
@@ -97,6 +97,7 @@ def check_step(network, head, x, y, step, **options) -> None:
     assert_close("network weight grad", network.weight.grad.double(), expected, float(bound))
     # accuracy: rows whose top two cosines are within the cosines' rounding may go either way
     cos = F.normalize(embeddings, dim=1) @ F.normalize(head.weight.detach().double(), dim=1).T
+    cos = cos.unflatten(1, (-1, head.subcenters)).amax(dim=2)  # each class's best sub-centre
     top2 = cos.topk(2, dim=1).values
     undecided = int((top2[:, 0] - top2[:, 1] <= 2 * cosine_bound(torch.float32, embeddings.shape[1])).sum())
     expected_accuracy = float((cos.argmax(dim=1) == y).double().mean())
@@ -115,6 +116,25 @@ def test_compiled_training_step_equals_eager(fused):
     options = dict(margin="arcface", margin_grad="exact")
     check_step(network, head, x, y, step, **options)
     check_step(network, head, x, y, torch.compile(step, fullgraph=True), **options)
+
+
+@pytest.mark.parametrize("case", ["adaface", "magface", "curricularface", "interclass-filtering", "subcentres"])
+def test_compiled_step_with_adaptive_margins_rules_and_subcentres(fused, case):
+    """Adaptive margins (their statistics' updates included), the negative-logit rule and
+    sub-centres trace with no graph break."""
+    torch._dynamo.reset()  # one step function per case: each case compiles afresh, not as a recompile
+    torch.manual_seed(3)
+    network, x = integer_network(3, 12, 16, 8)
+    options = {
+        "adaface": dict(margin=mf.AdaFace()), "magface": dict(margin=mf.MagFace()),
+        "curricularface": dict(margin=mf.CurricularFace()),
+        "interclass-filtering": dict(margin="arcface", interclass_filtering=0.3),
+        "subcentres": dict(margin="arcface", subcenters=3),
+    }[case]
+    head = mf.MarginSoftmaxLoss(8, 40, backend=fused, **options)
+    y = torch.randint(0, 40, (12,))
+    step = torch.compile(lambda x, y: head(network(x), y, return_accuracy=True), fullgraph=True)
+    check_step(network, head, x, y, step, **{**options, "margin": head.margin})
 
 
 def test_compiled_with_the_automatic_backend_choice():

@@ -14,12 +14,12 @@ import traceback
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import marginfused as mf
 from marginfused.backends import REGISTRY, RowGradients
-from marginfused.settings import resolve_margin
 from marginfused.partials import merge_partials, row_loss
-from marginfused.settings import LossSettings
+from marginfused.settings import LossSettings, resolve_margin
 
 from allocations import AllocationTracker
 from helpers import (
@@ -477,3 +477,48 @@ def test_one_dimensional_embeddings(backend, margin_grad):
     x, w, y = make_inputs(7, 5, 1, seed=9, device=backend.device)
     slack = slack_near_plus_minus_one(mf.ArcFace(), margin_grad)
     assert_matches_truth(backend.name, x, w, y, torch.float32, slack=slack, margin=mf.ArcFace(), margin_grad=margin_grad)
+
+
+# --- sub-centres ----------------------------------------------------------------------------------
+
+
+def subcenter_inputs(subcenters: int, seed: int, device: str):
+    """23 rows against 37 classes of `subcenters` rows each (the last row's target the last class,
+    in the last partial tile), D = 20."""
+    x, w, y = make_inputs(23, 37 * subcenters, 20, ignored=3, seed=seed, device=device)
+    y = torch.where(y >= 0, y % 37, y)
+    y[-1] = 36
+    return x, w, y
+
+
+@pytest.mark.parametrize("margin_grad", ["detached", "exact"])
+@pytest.mark.parametrize("subcenters", [1, 2, 3])
+def test_subcenters(backend, subcenters, margin_grad):
+    """Each class's cosine is the largest of its K sub-centres', and its gradient goes to that one."""
+    x, w, y = subcenter_inputs(subcenters, 60 + subcenters, backend.device)
+    assert_matches_truth(backend.name, x, w, y, torch.float32, margin="arcface", margin_grad=margin_grad,
+                         subcenters=subcenters, reduction="none", label_smoothing=0.1)
+
+
+def test_a_subcentre_no_sample_chose_gets_no_gradient(backend):
+    """Exactly zero: no term of the loss reaches it. (No class's best two sub-centres are within
+    float32's reach of each other here, 4δc: every backend chooses as the float64 truth does.)"""
+    x, w, y = subcenter_inputs(3, 64, backend.device)
+    x, w, y = x[:4], w, y[:4]  # few rows: many sub-centres chosen by none
+    cos = (F.normalize(x.cpu(), dim=1) @ F.normalize(w.cpu(), dim=1).T).unflatten(1, (37, 3))
+    best_two = cos.topk(2, dim=2).values
+    assert bool(((best_two[..., 0] - best_two[..., 1]) > 4 * cosine_bound(torch.float32, 20)).all()), "a near-tie"
+    chosen = torch.zeros(37 * 3, dtype=torch.bool)
+    for i in range(4):
+        if y[i] != -100:
+            chosen[torch.arange(37) * 3 + cos[i].argmax(dim=1)] = True
+    got = run(backend.name, x.float(), w.float(), y, margin="arcface", subcenters=3, label_smoothing=0.1)
+    assert bool((got.grad_weight[~chosen.to(got.grad_weight.device)] == 0).all())
+    assert bool((got.grad_weight[chosen.to(got.grad_weight.device)].abs().sum(dim=1) > 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_subcenters_in_low_precision(backend, dtype):
+    x, w, y = subcenter_inputs(3, 65, backend.device)
+    skip_unless_supported(backend.name, x.to(dtype), w.to(dtype))
+    assert_matches_truth(backend.name, x, w, y, dtype, margin="arcface", subcenters=3)

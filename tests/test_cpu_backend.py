@@ -109,7 +109,7 @@ def _forward_args(x, w, y, **override):
     b = x.shape[0]
     args = dict(
         x=x, w=w, y=y, target_logit=torch.zeros(b), hard_threshold=None, hard_offset=None, hard_quadratic=0.0,
-        class_start=0, chunk=8, scale=64.0, ignore_index=-100, out_max=torch.empty(b), out_sumexp=torch.empty(b),
+        class_start=0, subcenters=1, chunk=8, scale=64.0, ignore_index=-100, out_max=torch.empty(b), out_sumexp=torch.empty(b),
         out_logit_sum=torch.empty(b), out_best_cos=torch.empty(b), out_best_class=torch.empty(b, dtype=torch.long),
     )
     args.update(override)
@@ -121,8 +121,8 @@ def _backward_args(x, w, y, **override):
     b = x.shape[0]
     args = dict(
         x=x, w=w, y=y, target_logit=torch.zeros(b), target_slope=torch.full((b,), 64.0), hard_threshold=None,
-        hard_offset=None, hard_quadratic=0.0, lse=torch.zeros(b, dtype=torch.float64), grad_rows=torch.ones(b), class_start=0, num_classes=w.shape[0],
-        chunk=8, scale=64.0, label_smoothing=0.0,
+        hard_offset=None, hard_quadratic=0.0, lse=torch.zeros(b, dtype=torch.float64), grad_rows=torch.ones(b),
+        class_start=0, subcenters=1, num_classes=w.shape[0], chunk=8, scale=64.0, label_smoothing=0.0,
         ignore_index=-100, grad_x=torch.empty_like(x), grad_w=torch.empty_like(w),
     )
     args.update(override)
@@ -153,6 +153,8 @@ BAD_FORWARD = {
                              "hard_threshold and hard_offset must be given together"),
     "rule threshold size": (lambda x, w, y: dict(hard_threshold=torch.zeros(5), hard_offset=torch.zeros(6)),
                             "hard_threshold must have size 6"),
+    "subcenters": (lambda x, w, y: dict(subcenters=0), "subcenters must be >= 1"),
+    "rows not whole classes": (lambda x, w, y: dict(subcenters=3), "rows are not whole classes of 3 sub-centres"),
 }
 
 
@@ -192,19 +194,23 @@ def test_backward_rejects_bad_inputs(ext, case):
         ext.backward(**args)
 
 
+@pytest.mark.parametrize("subcenters", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_output_element_is_written(ext, dtype):
+def test_every_output_element_is_written(ext, dtype, subcenters):
+    """Chunks of 7 rows (6 with 3 sub-centres: whole classes) over 45 rows of W."""
     x, w, y = make_inputs(13, 45, 9, ignored=2)
+    y = torch.where(y >= 0, y % (45 // subcenters), y)
     x, w = x.to(dtype), w.to(dtype)
-    forward = _forward_args(x, w, y, chunk=7)
+    forward = _forward_args(x, w, y, chunk=7, subcenters=subcenters)
     for name in ("out_max", "out_sumexp", "out_logit_sum", "out_best_cos"):
         forward[name].fill_(float("nan"))
     forward["out_best_class"].fill_(-12345)
     ext.forward_partials(**forward)
     for name in ("out_max", "out_sumexp", "out_logit_sum", "out_best_cos"):
         assert torch.isfinite(forward[name]).all(), name
-    assert ((forward["out_best_class"] >= 0) & (forward["out_best_class"] < 45)).all()
-    backward = _backward_args(x, w, y, chunk=7, lse=torch.full((13,), 5.0, dtype=torch.float64), grad_rows=torch.randn(13))
+    assert ((forward["out_best_class"] >= 0) & (forward["out_best_class"] < 45 // subcenters)).all()
+    backward = _backward_args(x, w, y, chunk=7, subcenters=subcenters, num_classes=45 // subcenters,
+                              lse=torch.full((13,), 5.0, dtype=torch.float64), grad_rows=torch.randn(13))
     backward["grad_x"].fill_(float("nan"))
     backward["grad_w"].fill_(float("nan"))
     ext.backward(**backward)

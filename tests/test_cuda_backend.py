@@ -133,7 +133,8 @@ def test_cuda_rejects_bad_inputs(cuda_ext):
 
     def forward(**change):
         args = dict(x=x, w=w, y=y, target_logit=torch.zeros(b, device="cuda"), hard_threshold=None,
-                    hard_offset=None, hard_quadratic=0.0, class_start=0, chunk=8, scale=64.0, ignore_index=-100,
+                    hard_offset=None, hard_quadratic=0.0, class_start=0, subcenters=1, chunk=8, scale=64.0,
+                    ignore_index=-100,
                     out_max=torch.empty(b, device="cuda"), out_sumexp=torch.empty(b, device="cuda"),
                     out_logit_sum=torch.empty(b, device="cuda"), out_best_cos=torch.empty(b, device="cuda"),
                     out_best_class=torch.empty(b, dtype=torch.long, device="cuda"))

@@ -86,6 +86,9 @@ def _cases(backends):
                                                                  ["mean", "none"]):
         yield f"{backend}/{name}/{reduction}", dict(backend=backend, margin_grad="exact", reduction=reduction,
                                                      spread_norms=True, **options)
+    for backend, reduction in itertools.product(backends, ["mean", "none"]):
+        yield f"{backend}/subcenters/{reduction}", dict(backend=backend, margin="arcface", reduction=reduction,
+                                                        subcenters=3, label_smoothing=0.1)
 
 
 def _reference(x, w, y, upstream, dtype, world, **options):
@@ -106,8 +109,9 @@ def _sharded(x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=1
     """This rank's loss and gradients (float64, on the CPU) from its rows and shard of the inputs."""
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     start, stop = shard_range(NUM_CLASSES, rank, world)
+    per_class = options.get("subcenters", 1)
     x = x_full[rows].to(device, dtype).requires_grad_()
-    w = w_full[start:stop].to(device, dtype).requires_grad_()
+    w = w_full[start * per_class:stop * per_class].to(device, dtype).requires_grad_()
     loss = sharded_margin_cross_entropy(
         x, w, y_full[rows].to(device), class_start=start, num_classes=NUM_CLASSES, scale=30.0,
         sample_rate=sample_rate, generator=generator, **options,
@@ -120,7 +124,9 @@ def _check_case(rank, world, backend, dtype, device="cpu", spread_norms=False, *
     """One case against the single-process truth; with `spread_norms` the embeddings' norms spread
     over [4, 130] (for the adaptive margins), whose statistics must then advance on every rank as in
     a single process's call on the whole batch (each float32 statistic rounded once per call)."""
-    x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=2, seed=world)
+    per_class = options.get("subcenters", 1)
+    x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES * per_class, DIM, ignored=2, seed=world)
+    y_full = torch.where(y_full >= 0, y_full % NUM_CLASSES, y_full)
     if spread_norms:
         x_full = F.normalize(x_full, dim=1) * torch.linspace(4.0, 130.0, len(x_full), dtype=torch.float64)[:, None]
     upstream = torch.linspace(-1.0, 2.0, world * LOCAL_BATCH, dtype=torch.float64)
@@ -133,7 +139,7 @@ def _check_case(rank, world, backend, dtype, device="cpu", spread_norms=False, *
     expected_loss = truth.loss[rows] if options["reduction"] == "none" else truth.loss
     assert_close("loss", got_loss, expected_loss, limits["loss"])
     assert_close("x grad", got_gx, world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
-    assert_close("w grad", got_gw, truth.grad_weight[start:stop], limits["grad_weight"])
+    assert_close("w grad", got_gw, truth.grad_weight[start * per_class:stop * per_class], limits["grad_weight"])
     if state:
         advanced = copy.deepcopy(margin.state_dict())
         margin.load_state_dict(state)
@@ -146,27 +152,30 @@ def _check_case(rank, world, backend, dtype, device="cpu", spread_norms=False, *
             assert_close(f"statistic {name}", advanced[name].double(), value.double(), bound)
 
 
-def _check_sampling(rank, world, backend, dtype):
-    x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES, DIM, ignored=1, seed=world + 10)
+def _check_sampling(rank, world, backend, dtype, subcenters=1):
+    x_full, w_full, y_full = make_inputs(world * LOCAL_BATCH, NUM_CLASSES * subcenters, DIM, ignored=1,
+                                         seed=world + 10)
+    y_full = torch.where(y_full >= 0, y_full % NUM_CLASSES, y_full)
     upstream = torch.zeros(world * LOCAL_BATCH, dtype=torch.float64)
     start, stop = shard_range(NUM_CLASSES, rank, world)
-    # the classes every rank samples, recomputed here from the same seeds
+    # the classes every rank samples, recomputed here from the same seeds, and their rows of W
     sampled = torch.cat([
         sample_classes(y_full, s, e - s, 0.5, generator=torch.Generator().manual_seed(100 + r)) + s
         for r, (s, e) in enumerate(shard_range(NUM_CLASSES, r, world) for r in range(world))
     ])
+    sampled_rows = (sampled.unsqueeze(1) * subcenters + torch.arange(subcenters)).flatten()
     renumbered = torch.where(y_full == -100, y_full, torch.searchsorted(sampled, y_full.clamp(min=0)))
-    truth, limits = _reference(x_full, w_full[sampled], renumbered, upstream, dtype, world,
-                               margin="arcface", reduction="mean")
+    options = dict(margin="arcface", reduction="mean", subcenters=subcenters)
+    truth, limits = _reference(x_full, w_full[sampled_rows], renumbered, upstream, dtype, world, **options)
     got_loss, got_gx, got_gw, rows, _ = _sharded(
         x_full, w_full, y_full, upstream, rank, world, dtype, sample_rate=0.5,
-        generator=torch.Generator().manual_seed(100 + rank), backend=backend, margin="arcface", reduction="mean",
+        generator=torch.Generator().manual_seed(100 + rank), backend=backend, **options,
     )
     assert_close("loss", got_loss, truth.loss, limits["loss"])
     assert_close("x grad", got_gx, world * truth.grad_embeddings[rows], world * limits["grad_embeddings"])
-    expected_gw = torch.zeros(stop - start, DIM, dtype=torch.float64)
-    mine = (sampled >= start) & (sampled < stop)
-    expected_gw[sampled[mine] - start] = truth.grad_weight[mine]
+    expected_gw = torch.zeros((stop - start) * subcenters, DIM, dtype=torch.float64)
+    mine = (sampled_rows >= start * subcenters) & (sampled_rows < stop * subcenters)
+    expected_gw[sampled_rows[mine] - start * subcenters] = truth.grad_weight[mine]
     assert_close("w grad (unsampled rows zero)", got_gw, expected_gw, limits["grad_weight"])
 
 
@@ -325,7 +334,8 @@ def _checks(rank, world, backends):
     dtypes = {name: torch.float64 if name == "torch" else torch.float32 for name in backends}
     checks = [(name, lambda o=options: _check_case(rank, world, dtype=dtypes[o["backend"]], **o))
               for name, options in _cases(backends)]
-    checks += [(f"{b}/sampling", lambda b=b: _check_sampling(rank, world, b, dtypes[b])) for b in backends]
+    checks += [(f"{b}/sampling/{k} subcentres", lambda b=b, k=k: _check_sampling(rank, world, b, dtypes[b], k))
+               for b in backends for k in (1, 3)]
     checks += [(f"{b}/uneven/{r}", lambda b=b, r=r: _check_uneven_batches(rank, world, b, dtypes[b], r))
                for b in backends for r in ("mean", "none")]
     checks.append(("sampled-row updates", lambda: _check_sampled_row_updates(rank, world)))
@@ -333,6 +343,7 @@ def _checks(rank, world, backends):
     checks.append(("autocast", lambda: _check_autocast(rank, world)))
     checks.append(("margin gradients", lambda: _check_margin_gradients(rank, world)))
     checks.append(("state dict and gathered centres", lambda: _check_state_dict(rank, world)))
+    checks.append(("sub-centre state dict", lambda: _check_subcenter_state_dict(rank, world)))
     return checks
 
 
@@ -399,18 +410,40 @@ class ShiftedArcFace(nn.Module):
         return mf.ArcFace(0.5)(cos) - self.shift
 
 
-def _centres(seed):
-    return torch.randn(NUM_CLASSES, DIM, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def _centres(seed, subcenters=1):
+    return torch.randn(NUM_CLASSES * subcenters, DIM, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
 
 
-def _head_holding(seed, device="cpu"):
+def _head_holding(seed, device="cpu", subcenters=1):
     """A sharded head whose centres are _centres(seed) and whose margin's shift is seed / 8."""
-    head = ShardedMarginSoftmaxLoss(DIM, NUM_CLASSES, ShiftedArcFace(), dtype=torch.float64, device=device)
+    head = ShardedMarginSoftmaxLoss(DIM, NUM_CLASSES, ShiftedArcFace(), subcenters=subcenters, dtype=torch.float64,
+                                    device=device)
     head.margin.to(device)
     with torch.no_grad():
-        head.weight.copy_(_centres(seed)[head.class_start:head.class_start + len(head.weight)])
+        first = head.class_start * subcenters
+        head.weight.copy_(_centres(seed, subcenters)[first:first + len(head.weight)])
         head.margin.shift.fill_(seed / 8)
     return head
+
+
+def _check_subcenter_state_dict(rank, world):
+    """With 3 sub-centres per class the state_dict's weight is a (C, 3, D) DTensor over this rank's
+    rows (Shard(0) splits whole classes); loading takes it, the whole (C·3, D) or (C, 3, D) centres,
+    or this rank's rows; gather_centres gives the (C·3, D) centres."""
+    head = _head_holding(11, subcenters=3)
+    weight = head.state_dict()["weight"]
+    assert isinstance(weight, DTensor) and tuple(weight.shape) == (NUM_CLASSES, 3, DIM)
+    assert weight.to_local().data_ptr() == head.weight.data_ptr()
+    assert torch.equal(weight.full_tensor().reshape(-1, DIM), _centres(11, 3))
+    mine = slice(head.class_start * 3, head.class_start * 3 + len(head.weight))
+    for whole in (_centres(12, 3), _centres(12, 3).view(NUM_CLASSES, 3, DIM), _centres(12, 3)[mine]):
+        head.load_state_dict({"weight": whole, "margin.shift": torch.tensor(0.0, dtype=torch.float64)})
+        assert torch.equal(head.weight.detach(), _centres(12, 3)[mine])
+    with pytest.raises(ValueError, match="do not fit this head"):
+        head.load_state_dict({"weight": _centres(12, 2), "margin.shift": torch.tensor(0.0, dtype=torch.float64)})
+    gathered = gather_centres(head, dst=0)
+    assert torch.equal(gathered, _centres(12, 3)) if rank == 0 else gathered is None
 
 
 def _check_state_dict(rank, world):
@@ -442,15 +475,17 @@ def _check_state_dict(rank, world):
 def _checkpoint_legs(rank, world, load_from, expect_seed, save_to, save_seed, device="cpu"):
     """Load the checkpoint `load_from` (saved on any number of ranks) into a head built here with
     other centres: every rank gets exactly its rows of _centres(expect_seed) and the margin's state;
-    a head of other num_classes or embedding_dim refuses it, unchanged. Then save _centres(save_seed)."""
+    a head of other num_classes or embedding_dim refuses it, unchanged. Then save _centres(save_seed).
+    Each for a head of one centre per class and of 3 sub-centres (checkpoint ids with "-k3")."""
 
-    def load():
-        head = _head_holding(expect_seed + 100, device)
+    def load(subcenters):
+        head = _head_holding(expect_seed + 100, device, subcenters)
         state = head.state_dict()
-        dcp.load({"head": state}, checkpoint_id=load_from)
+        dcp.load({"head": state}, checkpoint_id=load_from + ("-k3" if subcenters > 1 else ""))
         head.load_state_dict(state)
         start, stop = shard_range(NUM_CLASSES, rank, world)
-        assert torch.equal(head.weight.detach().cpu(), _centres(expect_seed)[start:stop])
+        expected = _centres(expect_seed, subcenters)[start * subcenters:stop * subcenters]
+        assert torch.equal(head.weight.detach().cpu(), expected)
         assert head.margin.shift.item() == expect_seed / 8
 
     def refuse_other_shapes():
@@ -462,11 +497,13 @@ def _checkpoint_legs(rank, world, load_from, expect_seed, save_to, save_seed, de
                 dcp.load({"head": head.state_dict()}, checkpoint_id=load_from)
             assert torch.equal(head.weight.detach(), before)
 
-    def save():
-        dcp.save({"head": _head_holding(save_seed, device).state_dict()}, checkpoint_id=save_to)
+    def save(subcenters):
+        state = _head_holding(save_seed, device, subcenters).state_dict()
+        dcp.save({"head": state}, checkpoint_id=save_to + ("-k3" if subcenters > 1 else ""))
 
-    checks = [("load", load), ("refuse other shapes", refuse_other_shapes)] if load_from else []
-    return checks + [("save", save)]
+    checks = [("load", lambda: load(1)), ("load with sub-centres", lambda: load(3)),
+              ("refuse other shapes", refuse_other_shapes)] if load_from else []
+    return checks + [("save", lambda: save(1)), ("save with sub-centres", lambda: save(3))]
 
 
 def test_checkpoints_move_between_world_sizes(tmp_path):

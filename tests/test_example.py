@@ -28,13 +28,15 @@ def test_the_loss_falls(backend):
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 
-@pytest.mark.parametrize("margin", ["adaface", "magface", "curricularface"])
-def test_the_loss_falls_with_an_adaptive_margin(margin):
+@pytest.mark.parametrize("margin, subcenters", [("adaface", 1), ("magface", 1), ("curricularface", 1),
+                                                ("arcface", 3)], ids=["adaface", "magface", "curricularface",
+                                                                      "subcenters-3"])
+def test_the_loss_falls_with_an_adaptive_margin_or_subcentres(margin, subcenters):
     """The adaptive margins ask more of a few hundred steps (MagFace's margin reaches 0.8, and its
     loss includes the norm regulariser; CurricularFace weights hard negatives up): 150 steps at
-    s = 32."""
+    s = 32, as for three sub-centres per identity."""
     backend = "cpu" if mf.available_backends()["cpu"] is None else "torch"
-    losses = example.train(steps=150, backend=backend, margin=margin, scale=32.0, **SMALL)
+    losses = example.train(steps=150, backend=backend, margin=margin, subcenters=subcenters, scale=32.0, **SMALL)
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 

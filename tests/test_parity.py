@@ -98,3 +98,36 @@ def test_from_insightface_combined_margin_loss(m1, m2, m3, filtering, margin):
     w.requires_grad_()
     loss = insightface_combined_margin_loss(x, w, y, 64.0, m1, m2, m3, filtering)
     assert_same(loss, x, w, y, margin=margin, scale=64.0, interclass_filtering=filtering or None)
+
+
+def test_from_pytorch_metric_learning_subcenter_arcface():
+    """SubCenterArcFaceLoss(num_classes=C, embedding_size=D, margin=deg, scale=s, sub_centers=K) is
+    MarginSoftmaxLoss(D, C, margin=mf.ArcFace(math.radians(deg), fallback="linear"), scale=s,
+    margin_grad="exact", subcenters=K) with weight = W.T (class j's sub-centres at its columns
+    jK … jK + K − 1, our rows)."""
+    x, w, y = make_inputs(17, 40 * 3, 12, seed=53)
+    y = y % 40
+    reference = pml.SubCenterArcFaceLoss(num_classes=40, embedding_size=12, margin=28.6, scale=30.0,
+                                         sub_centers=3).double()
+    reference.W.data.copy_(w.T)
+    x.requires_grad_()
+    assert_same(reference(x, y), x, reference.W, y, w_t=True, margin=mf.ArcFace(math.radians(28.6), fallback="linear"),
+                scale=30.0, margin_grad="exact", subcenters=3)
+
+
+def test_subcentre_cleaning_is_pytorch_metric_learnings_get_outliers():
+    """Its get_outliers(embeddings, labels, threshold=75) finds the same outliers and dominant
+    sub-centres as mf.subcenter_outliers (classes with samples; it leaves the others unset)."""
+    g = torch.Generator().manual_seed(54)
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (200,), generator=g)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    reference = pml.SubCenterArcFaceLoss(num_classes=10, embedding_size=8, sub_centers=3).double()
+    reference.W.data.copy_(w.T)
+    outliers, dominant_centres = reference.get_outliers(x, y, threshold=75)
+    got = mf.subcenter_outliers(x, w, y, subcenters=3, threshold_degrees=75.0)
+    assert sorted(outliers.tolist()) == got.outliers.nonzero().flatten().tolist()
+    assert 0 < len(outliers) < 200
+    present = torch.unique(y)
+    chosen = w.view(10, 3, 8)[present, got.dominant[present]]
+    assert torch.equal(chosen, dominant_centres.T[present])

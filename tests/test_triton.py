@@ -122,7 +122,7 @@ def test_class_splits_fill_one_wave_of_the_compiled_kernel(monkeypatch):
     tiles = tb.configs.Tiles(64, 64, 64, 8, 3, block_g=256)
     meta = {"BLOCK_B": 64, "BLOCK_C": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3, "BLOCK_G": 256}
     x = torch.zeros(1024, 512)
-    n_splits, per_split = tb._class_splits(tb._Plan("row_grad", Kernel(), meta, tiles), x, 1_000_000, 2, (), {"DOT_PRECISION": "ieee"})
+    n_splits, per_split = tb._class_splits(tb._Plan("row_grad", Kernel(), meta, tiles, False), x, 1_000_000, 2, (), {"DOT_PRECISION": "ieee"})
     # one program per SM (230 registers × 256 threads): 132 per wave; 16 batch tiles × 2 slices = 32 per split
     assert n_splits == 132 // 32
     assert per_split % tb.configs.SPLIT_ALIGN_GPU == 0 and (n_splits - 1) * per_split < 1_000_000 <= n_splits * per_split
@@ -189,10 +189,10 @@ def test_what_the_compiler_emits_passes_on_every_target():
     sm_80, sm_86, sm_89, sm_90, sm_100 and sm_120 with its configuration for that target, and the
     cubin has no spills or stack, shared memory within the target's limit, every pipelined dot
     operand fully buffered and no atomic; the forward and backward kernels also in their
-    negative-logit-rule variant. No GPU needed."""
+    negative-logit-rule and sub-centre variants. No GPU needed."""
     run_ = _without_the_interpreter(["-m", "marginfused.kernels.compile_check"])
     assert run_.returncode == 0, run_.stdout + run_.stderr
-    assert run_.stdout.count("ok ") == 8 * 3 * 6, run_.stdout  # 5 kernels (3 also with the rule), 3 dtypes, 6 targets
+    assert run_.stdout.count("ok ") == 11 * 3 * 6, run_.stdout  # 5 kernels, 3 in 3 variants; 3 dtypes; 6 targets
 
 
 CHECKED_BY_THE_COMPILE_CHECK = """
@@ -260,6 +260,30 @@ def test_gpu_every_margin_on_larger_shapes(margin, margin_grad, dtype):
     x, w, y = spread_inputs(300, 5003, 200, ignored=17, seed=13, device="cuda")
     assert_matches_truth("triton", x, w, y, dtype, margin=MARGINS[margin], margin_grad=margin_grad,
                          label_smoothing=0.1, reduction="none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_gpu_subcentres_on_larger_shapes(dtype):
+    """The SUBCENTERS variant with the GPU configurations: 1667 classes of 3 sub-centres, the last
+    row's target in the last partial class tile."""
+    x, w, y = make_inputs(300, 5001, 200, ignored=17, seed=14, device="cuda")
+    y = torch.where(y >= 0, y % 1667, y)
+    y[-1] = 1666
+    assert_matches_truth("triton", x, w, y, dtype, margin="arcface", margin_grad="exact", subcenters=3,
+                         label_smoothing=0.1, reduction="none")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", ["curricularface", "interclass-filtering"])
+def test_gpu_negative_logit_rules(case, dtype):
+    """The HARD_NEGATIVES variant with the GPU configurations (inputs whose negatives lie clear of
+    the rules' thresholds, as on the CPU)."""
+    from test_contract import adaptive_cases, rule_inputs
+
+    x, w, y = rule_inputs("cuda")
+    assert_matches_truth("triton", x, w, y, dtype, margin_grad="exact", **adaptive_cases()[case])
 
 
 @pytest.mark.gpu

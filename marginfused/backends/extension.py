@@ -198,7 +198,8 @@ def tile_bytes(device: torch.device) -> int:
 
 
 def chunk_size(device: torch.device, batch: int) -> int:
-    """Classes per chunk for a batch of `batch` rows: one B×chunk fp32 tile within `tile_bytes`."""
+    """Rows of W per chunk for a batch of `batch` rows: one B×chunk fp32 tile within `tile_bytes`
+    (the extensions round it down to whole classes of sub-centres)."""
     return max(MIN_CHUNK, tile_bytes(device) // (4 * batch))
 
 
@@ -259,9 +260,9 @@ class ExtensionBackend(FusedBackend):
         load(self.device_type).forward_partials(
             x=x.detach().contiguous(), w=w.detach().contiguous(), y=y.long().contiguous(),
             target_logit=target_logit.detach().float().contiguous(), **_rule_arguments(negatives),
-            class_start=class_start, chunk=chunk_size(x.device, batch), scale=settings.scale,
-            ignore_index=settings.ignore_index, out_max=out.max, out_sumexp=out.sumexp, out_logit_sum=out.logit_sum, out_best_cos=out.best_cos,
-            out_best_class=out.best_class,
+            class_start=class_start, subcenters=settings.subcenters, chunk=chunk_size(x.device, batch),
+            scale=settings.scale, ignore_index=settings.ignore_index, out_max=out.max, out_sumexp=out.sumexp,
+            out_logit_sum=out.logit_sum, out_best_cos=out.best_cos, out_best_class=out.best_class,
         )
         return out
 
@@ -277,7 +278,8 @@ class ExtensionBackend(FusedBackend):
             x=x, w=w, y=y.long().contiguous(), target_logit=target_logit.detach().float().contiguous(),
             target_slope=target_slope.detach().float().contiguous(), **_rule_arguments(negatives),
             lse=(row_max.double() + torch.log(row_sumexp.double())).contiguous(),
-            grad_rows=grad_rows.detach().float().contiguous(), class_start=class_start, num_classes=num_classes,
+            grad_rows=grad_rows.detach().float().contiguous(), class_start=class_start,
+            subcenters=settings.subcenters, num_classes=num_classes,
             chunk=chunk_size(x.device, x.shape[0]), scale=settings.scale,
             label_smoothing=settings.label_smoothing, ignore_index=settings.ignore_index, grad_x=grad_x,
             grad_w=grad_w,

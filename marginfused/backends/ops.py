@@ -5,16 +5,16 @@ range, and the backward of a class range given the max and sumexp of the partial
 classes. Here they become two custom operators,
 
     marginfused::margin_loss(x, w, y, target_logit, target_slope, hard_threshold, hard_offset,
-                             backend, scale, ignore_index, label_smoothing, hard_quadratic)
-                             -> (loss, prediction, row_max, row_sumexp)
+                             backend, scale, ignore_index, label_smoothing, hard_quadratic,
+                             subcenters) -> (loss, prediction, row_max, row_sumexp)
         partials over all C classes, then ℓ_i = row_loss(...)   (`marginfused.partials`)
     marginfused::margin_loss_backward(x, w, y, target_logit, target_slope, hard_threshold,
                                       hard_offset, row_max, row_sumexp, grad_rows, backend, scale,
-                                      ignore_index, label_smoothing, hard_quadratic, need_x, need_w)
-                                      -> (dx, dw)   (empty where not needed)
+                                      ignore_index, label_smoothing, hard_quadratic, subcenters,
+                                      need_x, need_w) -> (dx, dw)   (empty where not needed)
 
 (hard_threshold, hard_offset, hard_quadratic: the negative-logit rule, `marginfused.negatives`;
-None, None, 0 without one)
+None, None, 0 without one. subcenters: W's rows per class, C = rows / subcenters.)
 
 joined by `register_autograd` and given shape functions by `register_fake`, so that autograd
 needs nothing else and torch.compile traces a training step through the loss with no graph
@@ -44,12 +44,12 @@ def _rule(threshold: Optional[Tensor], offset: Optional[Tensor], quadratic: floa
 def _margin_loss(
     x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, hard_threshold: Optional[Tensor],
     hard_offset: Optional[Tensor], backend: str, scale: float, ignore_index: int, label_smoothing: float,
-    hard_quadratic: float,
+    hard_quadratic: float, subcenters: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing)
+    settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing, subcenters)
     negatives = _rule(hard_threshold, hard_offset, hard_quadratic)
     partials = REGISTRY[backend].row_partials(x, w, y, target_logit, settings, 0, negatives)
-    loss = row_loss(partials, target_logit, y, ignore_index, label_smoothing, w.shape[0])
+    loss = row_loss(partials, target_logit, y, ignore_index, label_smoothing, w.shape[0] // subcenters)
     return loss, partials.best_class, partials.max, partials.sumexp
 
 
@@ -70,12 +70,13 @@ def _(x, w, y, target_logit, target_slope, *settings):
 def _margin_loss_backward(
     x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, hard_threshold: Optional[Tensor],
     hard_offset: Optional[Tensor], row_max: Tensor, row_sumexp: Tensor, grad_rows: Tensor, backend: str,
-    scale: float, ignore_index: int, label_smoothing: float, hard_quadratic: float, need_x: bool, need_w: bool,
+    scale: float, ignore_index: int, label_smoothing: float, hard_quadratic: float, subcenters: int, need_x: bool,
+    need_w: bool,
 ) -> tuple[Tensor, Tensor]:
-    settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing)
+    settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing, subcenters)
     negatives = _rule(hard_threshold, hard_offset, hard_quadratic)
     rows = RowGradients(target_logit, target_slope, row_max, row_sumexp, grad_rows, negatives)
-    dx, dw = REGISTRY[backend].backward(x, w, y, rows, settings, 0, w.shape[0], need_x, need_w)
+    dx, dw = REGISTRY[backend].backward(x, w, y, rows, settings, 0, w.shape[0] // subcenters, need_x, need_w)
     return _or_nothing(dx, x, need_x), _or_nothing(dw, w, need_w)
 
 
@@ -104,7 +105,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_rows, grad_prediction, grad_max, grad_sumexp):
     x, w, y, target_logit, target_slope, hard_threshold, hard_offset, row_max, row_sumexp = ctx.saved_tensors
-    backend, scale, ignore_index, label_smoothing, hard_quadratic = ctx.settings
+    backend, scale, ignore_index, label_smoothing, hard_quadratic, subcenters = ctx.settings
     need_x, need_w, need_target = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:4]
     grad_rows = grad_rows.contiguous()
     dx = dw = grad_target = None
@@ -115,7 +116,7 @@ def _backward(ctx, grad_rows, grad_prediction, grad_max, grad_sumexp):
         )
     if need_target:
         grad_target = target_logit_grad(
-            row_max, row_sumexp, target_logit, grad_rows, y, ignore_index, label_smoothing, w.shape[0]
+            row_max, row_sumexp, target_logit, grad_rows, y, ignore_index, label_smoothing, w.shape[0] // subcenters
         )
     return (dx if need_x else None, dw if need_w else None, None, grad_target) + (None,) * (3 + len(ctx.settings))
 
@@ -130,13 +131,13 @@ class FusedBackend(Backend):
 
     def per_row_loss(self, x: Tensor, w: Tensor, y: Tensor, settings: LossSettings) -> RowLoss:
         valid = y != settings.ignore_index
-        target = target_logits(target_cosines(x, w, y, valid), valid, settings, x)
+        target = target_logits(target_cosines(x, w, y, valid, settings.subcenters), valid, settings, x)
         check_finite(target, valid)
         rule = target.negatives
         loss, prediction, _, _ = margin_loss(
             x, w, y, target.logit.float(), target.slope.float(),
             None if rule is None else rule.threshold.float(), None if rule is None else rule.offset.float(),
             self.name, settings.scale, settings.ignore_index, settings.label_smoothing,
-            0.0 if rule is None else float(rule.quadratic),
+            0.0 if rule is None else float(rule.quadratic), settings.subcenters,
         )
         return RowLoss(with_regulariser(loss, target), prediction)

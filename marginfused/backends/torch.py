@@ -3,7 +3,7 @@
 Plain PyTorch that materialises the (B, C) logits, written to be obviously right:
 
     x̂_i = x_i / max(‖x_i‖, 1e-12),  ŵ_j = w_j / max(‖w_j‖, 1e-12)
-    c_ij = clamp(x̂_i · ŵ_j, −1, 1)
+    c_ij = clamp(x̂_i · ŵ_j, −1, 1)      (with K sub-centres, the largest over class j's K rows)
     z_ij = s · c_ij (j ≠ y_i),  z_iy = s · f(c_iy)
     ℓ_i = F.cross_entropy(z_i, y_i, ignore_index, label_smoothing)
 
@@ -46,6 +46,24 @@ def cosines(x: Tensor, w: Tensor) -> Tensor:
     return cos + (cos.clamp(-1.0, 1.0) - cos).detach()
 
 
+def class_cosines(x: Tensor, w: Tensor, subcenters: int) -> tuple[Tensor, Optional[Tensor]]:
+    """c (B, C) and, with K > 1 sub-centres per class (W's rows jK..jK+K−1), which of its K each
+    class's cosine comes from (B, C), the first on ties: the max's gradient goes to it alone."""
+    cos = cosines(x, w)
+    if subcenters == 1:
+        return cos, None
+    best = cos.unflatten(1, (-1, subcenters)).max(dim=2)
+    return best.values, best.indices
+
+
+def _to_rows(grad_cos: Tensor, choice: Optional[Tensor], subcenters: int) -> Tensor:
+    """∂/∂(cosines of W's rows) from ∂/∂c (B, C): each class's at its chosen sub-centre."""
+    if choice is None:
+        return grad_cos
+    rows = torch.zeros(*grad_cos.shape, subcenters, dtype=grad_cos.dtype, device=grad_cos.device)
+    return rows.scatter_(2, choice.unsqueeze(2), grad_cos.unsqueeze(2)).flatten(1)
+
+
 def _with_targets(cos: Tensor, local: Tensor, inside: Tensor, logit: Tensor, slope: Tensor, scale: float,
                   negatives: Optional[HardNegatives]) -> tuple[Tensor, Tensor]:
     """The logits and ∂z/∂c: s·c (or the rule's, for hard negatives) with the target column of the
@@ -84,7 +102,7 @@ class TorchBackend(Backend):
         return None
 
     def per_row_loss(self, x: Tensor, w: Tensor, y: Tensor, settings: LossSettings) -> RowLoss:
-        cos = cosines(x, w)
+        cos, _ = class_cosines(x, w, settings.subcenters)
         valid = y != settings.ignore_index
         column = torch.where(valid, y, torch.zeros_like(y))
         target = target_logits(cos.gather(1, column.unsqueeze(1)).squeeze(1), valid, settings, x)
@@ -97,22 +115,22 @@ class TorchBackend(Backend):
         return RowLoss(with_regulariser(loss, target), cos.detach().argmax(dim=1))
 
     def _range_logits(self, x, w, y, target_logit, target_slope, settings, class_start, negatives):
-        """Cosines, logits and ∂z/∂c of the classes [class_start, class_start + C); labels outside
-        the range have no target there."""
+        """Cosines, chosen sub-centres, logits and ∂z/∂c of the classes [class_start, class_start + C);
+        labels outside the range have no target there."""
         local = y - class_start
-        inside = (local >= 0) & (local < w.shape[0]) & (y != settings.ignore_index)
-        cos = cosines(x, w)
+        inside = (local >= 0) & (local < w.shape[0] // settings.subcenters) & (y != settings.ignore_index)
+        cos, choice = class_cosines(x, w, settings.subcenters)
         logits, slopes = _with_targets(cos, torch.where(inside, local, torch.zeros_like(local)), inside,
                                        target_logit.to(cos.dtype), target_slope.to(cos.dtype), settings.scale,
                                        negatives)
-        return cos, logits, slopes, local, inside
+        return cos, choice, logits, slopes, local, inside
 
     def row_partials(
         self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
         negatives: Optional[HardNegatives] = None,
     ) -> RowPartials:
         with torch.no_grad():
-            cos, logits, _, _, _ = self._range_logits(
+            cos, _, logits, _, _, _ = self._range_logits(
                 x, w, y, target_logit, torch.zeros_like(target_logit), settings, class_start, negatives
             )
             top = logits.max(dim=1).values
@@ -132,7 +150,7 @@ class TorchBackend(Backend):
         target_logit, target_slope, row_max, row_sumexp, grad_rows, negatives = rows
         eps = settings.label_smoothing
         with torch.no_grad():
-            cos, logits, slopes, local, inside = self._range_logits(
+            cos, choice, logits, slopes, local, inside = self._range_logits(
                 x, w, y, target_logit, target_slope, settings, class_start, negatives
             )
             probabilities = torch.exp(logits - row_max.unsqueeze(1).to(logits)) / row_sumexp.unsqueeze(1).to(logits)
@@ -141,6 +159,7 @@ class TorchBackend(Backend):
             weight_rows = torch.where(y != settings.ignore_index, grad_rows.to(logits.dtype), 0.0)
             # ∂/∂c_ij = g_i · ∂z_ij/∂c_ij · (p_ij − (1 − ε)[j = y_i] − ε/C)
             grad_cos = slopes * weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)
+            grad_cos = _to_rows(grad_cos, choice, settings.subcenters)
             x_hat, x_norm = _normalized(x, cos.dtype)
             w_hat, w_norm = _normalized(w, cos.dtype)
             grad_x = _through_normalization(grad_cos @ w_hat, x_hat, x_norm).to(x.dtype) if need_x else None

@@ -125,6 +125,7 @@ class _Plan(NamedTuple):
     kernel: object  # the jitted kernel, or its autotuned wrapper
     meta: dict  # block sizes and warps (BLOCK_G only, when autotuning picks the others)
     tiles: configs.Tiles  # the fixed configuration
+    autotuned: bool
 
 
 _KERNELS = {
@@ -135,16 +136,17 @@ _KERNELS = {
 """Each kernel's module, name and fixed configuration."""
 
 
-def _plan(kernel: str, x: Tensor) -> _Plan:
-    """The "forward", "row_grad" or "class_grad" kernel and its launch settings."""
+def _plan(kernel: str, x: Tensor, subcenters: int) -> _Plan:
+    """The "forward", "row_grad" or "class_grad" kernel and its launch settings (for `subcenters`
+    rows of W per class)."""
     module, name, fixed = _KERNELS[kernel]
-    tiles = fixed(x.dtype, _arch(x.device))
+    tiles = fixed(x.dtype, _arch(x.device), subcenters)
     sliced = {"BLOCK_G": tiles.block_g} if tiles.block_g else {}
-    if configs.autotuning(x.dtype):
-        return _Plan(kernel, configs.autotuned(kernel), sliced, tiles)
+    if configs.autotuning(x.dtype, subcenters):
+        return _Plan(kernel, configs.autotuned(kernel), sliced, tiles, True)
     meta = {"BLOCK_B": tiles.block_b, "BLOCK_C": tiles.block_c, "BLOCK_D": tiles.block_d,
             "num_warps": tiles.num_warps, "num_stages": tiles.num_stages, **sliced}
-    return _Plan(kernel, getattr(getattr(_kernels(), module), name), meta, tiles)
+    return _Plan(kernel, getattr(getattr(_kernels(), module), name), meta, tiles, False)
 
 
 def _programs_per_wave(plan: _Plan, device: torch.device, launch: tuple, constexprs: dict) -> int:
@@ -176,7 +178,7 @@ def _class_splits(plan: _Plan, x: Tensor, num_classes: int, slices: int, launch:
     if configs.interpreting():
         wanted = configs.INTERPRET_SPLITS
     else:
-        if configs.autotuning(x.dtype):
+        if plan.autotuned:
             block_b = min(t.block_b for t in configs.AUTOTUNE[plan.name])
             wave = configs.PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
         else:
@@ -192,23 +194,25 @@ def _bucket(batch: int) -> int:
     return 1 << max(0, (batch - 1).bit_length())
 
 
-def _rule_arguments(negatives: Optional[HardNegatives], target_logit: Tensor) -> tuple[tuple, float, dict]:
-    """The kernels' (τ, a) pointers, q and HARD_NEGATIVES for a negative-logit rule or none (then
-    the pointers are never read: any float32 vector stands in)."""
+def _rule_arguments(negatives: Optional[HardNegatives], target_logit: Tensor,
+                    subcenters: int) -> tuple[tuple, float, dict]:
+    """The kernels' (τ, a) pointers, q and variant constants: HARD_NEGATIVES for a negative-logit
+    rule or none (then the pointers are never read: any float32 vector stands in), SUBCENTERS."""
+    variant = {"HARD_NEGATIVES": negatives is not None, "SUBCENTERS": subcenters}
     if negatives is None:
-        return (target_logit, target_logit), 0.0, {"HARD_NEGATIVES": False}
+        return (target_logit, target_logit), 0.0, variant
     threshold, offset = (v.detach().to(torch.float32).contiguous() for v in negatives[:2])
-    return (threshold, offset), float(negatives.quadratic), {"HARD_NEGATIVES": True}
+    return (threshold, offset), float(negatives.quadratic), variant
 
 
 def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings,
                     class_start: int, negatives: Optional[HardNegatives]) -> RowPartials:
     """Per-split partials: each field (n_splits, B)."""
     batch, dim = x.shape
-    local = w.shape[0]
-    plan = _plan("forward", x)
+    local = w.shape[0] // settings.subcenters  # classes
+    plan = _plan("forward", x, settings.subcenters)
     inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
-    rule, quadratic, variant = _rule_arguments(negatives, target_logit)
+    rule, quadratic, variant = _rule_arguments(negatives, target_logit, settings.subcenters)
     scalars = (float(settings.scale), int(settings.ignore_index), quadratic)
 
     def arguments(outputs, per_split: int) -> tuple:
@@ -313,12 +317,12 @@ class TritonBackend(FusedBackend):
         negatives = rows.negatives
         x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(x, w, y, *rows[:5])
         batch, dim = x.shape
-        local = w.shape[0]
+        local = w.shape[0] // settings.subcenters  # classes
         inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
         scale_for_x, scale_for_w = _gradient_scales(x.dtype, grad_rows, target_slope, settings.scale, inv_x, inv_w,
                                                     negatives)
         eps = float(settings.label_smoothing)
-        rule, quadratic, variant = _rule_arguments(negatives, target_logit)
+        rule, quadratic, variant = _rule_arguments(negatives, target_logit, settings.subcenters)
         inputs = (x, w, y, inv_x, inv_w, target_logit, target_slope, *rule, row_max, torch.log(row_sumexp),
                   grad_rows)
         shapes = (batch, local, dim, x.stride(0), w.stride(0), int(class_start))
@@ -329,7 +333,7 @@ class TritonBackend(FusedBackend):
         dx = dw = None
 
         if need_x:
-            plan = _plan("row_grad", x)
+            plan = _plan("row_grad", x, settings.subcenters)
             slices = _cdiv(dim, plan.tiles.block_g)
 
             def arguments(partials: Tensor, per_split: int) -> tuple:
@@ -347,10 +351,10 @@ class TritonBackend(FusedBackend):
                 BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
             )
         if need_w:
-            plan = _plan("class_grad", x)
+            plan = _plan("class_grad", x, settings.subcenters)
             slices = _cdiv(dim, plan.tiles.block_g)
-            dw = _empty((local, dim), w.dtype, w.device)
-            plan.kernel[lambda meta: (_cdiv(local, meta["BLOCK_C"]), slices)](
+            dw = _empty(tuple(w.shape), w.dtype, w.device)
+            plan.kernel[lambda meta: (_cdiv(local, meta["BLOCK_C"]), slices, settings.subcenters)](
                 *inputs, scale_for_w, dw, *shapes, _bucket(batch), *scalars,
                 DOT_PRECISION=precision, **variant, **plan.meta,
             )

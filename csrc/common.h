@@ -203,25 +203,6 @@ inline int64_t check_subcenters(const char* op, const at::Tensor& w, int64_t sub
   return w.size(0) / subcenters;
 }
 
-// Sub-centres: a class's cosine is the largest of its K sub-centres' and its gradient goes to the
-// first sub-centre holding it: pick_subcenter gives both, c_ij = max_k clamp(q_i r_k S_k, -1, 1) over
-// the class's K raw dot products `dots` and inverse norms `r` (`to_float` reads a stored dot product).
-struct SubcenterPick {
-  float cosine;
-  int64_t k;
-};
-
-template <typename Dot, typename ToFloat>
-MF_HOST_DEVICE SubcenterPick pick_subcenter(const Dot* dots, const float* r, float qi, int64_t subcenters,
-                                            ToFloat to_float) {
-  SubcenterPick best{clamp_unit(to_float(dots[0]) * qi * r[0]), 0};
-  for (int64_t k = 1; k < subcenters; ++k) {
-    const float c = clamp_unit(to_float(dots[k]) * qi * r[k]);
-    if (c > best.cosine) best = SubcenterPick{c, k};
-  }
-  return best;
-}
-
 // Rows of W per chunk: the caller's `chunk`, at most all of them, rounded down to whole classes of
 // K sub-centres (at least one class).
 inline int64_t chunk_rows(int64_t chunk, int64_t rows, int64_t subcenters) {

@@ -208,29 +208,26 @@ struct RowCosines {
   float operator()(int64_t j) const { return clamped_cosine(dots[j], qi, r[j]); }
 };
 
-// pick_subcenter's reading of a stored dot product: widen.
-struct Widen {
-  template <typename T>
-  float operator()(T v) const {
-    return widen(v);
-  }
-};
-
-// c_ij of row i with K sub-centres per class: the largest of the class's K cosines (common.h).
+// Row i's class cosines over a chunk of n classes of K sub-centres each, from S_i· over their n·K
+// rows: best[j] = c_ij, the largest of the class's K cosines, and choice[j] the first k holding it.
+// One pass per sub-centre, each vectorised over the classes.
 template <typename in_t>
-struct SubcenterCosines {
-  const in_t* dots;
-  float qi;
-  const float* r;
-  int64_t subcenters;
-  float operator()(int64_t j) const {
-    return pick_subcenter(dots + j * subcenters, r + j * subcenters, qi, subcenters, Widen{}).cosine;
+inline void subcenter_cosines(const in_t* dots, float qi, const float* r, int64_t n, int64_t subcenters,
+                              float* best, int32_t* choice) {
+  for (int64_t k = 0; k < subcenters; ++k) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float c = clamped_cosine(dots[j * subcenters + k], qi, r[j * subcenters + k]);
+      const bool better = k == 0 || c > best[j];
+      best[j] = better ? c : best[j];
+      choice[j] = better ? static_cast<int32_t>(k) : choice[j];
+    }
   }
-};
+}
 
-// One row of one chunk of n classes, forward. cosine_of(j) gives c_ij (RowCosines or
-// SubcenterCosines, from the row's raw dot products), written to `row` as scratch (which may hold
-// those dot products itself where each is read before it is written). t_i (`target_logit`) is read
+// One row of one chunk of n classes, forward. cosine_of(j) gives c_ij (RowCosines, from the row's
+// raw dot products; or the class cosines subcenter_cosines left in `row`), written to `row` as
+// scratch (each read before it is written). t_i (`target_logit`) is read
 // only where the target is in the chunk; `neg` gives the other entries' logits (PlainNegatives, or
 // RuledNegatives under a negative-logit rule).
 template <typename CosineOf, typename Negatives>
@@ -314,31 +311,36 @@ inline void backward_row(value_t* row, int64_t n, float qi, const float* r, int6
 }
 
 // backward_row with K sub-centres per class: `row` holds S_i· over the chunk's n·K rows of W and
-// becomes U_i· in place, each class's entry at its arg-max sub-centre and 0 at the others (the
-// class's K entries are all read before any is written).
+// becomes U_i· in place, each class's entry at its arg-max sub-centre and 0 at the others (all of
+// S_i· is read, into the class cosines `best` and `choice`, before any of U_i· is written).
 template <typename value_t, typename Negatives>
-inline void backward_row_subcenters(value_t* row, int64_t n, int64_t subcenters, float qi, const float* r,
-                                    int64_t label, int64_t chunk_start, float target_logit, float target_slope,
-                                    const Negatives& neg, double lse, float grad_row, float smoothing_per_class,
-                                    const LossParams& p) {
-  const int64_t rows = n * subcenters;
+inline void backward_row_subcenters(value_t* row, float* best, int32_t* choice, int64_t n, int64_t subcenters,
+                                    float qi, const float* r, int64_t label, int64_t chunk_start, float target_logit,
+                                    float target_slope, const Negatives& neg, double lse, float grad_row,
+                                    float smoothing_per_class, const LossParams& p) {
   if (label == p.ignore_index || grad_row == 0.0f) {
-    std::fill(row, row + rows, rounded<value_t>(0.0f));
+    std::fill(row, row + n * subcenters, rounded<value_t>(0.0f));
     return;
   }
   const float eps = p.label_smoothing;
   const float uq = grad_row * qi;
   const SplitLse split = split_lse(lse);
+  subcenter_cosines(row, qi, r, n, subcenters, best, choice);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {  // each class's entry of U, in place of its cosine
+    const float c = best[j];
+    const float prob = exp_fp32((neg.logit(c) - split.hi) - split.lo);
+    best[j] = uq * r[j * subcenters + choice[j]] * logit_grad(prob, neg.slope(c), false, eps, smoothing_per_class);
+  }
   const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
-  for (int64_t j = 0; j < n; ++j) {
-    value_t* group = row + j * subcenters;
-    const SubcenterPick pick = pick_subcenter(group, r + j * subcenters, qi, subcenters, Widen{});
-    const bool is_target = j == target;
-    const float z = is_target ? target_logit : neg.logit(pick.cosine);
-    const float slope = is_target ? target_slope : neg.slope(pick.cosine);
-    const float prob = exp_fp32((z - split.hi) - split.lo);
-    const float value = uq * r[j * subcenters + pick.k] * logit_grad(prob, slope, is_target, eps, smoothing_per_class);
-    for (int64_t k = 0; k < subcenters; ++k) group[k] = rounded<value_t>(k == pick.k ? value : 0.0f);
+  if (target >= 0) {
+    const float prob = exp_fp32((target_logit - split.hi) - split.lo);
+    best[target] = uq * r[target * subcenters + choice[target]] *
+                   logit_grad(prob, target_slope, true, eps, smoothing_per_class);
+  }
+  for (int64_t k = 0; k < subcenters; ++k) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j * subcenters + k] = rounded<value_t>(choice[j] == k ? best[j] : 0.0f);
   }
 }
 
@@ -373,14 +375,16 @@ at::Tensor as_fp32(const at::Tensor& t) {
 // One thread's buffers, allocated before the parallel region (so allocation trackers see them):
 // the B×n tile (S, then U in place; fp32, or the inputs' dtype for native 16-bit GEMMs), the fp32
 // copy of a weight chunk and fp32 dW chunk rows before the projection (half/bf16 inputs), the dX
-// accumulator, the chunk's inverse norms and one fp32 row of cosines (the forward's scratch); with
-// native 16-bit GEMMs instead their B×D dX term and their n×D dW rows. n counts rows of W.
+// accumulator, the chunk's inverse norms, one fp32 row of cosines and one of sub-centre choices
+// (scratch); with native 16-bit GEMMs instead their B×D dX term and their n×D dW rows. n counts
+// rows of W.
 struct Workspace {
   at::Tensor tile, w32, h32, acc, a16, h16;
   std::vector<float> r, row;
+  std::vector<int32_t> choice;
 
   Workspace(const at::Tensor& x, int64_t batch, int64_t dim, int64_t n_max, bool with_acc, bool with_h)
-      : r(n_max), row(n_max) {
+      : r(n_max), row(n_max), choice(n_max) {
     const auto f32 = x.options().dtype(at::kFloat);
     const bool native = native_gemm(x);
     tile = at::empty({batch * n_max}, native ? x.options() : f32);
@@ -484,8 +488,10 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
               forward_row(RowCosines<in_t>{dots + i * rows, q[i], ws.r.data()}, ws.row.data(), n, labels[i],
                           class_start + c0, targets[i], neg, p, partials[t], i);
             } else {
-              forward_row(SubcenterCosines<in_t>{dots + i * rows, q[i], ws.r.data(), K}, ws.row.data(), n,
-                          labels[i], class_start + c0, targets[i], neg, p, partials[t], i);
+              float* cosines = ws.row.data();
+              subcenter_cosines(dots + i * rows, q[i], ws.r.data(), n, K, cosines, ws.choice.data());
+              forward_row([cosines](int64_t j) { return cosines[j]; }, cosines, n, labels[i], class_start + c0,
+                          targets[i], neg, p, partials[t], i);
             }
           });
       };
@@ -573,9 +579,9 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
               backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
                            neg, lse_data[i], up[i], smoothing_per_class, plan.params);
             } else {
-              backward_row_subcenters(u_data + i * n, n / K, K, q[i], ws.r.data(), labels[i], class_start + c0,
-                                      targets[i], slopes[i], neg, lse_data[i], up[i], smoothing_per_class,
-                                      plan.params);
+              backward_row_subcenters(u_data + i * n, ws.row.data(), ws.choice.data(), n / K, K, q[i], ws.r.data(),
+                                      labels[i], class_start + c0, targets[i], slopes[i], neg, lse_data[i], up[i],
+                                      smoothing_per_class, plan.params);
             }
           });
       };

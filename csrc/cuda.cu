@@ -133,13 +133,23 @@ __global__ void finish_partials_kernel(int64_t batch, const double* logit_sum, f
     out_logit_sum[i] = static_cast<float>(logit_sum[i]);
 }
 
-// pick_subcenter's reading of a stored dot product.
-struct ToFloat {
-  template <typename T>
-  __device__ float operator()(T v) const {
-    return static_cast<float>(v);
-  }
+// Sub-centres: a class's cosine is the largest of its K sub-centres' and its gradient goes to the
+// first sub-centre holding it: pick_subcenter gives both, c_ij = max_k clamp(q_i r_k S_k, -1, 1) over
+// the class's K raw dot products `dots` (fp32) and inverse norms `r`.
+struct SubcenterPick {
+  float cosine;
+  int64_t k;
 };
+
+__device__ __forceinline__ SubcenterPick pick_subcenter(const float* dots, const float* r, float qi,
+                                                        int64_t subcenters) {
+  SubcenterPick best{clamp_unit(dots[0] * qi * r[0]), 0};
+  for (int64_t k = 1; k < subcenters; ++k) {
+    const float c = clamp_unit(dots[k] * qi * r[k]);
+    if (c > best.cosine) best = SubcenterPick{c, k};
+  }
+  return best;
+}
 
 // One block per row: fold the row's logits of this chunk's n classes (its `subcenters` · n rows of
 // W) into its partials; the target's is t_i (target_logit, read only where the target is in the
@@ -161,8 +171,7 @@ __global__ void __launch_bounds__(kThreads)
   float zsum = 0.0f;  // Σ z over this thread's elements other than the target
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const float c = subcenters == 1 ? clamp_unit(row[j] * qi * r[j])
-                                    : pick_subcenter(row + j * subcenters, r + j * subcenters, qi, subcenters,
-                                                     ToFloat{}).cosine;
+                                    : pick_subcenter(row + j * subcenters, r + j * subcenters, qi, subcenters).cosine;
     best = better(best, Best{c, j});
     float z;
     if (j == target) {
@@ -243,8 +252,7 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
     float value = 0.0f;
     const int64_t group = j - j % subcenters;  // the first row of this row's class
     const SubcenterPick pick = subcenters == 1 ? SubcenterPick{clamp_unit(s_tile[idx] * q[i] * r[j]), 0}
-                                               : pick_subcenter(s_tile + i * n + group, r + group, q[i],
-                                                                subcenters, ToFloat{});
+                                               : pick_subcenter(s_tile + i * n + group, r + group, q[i], subcenters);
     if (label != p.ignore_index && u != 0.0f && group + pick.k == j) {
       const bool is_target = label - chunk_start == j / subcenters;
       const float c = pick.cosine;

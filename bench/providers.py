@@ -27,8 +27,7 @@ from torch import Tensor
 
 import marginfused as mf
 from marginfused.backends.torch import TorchBackend
-from marginfused.settings import resolve_margin
-from marginfused.settings import LossSettings
+from marginfused.settings import LossSettings, resolve_margin
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -73,9 +72,11 @@ def unavailable_reason(provider: str, device: torch.device, margin: str = "arcfa
 
 
 def make_loss(provider: str, margin: str) -> LossFn:
-    """The mean loss of (x, W, y) as `provider` computes it."""
+    """The mean loss of (x, W, y) as `provider` computes it (a margin named once: an adaptive one
+    keeps its statistics across the timed calls, as in training)."""
     if provider in PACKAGE_BACKENDS:
-        return lambda x, w, y: mf.margin_cross_entropy(x, w, y, margin, backend=provider)
+        margin_fn = resolve_margin(margin)
+        return lambda x, w, y: mf.margin_cross_entropy(x, w, y, margin_fn, backend=provider)
     if provider == "torch-compile":
         settings = LossSettings.build(margin, 64.0, "detached", -100, 0.0)
         reference = TorchBackend()

@@ -224,12 +224,10 @@ inline LossParams make_params(const char* op, double scale, double label_smoothi
   return LossParams{static_cast<float>(scale), static_cast<float>(label_smoothing), ignore_index};
 }
 
-// forward_partials' scalars, negative-logit rule, sub-centres per class and classes.
+// forward_partials' scalars and negative-logit rule.
 struct ForwardPlan {
   LossParams params;
   HardNegatives rule;
-  int64_t subcenters;
-  int64_t classes;
 };
 
 // Every check of forward_partials' arguments on `device_type`.
@@ -252,16 +250,13 @@ inline ForwardPlan check_forward_partials(const char* op, c10::DeviceType device
   check_beside(op, "out_best_cos", out_best_cos, x, at::kFloat, {B});
   check_beside(op, "out_best_class", out_best_class, x, at::kLong, {B});
   const HardNegatives rule = check_rule(op, x, hard_threshold, hard_offset, hard_quadratic);
-  return ForwardPlan{make_params(op, scale, 0.0, ignore_index), rule, subcenters, C};
+  return ForwardPlan{make_params(op, scale, 0.0, ignore_index), rule};
 }
 
-// backward's scalars, negative-logit rule, sub-centres per class and classes, and which of grad_x,
-// grad_w are wanted (given, not None).
+// backward's scalars, negative-logit rule, and which of grad_x, grad_w are wanted (given, not None).
 struct BackwardPlan {
   LossParams params;
   HardNegatives rule;
-  int64_t subcenters;
-  int64_t classes;
   bool need_x;
   bool need_w;
 };
@@ -288,7 +283,7 @@ inline BackwardPlan check_backward(const char* op, c10::DeviceType device_type, 
   if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
   if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {w.size(0), D});
   const HardNegatives rule = check_rule(op, x, hard_threshold, hard_offset, hard_quadratic);
-  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), rule, subcenters, C, need_x, need_w};
+  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), rule, need_x, need_w};
 }
 
 }  // namespace marginfused

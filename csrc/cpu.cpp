@@ -281,15 +281,16 @@ inline void forward_row(const CosineOf& cosine_of, float* row, int64_t n, int64_
   out.logit_sum[i] += logits;
 }
 
-// One row of one chunk, backward: S_i· in, U_i· out (`row`, in place: element j is read before it
-// is written), in fp32 or, for native 16-bit GEMMs, in their dtype (computed in fp32, rounded once
-// for the next GEMMs); zero on an ignored row (or u_i = 0). t_i and σ_i (`target_logit`,
-// `target_slope`) are read only where the target is in the chunk; `neg` gives the other entries'
-// logits and slopes; lse_i is float64, split by split_lse.
-template <typename value_t, typename Negatives>
-inline void backward_row(value_t* row, int64_t n, float qi, const float* r, int64_t label, int64_t chunk_start,
-                         float target_logit, float target_slope, const Negatives& neg, double lse, float grad_row,
-                         float smoothing_per_class, const LossParams& p) {
+// One row of one chunk of n classes, backward: c_ij from cosine_of(j) (RowCosines over S_i· in
+// `row` itself, or the class cosines of sub-centres), U_ij = u_i q_i r_j G_ij out (`row`, in place:
+// element j is read before it is written), in fp32 or, for native 16-bit GEMMs, in their dtype
+// (computed in fp32, rounded once for the next GEMMs); zero on an ignored row (or u_i = 0). t_i and
+// σ_i (`target_logit`, `target_slope`) are read only where the target is in the chunk; `neg` gives
+// the other entries' logits and slopes; lse_i is float64, split by split_lse.
+template <typename value_t, typename CosineOf, typename Negatives>
+inline void backward_row(value_t* row, int64_t n, const CosineOf& cosine_of, float qi, const float* r, int64_t label,
+                         int64_t chunk_start, float target_logit, float target_slope, const Negatives& neg, double lse,
+                         float grad_row, float smoothing_per_class, const LossParams& p) {
   if (label == p.ignore_index || grad_row == 0.0f) {
     std::fill(row, row + n, rounded<value_t>(0.0f));
     return;
@@ -299,7 +300,7 @@ inline void backward_row(value_t* row, int64_t n, float qi, const float* r, int6
   const SplitLse split = split_lse(lse);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float c = clamped_cosine(row[j], qi, r[j]);
+    const float c = cosine_of(j);
     const float prob = exp_fp32((neg.logit(c) - split.hi) - split.lo);
     row[j] = rounded<value_t>(uq * r[j] * logit_grad(prob, neg.slope(c), false, eps, smoothing_per_class));
   }
@@ -311,33 +312,19 @@ inline void backward_row(value_t* row, int64_t n, float qi, const float* r, int6
 }
 
 // backward_row with K sub-centres per class: `row` holds S_i· over the chunk's n·K rows of W and
-// becomes U_i· in place, each class's entry at its arg-max sub-centre and 0 at the others (all of
-// S_i· is read, into the class cosines `best` and `choice`, before any of U_i· is written).
+// becomes U_i· in place, each class's entry at its arg-max sub-centre and 0 at the others. All of
+// S_i· is read first, into the class cosines `best`, the choices and the chosen rows' inverse norms
+// `r_best`; backward_row turns `best` into the classes' entries of U.
 template <typename value_t, typename Negatives>
-inline void backward_row_subcenters(value_t* row, float* best, int32_t* choice, int64_t n, int64_t subcenters,
-                                    float qi, const float* r, int64_t label, int64_t chunk_start, float target_logit,
-                                    float target_slope, const Negatives& neg, double lse, float grad_row,
-                                    float smoothing_per_class, const LossParams& p) {
-  if (label == p.ignore_index || grad_row == 0.0f) {
-    std::fill(row, row + n * subcenters, rounded<value_t>(0.0f));
-    return;
-  }
-  const float eps = p.label_smoothing;
-  const float uq = grad_row * qi;
-  const SplitLse split = split_lse(lse);
+inline void backward_row_subcenters(value_t* row, float* best, float* r_best, int32_t* choice, int64_t n,
+                                    int64_t subcenters, float qi, const float* r, int64_t label, int64_t chunk_start,
+                                    float target_logit, float target_slope, const Negatives& neg, double lse,
+                                    float grad_row, float smoothing_per_class, const LossParams& p) {
   subcenter_cosines(row, qi, r, n, subcenters, best, choice);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {  // each class's entry of U, in place of its cosine
-    const float c = best[j];
-    const float prob = exp_fp32((neg.logit(c) - split.hi) - split.lo);
-    best[j] = uq * r[j * subcenters + choice[j]] * logit_grad(prob, neg.slope(c), false, eps, smoothing_per_class);
-  }
-  const int64_t target = target_column(label, chunk_start, n, p.ignore_index);
-  if (target >= 0) {
-    const float prob = exp_fp32((target_logit - split.hi) - split.lo);
-    best[target] = uq * r[target * subcenters + choice[target]] *
-                   logit_grad(prob, target_slope, true, eps, smoothing_per_class);
-  }
+  for (int64_t j = 0; j < n; ++j) r_best[j] = r[j * subcenters + choice[j]];
+  backward_row(best, n, [best](int64_t j) { return best[j]; }, qi, r_best, label, chunk_start, target_logit,
+               target_slope, neg, lse, grad_row, smoothing_per_class, p);
   for (int64_t k = 0; k < subcenters; ++k) {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) row[j * subcenters + k] = rounded<value_t>(choice[j] == k ? best[j] : 0.0f);
@@ -375,16 +362,16 @@ at::Tensor as_fp32(const at::Tensor& t) {
 // One thread's buffers, allocated before the parallel region (so allocation trackers see them):
 // the B×n tile (S, then U in place; fp32, or the inputs' dtype for native 16-bit GEMMs), the fp32
 // copy of a weight chunk and fp32 dW chunk rows before the projection (half/bf16 inputs), the dX
-// accumulator, the chunk's inverse norms, one fp32 row of cosines and one of sub-centre choices
-// (scratch); with native 16-bit GEMMs instead their B×D dX term and their n×D dW rows. n counts
+// accumulator, the chunk's inverse norms, and one row each of fp32 cosines, sub-centre choices and
+// their inverse norms (scratch); with native 16-bit GEMMs instead their B×D dX term and their n×D dW rows. n counts
 // rows of W.
 struct Workspace {
   at::Tensor tile, w32, h32, acc, a16, h16;
-  std::vector<float> r, row;
+  std::vector<float> r, row, r_best;
   std::vector<int32_t> choice;
 
   Workspace(const at::Tensor& x, int64_t batch, int64_t dim, int64_t n_max, bool with_acc, bool with_h)
-      : r(n_max), row(n_max), choice(n_max) {
+      : r(n_max), row(n_max), r_best(n_max), choice(n_max) {
     const auto f32 = x.options().dtype(at::kFloat);
     const bool native = native_gemm(x);
     tile = at::empty({batch * n_max}, native ? x.options() : f32);
@@ -455,7 +442,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     std::vector<float> q(B);
     inverse_norms(xf.data_ptr<float>(), B, D, q.data());
 
-    const int64_t K = plan.subcenters;
+    const int64_t K = subcenters;
     const int64_t n_max = chunk_rows(chunk, w.size(0), K);
     const int64_t chunks = (w.size(0) + n_max - 1) / n_max;
     const int threads = thread_count(chunks);
@@ -531,7 +518,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
                                            chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
   const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
-  const int64_t B = x.size(0), D = x.size(1), K = plan.subcenters;
+  const int64_t B = x.size(0), D = x.size(1), K = subcenters;
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
     const bool is_float = x.scalar_type() == at::kFloat;
@@ -575,13 +562,16 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       auto row_pass = [&](auto* u_data) {
         for (int64_t i = 0; i < B; ++i)
           with_negatives(plan.rule, plan.params.scale, i, [&](const auto& neg) {
+            auto* u_row = u_data + i * n;
             if (K == 1) {
-              backward_row(u_data + i * n, n, q[i], ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i],
-                           neg, lse_data[i], up[i], smoothing_per_class, plan.params);
+              using value_t = std::remove_pointer_t<decltype(u_row)>;
+              backward_row(u_row, n, RowCosines<value_t>{u_row, q[i], ws.r.data()}, q[i], ws.r.data(), labels[i],
+                           class_start + c0, targets[i], slopes[i], neg, lse_data[i], up[i], smoothing_per_class,
+                           plan.params);
             } else {
-              backward_row_subcenters(u_data + i * n, ws.row.data(), ws.choice.data(), n / K, K, q[i], ws.r.data(),
-                                      labels[i], class_start + c0, targets[i], slopes[i], neg, lse_data[i], up[i],
-                                      smoothing_per_class, plan.params);
+              backward_row_subcenters(u_row, ws.row.data(), ws.r_best.data(), ws.choice.data(), n / K, K, q[i],
+                                      ws.r.data(), labels[i], class_start + c0, targets[i], slopes[i], neg,
+                                      lse_data[i], up[i], smoothing_per_class, plan.params);
             }
           });
       };

@@ -241,21 +241,29 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
                                       const float* __restrict__ lse_hi, const float* __restrict__ lse_lo,
                                       const float* __restrict__ grad_rows, const float* __restrict__ grad_scale,
                                       float smoothing_per_class, LossParams p) {
-  // 2-D grid: x over the chunk's columns, y over rows (strided), so no index is divided.
+  // 2-D grid: x over the chunk's columns, y over rows (strided), so no index is divided (but the
+  // column's class, once per thread, with sub-centres).
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= n) return;
+  const int64_t klass = subcenters == 1 ? j : j / subcenters;  // this column's (chunk-local) class
+  const int64_t group = klass * subcenters;                      // and its first row
   const float lift = *grad_scale;
   for (int64_t i = blockIdx.y; i < batch; i += gridDim.y) {
     const int64_t idx = i * n + j;
     const int64_t label = labels[i];
     const float u = grad_rows[i];
     float value = 0.0f;
-    const int64_t group = j - j % subcenters;  // the first row of this row's class
-    const SubcenterPick pick = subcenters == 1 ? SubcenterPick{clamp_unit(s_tile[idx] * q[i] * r[j]), 0}
-                                               : pick_subcenter(s_tile + i * n + group, r + group, q[i], subcenters);
-    if (label != p.ignore_index && u != 0.0f && group + pick.k == j) {
-      const bool is_target = label - chunk_start == j / subcenters;
-      const float c = pick.cosine;
+    float c;
+    int64_t chosen = j;  // the row the class's gradient goes to
+    if (subcenters == 1) {
+      c = clamp_unit(s_tile[idx] * q[i] * r[j]);
+    } else {
+      const SubcenterPick pick = pick_subcenter(s_tile + i * n + group, r + group, q[i], subcenters);
+      c = pick.cosine;
+      chosen = group + pick.k;
+    }
+    if (label != p.ignore_index && u != 0.0f && chosen == j) {
+      const bool is_target = label - chunk_start == klass;
       const RuledNegatives neg = ruled_negatives(rule, p.scale, i);
       const float z = is_target ? target_logit[i] : neg.logit(c);
       const float slope = is_target ? target_slope[i] : neg.slope(c);
@@ -371,7 +379,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
                                                   hard_quadratic, class_start, subcenters, chunk, scale, ignore_index,
                                                   out_max, out_sumexp, out_logit_sum, out_best_cos, out_best_class);
   const LossParams& p = plan.params;
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = plan.subcenters;
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = subcenters;
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -426,7 +434,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
                                            num_classes, chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
   const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = plan.subcenters;
+  const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = subcenters;
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -209,10 +209,8 @@ def jobs(dtypes, arch: int) -> list[tuple]:
         types = {**SCALARS, **pointers}
         rows = configs.PROJECT_GPU
         for variant, rule, subcenters in VARIANTS:
-            key = configs.family(arch), width
-            forward = (configs.FORWARD_GPU if subcenters == 1 else configs.FORWARD_SUBCENTRES_GPU)[key]
-            row_grad = (configs.ROW_GRAD_GPU if subcenters == 1 else configs.ROW_GRAD_SUBCENTRES_GPU)[key]
-            class_grad = (configs.CLASS_GRAD_GPU if subcenters == 1 else configs.CLASS_GRAD_SUBCENTRES_GPU)[key]
+            forward, row_grad, class_grad = (configs.gpu_tiles(kernel, arch, width, subcenters)
+                                             for kernel in ("forward", "row_grad", "class_grad"))
             common = dict(DOT_PRECISION=precision, HARD_NEGATIVES=rule, SUBCENTERS=subcenters)
             out += [
                 (f"forward{variant} {dtype}", ("forward", "row_partials_kernel"), types,

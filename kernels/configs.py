@@ -161,19 +161,30 @@ def family(arch: int) -> str:
     return "hopper" if arch in (90, 100, 103) else "ampere"
 
 
+GPU_TABLES = {
+    "forward": (FORWARD_GPU, FORWARD_SUBCENTRES_GPU),
+    "row_grad": (ROW_GRAD_GPU, ROW_GRAD_SUBCENTRES_GPU),
+    "class_grad": (CLASS_GRAD_GPU, CLASS_GRAD_SUBCENTRES_GPU),
+}
+"""Each kernel's GPU configurations: (one row per class, sub-centres)."""
+
+
+def gpu_tiles(kernel: str, arch: int, width: str, subcenters: int = 1) -> Tiles:
+    """The GPU configuration of the "forward", "row_grad" or "class_grad" kernel for sm_`arch`,
+    inputs of `width` ("16" or "32" bits) and `subcenters` rows of W per class."""
+    return GPU_TABLES[kernel][subcenters > 1][family(arch), width]
+
+
 def forward_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
-    table = FORWARD_GPU if subcenters == 1 else FORWARD_SUBCENTRES_GPU
-    return FORWARD_INTERPRET if interpreting() else table[family(arch), _width(dtype)]
+    return FORWARD_INTERPRET if interpreting() else gpu_tiles("forward", arch, _width(dtype), subcenters)
 
 
 def row_grad_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
-    table = ROW_GRAD_GPU if subcenters == 1 else ROW_GRAD_SUBCENTRES_GPU
-    return GRAD_INTERPRET if interpreting() else table[family(arch), _width(dtype)]
+    return GRAD_INTERPRET if interpreting() else gpu_tiles("row_grad", arch, _width(dtype), subcenters)
 
 
 def class_grad_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
-    table = CLASS_GRAD_GPU if subcenters == 1 else CLASS_GRAD_SUBCENTRES_GPU
-    return GRAD_INTERPRET if interpreting() else table[family(arch), _width(dtype)]
+    return GRAD_INTERPRET if interpreting() else gpu_tiles("class_grad", arch, _width(dtype), subcenters)
 
 
 def project_tiles() -> Tiles:

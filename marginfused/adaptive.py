@@ -187,15 +187,11 @@ class MagFace(AdaptiveMargin):
         self.u_m = _check_parameter("MagFace", "u_m", u_m, self.l_m, math.pi, high_open=True)
         self.lambda_g = _check_parameter("MagFace", "lambda_g", lambda_g, 0.0)
 
-    def margin_of(self, norms: Tensor) -> Tensor:
-        """m(a) with a = clamp(‖x‖, l_a, u_a), differentiable in the norms."""
-        a = norms.clamp(self.l_a, self.u_a)
-        return self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
-
     def for_call(self, call: MarginCall) -> CallMargin:
         a = call.norms.clamp(self.l_a, self.u_a)
+        margins = self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
         regulariser = self.lambda_g * (a / self.u_a**2 + 1.0 / a)
-        return CallMargin(ArcFace.unchecked(m=self.margin_of(call.norms), fallback="easy"), regulariser=regulariser)
+        return CallMargin(ArcFace.unchecked(m=margins, fallback="easy"), regulariser=regulariser)
 
     def extra_repr(self) -> str:
         return f"l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, lambda_g={self.lambda_g}"

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from .adaptive import local_batch_sum
 from .autocast import cast_for_autocast
 from .backends import Backend, RowGradients, select_backend
 from .checks import check_inputs
@@ -313,9 +314,10 @@ def sharded_margin_cross_entropy(
 def _global_batch_sum(valid: Tensor, group: Optional[dist.ProcessGroup]):
     """`MarginCall.batch_sum` over every rank's valid rows: the local sum, all-reduced."""
 
+    local = local_batch_sum(valid)
+
     def batch_sum(values: Tensor) -> Tensor:
-        keep = valid.reshape(-1, *([1] * (values.dim() - 1)))
-        total = torch.where(keep, values.detach(), torch.zeros_like(values)).sum(dim=0)
+        total = local(values)
         dist.all_reduce(total, group=group)
         return total
 

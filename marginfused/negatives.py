@@ -32,6 +32,11 @@ class HardNegatives(NamedTuple):
     offset: Tensor
     quadratic: float
 
+    def for_kernels(self) -> "HardNegatives":
+        """The rule as the fused kernels read it: τ and a detached, contiguous float32."""
+        return HardNegatives(self.threshold.detach().float().contiguous(), self.offset.detach().float().contiguous(),
+                             float(self.quadratic))
+
 
 def interclass_filtering(threshold: float, cos: Tensor, valid: Tensor) -> HardNegatives:
     """InsightFace's inter-class filtering on the `valid` rows: negatives with c_ij > `threshold`

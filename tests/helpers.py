@@ -82,7 +82,7 @@ from torch import Tensor
 import marginfused as mf
 from marginfused.adaptive import AdaptiveMargin, MarginCall, local_batch_sum
 from marginfused.margins import working_dtype
-from marginfused.negatives import negative_logits
+from marginfused.negatives import interclass_filtering, negative_logits
 from marginfused.settings import resolve_margin
 from marginfused.target import margin_slope
 
@@ -238,10 +238,8 @@ class Decision:
     ∂r_i/∂a_i in the norms a_i = ‖x_i‖ (zero where nothing depends on them)."""
 
     def __init__(self, margin, x: Tensor, c_target: Tensor, valid: Tensor, scale: float,
-                 interclass_filtering: Optional[float]):
-        from marginfused.negatives import interclass_filtering as filtering
-
-        self.negatives = None if interclass_filtering is None else filtering(interclass_filtering, c_target, valid)
+                 filtering: Optional[float]):
+        self.negatives = None if filtering is None else interclass_filtering(filtering, c_target, valid)
         zero = torch.zeros_like(c_target)
         self.regulariser, self.logit_in_norm, self.regulariser_in_norm = zero, zero, zero
         if not isinstance(margin, AdaptiveMargin):

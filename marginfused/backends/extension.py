@@ -208,9 +208,8 @@ def _rule_arguments(negatives: Optional[HardNegatives]) -> dict:
     0 without a rule)."""
     if negatives is None:
         return dict(hard_threshold=None, hard_offset=None, hard_quadratic=0.0)
-    threshold, offset, quadratic = negatives
-    return dict(hard_threshold=threshold.detach().float().contiguous(),
-                hard_offset=offset.detach().float().contiguous(), hard_quadratic=float(quadratic))
+    threshold, offset, quadratic = negatives.for_kernels()
+    return dict(hard_threshold=threshold, hard_offset=offset, hard_quadratic=quadratic)
 
 
 class ExtensionBackend(FusedBackend):

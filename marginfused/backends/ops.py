@@ -133,11 +133,9 @@ class FusedBackend(Backend):
         valid = y != settings.ignore_index
         target = target_logits(target_cosines(x, w, y, valid, settings.subcenters), valid, settings, x)
         check_finite(target, valid)
-        rule = target.negatives
+        threshold, offset, quadratic = (None, None, 0.0) if target.negatives is None else target.negatives.for_kernels()
         loss, prediction, _, _ = margin_loss(
-            x, w, y, target.logit.float(), target.slope.float(),
-            None if rule is None else rule.threshold.float(), None if rule is None else rule.offset.float(),
-            self.name, settings.scale, settings.ignore_index, settings.label_smoothing,
-            0.0 if rule is None else float(rule.quadratic), settings.subcenters,
+            x, w, y, target.logit.float(), target.slope.float(), threshold, offset, self.name, settings.scale,
+            settings.ignore_index, settings.label_smoothing, quadratic, settings.subcenters,
         )
         return RowLoss(with_regulariser(loss, target), prediction)

@@ -10,7 +10,8 @@ Plain PyTorch that materialises the (B, C) logits, written to be obviously right
 The margin is the same PyTorch code the fused backends' pre-pass runs (`marginfused.target`),
 applied to the target column of the materialised cosines, with ∂z_iy/∂c_iy = σ_i through a
 straight-through term; a negative-logit rule (`marginfused.negatives`) applies to the other
-columns, differentiated by autograd. The clamp bounds the value only; the gradient passes through it unchanged.
+columns, differentiated by autograd. The clamp bounds the value only; the gradient passes through
+it unchanged.
 Normalisation and the matmul run in the input dtype (as a plain PyTorch user would); everything
 from the cosines on runs in float32, or float64 for float64 inputs.
 

@@ -89,7 +89,8 @@ def _gradient_scales(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor
     tensors, computed on the device: no host synchronisation): the power of two by which each
     scales its dot operand G·r before the cast to float16 (kernels/backward.py). |G_ij| ≤
     2·|u_i|·max(s, |σ_i|, s·(|a_i| + 2q)) (|p − t − ε/C| ≤ 2; the last term a negative-logit rule's
-    slope bound, |c| ≤ 1), times r_wj in the first kernel and r_xi in the second; 2^k = 2^⌊log2(2¹⁵ / the largest)⌋, within [2⁻²⁴, 2²⁴]. A zero row (r = 1/1e-12, an
+    slope bound, |c| ≤ 1), times r_wj in the first kernel and r_xi in the second;
+    2^k = 2^⌊log2(2¹⁵ / the largest)⌋, within [2⁻²⁴, 2²⁴]. A zero row (r = 1/1e-12, an
     exact zero in float16, which has no smaller norms) is left out: its products are exactly 0
     whatever the scale. Both 1 for other dtypes."""
     one = torch.ones(1, dtype=torch.float32, device=grad_rows.device)
@@ -201,8 +202,8 @@ def _rule_arguments(negatives: Optional[HardNegatives], target_logit: Tensor,
     variant = {"HARD_NEGATIVES": negatives is not None, "SUBCENTERS": subcenters}
     if negatives is None:
         return (target_logit, target_logit), 0.0, variant
-    threshold, offset = (v.detach().to(torch.float32).contiguous() for v in negatives[:2])
-    return (threshold, offset), float(negatives.quadratic), variant
+    threshold, offset, quadratic = negatives.for_kernels()
+    return (threshold, offset), quadratic, variant
 
 
 def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional, Union
 
 import torch
@@ -296,7 +296,10 @@ MarginLike = Union[str, MarginFunction]
 
 
 def per_row_parameters(margin: MarginFunction) -> dict[str, Tensor]:
-    """The margin's parameters given as tensors of per-row values, by name (none for callables)."""
+    """The margin's parameters given as tensors of per-row values, by name (none for callables).
+    Read through the dataclass's fields, which torch.compile traces (not `vars`, whose `__dict__` of
+    a frozen dataclass it cannot)."""
     if not isinstance(margin, Margin):
         return {}
-    return {name: value for name, value in vars(margin).items() if isinstance(value, Tensor) and value.dim() == 1}
+    values = {f.name: getattr(margin, f.name) for f in fields(margin)}
+    return {name: value for name, value in values.items() if isinstance(value, Tensor) and value.dim() == 1}

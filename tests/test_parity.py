@@ -13,11 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pytorch_metric_learning.losses as pml
-
 import marginfused as mf
 
 from helpers import arithmetic_bounds, assert_close, make_inputs
+
+
+@pytest.fixture
+def pml():
+    """pytorch-metric-learning's losses (an optional test dependency: its tests are skipped without it)."""
+    return pytest.importorskip("pytorch_metric_learning.losses", reason="pytorch-metric-learning is not installed")
 
 
 def assert_same(loss, x, w, y, w_t: bool = False, **options):
@@ -36,7 +40,7 @@ def assert_same(loss, x, w, y, w_t: bool = False, **options):
 
 
 @pytest.mark.parametrize("degrees", [28.6, 120.0])  # 120°: past π − m the linear fallback acts
-def test_from_pytorch_metric_learning_arcface(degrees):
+def test_from_pytorch_metric_learning_arcface(pml, degrees):
     """ArcFaceLoss(C, D, margin=deg, scale=s) is MarginSoftmaxLoss(D, C, margin=mf.ArcFace(
     math.radians(deg), fallback="linear"), scale=s, margin_grad="exact") with weight = W.T."""
     x, w, y = make_inputs(17, 40, 12, seed=50)
@@ -47,7 +51,7 @@ def test_from_pytorch_metric_learning_arcface(degrees):
                 scale=30.0, margin_grad="exact")
 
 
-def test_from_pytorch_metric_learning_cosface():
+def test_from_pytorch_metric_learning_cosface(pml):
     """CosFaceLoss(C, D, margin=m, scale=s) is MarginSoftmaxLoss(D, C, margin=mf.CosFace(m), scale=s)."""
     x, w, y = make_inputs(17, 40, 12, seed=51)
     reference = pml.CosFaceLoss(num_classes=40, embedding_size=12, margin=0.35, scale=64.0).double()
@@ -100,7 +104,7 @@ def test_from_insightface_combined_margin_loss(m1, m2, m3, filtering, margin):
     assert_same(loss, x, w, y, margin=margin, scale=64.0, interclass_filtering=filtering or None)
 
 
-def test_from_pytorch_metric_learning_subcenter_arcface():
+def test_from_pytorch_metric_learning_subcenter_arcface(pml):
     """SubCenterArcFaceLoss(num_classes=C, embedding_size=D, margin=deg, scale=s, sub_centers=K) is
     MarginSoftmaxLoss(D, C, margin=mf.ArcFace(math.radians(deg), fallback="linear"), scale=s,
     margin_grad="exact", subcenters=K) with weight = W.T (class j's sub-centres at its columns
@@ -115,7 +119,7 @@ def test_from_pytorch_metric_learning_subcenter_arcface():
                 scale=30.0, margin_grad="exact", subcenters=3)
 
 
-def test_subcentre_cleaning_is_pytorch_metric_learnings_get_outliers():
+def test_subcentre_cleaning_is_pytorch_metric_learnings_get_outliers(pml):
     """Its get_outliers(embeddings, labels, threshold=75) finds the same outliers and dominant
     sub-centres as mf.subcenter_outliers (classes with samples; it leaves the others unset)."""
     g = torch.Generator().manual_seed(54)

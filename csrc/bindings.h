@@ -26,7 +26,7 @@ inline void bind_entry_points(pybind11::module_& m, const char* doc, ForwardPart
         "and the per-row gradient grad_rows",
         py::kw_only(), py::arg("x"), py::arg("w"), py::arg("y"), py::arg("target_logit"), py::arg("target_slope"),
         py::arg("hard_threshold"), py::arg("hard_offset"), py::arg("hard_quadratic"), py::arg("lse"),
-        py::arg("grad_rows"), py::arg("class_start"), py::arg("subcenters"), py::arg("num_classes"),
+        py::arg("grad_rows"), py::arg("grad_lift"), py::arg("class_start"), py::arg("subcenters"), py::arg("num_classes"),
         py::arg("chunk"), py::arg("scale"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("grad_x"),
         py::arg("grad_w"));
 }

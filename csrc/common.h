@@ -123,13 +123,15 @@ using ForwardPartialsFn = void(const at::Tensor& x, const at::Tensor& w, const a
 // backward: the gradients of Σ_i u_i ℓ_i w.r.t. x and this weight shard, given lse_i (B,) float64 over
 // all num_classes classes, u = grad_rows (B,) fp32, z_iy = target_logit and σ_i = target_slope (B,)
 // fp32, the negative-logit rule and sub-centres as in forward_partials (each class's gradient goes
-// to its arg-max sub-centre alone). grad_x (B×D) and grad_w (CK×D), in the input dtype, are written
-// whole; either may be None.
+// to its arg-max sub-centre alone). grad_lift: (2^k, 2^-k) fp32, the fp16 lift of the gradient tile
+// (marginfused/backends/lift.py), for float16 inputs of the cuda backend only; None elsewhere.
+// grad_x (B×D) and grad_w (CK×D), in the input dtype, are written whole; either may be None.
 using BackwardFn = void(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
                         const at::Tensor& target_logit, const at::Tensor& target_slope,
                         const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_offset,
                         double hard_quadratic, const at::Tensor& lse,
-                        const at::Tensor& grad_rows, int64_t class_start, int64_t subcenters, int64_t num_classes,
+                        const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_lift,
+                        int64_t class_start, int64_t subcenters, int64_t num_classes,
                         int64_t chunk,
                         double scale, double label_smoothing, int64_t ignore_index,
                         const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w);
@@ -253,10 +255,12 @@ inline ForwardPlan check_forward_partials(const char* op, c10::DeviceType device
   return ForwardPlan{make_params(op, scale, 0.0, ignore_index), rule};
 }
 
-// backward's scalars, negative-logit rule, and which of grad_x, grad_w are wanted (given, not None).
+// backward's scalars, negative-logit rule, fp16 lift ((2^k, 2^-k), or nullptr: none), and which of
+// grad_x, grad_w are wanted (given, not None).
 struct BackwardPlan {
   LossParams params;
   HardNegatives rule;
+  const float* lift;
   bool need_x;
   bool need_w;
 };
@@ -267,6 +271,7 @@ inline BackwardPlan check_backward(const char* op, c10::DeviceType device_type, 
                                    const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
                                    const std::optional<at::Tensor>& hard_offset, double hard_quadratic,
                                    const at::Tensor& lse, const at::Tensor& grad_rows,
+                                   const std::optional<at::Tensor>& grad_lift,
                                    int64_t class_start, int64_t subcenters, int64_t num_classes, int64_t chunk,
                                    double scale,
                                    double label_smoothing, int64_t ignore_index,
@@ -282,8 +287,11 @@ inline BackwardPlan check_backward(const char* op, c10::DeviceType device_type, 
   const bool need_w = grad_w.has_value() && grad_w->defined();
   if (need_x) check_beside(op, "grad_x", *grad_x, x, x.scalar_type(), {B, D});
   if (need_w) check_beside(op, "grad_w", *grad_w, x, x.scalar_type(), {w.size(0), D});
+  const bool lifted = grad_lift.has_value() && grad_lift->defined();
+  if (lifted) check_beside(op, "grad_lift", *grad_lift, x, at::kFloat, {2});
   const HardNegatives rule = check_rule(op, x, hard_threshold, hard_offset, hard_quadratic);
-  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), rule, need_x, need_w};
+  return BackwardPlan{make_params(op, scale, label_smoothing, ignore_index), rule,
+                      lifted ? grad_lift->data_ptr<float>() : nullptr, need_x, need_w};
 }
 
 }  // namespace marginfused

@@ -509,13 +509,14 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
               const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
               const std::optional<at::Tensor>& hard_offset, double hard_quadratic, const at::Tensor& lse,
-              const at::Tensor& grad_rows, int64_t class_start, int64_t subcenters, int64_t num_classes, int64_t chunk,
-              double scale, double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
-              const std::optional<at::Tensor>& grad_w) {
+              const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_lift, int64_t class_start,
+              int64_t subcenters, int64_t num_classes, int64_t chunk, double scale, double label_smoothing,
+              int64_t ignore_index, const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
   constexpr const char* op = "marginfused cpu backward";
   const BackwardPlan plan = check_backward(op, kCPU, x, w, y, target_logit, target_slope, hard_threshold, hard_offset,
-                                           hard_quadratic, lse, grad_rows, class_start, subcenters, num_classes,
-                                           chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
+                                           hard_quadratic, lse, grad_rows, grad_lift, class_start, subcenters,
+                                           num_classes, chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
+  TORCH_CHECK(plan.lift == nullptr, op, ": grad_lift must be None (float16 inputs take float32 GEMMs here)");
   const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
   const int64_t B = x.size(0), D = x.size(1), K = subcenters;

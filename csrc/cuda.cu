@@ -11,9 +11,9 @@
 //             also for half/bf16 inputs), then forward_chunk_kernel: one block per row folds the
 //             chunk's logits into the row's running (max, sumexp), logit sum and best cosine.
 //   backward: recompute S, backward_chunk_kernel forms U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij elementwise
-//             (in the input dtype for the GEMMs; for float16 lifted by a power of two 2^k before the
-//             cast, gradient_scale_kernel, and brought back by 2^-k in fp32 after the GEMMs), A += U
-//             W_chunk and H = Uᵀ X with ATen, and
+//             (in the input dtype for the GEMMs; for float16 lifted by the caller's power of two 2^k
+//             before the cast, marginfused/backends/lift.py, clamped to float16's range, and brought
+//             back by 2^-k in fp32 after the GEMMs), A += U W_chunk and H = Uᵀ X with ATen, and
 //             project_rows_kernel turns H into dW rows: dw_j = H_j - ŵ_j (ŵ_j·H_j). After the
 //             last chunk the same projection turns A into dx.
 // Sub-centres as in cpu.cpp: chunks of whole classes; a class's cosine is the largest of its K rows'
@@ -226,6 +226,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// A lifted gradient entry in the GEMMs' dtype: for float16 clamped to its range first, so that the
+// entries of a zero row (q or r = 1e12, left out of the lift's bound: lift.py) stay finite and
+// multiply that row's zeros to exactly 0.
+template <typename grad_t>
+__device__ __forceinline__ grad_t to_gradient_tile(float value) {
+  if constexpr (std::is_same_v<grad_t, c10::Half>) value = fminf(fmaxf(value, -65504.0f), 65504.0f);
+  return static_cast<grad_t>(value);
+}
+
 // Elementwise over the B×n tile (n rows of W): U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij from S_ij (zero on
 // ignored rows), written as grad_t (the input dtype, for the GEMMs; in place when that is float).
 // t_i and σ_i (target_logit, target_slope) are read only on the target. lse_i = lse_hi + lse_lo
@@ -239,7 +248,7 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
                                       const int64_t* __restrict__ labels, const float* __restrict__ target_logit,
                                       const float* __restrict__ target_slope, HardNegatives rule, int64_t chunk_start,
                                       const float* __restrict__ lse_hi, const float* __restrict__ lse_lo,
-                                      const float* __restrict__ grad_rows, const float* __restrict__ grad_scale,
+                                      const float* __restrict__ grad_rows, const float* __restrict__ grad_lift,
                                       float smoothing_per_class, LossParams p) {
   // 2-D grid: x over the chunk's columns, y over rows (strided), so no index is divided (but the
   // column's class, once per thread, with sub-centres).
@@ -247,7 +256,7 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
   if (j >= n) return;
   const int64_t klass = subcenters == 1 ? j : j / subcenters;  // this column's (chunk-local) class
   const int64_t group = klass * subcenters;                      // and its first row
-  const float lift = *grad_scale;
+  const float lift = *grad_lift;
   for (int64_t i = blockIdx.y; i < batch; i += gridDim.y) {
     const int64_t idx = i * n + j;
     const int64_t label = labels[i];
@@ -270,44 +279,7 @@ __global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64
       const float prob = expf((z - lse_hi[i]) - lse_lo[i]);
       value = lift * u * q[i] * r[j] * logit_grad(prob, slope, is_target, p.label_smoothing, smoothing_per_class);
     }
-    u_tile[idx] = static_cast<grad_t>(value);
-  }
-}
-
-// The power of two 2^k by which a float16 gradient tile is lifted before its cast (and 2^-k, by
-// which the GEMM results are brought back): |U_ij| ≤ 2·|u_i|·max(s, |σ_i|, s·(|a_i| + 2q))·q_i·r_j
-// before the norms (the last term the slope bound of a negative-logit rule's hard negatives, whose
-// cosines are at most 1), and k = ⌊log2(2^15 / (2·max|u|·max slope))⌋ within [-24, 24], so no entry
-// overflows float16 and the small ones (a negative class's ~6e-8 at B = 1024, s = 64) keep their
-// bits. One block. The row and column inverse norms multiply in after the bound: rows of norm far
-// below 1 may still overflow, as the unscaled cast would.
-__global__ void gradient_scale_kernel(const float* __restrict__ grad_rows, const float* __restrict__ target_slope,
-                                      HardNegatives rule, int64_t batch, float scale, bool enabled, float* lift,
-                                      float* unlift) {
-  __shared__ float largest_grad[kThreads];
-  __shared__ float largest_slope[kThreads];
-  float g = 0.0f, sigma = scale;
-  for (int64_t i = threadIdx.x; i < batch; i += blockDim.x) {
-    g = fmaxf(g, fabsf(grad_rows[i]));
-    sigma = fmaxf(sigma, fabsf(target_slope[i]));
-    if (rule.threshold) sigma = fmaxf(sigma, scale * (fabsf(rule.offset[i]) + 2.0f * fabsf(rule.quadratic)));
-  }
-  largest_grad[threadIdx.x] = g;
-  largest_slope[threadIdx.x] = sigma;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      largest_grad[threadIdx.x] = fmaxf(largest_grad[threadIdx.x], largest_grad[threadIdx.x + stride]);
-      largest_slope[threadIdx.x] = fmaxf(largest_slope[threadIdx.x], largest_slope[threadIdx.x + stride]);
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const float largest = 2.0f * largest_grad[0] * largest_slope[0];
-    float k = largest > 0.0f ? floorf(log2f(32768.0f / largest)) : 24.0f;
-    k = enabled ? fminf(fmaxf(k, -24.0f), 24.0f) : 0.0f;
-    *lift = exp2f(k);
-    *unlift = exp2f(-k);
+    u_tile[idx] = to_gradient_tile<grad_t>(value);
   }
 }
 
@@ -425,13 +397,16 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
               const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
               const std::optional<at::Tensor>& hard_offset, double hard_quadratic, const at::Tensor& lse,
-              const at::Tensor& grad_rows, int64_t class_start, int64_t subcenters, int64_t num_classes, int64_t chunk,
-              double scale, double label_smoothing, int64_t ignore_index, const std::optional<at::Tensor>& grad_x,
-              const std::optional<at::Tensor>& grad_w) {
+              const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_lift, int64_t class_start,
+              int64_t subcenters, int64_t num_classes, int64_t chunk, double scale, double label_smoothing,
+              int64_t ignore_index, const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
   constexpr const char* op = "marginfused cuda backward";
   const BackwardPlan plan = check_backward(op, kCUDA, x, w, y, target_logit, target_slope, hard_threshold,
-                                           hard_offset, hard_quadratic, lse, grad_rows, class_start, subcenters,
-                                           num_classes, chunk, scale, label_smoothing, ignore_index, grad_x, grad_w);
+                                           hard_offset, hard_quadratic, lse, grad_rows, grad_lift, class_start,
+                                           subcenters, num_classes, chunk, scale, label_smoothing, ignore_index,
+                                           grad_x, grad_w);
+  TORCH_CHECK(plan.lift != nullptr || x.scalar_type() != at::kHalf, op,
+              ": float16 inputs need grad_lift, the gradient tile's power of two (marginfused/backends/lift.py)");
   const bool need_x = plan.need_x, need_w = plan.need_w;
   if (!need_x && !need_w) return;
   const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = subcenters;
@@ -455,8 +430,9 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     if (!is_float) a_chunk = at::empty({B, D}, f32);
   }
   if (need_w && !is_float) h_buffer = at::empty({n_max * D}, f32);
-  at::Tensor lift = at::empty({2}, f32);  // 2^k and 2^-k (gradient_scale_kernel)
-  const at::Tensor one = at::ones({1}, f32);  // A is unscaled chunk by chunk
+  const at::Tensor unit = at::ones({2}, f32);  // (2^0, 2^-0): no lift, and A is unlifted chunk by chunk
+  const float* lift = plan.lift ? plan.lift : unit.data_ptr<float>();  // (2^k, 2^-k)
+  const at::Tensor unlift = plan.lift ? grad_lift->narrow(0, 1, 1) : unit.narrow(0, 1, 1);
   const float smoothing_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
 
   MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
@@ -466,12 +442,6 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     split_lse_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, lse.data_ptr<double>(),
                                                                    lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gradient_scale_kernel<<<1, kThreads, 0, stream>>>(grad_rows.data_ptr<float>(), target_slope.data_ptr<float>(),
-                                                      plan.rule, B,
-                                                      plan.params.scale, x.scalar_type() == at::kHalf,
-                                                      lift.data_ptr<float>(), lift.data_ptr<float>() + 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor unlift = lift.narrow(0, 1, 1);
     for (int64_t r0 = 0; r0 < C; r0 += n_max) {  // the chunk's rows [r0, r0 + n), classes from r0 / K
       const int64_t n = std::min(n_max, C - r0);
       const at::Tensor wc = w.narrow(0, r0, n);
@@ -487,8 +457,8 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
           s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, K, q.data_ptr<float>(), r.data_ptr<float>(),
           y.data_ptr<int64_t>(), target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), plan.rule,
           class_start + r0 / K,
-          lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), lift.data_ptr<float>(),
-          smoothing_per_class, plan.params);
+          lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), lift, smoothing_per_class,
+          plan.params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_x) {
         if (is_float) {
@@ -515,8 +485,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     if (need_x) {
       project_rows_kernel<scalar_t, scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
           acc.data_ptr<float>(), x.data_ptr<scalar_t>(), q.data_ptr<float>(), B, D, vector_rows(x),
-          one.data_ptr<float>(),
-          grad_x->data_ptr<scalar_t>());
+          unit.data_ptr<float>(), grad_x->data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

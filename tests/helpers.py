@@ -477,3 +477,11 @@ def check_float16_keeps_the_negative_classes_gradient(backend: str, device: str)
     assert float(truth.grad_weight[negative].abs().max()) > 1e-7  # what the cast would flush
     limit = max_error(rounded.grad_weight[negative], truth.grad_weight[negative]) + bound
     assert_close("negative classes' dW", got.grad_weight[negative].cpu(), truth.grad_weight[negative], limit)
+
+
+def unit_embeddings_and_small_centres(batch: int, num_classes: int, dim: int, seed: int, device: str = "cpu"):
+    """Unit embeddings against class centres of norm 0.01 (a head drawn at std 0.01 in a small
+    dimension), float64: the gradient tiles carry 1/‖w_j‖ = 100, which a float16 backward must count
+    when it lifts its tiles into float16's range (marginfused/backends/lift.py)."""
+    x, w, y = make_inputs(batch, num_classes, dim, seed=seed, device=device)
+    return F.normalize(x, dim=1), 0.01 * F.normalize(w, dim=1), y

@@ -24,7 +24,7 @@ from marginfused.settings import LossSettings, resolve_margin
 from allocations import AllocationTracker
 from helpers import (
     MARGINS, assert_close, assert_matches_truth, assert_predictions_are_nearest, budgets, cosine_bound,
-    make_inputs, run, shard_targets, skip_unless_supported, spread_inputs,
+    make_inputs, run, shard_targets, skip_unless_supported, spread_inputs, unit_embeddings_and_small_centres,
 )
 
 
@@ -435,6 +435,12 @@ def test_fp16_inputs_at_scale_64(backend):
     x[:2] = w[y[:2]]  # target logits of s·f(1) ≈ 56: exp(56) overflows fp16
     skip_unless_supported(backend.name, x.half(), w.half())
     assert_matches_truth(backend.name, x, w, y, torch.float16, scale=64.0)
+
+
+def test_fp16_unit_embeddings_against_small_centres(backend):
+    x, w, y = unit_embeddings_and_small_centres(64, 300, 32, seed=9, device=backend.device)
+    skip_unless_supported(backend.name, x.half(), w.half())
+    assert_matches_truth(backend.name, x, w, y, torch.float16, scale=64.0, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("norm", [1e-4, 1e4])

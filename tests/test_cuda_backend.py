@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import marginfused as mf
 from marginfused.backends import extension
 
-from helpers import MARGINS, assert_matches_truth, check_float16_keeps_the_negative_classes_gradient, make_inputs
+from helpers import (
+    MARGINS, assert_matches_truth, check_float16_keeps_the_negative_classes_gradient, make_inputs,
+    unit_embeddings_and_small_centres,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tools" / "check_cuda.py"
@@ -57,6 +61,34 @@ def test_cuda_and_cpu_share_their_checks_and_bindings():
     for name in ("cpu.cpp", "cuda.cu"):
         text = (csrc / name).read_text()
         assert "check_forward_partials(" in text and "check_backward(" in text, name
+
+
+def test_the_float16_lift_counts_the_inverse_norms():
+    """The cuda backend lifts its one gradient tile U_ij = u_i·∂ℓ_i/∂c_ij·q_i·r_j (q, r the inverse
+    norms) by a power of two before the float16 cast. With unit embeddings against centres of norm
+    0.01, U is 100× the gradient of the cosines: the lift must keep the largest entry of the lifted
+    tile within float16's range (65504), and be the largest power of two whose bound allows it, a zero
+    centre row (r = 1e12, whose entries multiply zeros) left out of that bound. Computed here exactly
+    (float64) from the reference's cosines."""
+    batch, classes, dim, scale = 64, 300, 32, 64.0
+    x, w, y = unit_embeddings_and_small_centres(batch, classes, dim, seed=19)
+    w[7] = 0.0
+    upstream = torch.full((batch,), 1.0 / batch, dtype=torch.float64)
+    cos = (F.normalize(x, dim=1) @ F.normalize(w, dim=1).T).clamp(-1, 1).requires_grad_()
+    target = cos.gather(1, y[:, None])
+    margin = torch.cos(torch.acos(target.detach()) + 0.5)  # ArcFace, straight through: ∂z_iy/∂c_iy = s
+    logits = (scale * cos).scatter(1, y[:, None], scale * (margin + target - target.detach()))
+    (F.cross_entropy(logits, y, reduction="none") * upstream).sum().backward()
+    inverse = 1 / x.norm(dim=1).clamp_min(1e-12), 1 / w.norm(dim=1).clamp_min(1e-12)
+    tile = cos.grad * inverse[0][:, None] * inverse[1][None, :]
+    tile[:, 7] = 0.0  # the zero row's entries: clamped to float16's range, they multiply its zeros
+
+    lift, unlift = extension.gradient_tile_lift(x.half(), w.half(), upstream.float(), torch.full((batch,), scale),
+                                                scale, None).double()
+    assert lift * unlift == 1.0
+    assert float(tile.abs().max() * lift) <= 65504.0
+    bound = 2 * float(upstream.max()) * scale * float(inverse[0].max()) * 100.0  # |u|·2s·max q·max r, r ≤ 100
+    assert bound * float(lift) <= 2.0**15 < 2 * bound * float(lift)
 
 
 # --- on a GPU ----------------------------------------------------------------------------------
@@ -150,6 +182,12 @@ def test_cuda_rejects_bad_inputs(cuda_ext):
         forward(out_max=torch.empty(b))
     with pytest.raises(RuntimeError, match="hard_threshold and hard_offset must be given together"):
         forward(hard_threshold=torch.zeros(b, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_float16_unit_embeddings_against_small_centres(cuda_ext):
+    x, w, y = unit_embeddings_and_small_centres(1024, 5000, 64, seed=20, device="cuda")
+    assert_matches_truth("cuda", x, w, y, torch.float16, scale=64.0, label_smoothing=0.1)
 
 
 @pytest.mark.gpu

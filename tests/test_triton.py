@@ -160,7 +160,7 @@ def test_bfloat16_under_the_interpreter_says_why():
 
 def test_unavailable_reasons(monkeypatch):
     backend = tb.TritonBackend()
-    assert backend.unavailable_reason() is None
+    assert backend.unavailable_reason() == (tb._interpreter_problem() if tb.configs.interpreting() else None)
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     assert "triton cannot be imported" in backend.unavailable_reason()
     monkeypatch.undo()
@@ -169,6 +169,24 @@ def test_unavailable_reasons(monkeypatch):
         reason = backend.unavailable_reason()
         assert "no CUDA GPU" in reason and "TRITON_INTERPRET=1" in reason
         assert "not implemented" not in str(mf.available_backends()["triton"])
+
+
+def test_an_interpreter_that_cannot_run_with_this_numpy_says_why(monkeypatch):
+    """Before Triton 3.7 the interpreter takes loop bounds with int() of a one-element array, which
+    numpy 2.4 refuses (triton #9171): under TRITON_INTERPRET=1 the backend says so, and how to
+    avoid it, instead of failing inside the first kernel."""
+    import numpy
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for triton_version, numpy_version, refused in [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                   ("3.7.1", "2.4.6", False), ("3.6.0", "2.5.2", True)]:
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        reason = tb.TritonBackend().unavailable_reason()
+        if refused:
+            assert "9171" in reason and "numpy<2.4" in reason and "Triton>=3.7" in reason
+        else:
+            assert reason is None, (triton_version, numpy_version, reason)
 
 
 def test_wrong_device_says_why():

@@ -33,9 +33,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
+from ..constants import NORM_EPS
 from ..negatives import HardNegatives
 from ..partials import RowPartials
 from ..settings import LossSettings
+from . import lift
 from .base import FUSED_DTYPES, BackendUnavailableError, RowGradients
 from .ops import FusedBackend
 
@@ -212,6 +214,22 @@ def _rule_arguments(negatives: Optional[HardNegatives]) -> dict:
     return dict(hard_threshold=threshold, hard_offset=offset, hard_quadratic=quadratic)
 
 
+def inverse_norms(rows: Tensor) -> Tensor:
+    """1/max(‖row‖, 1e-12) of every row, float32 (accumulated in float32 without a float32 copy)."""
+    return 1.0 / torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).clamp_min(NORM_EPS)
+
+
+def gradient_tile_lift(x: Tensor, w: Tensor, grad_rows: Tensor, target_slope: Tensor, scale: float,
+                       negatives: Optional[HardNegatives]) -> Tensor:
+    """The cuda backend's fp16 lift (`lift.py`) as (2^k, 2^-k) float32: its one gradient tile
+    U = G·q·r carries both inverse norms, so its bound is max_i(bound_i·q_i)·max_j r_j over the
+    rows that are not zero rows. One pass over W for its norms (float16 inputs only)."""
+    rows = lift.row_bounds(grad_rows, target_slope, scale, negatives)
+    factor = lift.lift(lift.largest(rows * lift.nonzero_rows(inverse_norms(x)))
+                       * lift.largest(lift.nonzero_rows(inverse_norms(w))))
+    return torch.cat([factor, 1.0 / factor])
+
+
 class ExtensionBackend(FusedBackend):
     """A backend running the chunked C++ extension built for `device_type` tensors (csrc/).
 
@@ -273,11 +291,16 @@ class ExtensionBackend(FusedBackend):
         x, w = x.detach().contiguous(), w.detach().contiguous()
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.empty_like(w) if need_w else None
+        grad_rows = grad_rows.detach().float().contiguous()
+        target_slope = target_slope.detach().float().contiguous()
+        grad_lift = None
+        if self.device_type == "cuda" and x.dtype == torch.float16:
+            grad_lift = gradient_tile_lift(x, w, grad_rows, target_slope, settings.scale, negatives)
         load(self.device_type).backward(
             x=x, w=w, y=y.long().contiguous(), target_logit=target_logit.detach().float().contiguous(),
-            target_slope=target_slope.detach().float().contiguous(), **_rule_arguments(negatives),
+            target_slope=target_slope, **_rule_arguments(negatives),
             lse=(row_max.double() + torch.log(row_sumexp.double())).contiguous(),
-            grad_rows=grad_rows.detach().float().contiguous(), class_start=class_start,
+            grad_rows=grad_rows, grad_lift=grad_lift, class_start=class_start,
             subcenters=settings.subcenters, num_classes=num_classes,
             chunk=chunk_size(x.device, x.shape[0]), scale=settings.scale,
             label_smoothing=settings.label_smoothing, ignore_index=settings.ignore_index, grad_x=grad_x,

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
+import numpy
 import torch
 from torch import Tensor
 
-from .. import constants
 from ..kernels import configs
 from ..negatives import HardNegatives
 from ..partials import RowPartials
 from ..settings import LossSettings
+from . import lift
 from .base import FUSED_DTYPES, RowGradients
 from .ops import FusedBackend
 
@@ -78,37 +80,16 @@ def _inverse_norms(rows: Tensor) -> Tensor:
     return out
 
 
-FLOAT16_GRADIENT_CEILING = 2.0**15
-"""float16 holds up to 65504: the gradient tile is scaled by the power of two that lifts its
-largest possible entry to at most this, so no entry overflows and the small ones keep their bits."""
-
-
-def _gradient_scales(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor, scale: float,
-                     inv_x: Tensor, inv_w: Tensor, negatives: Optional[HardNegatives]) -> tuple[Tensor, Tensor]:
-    """2^k for the embeddings' and for the class centres' backward kernel (1-element float32
-    tensors, computed on the device: no host synchronisation): the power of two by which each
-    scales its dot operand G·r before the cast to float16 (kernels/backward.py). |G_ij| ≤
-    2·|u_i|·max(s, |σ_i|, s·(|a_i| + 2q)) (|p − t − ε/C| ≤ 2; the last term a negative-logit rule's
-    slope bound, |c| ≤ 1), times r_wj in the first kernel and r_xi in the second;
-    2^k = 2^⌊log2(2¹⁵ / the largest)⌋, within [2⁻²⁴, 2²⁴]. A zero row (r = 1/1e-12, an
-    exact zero in float16, which has no smaller norms) is left out: its products are exactly 0
-    whatever the scale. Both 1 for other dtypes."""
-    one = torch.ones(1, dtype=torch.float32, device=grad_rows.device)
+def _gradient_lifts(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor, scale: float, inv_x: Tensor,
+                    inv_w: Tensor, negatives: Optional[HardNegatives]) -> tuple[Tensor, Tensor]:
+    """The fp16 lift (`lift.py`) of the embeddings' and of the class centres' backward kernel, whose
+    dot operands are G·r_w and G·r_x (kernels/backward.py); both 1 for other dtypes."""
     if dtype != torch.float16:
+        one = torch.ones(1, dtype=torch.float32, device=grad_rows.device)
         return one, one
-
-    def nonzero_rows(inv: Tensor) -> Tensor:
-        return inv.where(inv * constants.NORM_EPS < 0.5, torch.zeros_like(inv))
-
-    def power_of_two(largest: Tensor) -> Tensor:
-        return torch.exp2(torch.floor(torch.log2(FLOAT16_GRADIENT_CEILING / largest)).clamp(-24, 24)).reshape(1)
-
-    slope_bound = torch.clamp(target_slope.abs(), min=scale)
-    if negatives is not None:
-        slope_bound = torch.maximum(slope_bound, scale * (negatives.offset.abs() + 2 * abs(negatives.quadratic)))
-    row_bound = 2 * grad_rows.abs() * slope_bound
-    largest_for_x = row_bound.amax() * nonzero_rows(inv_w).amax() if inv_w.numel() else row_bound.amax()
-    return power_of_two(largest_for_x), power_of_two((row_bound * nonzero_rows(inv_x)).amax())
+    rows = lift.row_bounds(grad_rows, target_slope, scale, negatives)
+    return (lift.lift(lift.largest(rows) * lift.largest(lift.nonzero_rows(inv_w))),
+            lift.lift(lift.largest(rows * lift.nonzero_rows(inv_x))))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -259,6 +240,25 @@ def _prepare(x: Tensor, w: Tensor, y: Tensor, *rows: Tensor) -> tuple[Tensor, ..
             *(r.detach().to(torch.float32).contiguous() for r in rows))
 
 
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def _interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run the kernels with the installed numpy, or None. Before
+    Triton 3.7 it takes every loop bound with `int()` of a one-element array, which numpy 2.4 and
+    later refuse (triton issue #9171): every kernel's first runtime loop fails. Compiled kernels on a
+    GPU are not affected."""
+    import triton
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+                f"{numpy.__version__} (triton issue #9171, fixed in Triton 3.7): install numpy<2.4 or Triton>=3.7")
+    return None
+
+
 class TritonBackend(FusedBackend):
     """Fused Triton kernels: forward and backward tiled over classes, never storing B×C.
 
@@ -275,7 +275,7 @@ class TritonBackend(FusedBackend):
         except Exception as error:  # ImportError, or a broken install
             return f"triton cannot be imported ({type(error).__name__}: {error})"
         if configs.interpreting():
-            return None
+            return _interpreter_problem()
         if not torch.cuda.is_available():
             return (
                 "no CUDA GPU is present and TRITON_INTERPRET=1 is not set "
@@ -320,7 +320,7 @@ class TritonBackend(FusedBackend):
         batch, dim = x.shape
         local = w.shape[0] // settings.subcenters  # classes
         inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
-        scale_for_x, scale_for_w = _gradient_scales(x.dtype, grad_rows, target_slope, settings.scale, inv_x, inv_w,
+        lift_for_x, lift_for_w = _gradient_lifts(x.dtype, grad_rows, target_slope, settings.scale, inv_x, inv_w,
                                                     negatives)
         eps = float(settings.label_smoothing)
         rule, quadratic, variant = _rule_arguments(negatives, target_logit, settings.subcenters)
@@ -338,7 +338,7 @@ class TritonBackend(FusedBackend):
             slices = _cdiv(dim, plan.tiles.block_g)
 
             def arguments(partials: Tensor, per_split: int) -> tuple:
-                return (*inputs, scale_for_x, partials, *shapes, per_split, _bucket(batch), *scalars)
+                return (*inputs, lift_for_x, partials, *shapes, per_split, _bucket(batch), *scalars)
 
             n_splits, per_split = _class_splits(plan, x, local, slices, arguments(inv_x, configs.split_align()),
                                                 {"DOT_PRECISION": precision, **variant})
@@ -356,7 +356,7 @@ class TritonBackend(FusedBackend):
             slices = _cdiv(dim, plan.tiles.block_g)
             dw = _empty(tuple(w.shape), w.dtype, w.device)
             plan.kernel[lambda meta: (_cdiv(local, meta["BLOCK_C"]), slices, settings.subcenters)](
-                *inputs, scale_for_w, dw, *shapes, _bucket(batch), *scalars,
+                *inputs, lift_for_w, dw, *shapes, _bucket(batch), *scalars,
                 DOT_PRECISION=precision, **variant, **plan.meta,
             )
         return dx, dw

@@ -2,6 +2,9 @@
 
 The Triton code in kernels/ installs as `marginfused.kernels`, and the C++/CUDA sources in csrc/
 ship as package data (`marginfused/csrc/`) so the JIT build finds them after any install.
+
+The minimum versions are the oldest the project checks (`make test-compat`: torch 2.11 and Triton
+3.6; `make test`: torch 2.13 and Triton 3.9).
 """
 
 from setuptools import setup
@@ -22,8 +25,8 @@ setup(
     },
     package_data={"marginfused.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h", "*.md"]},
     install_requires=[
-        "torch>=2.4",
-        "triton; platform_system == 'Linux'",
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy",
         "ninja",
     ],

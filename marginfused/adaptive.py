@@ -239,7 +239,8 @@ class CurricularFace(AdaptiveMargin):
 class ElasticFace(AdaptiveMargin):
     """ElasticFace (Boutros et al., 2022): each row's margin drawn from N(m, std) on every call
     in training mode, f(c) = cos(θ + m_i) (kind "arc") or c − m_i (kind "cos"); in eval mode the
-    mean margin m for every row. Draws with `generator` (on the cosines' device) when given.
+    mean margin m for every row. Draws with `generator` (on the cosines' device) when given; under
+    torch.compile, which cannot trace a torch.Generator, from torch's default generator only.
 
     The authors' ElasticFace-Arc/Cos draw one margin per sample per step, as here; their "+"
     variants, which sort the draws by the target cosines, are not this class.
@@ -260,6 +261,9 @@ class ElasticFace(AdaptiveMargin):
     def for_call(self, call: MarginCall) -> CallMargin:
         cos = call.cos
         if self.training:
+            if self.generator is not None and torch.compiler.is_compiling():
+                raise RuntimeError("ElasticFace(generator=...) cannot be traced by torch.compile (it cannot trace a "
+                                   "torch.Generator): pass generator=None to draw from torch's default generator")
             margins = torch.normal(self.m, self.std, size=cos.shape, generator=self.generator,
                                    device=cos.device, dtype=cos.dtype)
         else:

@@ -12,7 +12,7 @@ from marginfused.backends.torch import TorchBackend
 from marginfused.settings import LossSettings
 
 from helpers import (
-    LAMBDA, assert_close, assert_matches_truth, budgets, cosine_bound, make_inputs, shard_targets,
+    LAMBDA, MARGINS, assert_close, assert_matches_truth, budgets, cosine_bound, make_inputs, shard_targets,
 )
 
 
@@ -137,6 +137,41 @@ def test_compiled_step_with_adaptive_margins_rules_and_subcentres(fused, case):
     check_step(network, head, x, y, step, **{**options, "margin": head.margin})
 
 
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_every_built_in_margin_compiles_without_a_graph_break(reference_fused, margin):
+    """Every built-in margin, each kind and fallback, traces with fullgraph=True. The margin runs in
+    the target pre-pass, the same PyTorch code whichever backend follows, so the operator over the
+    reference's partials stands for them all."""
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    network, x = integer_network(4, 12, 16, 8)
+    head = mf.MarginSoftmaxLoss(8, 40, margin=MARGINS[margin], margin_grad="exact", backend=reference_fused)
+    y = torch.randint(0, 40, (12,))
+    step = torch.compile(lambda x, y: head(network(x), y, return_accuracy=True), fullgraph=True)
+    check_step(network, head, x, y, step, margin=MARGINS[margin], margin_grad="exact")
+
+
+def test_elasticface_compiles_and_says_why_not_with_its_own_generator(reference_fused):
+    """ElasticFace draws each row's margin in the traced graph (from torch's default generator):
+    in eval mode its loss is the mean margin's; a generator of its own, which torch.compile cannot
+    trace, is refused with the reason."""
+    network, x = integer_network(5, 12, 16, 8)
+    y = torch.randint(0, 40, (12,), generator=torch.Generator().manual_seed(5))
+    head = mf.MarginSoftmaxLoss(8, 40, margin=mf.ElasticFace(), backend=reference_fused)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, y: head(network(x), y, return_accuracy=True), fullgraph=True)
+    loss, _ = step(x, y)  # training mode: margins drawn inside the graph
+    assert bool(torch.isfinite(loss))
+    head.eval()
+    torch._dynamo.reset()
+    check_step(network, head, x, y, step, margin=mf.ArcFace(0.5))
+    head.train()
+    head.margin.generator = torch.Generator().manual_seed(6)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="pass generator=None"):
+        step(x, y)
+
+
 def test_compiled_with_the_automatic_backend_choice():
     torch.manual_seed(1)
     network, x = integer_network(1, 10, 16, 8)
@@ -157,3 +192,25 @@ def test_compiled_step_with_a_callable_margin_in_exact_mode(fused):
     y = torch.randint(0, 40, (10,))
     step = torch.compile(lambda x, y: head(network(x), y, return_accuracy=True), fullgraph=True)
     check_step(network, head, x, y, step, margin=margin, margin_grad="exact")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_compiled_training_step_through_triton(dtype):
+    """torch.compile(fullgraph=True) of a training step whose head runs the triton kernels on CUDA
+    tensors equals the float64 truth, as eager does."""
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    network, x = integer_network(6, 64, 16, 32)
+    network, x = network.cuda().to(dtype), x.cuda().to(dtype)
+    head = mf.MarginSoftmaxLoss(32, 3000, margin="arcface", margin_grad="exact", backend="triton", device="cuda",
+                                dtype=dtype)
+    y = torch.randint(0, 3000, (64,), device="cuda")
+    step = torch.compile(lambda x, y: head(network(x), y), fullgraph=True)
+    loss = step(x, y)
+    loss.backward()
+    embeddings = network(x).detach()
+    truth, limits = budgets(embeddings.double().cpu(), head.weight.detach().double().cpu(), y.cpu(), dtype,
+                            margin="arcface", margin_grad="exact")
+    assert_close("loss", loss.detach().double().cpu(), truth.loss, limits["loss"])
+    assert_close("head weight grad", head.weight.grad.double().cpu(), truth.grad_weight, limits["grad_weight"])

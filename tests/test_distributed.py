@@ -1,16 +1,11 @@
 """The class-sharded loss over gloo equals the single-process loss over the concatenated shards.
 
-Each world size spawns its processes once; every rank runs every case against a float64
-single-process reference it computes itself, and writes the names of failed cases (with the
-error) to a file the test reads back. Each spawn is bounded in time.
+Each world size spawns its processes once (tests/ranks.py); every rank runs every case against a
+float64 single-process reference it computes itself.
 """
 
 import copy
 import itertools
-import json
-import multiprocessing
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +22,10 @@ from marginfused.distributed import (
 )
 
 from helpers import UNIT_ROUNDOFF, assert_close, budgets, cosine_bound, make_inputs, working_dtype
+from ranks import run_on_ranks
 
 LOCAL_BATCH, NUM_CLASSES, DIM = 5, 23, 12
 MARGINS = [mf.CosFace(), mf.ArcFace(fallback="linear"), mf.SphereFace(), mf.ExpFace(), mf.CombinedMargin()]
-SPAWN_TIMEOUT_S = 240
 
 
 def test_shard_range_is_torch_chunks_split():
@@ -345,48 +340,6 @@ def _checks(rank, world, backends):
     checks.append(("state dict and gathered centres", lambda: _check_state_dict(rank, world)))
     checks.append(("sub-centre state dict", lambda: _check_subcenter_state_dict(rank, world)))
     return checks
-
-
-def _process(rank, world, store, out_dir, checks, args, process_group):
-    """One rank: join the group (gloo on CPUs; nccl with GPU `rank` current), run every check
-    `checks(rank, world, *args)` lists, and write the failures (name and traceback) where the test
-    reads them."""
-    failures = []
-    try:
-        if process_group == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(process_group, init_method=f"file://{store}", rank=rank, world_size=world)
-        for name, check in checks(rank, world, *args):
-            try:
-                check()
-            except (Exception, CheckpointException):  # CheckpointException is a BaseException
-                failures.append(f"{name}: {traceback.format_exc(limit=3)}")
-        dist.destroy_process_group()
-    except (Exception, CheckpointException):
-        failures.append(f"setup: {traceback.format_exc()}")
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(failures))
-
-
-def run_on_ranks(world, directory, checks, *args, process_group="gloo"):
-    """Spawn `world` ranks of a `process_group` ("gloo" or "nccl") group running `checks` (a
-    module-level function: spawned processes import it); fail with the first failures of each
-    rank, or if a rank is still running after SPAWN_TIMEOUT_S."""
-    directory.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_process, args=(rank, world, directory / "store", directory, checks, args, process_group))
-        for rank in range(world)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(SPAWN_TIMEOUT_S)
-    hung = [p.pid for p in processes if p.is_alive()]
-    for process in processes:
-        process.kill()
-    assert not hung, f"ranks still running after {SPAWN_TIMEOUT_S} s"
-    failures = {rank: json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(world)}
-    assert all(not f for f in failures.values()), "\n".join(f"rank {r}: {m}" for r, fs in failures.items() for m in fs[:3])
 
 
 @pytest.mark.parametrize("world", [2, 3])

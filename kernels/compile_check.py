@@ -11,17 +11,21 @@ aligned pointers; D, strides and the split size divisible by 16), and reads, per
 - registers and local memory (spills, stack) of the cubin Triton built (its bundled cuobjdump);
 - shared memory against the target's limit per block;
 - the matrix instruction: wgmma (Hopper), tcgen05 (Blackwell), mma.sync (Ampere, Ada), or none;
-- for every dot operand the software pipeline stages in shared memory, its number of buffers
-  against num_stages (fewer means an in-flight dot reads a buffer the next copy overwrites:
-  triton-lang/triton #6691, which a tile used both by a dot and by register math triggers);
+- for every loop of the software pipeline and every ring of shared-memory buffers it refills, its
+  buffers against those the loop needs, from the TTGIR Triton built (kernels/rings.py: buffers ≥
+  copies ahead + iterations still read when a copy is issued; fewer means a dot reads a buffer
+  the next copy overwrites: triton-lang/triton #6691, which a tile used both by a wgmma and by
+  register math triggers);
 - atomics: none, relaxed, or fenced (an atomic with acquire/release semantics, or a memory
   barrier, in the PTX). The kernels have none: every output is written once, by its owner.
 
-A kernel fails the check on local memory, shared memory over the limit, a pipelined dot operand
-with fewer buffers than num_stages, or any atomic (the backward's determinism rests on there being
-none).
+A kernel fails the check on local memory, shared memory over the limit, a ring with fewer buffers
+than its loop needs, a loop whose pipeline the check cannot read, or any atomic (the backward's
+determinism rests on there being none). Every line names the ptxas that built the cubin (Triton
+bundles its own, per target: the registers, spills and stack are that ptxas's), and the run's
+first line names Triton's version and each target's ptxas.
 
-    python -m marginfused.kernels.compile_check [--arch 80 86 89 90 100 120] [--dtype bf16 fp16 fp32]
+    python -m marginfused.kernels.compile_check [--arch 80 86 89 90 100 120] [--dtype bf16 fp16 fp32] [--workers N]
 
 Must run without TRITON_INTERPRET set (the kernels are defined as interpreted functions then);
 exits non-zero if any compile or check fails.
@@ -30,6 +34,7 @@ exits non-zero if any compile or check fails.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -37,7 +42,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+
+from .rings import Ring, Unread, pipelined_rings, short
 
 TARGETS = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 """Every target compiled, with its largest shared memory per block in bytes (the opt-in limit)."""
@@ -55,24 +61,16 @@ class Report:
 
     label: str
     arch: int
+    ptxas: str
     registers: int
     local_bytes: int
     shared_bytes: int
     shared_limit: int
     matrix_instruction: str
-    dot_buffers: Optional[int]  # the fewest buffers of any pipelined dot operand; None: none pipelined
+    rings: list[Ring]
+    unread: list[Unread]
     num_stages: int
     atomics: str  # "none", "relaxed" or "fenced"
-
-    @property
-    def required_buffers(self) -> int:
-        """Buffers a pipelined dot operand needs: num_stages − 1 when the dot reads them into
-        registers before it runs (mma.sync, FMA: the next copy may reuse a buffer once it is
-        read), num_stages when the dot reads shared memory asynchronously (wgmma, tcgen05: the
-        buffer stays in use while the dot is in flight, the extra buffer Triton's pipeliner adds
-        for them, and the one #6691 loses)."""
-        asynchronous = self.matrix_instruction in ("wgmma", "tcgen05")
-        return self.num_stages if asynchronous else max(1, self.num_stages - 1)
 
     def problems(self) -> list[str]:
         found = []
@@ -80,20 +78,20 @@ class Report:
             found.append(f"{self.local_bytes} bytes of local memory (spills or stack)")
         if self.shared_bytes > self.shared_limit:
             found.append(f"shared memory {self.shared_bytes} > {self.shared_limit}")
-        if self.dot_buffers is not None and self.dot_buffers < self.required_buffers:
-            found.append(f"a pipelined dot operand has {self.dot_buffers} buffers, "
-                         f"{self.required_buffers} needed for {self.num_stages} stages")
+        found += [ring.describe() for ring in short(self.rings)]
+        found += [loop.describe() for loop in self.unread]
         if self.atomics != "none":
             found.append(f"{self.atomics} atomics")
         return found
 
     def line(self) -> str:
-        buffers = "-" if self.dot_buffers is None else f"{self.dot_buffers}/{self.required_buffers}"
+        tightest = min(self.rings, key=lambda ring: (ring.buffers - ring.needed, -ring.needed), default=None)
+        buffers = "-" if tightest is None else f"{tightest.buffers}/{tightest.needed}"
         verdict = "; ".join(self.problems()) or "ok"
-        return (f"{self.label:<16} sm_{self.arch:<4} regs {self.registers:>3}  local {self.local_bytes:>3}  "
-                f"smem {self.shared_bytes:>6}/{self.shared_limit:<6}  {self.matrix_instruction:<8} "
-                f"buffers {buffers:<4} stages {self.num_stages}  atomics {self.atomics:<7}  "
-                f"{verdict}")
+        return (f"{self.label:<27} sm_{self.arch:<4} ptxas {self.ptxas:<8} regs {self.registers:>3}  "
+                f"local {self.local_bytes:>3}  smem {self.shared_bytes:>6}/{self.shared_limit:<6}  "
+                f"{self.matrix_instruction:<8} buffers {buffers:<4} stages {self.num_stages}  "
+                f"atomics {self.atomics:<7}  {verdict}")
 
 
 def compile_kernel(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int):
@@ -133,42 +131,18 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return registers, max(stack, local)
 
 
-DOT_OPERANDS = re.compile(r"(?:ttng\.warp_group_dot|tt\.dot|ttng\.tc_gen5_mma)\s+(%[\w.]+),\s*(%[\w.]+)")
-DEFINITION = re.compile(r"^\s*(%[\w.]+) = (\S+) (.*)$")
+@functools.lru_cache(maxsize=None)
+def ptxas_version(arch: int) -> str:
+    """The version of the ptxas Triton builds sm_`arch` with (Triton picks one of its bundled
+    ptxas binaries by target)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
+    out = subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, text=True, check=True).stdout
+    version = re.search(r"\bV(\d+\.\d+\.\d+)", out)
+    if version is None:
+        raise RuntimeError(f"ptxas --version printed no version:\n{out}")
+    return version.group(1)
 
-def pipelined_dot_buffers(ttgir: str) -> Optional[int]:
-    """The fewest shared-memory buffers behind any dot operand that the pipeline stages (an
-    operand read from `memdesc_index` of a `memdesc<N x …>` ring of N buffers), or None."""
-    definitions = {}
-    for line in ttgir.splitlines():
-        match = DEFINITION.match(line)
-        if match:
-            definitions[match.group(1)] = (match.group(2), match.group(3))
-    counts = []
-    for line in ttgir.splitlines():
-        dot = DOT_OPERANDS.search(line)
-        if not dot:
-            continue
-        for operand in dot.groups():
-            for _ in range(8):  # follow loads, layout conversions and views back to the buffer
-                op, rest = definitions.get(operand, ("", ""))
-                if op == "ttg.memdesc_index":
-                    ring = re.search(r"!ttg\.memdesc<(\d+)x", rest)
-                    if ring:
-                        counts.append(int(ring.group(1)))
-                    break
-                source = re.match(r"(%[\w.]+)", rest)
-                if op in VIEWS and source:
-                    operand = source.group(1)
-                else:
-                    break
-    return min(counts) if counts else None
-
-
-VIEWS = ("ttg.local_load", "ttg.convert_layout", "ttg.memdesc_trans", "ttg.memdesc_reinterpret",
-         "ttg.memdesc_subslice", "ttg.memdesc_subview")
-"""Ops through which a dot operand is followed back to the buffer it was loaded into."""
 
 FENCED = re.compile(r"\bmembar\.|\bfence\.(sc|acq_rel)\b|\b(atom|red)\.[\w.]*\b(acq_rel|release|acquire)\b")
 """A memory barrier or an acquire/release atomic (the fences `atom` gets by default, sem="acq_rel");
@@ -182,8 +156,9 @@ def inspect(kernel, label: str, arch: int, num_stages: int) -> Report:
     ptx = kernel.asm["ptx"]
     instruction = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma." in ptx
                    else "mma.sync" if "mma.sync" in ptx else "none")
-    return Report(label, arch, registers, local, kernel.metadata.shared, TARGETS[arch], instruction,
-                  pipelined_dot_buffers(kernel.asm["ttgir"]), num_stages,
+    rings, unread = pipelined_rings(kernel.asm["ttgir"])
+    return Report(label, arch, ptxas_version(arch), registers, local, kernel.metadata.shared, TARGETS[arch],
+                  instruction, rings, unread, num_stages,
                   "fenced" if FENCED.search(ptx) else "relaxed" if ATOMIC.search(ptx) else "none")
 
 
@@ -244,8 +219,17 @@ def _run(job: tuple, arch: int) -> str:
     return ("ok     " if not report.problems() else "FAILED ") + report.line()
 
 
+def header(archs) -> str:
+    """The run's first line: Triton's version and the ptxas of each target."""
+    import triton
+
+    targets = ", ".join(f"sm_{arch} {ptxas_version(arch)}" for arch in archs)
+    return f"compile check: triton {triton.__version__}; ptxas by target: {targets}"
+
+
 def check(archs, dtypes, workers: int = 2) -> int:
     """Compile and check every variant for every target; print a line each; the number that failed."""
+    print(header(archs), flush=True)
     work = [(job, arch) for arch in archs for job in jobs(dtypes, arch)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         lines = list(pool.map(_run, *zip(*work)))

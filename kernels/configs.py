@@ -35,14 +35,18 @@ class Tiles:
 # (mma.sync, 99–163 KB: sm_80, sm_86, sm_89, sm_120), whose register-hungry mma.sync accumulators
 # need smaller tiles. Chosen without a GPU, by compiling for every target and reading what
 # Triton's cubin uses (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
-# memory within each target's limit, every pipelined dot operand fully buffered, in the plain and
-# the negative-logit-rule variant of each kernel (Hopper's float32 forward at BLOCK_C = 64 spilled
-# 24 bytes on sm_100 with the rule, the Ampere 16-bit embeddings' backward at BLOCK_C = 64 on
-# sm_120: BLOCK_C = 32 for both). None of this is
-# timed yet: to be measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
+# memory within each target's limit, every pipelined ring of dot operands deep enough, in the plain,
+# the negative-logit-rule and the sub-centre variant of each kernel, under every supported Triton
+# (3.6 and 3.9: each builds with its own ptxas). ptxas aims at 128 registers per thread when a
+# kernel's natural count lies a little above it and spills or takes a stack frame to get there
+# (five float32 builds of 4 warps got 128 registers and an 8–16 byte stack from Triton 3.6's
+# ptxas, and none from 3.9's), so the float32 configurations sit well clear of it:
+# 8 warps for the forward's 32 × 32 tiles (69–88 registers), a BLOCK_D of 16 for the sub-centre dW
+# kernel of Hopper (168–186). None of this is timed yet: to be measured on a GPU (`python -m bench`,
+# or bench/gpu_session.sh).
 FORWARD_GPU = {
     ("hopper", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
-    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2),
+    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2),
     ("ampere", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
     ("ampere", "32"): Tiles(block_b=32, block_c=64, block_d=16, num_warps=4, num_stages=2),
 }
@@ -66,7 +70,7 @@ FORWARD_SUBCENTRES_GPU = {
     **FORWARD_GPU,
     ("hopper", "16"): Tiles(block_b=128, block_c=32, block_d=64, num_warps=8, num_stages=3),
     ("ampere", "16"): Tiles(block_b=128, block_c=32, block_d=64, num_warps=8, num_stages=3),
-    ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2),
+    ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2),
 }
 ROW_GRAD_SUBCENTRES_GPU = {
     **ROW_GRAD_GPU,
@@ -75,6 +79,7 @@ ROW_GRAD_SUBCENTRES_GPU = {
 }
 CLASS_GRAD_SUBCENTRES_GPU = {
     **CLASS_GRAD_GPU,
+    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),
     ("ampere", "16"): Tiles(block_b=32, block_c=32, block_d=64, num_warps=8, num_stages=2, block_g=256),
     ("ampere", "32"): Tiles(block_b=32, block_c=16, block_d=16, num_warps=4, num_stages=2, block_g=64),
 }

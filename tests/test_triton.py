@@ -1,5 +1,6 @@
-"""What only the `triton` backend has: its launchers' buffers and class splits, its reasons for
-not running, and its compiled code. What every backend must do is tests/test_contract.py.
+"""What only the `triton` backend has: its launchers' buffers and class splits and its reasons for
+not running (its compiled code: tests/test_compile_check.py). What every backend must do is
+tests/test_contract.py.
 
 Without a GPU these run on CPU tensors through Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), in float32 and float16 (bfloat16, whose dots the interpreter computes wrongly,
@@ -8,8 +9,6 @@ blocks (kernels/configs.py: 16 rows, 32 classes, 32 dims, 3 class splits) make e
 cross many tile and split boundaries.
 """
 
-import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -194,80 +193,6 @@ def test_wrong_device_says_why():
         pytest.skip("only under TRITON_INTERPRET=1 (on a GPU, CPU tensors go to the CPU backends)")
     assert tb.TritonBackend().unsupported_reason("cpu", torch.float32) is None
     assert "CPU tensors only" in tb.TritonBackend().unsupported_reason("meta", torch.float32)
-
-
-def _without_the_interpreter(args, cwd=None):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
-
-
-def test_what_the_compiler_emits_passes_on_every_target():
-    """What the interpreter cannot check: every kernel, in every dtype, compiles (LLVM, ptxas) for
-    sm_80, sm_86, sm_89, sm_90, sm_100 and sm_120 with its configuration for that target, and the
-    cubin has no spills or stack, shared memory within the target's limit, every pipelined dot
-    operand fully buffered and no atomic; the forward and backward kernels also in their
-    negative-logit-rule and sub-centre variants. No GPU needed."""
-    run_ = _without_the_interpreter(["-m", "marginfused.kernels.compile_check"])
-    assert run_.returncode == 0, run_.stdout + run_.stderr
-    assert run_.stdout.count("ok ") == 11 * 3 * 6, run_.stdout  # 5 kernels, 3 in 3 variants; 3 dtypes; 6 targets
-
-
-CHECKED_BY_THE_COMPILE_CHECK = """
-import triton
-import triton.language as tl
-from marginfused.kernels.compile_check import compile_kernel, inspect
-
-
-@triton.jit
-def dot_tile_also_in_registers(a_ptr, b_ptr, out_ptr, norms_ptr, K, ALSO_IN_REGISTERS: tl.constexpr):
-    rows = tl.arange(0, 64)
-    acc = tl.zeros((64, 64), tl.float32)
-    squares = tl.zeros((64,), tl.float32)
-    for k in range(0, K, 64):
-        a = tl.load(a_ptr + rows[:, None] * K + k + rows[None, :])
-        b = tl.load(b_ptr + (k + rows[:, None]) * 64 + rows[None, :])
-        acc = tl.dot(a, b, acc)
-        if ALSO_IN_REGISTERS:
-            squares += tl.sum(a.to(tl.float32) * a.to(tl.float32), axis=1)
-            squares += tl.sum(b.to(tl.float32) * b.to(tl.float32), axis=0)
-    tl.store(out_ptr + rows[:, None] * 64 + rows[None, :], acc)
-    tl.store(norms_ptr + rows, squares)
-
-
-@triton.jit
-def atomic(out_ptr, RELAXED: tl.constexpr):
-    i = tl.arange(0, 64)
-    if RELAXED:
-        tl.atomic_add(out_ptr + i, 1.0, sem="relaxed")
-    else:
-        tl.atomic_add(out_ptr + i, 1.0)
-
-
-dot_types = dict(a_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", norms_ptr="*fp32", K="i32")
-for also in (False, True):
-    kernel = compile_kernel(dot_tile_also_in_registers, dot_types, dict(ALSO_IN_REGISTERS=also), 4, 3, 90)
-    report = inspect(kernel, "dot", 90, 3)
-    print("dot", also, report.dot_buffers, report.problems())
-for relaxed in (False, True):
-    report = inspect(compile_kernel(atomic, dict(out_ptr="*fp32"), dict(RELAXED=relaxed), 4, 1, 90), "atomic", 90, 1)
-    print("atomic", relaxed, report.atomics, report.problems())
-"""
-
-
-def test_the_compile_check_catches_the_hopper_buffer_race_and_atomics(tmp_path):
-    """The checks are not vacuous: dot operand tiles that also feed register math (the squared
-    norms the kernels used to take from them) get one buffer too few on sm_90 (triton #6691) and
-    are reported; so is an atomic, relaxed or with the default acq_rel fences."""
-    script = tmp_path / "kernels_under_check.py"
-    script.write_text(CHECKED_BY_THE_COMPILE_CHECK)
-    run_ = _without_the_interpreter([str(script)], cwd=tmp_path)
-    assert run_.returncode == 0, run_.stdout + run_.stderr
-    lines = {" ".join(line.split()[:2]): line for line in run_.stdout.splitlines()}
-    assert "3 []" in lines["dot False"], run_.stdout
-    assert "buffers, 3 needed for 3 stages" in lines["dot True"], run_.stdout
-    assert "fenced ['fenced atomics']" in lines["atomic False"], run_.stdout
-    assert "relaxed ['relaxed atomics']" in lines["atomic True"], run_.stdout
 
 
 @pytest.mark.gpu

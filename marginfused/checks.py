@@ -109,3 +109,19 @@ def check_inputs(
         raise ValueError(
             f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}, got {bad}"
         )
+
+
+def labels_for_the_loss(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """The labels as int64, their range checked on the device where the host cannot look.
+
+    Eagerly, `check_inputs` has checked every value on the host. Under torch.compile, whose traced
+    graph has no values, an asynchronous device assertion fails the call on a label outside
+    [0, num_classes) that is not `ignore_index` (no host synchronisation), and such labels are
+    replaced by ignore_index for everything the graph runs, so that no gather indexes out of range
+    before the assertion is reached."""
+    labels = labels.long()
+    if not torch.compiler.is_compiling():
+        return labels
+    valid = ((labels >= 0) & (labels < num_classes)) | (labels == ignore_index)
+    torch._assert_async(valid.all(), f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}")
+    return torch.where(valid, labels, torch.full_like(labels, ignore_index))

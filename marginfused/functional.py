@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .autocast import cast_for_autocast
-from .checks import check_inputs
+from .checks import check_inputs, labels_for_the_loss
 from .backends import select_backend
 from .settings import LossSettings, check_functional_margin, check_reduction
 from .margins import MarginLike
@@ -100,7 +100,7 @@ def _margin_cross_entropy(
                                   subcenters)
     check_reduction(reduction)
     check_inputs(embeddings, weight, labels, ignore_index, margin=settings.margin, subcenters=subcenters)
-    labels = labels.long()
+    labels = labels_for_the_loss(labels, weight.shape[0] // subcenters, ignore_index)
     implementation = select_backend(backend, embeddings)
     per_row, prediction = implementation.per_row_loss(embeddings, weight, labels, settings)
 

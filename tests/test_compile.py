@@ -172,6 +172,20 @@ def test_elasticface_compiles_and_says_why_not_with_its_own_generator(reference_
         step(x, y)
 
 
+@pytest.mark.parametrize("label", [-1, 40], ids=["negative", "num_classes"])
+def test_a_compiled_call_refuses_a_label_out_of_range(fused, label):
+    """Under torch.compile the labels are checked on the device (no host synchronisation): a label
+    outside [0, C) that is not ignore_index fails the call with the eager check's words, instead of
+    passing as a class or failing inside a compiled gather."""
+    torch._dynamo.reset()
+    head = mf.MarginSoftmaxLoss(8, 40, backend=fused)
+    step = torch.compile(lambda x, y: head(x, y), fullgraph=True)
+    x = torch.randn(5, 8)
+    assert bool(torch.isfinite(step(x, torch.tensor([1, 2, 3, 4, -100]))))
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, 40\) or equal ignore_index=-100"):
+        step(x, torch.tensor([1, 2, label, 4, 5]))
+
+
 def test_compiled_with_the_automatic_backend_choice():
     torch.manual_seed(1)
     network, x = integer_network(1, 10, 16, 8)

@@ -88,6 +88,8 @@ class MarginSoftmaxLoss(nn.Module):
         rows = num_classes * self.subcenters
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()
+        if isinstance(self.margin, nn.Module):  # an adaptive margin's state follows the head's dtype and device
+            self.margin.to(device=self.weight.device, dtype=self.weight.dtype)
 
     def reset_parameters(self) -> None:
         """Draw the class centres from N(0, 0.01²)."""

@@ -1,6 +1,7 @@
 """Backend choice: available_backends(), "auto", and explicit names that cannot run."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -65,3 +66,27 @@ def test_auto_logs_what_it_passed_over(caplog):
     with caplog.at_level("DEBUG", logger="marginfused"):
         mf.margin_cross_entropy(x, w, y)  # float64
     assert any("passed over 'cpu'" in record.getMessage() for record in caplog.records)
+
+
+def test_auto_warns_once_when_a_fused_backend_cannot_run_on_this_machine(monkeypatch):
+    """A fused backend that cannot run here at all (a failed build, no compiler) is said where a
+    user looks: one RuntimeWarning per process naming the backend, why, what runs instead and what
+    that costs. Tensors the backend is not made for (float64 here) are no cause for one."""
+    from marginfused.backends import extension, registry
+
+    monkeypatch.delitem(extension._modules, "cpu", raising=False)
+    monkeypatch.setitem(extension._failures, "cpu", "the cpu C++ extension could not be built or loaded: no compiler")
+    monkeypatch.setattr(registry, "_warned", set())
+    x, w, y = make_inputs(3, 4, 5)
+    with pytest.warns(RuntimeWarning, match=r"cannot use the 'cpu' backend \(the cpu C\+\+ extension could not be "
+                                             r"built or loaded: no compiler\) and runs 'torch' instead\. The torch "
+                                             r"reference holds the batch × classes logits"):
+        mf.margin_cross_entropy(x.float(), w.float(), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mf.margin_cross_entropy(x.float(), w.float(), y)  # once per process
+    monkeypatch.undo()
+    monkeypatch.setattr(registry, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mf.margin_cross_entropy(x, w, y)  # float64: the cpu backend is built, just not for this dtype

@@ -85,11 +85,18 @@ def _check_load_mismatch(rank, world):
     assert not bool(head.weight.detach().any()) and float(head.margin.batch_mean) == 30.0
 
 
+def _check_state_follows_dtype():
+    """A float64 sharded head keeps its adaptive margin's statistics in float64 (every rank alike)."""
+    head = _head(margin="adaface", dtype=torch.float64)
+    assert {buffer.dtype for buffer in head.margin.buffers()} == {torch.float64}
+
+
 def _checks(rank, world):
     checks = [(f"head {name}", functools.partial(_check_head_mismatch, rank, *case)) for name, case in MISMATCHES.items()]
     checks += [("one rank refuses", functools.partial(_check_one_rank_refuses, rank, world)),
                ("call mismatch", functools.partial(_check_call_mismatch, rank, world)),
-               ("load mismatch", functools.partial(_check_load_mismatch, rank, world))]
+               ("load mismatch", functools.partial(_check_load_mismatch, rank, world)),
+               ("state follows dtype", _check_state_follows_dtype)]
     return checks
 
 

@@ -48,6 +48,15 @@ def test_dtype_and_device_of_the_weight():
     assert head.weight.dtype == torch.float64 and head.weight.device.type == "cpu"
 
 
+@pytest.mark.parametrize("margin", ["adaface", "curricularface"])
+def test_an_adaptive_margins_state_follows_the_heads_dtype(margin):
+    """A float64 head keeps its margin's running statistics in float64 too, as .to() does."""
+    head = mf.MarginSoftmaxLoss(4, 3, margin=margin, dtype=torch.float64)
+    assert {buffer.dtype for buffer in head.margin.buffers()} == {torch.float64}
+    head.float()
+    assert {buffer.dtype for buffer in head.margin.buffers()} == {torch.float32}
+
+
 def test_state_dict_round_trip():
     torch.manual_seed(1)
     head = mf.MarginSoftmaxLoss(8, 13, margin=mf.ArcFace(0.4, fallback="easy"))

@@ -5,6 +5,7 @@ shadows the torch package here."""
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -75,9 +76,28 @@ def _choose(name: str, device_type: str, dtype: torch.dtype) -> tuple[str, str]:
                 if passed == candidate:
                     break
                 _log.debug("backend='auto' passed over %r for %s %s tensors: %s", passed, device_type, dtype, why)
+                _warn_once_if_broken(passed, candidate)
             return candidate, ""
     details = "; ".join(f"{n}: {r}" for n, r in reasons.items())
     return "", f"no backend can run on {device_type} tensors of {dtype} ({details})"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once_if_broken(passed: str, chosen: str) -> None:
+    """A warning, once per process and backend, when `backend="auto"` passes over a fused backend
+    that cannot run on this machine at all (a failed build, a missing compiler or package; not
+    tensors of another device or dtype, which are the backend's design): it names the backend, why,
+    and what the call costs instead."""
+    why = REGISTRY[passed].unavailable_reason()
+    if why is None or passed in _warned:
+        return
+    _warned.add(passed)
+    cost = (" The torch reference holds the batch × classes logits in memory: at millions of classes that is an "
+            "out-of-memory error or a many times slower step." if chosen == "torch" else "")
+    warnings.warn(f"marginfused: backend='auto' cannot use the {passed!r} backend ({why}) and runs {chosen!r} "
+                  f"instead.{cost} Pass backend={chosen!r} to choose it knowingly.", RuntimeWarning, stacklevel=2)
 
 
 def select_backend(name: str, x: Tensor) -> Backend:

@@ -39,6 +39,20 @@ constexpr float kNormEps = 1e-12f;
 
 MF_HOST_DEVICE float clamp_unit(float c) { return fminf(fmaxf(c, -1.0f), 1.0f); }
 
+// Row norms that cannot overflow (marginfused/normalize.py): 1/max(|v|, 1e-12) from the row's sum of
+// squares Σ v² where that is finite; where it overflows (an entry past ~1.8e19), from the row
+// scaled by s, the power of two at or below its largest entry (exact):
+//   1/max(|v|, ε) = (1/s) / max(|v/s|, ε/s).
+// Underflow of the squares needs no care: it happens only far below ε, where the norm is clamped.
+MF_HOST_DEVICE float inverse_norm(float sum_of_squares) { return 1.0f / fmaxf(sqrtf(sum_of_squares), kNormEps); }
+MF_HOST_DEVICE bool squares_overflowed(float sum_of_squares) { return !(sum_of_squares <= 3.40282347e38f); }
+MF_HOST_DEVICE float row_scale(float largest_entry) { return exp2f(floorf(log2f(largest_entry))); }
+MF_HOST_DEVICE float scaled_inverse_norm(float scale, float scaled_sum_of_squares) {
+  return (1.0f / scale) / fmaxf(sqrtf(scaled_sum_of_squares), kNormEps / scale);
+}
+// Whether a row's norm is at least 1e-12, from its inverse norm (1/1e-12 exactly where it is not).
+MF_HOST_DEVICE bool above_norm_floor(float inverse) { return inverse < 1.0f / kNormEps; }
+
 // The scalars of one call, plain data passed by value to kernels.
 struct LossParams {
   float scale;            // s: z_ij = s c_ij off the target

@@ -126,7 +126,8 @@ inline c10::BFloat16 rounded<c10::BFloat16>(float v) {
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
-// 1/max(|row|, 1e-12) of `rows` contiguous rows of length `dim` (fp32 or 16-bit), into out.
+// 1/max(|row|, 1e-12) of `rows` contiguous rows of length `dim` (fp32 or 16-bit), into out; a row
+// whose sum of squares overflows is summed again scaled (common.h, inverse_norm).
 template <typename in_t>
 void inverse_norms(const in_t* rows, int64_t count, int64_t dim, float* out) {
   at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
@@ -135,29 +136,39 @@ void inverse_norms(const in_t* rows, int64_t count, int64_t dim, float* out) {
       float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
       for (int64_t d = 0; d < dim; ++d) sq += widen(row[d]) * widen(row[d]);
-      out[i] = 1.0f / std::max(std::sqrt(sq), kNormEps);
+      if (!squares_overflowed(sq)) {
+        out[i] = inverse_norm(sq);
+        continue;
+      }
+      float largest = 0.0f;
+#pragma omp simd reduction(max : largest)
+      for (int64_t d = 0; d < dim; ++d) largest = std::max(largest, std::fabs(widen(row[d])));
+      const float scale = row_scale(largest), down = 1.0f / scale;
+      float scaled = 0.0f;
+#pragma omp simd reduction(+ : scaled)
+      for (int64_t d = 0; d < dim; ++d) scaled += (widen(row[d]) * down) * (widen(row[d]) * down);
+      out[i] = scaled_inverse_norm(scale, scaled);
     }
   });
 }
 
-// out_i = h_i - v̂_i (v̂_i·h_i) with v̂_i = inv_i v_i, or h_i where |v_i| <= 1e-12, for `count`
-// rows (h and v in fp32 or 16-bit): the gradient through v ↦ v/max(|v|, 1e-12) given h = inv_i ×
-// (gradient w.r.t. v̂_i). `out` may alias an fp32 `h` (each element is read before it is written).
+// out_i = h_i - v̂_i (v̂_i·h_i) with v̂_i = inv_i v_i, or h_i where |v_i| < 1e-12, for `count` rows
+// (h and v in fp32 or 16-bit): the gradient through v ↦ v/max(|v|, 1e-12) given h = inv_i ×
+// (gradient w.r.t. v̂_i). v̂ is formed before any product, so no sum overflows for huge rows. `out`
+// may alias an fp32 `h` (each element is read before it is written).
 template <typename out_t, typename h_t, typename v_t>
 void project_rows(const h_t* h, const v_t* v, const float* inv, int64_t count, int64_t dim, out_t* out) {
   at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const h_t* hi = h + i * dim;
       const v_t* vi = v + i * dim;
-      float vh = 0.0f, vv = 0.0f;
-#pragma omp simd reduction(+ : vh, vv)
-      for (int64_t d = 0; d < dim; ++d) {
-        vh += widen(vi[d]) * widen(hi[d]);
-        vv += widen(vi[d]) * widen(vi[d]);
-      }
-      const float coef = std::sqrt(vv) > kNormEps ? inv[i] * inv[i] * vh : 0.0f;
+      const float r = inv[i];
+      float vh = 0.0f;
+#pragma omp simd reduction(+ : vh)
+      for (int64_t d = 0; d < dim; ++d) vh += (widen(vi[d]) * r) * widen(hi[d]);
+      const float coef = above_norm_floor(r) ? vh : 0.0f;
       out_t* oi = out + i * dim;
-      for (int64_t d = 0; d < dim; ++d) oi[d] = static_cast<out_t>(widen(hi[d]) - coef * widen(vi[d]));
+      for (int64_t d = 0; d < dim; ++d) oi[d] = static_cast<out_t>(widen(hi[d]) - (widen(vi[d]) * r) * coef);
     }
   });
 }

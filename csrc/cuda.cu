@@ -99,7 +99,13 @@ __device__ __forceinline__ void for_lane_elements(const scalar_t* __restrict__ v
   }
 }
 
-// 1/max(|row|, 1e-12) for `count` rows of length `dim`: one warp per row.
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+// 1/max(|row|, 1e-12) for `count` rows of length `dim`: one warp per row; a row whose sum of squares
+// overflows is summed again scaled (common.h, inverse_norm).
 template <typename scalar_t>
 __global__ void inverse_norms_kernel(const scalar_t* __restrict__ rows, int64_t count, int64_t dim, bool vectorised,
                                      float* __restrict__ out) {
@@ -107,10 +113,20 @@ __global__ void inverse_norms_kernel(const scalar_t* __restrict__ rows, int64_t 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; row < count;
        row += warps) {
-    float sq = 0.0f;
-    for_lane_elements(rows + row * dim, dim, lane, vectorised, [&](int64_t, float e) { sq += e * e; });
+    float sq = 0.0f, largest = 0.0f;
+    for_lane_elements(rows + row * dim, dim, lane, vectorised, [&](int64_t, float e) {
+      sq += e * e;
+      largest = fmaxf(largest, fabsf(e));
+    });
     sq = warp_sum(sq);
-    if (lane == 0) out[row] = 1.0f / fmaxf(sqrtf(sq), kNormEps);
+    float inverse = inverse_norm(sq);
+    if (squares_overflowed(sq)) {  // the same for every lane of the warp
+      const float scale = row_scale(warp_max(largest)), down = 1.0f / scale;
+      float scaled = 0.0f;
+      for_lane_elements(rows + row * dim, dim, lane, vectorised, [&](int64_t, float e) { scaled += (e * down) * (e * down); });
+      inverse = scaled_inverse_norm(scale, warp_sum(scaled));
+    }
+    if (lane == 0) out[row] = inverse;
   }
 }
 
@@ -292,10 +308,10 @@ __global__ void split_lse_kernel(int64_t batch, const double* lse, float* hi, fl
   }
 }
 
-// out_i = (h_i - v̂_i (v̂_i·h_i))·unlift, v̂_i = inv_i v_i (or h_i·unlift where |v_i| <= 1e-12): one
-// warp per row; `unlift` undoes the float16 gradient tile's scaling (1 otherwise); rows of v read
-// 16 bytes at a time where `vectorised`.
-// `out` may alias `h` (each lane reads its elements before writing them).
+// out_i = (h_i - v̂_i (v̂_i·h_i))·unlift, v̂_i = inv_i v_i (or h_i·unlift where |v_i| < 1e-12): one
+// warp per row; `unlift` undoes the float16 gradient tile's scaling (1 otherwise); v̂ is formed
+// before any product, so no sum overflows for huge rows; rows of v read 16 bytes at a time where
+// `vectorised`. `out` may alias `h` (each lane reads its elements before writing them).
 template <typename scalar_t, typename out_t>
 __global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__ v, const float* __restrict__ inv,
                                     int64_t count, int64_t dim, bool vectorised, const float* __restrict__ unlift,
@@ -307,17 +323,14 @@ __global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__
        row += warps) {
     const float* hi = h + row * dim;
     const scalar_t* vi = v + row * dim;
-    float vh = 0.0f, vv = 0.0f;
-    for_lane_elements(vi, dim, lane, vectorised, [&](int64_t d, float e) {
-      vh += e * hi[d];
-      vv += e * e;
-    });
+    const float r = inv[row];
+    float vh = 0.0f;
+    for_lane_elements(vi, dim, lane, vectorised, [&](int64_t d, float e) { vh += (e * r) * hi[d]; });
     vh = warp_sum(vh);
-    vv = warp_sum(vv);
-    const float coef = sqrtf(vv) > kNormEps ? inv[row] * inv[row] * vh : 0.0f;
+    const float coef = above_norm_floor(r) ? vh : 0.0f;
     out_t* oi = out + row * dim;
     for_lane_elements(vi, dim, lane, vectorised,
-                      [&](int64_t d, float e) { oi[d] = static_cast<out_t>((hi[d] - coef * e) * back); });
+                      [&](int64_t d, float e) { oi[d] = static_cast<out_t>((hi[d] - (e * r) * coef) * back); });
   }
 }
 

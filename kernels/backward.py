@@ -198,10 +198,11 @@ def class_grad_kernel(
         operand = _dot_operand(g * (inv_x * grad_scale)[None, :], x_ptr.dtype.element_ty)
         acc = tl.dot(operand, x, acc, input_precision=DOT_PRECISION)
 
-    # dW_j = (dŴ_j − ŵ_j (ŵ_j·dŴ_j))·r_wj = dŴ_j·r_wj − w_j·(ŵ_j·dŴ_j)·r_wj², the projection term
-    # dropped where ‖w_j‖ < 1e-12 (r_wj = 1/1e-12: F.normalize's clamp holds the norm constant)
+    # dW_j = (dŴ_j − ŵ_j (ŵ_j·dŴ_j))·r_wj with ŵ_j = w_j·r_wj formed first (no product of a huge row
+    # with r_wj² underflows), the projection term dropped where ‖w_j‖ < 1e-12 (r_wj = 1/1e-12:
+    # F.normalize's clamp holds the norm constant)
     mask = col_ok[:, None] & g_ok[None, :]
     w = tl.load(w_ptr + w_rows[:, None] * stride_w + g_dims[None, :], mask=mask, other=0.0)
-    along_w = tl.where(inv_w < inverse_norm(0.0), w_hat_dot_g * inv_w * inv_w, 0.0)
-    out = (acc / grad_scale) * inv_w[:, None] - w.to(tl.float32) * along_w[:, None]
+    along_w = tl.where(inv_w < inverse_norm(0.0), w_hat_dot_g, 0.0)
+    out = (acc / grad_scale - (w.to(tl.float32) * inv_w[:, None]) * along_w[:, None]) * inv_w[:, None]
     tl.store(dw_ptr + w_rows[:, None] * D + g_dims[None, :], out.to(dw_ptr.dtype.element_ty), mask=mask)

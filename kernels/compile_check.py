@@ -176,7 +176,7 @@ def jobs(dtypes, arch: int) -> list[tuple]:
         width = "32" if dtype == "fp32" else "16"
         precision = "ieee" if dtype == "fp32" else "tf32"
         pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", v_ptr=f"*{element}", out_ptr=f"*{element}",
-                        y_ptr="*i64", inv_x_ptr="*fp32", inv_w_ptr="*fp32", grad_scale_ptr="*fp32",
+                        y_ptr="*i64", inv_ptr="*fp32", inv_x_ptr="*fp32", inv_w_ptr="*fp32", grad_scale_ptr="*fp32",
                         target_logit_ptr="*fp32", target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32",
                         logit_sum_ptr="*fp32", best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32",
                         log_sumexp_ptr="*fp32", grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_ptr=f"*{element}",

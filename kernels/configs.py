@@ -41,9 +41,9 @@ class Tiles:
 # kernel's natural count lies a little above it and spills or takes a stack frame to get there
 # (five float32 builds of 4 warps got 128 registers and an 8–16 byte stack from Triton 3.6's
 # ptxas, and none from 3.9's), so the float32 configurations sit well clear of it:
-# 8 warps for the forward's 32 × 32 tiles (69–88 registers), a BLOCK_D of 16 for the sub-centre dW
-# kernel of Hopper (168–186). None of this is timed yet: to be measured on a GPU (`python -m bench`,
-# or bench/gpu_session.sh).
+# 8 warps for the forward's 32 × 32 tiles (69–88 registers), a BLOCK_D of 16 for Hopper's dW kernel
+# (at 32, the +rule variant took an 8-byte stack on sm_100). None of this is timed yet: to be
+# measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
 FORWARD_GPU = {
     ("hopper", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
     ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2),
@@ -58,7 +58,7 @@ ROW_GRAD_GPU = {
 }
 CLASS_GRAD_GPU = {
     ("hopper", "16"): Tiles(block_b=32, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=256),
-    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
+    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),
     ("ampere", "16"): Tiles(block_b=32, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=256),
     ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
 }
@@ -79,7 +79,6 @@ ROW_GRAD_SUBCENTRES_GPU = {
 }
 CLASS_GRAD_SUBCENTRES_GPU = {
     **CLASS_GRAD_GPU,
-    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),
     ("ampere", "16"): Tiles(block_b=32, block_c=32, block_d=64, num_warps=8, num_stages=2, block_g=256),
     ("ampere", "32"): Tiles(block_b=32, block_c=16, block_d=16, num_warps=4, num_stages=2, block_g=64),
 }

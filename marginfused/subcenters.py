@@ -12,11 +12,10 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_inputs
-from .constants import NORM_EPS
+from .normalize import normalize_rows
 from .settings import check_subcenters
 
 
@@ -46,8 +45,8 @@ def subcenter_outliers(embeddings: Tensor, weight: Tensor, labels: Tensor, subce
     classes = weight.shape[0] // subcenters
     valid = labels != ignore_index
     label = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
-    centres = F.normalize(weight.float(), dim=1, eps=NORM_EPS).unflatten(0, (classes, subcenters))[label]
+    x_hat = normalize_rows(embeddings.float())
+    centres = normalize_rows(weight.float()).unflatten(0, (classes, subcenters))[label]
     cos = (centres @ x_hat.unsqueeze(2)).squeeze(2)  # (B, K): each sample against its class's sub-centres
     nearest = cos.argmax(dim=1)
     counts = torch.zeros(classes * subcenters, dtype=torch.int64, device=weight.device)

@@ -24,13 +24,13 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .adaptive import AdaptiveMargin, CallMargin, MarginCall, local_batch_sum
-from .constants import DERIVATIVE_EPS, NORM_EPS
+from .constants import DERIVATIVE_EPS
 from .margins import Margin, MarginFunction, working_dtype
 from .negatives import HardNegatives, interclass_filtering
+from .normalize import normalize_rows
 from .settings import LossSettings
 
 
@@ -53,8 +53,8 @@ def target_cosines(x: Tensor, w: Tensor, column: Tensor, valid: Tensor, subcente
     column = torch.where(valid, column, torch.zeros_like(column))
     rows = w.detach().unflatten(0, (-1, subcenters))[column]  # (B, K, D)
     dtype = working_dtype(x.dtype)
-    x_hat = F.normalize(x.detach().to(dtype), dim=1, eps=NORM_EPS)
-    w_hat = F.normalize(rows.to(dtype), dim=2, eps=NORM_EPS)
+    x_hat = normalize_rows(x.detach().to(dtype))
+    w_hat = normalize_rows(rows.to(dtype))
     cos = (x_hat.unsqueeze(1) * w_hat).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
     return torch.where(valid, cos, torch.zeros_like(cos))
 

@@ -449,6 +449,20 @@ def test_huge_and_tiny_norms(backend, norm):
     assert_matches_truth(backend.name, x * norm, w * norm, y, torch.float32)
 
 
+@pytest.mark.parametrize("norm", [3e38, 1e-38])
+def test_rows_of_norm_near_the_float32_limits(backend, norm):
+    """An embedding and a class centre of norm 3e38 (their squares overflow float32) or 1e-38 (they
+    underflow), the others of norm 0.9 so that every dot product stays finite (|x·w| ≤ ‖x‖‖w‖):
+    the norms are computed scaled where their squares would overflow (marginfused/normalize.py),
+    and the loss and both gradients hold to the truth."""
+    x, w, y = make_inputs(7, 50, 16, seed=3, device=backend.device)
+    x, w = 0.9 * F.normalize(x, dim=1), 0.9 * F.normalize(w, dim=1)
+    x[2] = norm * F.normalize(x[2], dim=0)
+    w[5] = norm * F.normalize(w[5], dim=0)
+    y[2] = 5
+    assert_matches_truth(backend.name, x, w, y, torch.float32, label_smoothing=0.1)
+
+
 @pytest.mark.parametrize("batch, classes", [(1, 9), (6, 1), (1, 1)])
 def test_a_single_row_or_class(backend, batch, classes):
     x, w, y = make_inputs(batch, classes, 8, seed=5, device=backend.device)

@@ -122,7 +122,7 @@ def _backward_args(x, w, y, **override):
     args = dict(
         x=x, w=w, y=y, target_logit=torch.zeros(b), target_slope=torch.full((b,), 64.0), hard_threshold=None,
         hard_offset=None, hard_quadratic=0.0, lse=torch.zeros(b, dtype=torch.float64), grad_rows=torch.ones(b),
-        class_start=0, subcenters=1, num_classes=w.shape[0], chunk=8, scale=64.0, label_smoothing=0.0,
+        grad_lift=None, class_start=0, subcenters=1, num_classes=w.shape[0], chunk=8, scale=64.0, label_smoothing=0.0,
         ignore_index=-100, grad_x=torch.empty_like(x), grad_w=torch.empty_like(w),
     )
     args.update(override)
@@ -181,6 +181,8 @@ BAD_BACKWARD = {
                            "target_slope must have dtype Float"),
     "rule offset dtype": (lambda x, w, y: dict(hard_threshold=torch.zeros(6), hard_offset=torch.zeros(6).double()),
                           "hard_offset must have dtype Float"),
+    "grad_lift shape": (lambda x, w, y: dict(grad_lift=torch.ones(3)), "grad_lift must have size 2"),
+    "grad_lift on the cpu": (lambda x, w, y: dict(grad_lift=torch.ones(2)), "grad_lift must be None"),
 }
 
 

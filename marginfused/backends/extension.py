@@ -33,8 +33,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..constants import NORM_EPS
 from ..negatives import HardNegatives
+from ..normalize import inverse_norms
 from ..partials import RowPartials
 from ..settings import LossSettings
 from . import lift
@@ -212,11 +212,6 @@ def _rule_arguments(negatives: Optional[HardNegatives]) -> dict:
         return dict(hard_threshold=None, hard_offset=None, hard_quadratic=0.0)
     threshold, offset, quadratic = negatives.for_kernels()
     return dict(hard_threshold=threshold, hard_offset=offset, hard_quadratic=quadratic)
-
-
-def inverse_norms(rows: Tensor) -> Tensor:
-    """1/max(‖row‖, 1e-12) of every row, float32 (accumulated in float32 without a float32 copy)."""
-    return 1.0 / torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).clamp_min(NORM_EPS)
 
 
 def gradient_tile_lift(x: Tensor, w: Tensor, grad_rows: Tensor, target_slope: Tensor, scale: float,

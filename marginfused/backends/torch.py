@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..constants import NORM_EPS
-from ..partials import RowPartials
-from ..settings import LossSettings
 from ..margins import working_dtype
 from ..negatives import HardNegatives, negative_logits
+from ..normalize import inverse_norms, normalize_rows
+from ..partials import RowPartials
+from ..settings import LossSettings
 from ..target import check_finite, target_logits, with_regulariser
 from .base import Backend, RowGradients, RowLoss
 
@@ -41,8 +42,8 @@ def cosines(x: Tensor, w: Tensor) -> Tensor:
     the working dtype (in float16, 1e-12 itself would round to 0 and a zero row to 0/0) and the
     product taken in the inputs' dtype."""
     work = working_dtype(x.dtype)
-    x_hat = F.normalize(x.to(work), dim=1, eps=NORM_EPS).to(x.dtype)
-    w_hat = F.normalize(w.to(work), dim=1, eps=NORM_EPS).to(w.dtype)
+    x_hat = normalize_rows(x.to(work)).to(x.dtype)
+    w_hat = normalize_rows(w.to(work)).to(w.dtype)
     cos = (x_hat @ w_hat.T).to(work)
     return cos + (cos.clamp(-1.0, 1.0) - cos).detach()
 
@@ -79,16 +80,16 @@ def _with_targets(cos: Tensor, local: Tensor, inside: Tensor, logit: Tensor, slo
 
 
 def _normalized(rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(r̂, ‖r‖) per row in `dtype`, r̂ = r / max(‖r‖, 1e-12)."""
+    """(r̂, 1/max(‖r‖, 1e-12)) per row in `dtype` (`marginfused.normalize`)."""
     rows = rows.to(dtype)
-    norm = rows.norm(dim=1, keepdim=True)
-    return rows / norm.clamp_min(NORM_EPS), norm
+    return normalize_rows(rows), inverse_norms(rows).to(dtype).unsqueeze(1)
 
 
-def _through_normalization(grad_hat: Tensor, hat: Tensor, norm: Tensor) -> Tensor:
-    """∂/∂r from ∂/∂r̂ for r̂ = r / max(‖r‖, ε): (g − r̂ (r̂·g)) / ‖r‖, or g / ε where ‖r‖ < ε."""
-    projected = (grad_hat - hat * (hat * grad_hat).sum(dim=1, keepdim=True)) / norm.clamp_min(NORM_EPS)
-    return torch.where(norm < NORM_EPS, grad_hat / NORM_EPS, projected)
+def _through_normalization(grad_hat: Tensor, hat: Tensor, inverse: Tensor) -> Tensor:
+    """∂/∂r from ∂/∂r̂ for r̂ = r / max(‖r‖, ε): (g − r̂ (r̂·g)) / ‖r‖, or g / ε where ‖r‖ < ε
+    (where the inverse norm is 1/ε)."""
+    projected = (grad_hat - hat * (hat * grad_hat).sum(dim=1, keepdim=True)) * inverse
+    return torch.where(inverse * NORM_EPS >= 1.0, grad_hat / NORM_EPS, projected)
 
 
 class TorchBackend(Backend):
@@ -161,8 +162,8 @@ class TorchBackend(Backend):
             # ∂/∂c_ij = g_i · ∂z_ij/∂c_ij · (p_ij − (1 − ε)[j = y_i] − ε/C)
             grad_cos = slopes * weight_rows.unsqueeze(1) * (probabilities - (1 - eps) * onehot - eps / num_classes)
             grad_cos = _to_rows(grad_cos, choice, settings.subcenters)
-            x_hat, x_norm = _normalized(x, cos.dtype)
-            w_hat, w_norm = _normalized(w, cos.dtype)
-            grad_x = _through_normalization(grad_cos @ w_hat, x_hat, x_norm).to(x.dtype) if need_x else None
-            grad_w = _through_normalization(grad_cos.T @ x_hat, w_hat, w_norm).to(w.dtype) if need_w else None
+            x_hat, x_inverse = _normalized(x, cos.dtype)
+            w_hat, w_inverse = _normalized(w, cos.dtype)
+            grad_x = _through_normalization(grad_cos @ w_hat, x_hat, x_inverse).to(x.dtype) if need_x else None
+            grad_w = _through_normalization(grad_cos.T @ x_hat, w_hat, w_inverse).to(w.dtype) if need_w else None
         return grad_x, grad_w

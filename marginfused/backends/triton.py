@@ -348,7 +348,7 @@ class TritonBackend(FusedBackend):
             )
             dx = _empty((batch, dim), x.dtype, x.device)
             project[(_cdiv(batch, ptiles.block_b),)](
-                dx_part, x, dx, batch, dim, x.stride(0), n_splits,
+                dx_part, x, inv_x, dx, batch, dim, x.stride(0), n_splits,
                 BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
             )
         if need_w:

@@ -2,8 +2,8 @@
 
 Each step, each rank keeps every class of its shard that is a label in the global batch, plus
 random other classes of its shard, ⌈sample_rate × shard size⌉ classes in all (or the positives
-alone, if there are more). The loss and its gradients are then exactly those of the loss over the
-sampled classes alone.
+alone, if there are more; InsightFace's Partial FC keeps ⌊sample_rate × shard size⌋). The loss and
+its gradients are then exactly those of the loss over the sampled classes alone.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["marginfused", "marginfused.backends", "marginfused.distributed", "marginfused.kernels", "marginfused.csrc"],
+    packages=["marginfused", "marginfused.backends", "marginfused.compat", "marginfused.distributed",
+              "marginfused.kernels", "marginfused.csrc"],
     package_dir={
         "marginfused": "marginfused",
         "marginfused.kernels": "kernels",

@@ -1,5 +1,6 @@
-"""The package's modules import each other one way: no cycle, and no package import inside a
-function (kernels/ is part of the package, installed as marginfused.kernels)."""
+"""The package's modules import each other one way: no cycle, no package import inside a
+function (kernels/ is part of the package, installed as marginfused.kernels), and nothing but
+marginfused.compat itself imports marginfused.compat."""
 
 import ast
 from pathlib import Path
@@ -70,3 +71,14 @@ def test_no_cycle_and_no_function_level_package_import():
 
     for module in graph:
         visit(module, [])
+
+
+def test_nothing_in_the_package_imports_compat():
+    """marginfused.compat (loaders of other libraries' checkpoints) builds on the package; the
+    package never imports it."""
+    importers = [
+        name for name, path in modules()
+        if not name.startswith("marginfused.compat")
+        and any(target.startswith("marginfused.compat") for target in package_imports(name, path)[0])
+    ]
+    assert not importers, importers

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..distributed import ShardedMarginSoftmaxLoss
-from ..distributed.checkpoint import attach_to_optimizers
+from ..distributed.checkpoint import attach
 from ..modules import MarginSoftmaxLoss
 from ..optim import SparseMomentumSGD
 
@@ -377,4 +377,4 @@ def load_partial_fc(head: Head, files: Files, optimizer: Optional[torch.optim.Op
         optimizer.state[head.weight] = state
     if optimizer is not None and isinstance(head, ShardedMarginSoftmaxLoss):
         # its state_dict shows the loaded rows as the whole centres from now on, not from its first step
-        attach_to_optimizers(optimizer, (), {})
+        attach(optimizer)

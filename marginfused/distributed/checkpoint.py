@@ -148,15 +148,21 @@ def _tracked(param: Tensor) -> Optional[ShardLayout]:
     return entry[1] if entry is not None and entry[0]() is param else None
 
 
-def attach_to_optimizers(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Global optimizer step pre-hook: give an optimizer that holds a sharded head's weight the
-    state-dict hooks, once (optimizers holding none are remembered and skipped)."""
+def attach(optimizer: torch.optim.Optimizer) -> None:
+    """Give an optimizer that holds a sharded head's weight the state-dict hooks now, once (as its
+    first step would; optimizers holding none are remembered and skipped). For code that fills an
+    optimizer's state before its first step (an imported checkpoint)."""
     if optimizer in _attached:
         return
     _attached.add(optimizer)
     if any(_tracked(p) is not None for group in optimizer.param_groups for p in group["params"]):
         optimizer.register_state_dict_post_hook(optimizer_state_as_dtensors)
         optimizer.register_load_state_dict_pre_hook(optimizer_state_rows)
+
+
+def attach_to_optimizers(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Global optimizer step pre-hook: `attach` every optimizer that steps."""
+    attach(optimizer)
 
 
 def _per_row(value: object, weight: Tensor) -> bool:

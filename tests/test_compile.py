@@ -157,3 +157,27 @@ def test_compiled_step_with_a_callable_margin_in_exact_mode(fused):
     y = torch.randint(0, 40, (10,))
     step = torch.compile(lambda x, y: head(network(x), y, return_accuracy=True), fullgraph=True)
     check_step(network, head, x, y, step, margin=margin, margin_grad="exact")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["arcface", "curricularface", "subcentres"])
+def test_gpu_compiled_training_step_with_triton_on_cuda_tensors(case):
+    """torch.compile(fullgraph=True) of a training step whose head runs the Triton kernels on CUDA
+    tensors (plain, with the negative-logit rule, with sub-centres): eager and compiled each held
+    to the float64 truth."""
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    network, x = integer_network(4, 12, 16, 8)
+    options = {
+        "arcface": dict(margin="arcface", margin_grad="exact"),
+        "curricularface": dict(margin=mf.CurricularFace()),
+        "subcentres": dict(margin="arcface", subcenters=3),
+    }[case]
+    head = mf.MarginSoftmaxLoss(8, 40, backend="triton", **options).cuda()
+    network, x, y = network.cuda(), x.cuda(), torch.randint(0, 40, (12,)).cuda()
+
+    def step(x, y):
+        return head(network(x), y, return_accuracy=True)
+
+    check_step(network, head, x, y, step, **{**options, "margin": head.margin})
+    check_step(network, head, x, y, torch.compile(step, fullgraph=True), **{**options, "margin": head.margin})

@@ -1,36 +1,41 @@
 """`python -m bench`: time and working memory of every provider over a sweep of shapes.
 
-For each provider × dtype × B × D × C: forward, backward and forward+backward median times,
-achieved TFLOP/s counting 8·B·C·D for forward+backward (4 GEMMs of 2·B·C·D: forward,
-recompute, dX, dW), that as a % of the matmul rate measured in the same run, and the working
-memory beyond inputs and gradients (see bench/worker.py for how each is measured). Each
-measurement runs in a process of its own; running out of memory is recorded as "OOM".
-Rows are appended to bench/results/results.csv; `python -m bench.report` draws the plots.
-Defaults are sized for the present device: about 16 minutes on a 2-core CPU, most of it PyTorch's
-chunked linear cross-entropy (20 s a call at C = 200k in bf16).
+For each provider × dtype × B × D × C: forward, backward and forward+backward median times (one
+timed call each repetition, bench/worker.py), achieved TFLOP/s counting 8·B·C·D for
+forward+backward (4 GEMMs of 2·B·C·D: forward, recompute, dX, dW), that as a % of the matmul rate
+measured in the same run, and the working memory beyond inputs and gradients.
+
+Each row is appended to the results file (.bench/results.csv unless --results says otherwise,
+outside the tracked files) and printed as its point finishes, so a sweep stopped part way keeps
+what it measured. A point past its time limit, out of memory or killed is a row with that status
+(and the provider is not run at larger C); a sweep stopped by SIGTERM or Ctrl-C records the point
+it was measuring as killed. A provider that cannot run here (not installed, or missing from the
+installed torch) is reported once, with the reason, and not run. On the CPU each point runs in
+processes of its own (the memory measurement needs its own); on a GPU one worker process serves
+every point, and a fresh one follows a worker that failed. `python -m bench.report` draws the
+plots. Defaults are sized for the present device: about 16 minutes on a 2-core CPU, most of it
+PyTorch's chunked linear cross-entropy (20 s a call at C = 200k in bf16).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import results
+from .micro import matmul_tflops
+from .process import Measurer, Stopped, stop_on_signals
 from .providers import KINDS, PROVIDERS, unavailable_reason
 from .worker import DTYPES
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER_TIMEOUT_S = 600
+MATMUL_N = {"cuda": 8192, "cpu": 1024}
+"""The side of the square GEMM whose rate each row's % of matmul is taken against."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,75 +54,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20 if gpu else 3)
     parser.add_argument("--timeout", type=float, default=WORKER_TIMEOUT_S,
                         help="seconds one measurement may take (a provider that runs past it is not run at larger C)")
-    parser.add_argument("--results", type=Path, default=results.RESULTS, help="CSV to append to")
-    parser.add_argument("--no-save", action="store_true", help="print the table only")
+    parser.add_argument("--results", type=Path, default=results.RESULTS,
+                        help=f"CSV to append each row to (default {results.RESULTS.relative_to(results.REPO)})")
+    parser.add_argument("--no-save", action="store_true", help="print the rows only")
     return parser.parse_args(argv)
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """The dense matmul rate of this device in this dtype: median of square GEMMs."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    times = []
-    for i in range(8):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - began)
-    return 2 * n**3 / statistics.median(times) / 1e12
+HEADER = (
+    f"{'provider':>23} {'dtype':>5} {'B':>5} {'D':>4} {'C':>9} {'fwd ms':>9} {'bwd ms':>9} "
+    f"{'fwd+bwd ms':>10} {'TFLOP/s':>8} {'%mm':>5} {'work MB':>9}  {'computes':<27}  status"
+)
 
 
-def run_worker(config: dict, timeout: float) -> dict:
-    """The worker's times and working memory (bench/worker.py): on a GPU in one process; on the
-    CPU the memory in a second process, with large blocks unmapped on free, which would slow the
-    timed runs down."""
-    if config["device"] != "cpu":
-        return _run_worker({**config, "what": "both"}, dict(os.environ), timeout)
-    result = _run_worker({**config, "what": "time"}, dict(os.environ), timeout)
-    if result["status"] != "ok":
-        return result
-    memory = _run_worker({**config, "what": "memory"}, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), timeout)
-    return {**result, **memory} if memory["status"] == "ok" else memory
+def format_row(row: dict) -> str:
+    def number(key: str, spec: str) -> str:
+        return format(float(row[key]), spec) if row.get(key) not in (None, "") else "-"
 
-
-def _run_worker(config: dict, env: dict, timeout: float) -> dict:
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bench.worker", json.dumps(config)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout:g} s"}
-    if done.returncode in (-9, 137):
-        return {"status": "OOM"}  # killed by the kernel's out-of-memory killer
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"status": f"error: {last[:200]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def format_table(rows: list[dict]) -> str:
-    header = (
-        f"{'provider':>18} {'dtype':>5} {'B':>5} {'D':>4} {'C':>9} {'fwd ms':>9} {'bwd ms':>9} "
-        f"{'fwd+bwd ms':>10} {'TFLOP/s':>8} {'%mm':>5} {'work MB':>9}  {'computes':<27}  status"
+    return (
+        f"{row['provider']:>23} {row['dtype']:>5} {row['batch']:>5} {row['dim']:>4} {row['classes']:>9} "
+        f"{number('fwd_ms', '9.2f'):>9} {number('bwd_ms', '9.2f'):>9} {number('fwd_bwd_ms', '10.2f'):>10} "
+        f"{number('tflops', '8.3f'):>8} {number('pct_matmul', '5.1f'):>5} {number('working_mb', '9.1f'):>9}  "
+        f"{KINDS[row['provider']]:<27}  {row['status']}"
     )
-    lines = [header]
-    for r in rows:
-        def number(key: str, spec: str) -> str:
-            return format(float(r[key]), spec) if r.get(key) not in (None, "") else "-"
 
-        lines.append(
-            f"{r['provider']:>18} {r['dtype']:>5} {r['batch']:>5} {r['dim']:>4} {r['classes']:>9} "
-            f"{number('fwd_ms', '9.2f'):>9} {number('bwd_ms', '9.2f'):>9} {number('fwd_bwd_ms', '10.2f'):>10} "
-            f"{number('tflops', '8.3f'):>8} {number('pct_matmul', '5.1f'):>5} {number('working_mb', '9.1f'):>9}  "
-            f"{KINDS[r['provider']]:<27}  {r['status']}"
-        )
-    return "\n".join(lines)
+
+def complete(row: dict, measured: dict, rate: float) -> None:
+    """Fill `row` from a worker's answer: its status, and for a measured point its numbers."""
+    row["status"] = measured.pop("status")
+    if row["status"] != "ok":
+        return
+    row.update({key: f"{value:.6g}" for key, value in measured.items()})
+    tflops = 8 * row["batch"] * row["classes"] * row["dim"] / (measured["fwd_bwd_ms"] * 1e-3) / 1e12
+    row["tflops"] = f"{tflops:.6g}"
+    row["pct_matmul"] = f"{100 * tflops / rate:.4g}"
 
 
 def main(argv: list[str]) -> None:
@@ -132,42 +101,54 @@ def main(argv: list[str]) -> None:
         if reason is None:
             providers.append(provider)
         else:
-            print(f"skipping {provider}: {reason}")
+            print(f"unavailable: {provider}: {reason}")
     if device.type == "cpu" and "bf16" in args.dtype and "cpu" in providers:
         from marginfused.backends.cpu import bfloat16_gemm
 
         print(f"cpu backend, bfloat16 inputs: GEMMs in {bfloat16_gemm()} (bfloat16 where the CPU has "
               f"AVX512-BF16 or AMX, else on float32 copies)")
-    rates = {dtype: matmul_tflops(device, DTYPES[dtype]) for dtype in args.dtype}
+    rates = {dtype: matmul_tflops(device, DTYPES[dtype], MATMUL_N[device.type]) for dtype in args.dtype}
     for dtype, rate in rates.items():
         print(f"matmul rate, {dtype}: {rate:.3f} TFLOP/s")
 
     sweep = list(itertools.product(args.dtype, args.batch, args.dim, args.classes, providers))
-    rows = []
+    measurer = Measurer(device)
     given_up = {}  # (provider, dtype, B, D) -> why larger C is not run: out of memory, or out of time
-    for dtype, batch, dim, classes, provider in tqdm(sweep, desc="bench", unit="run", file=sys.stderr):
-        row = {**where, "matmul_tflops": f"{rates[dtype]:.6g}", "provider": provider, "margin": args.margin,
-               "dtype": dtype, "batch": batch, "dim": dim, "classes": classes}
-        family = (provider, dtype, batch, dim)
-        if family in given_up:
-            row["status"] = f"{given_up[family]} (at a smaller C)"
-        else:
-            measured = run_worker(dict(provider=provider, batch=batch, classes=classes, dim=dim, dtype=dtype,
-                                       margin=args.margin, device=args.device, repeats=args.repeats), args.timeout)
-            row["status"] = measured.pop("status")
-            if row["status"] == "OOM" or row["status"].startswith("timeout"):
-                given_up[family] = row["status"]
-            if row["status"] == "ok":
-                row.update({key: f"{value:.6g}" for key, value in measured.items()})
-                tflops = 8 * batch * classes * dim / (measured["fwd_bwd_ms"] * 1e-3) / 1e12
-                row["tflops"] = f"{tflops:.6g}"
-                row["pct_matmul"] = f"{100 * tflops / rates[dtype]:.4g}"
-        rows.append(row)
-
-    print(format_table(rows))
+    print(HEADER, flush=True)
+    stop_on_signals()
+    try:
+        for dtype, batch, dim, classes, provider in tqdm(sweep, desc="bench", unit="run", file=sys.stderr, disable=None):
+            row = {**where, "matmul_tflops": f"{rates[dtype]:.6g}", "provider": provider, "margin": args.margin,
+                   "dtype": dtype, "batch": batch, "dim": dim, "classes": classes}
+            family = (provider, dtype, batch, dim)
+            if family in given_up:
+                row["status"] = f"not run: {given_up[family]} at a smaller C"
+            else:
+                try:
+                    measured = measurer.measure(dict(provider=provider, batch=batch, classes=classes, dim=dim,
+                                                     dtype=dtype, margin=args.margin, device=args.device,
+                                                     repeats=args.repeats), args.timeout)
+                except Stopped as stopped:
+                    row["status"] = f"killed: the sweep was stopped ({stopped}) while this point ran"
+                    record(row, args)
+                    raise
+                complete(row, measured, rates[dtype])
+                if row["status"] == "OOM" or row["status"].startswith(("timeout", "killed")):
+                    given_up[family] = row["status"]
+            record(row, args)
+    except Stopped as stopped:
+        sys.exit(128 + stopped.signum)
+    finally:
+        measurer.close()
     if not args.no_save:
-        results.append(rows, args.results)
-        print(f"appended {len(rows)} rows to {args.results}")
+        print(f"appended {len(sweep)} rows to {args.results}")
+
+
+def record(row: dict, args: argparse.Namespace) -> None:
+    """Print the row and, unless --no-save, append it to the results file."""
+    print(format_row(row), flush=True)
+    if not args.no_save:
+        results.append([row], args.results)
 
 
 if __name__ == "__main__":

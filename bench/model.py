@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ GPUS = {
     "H200": Gpu("H200 SXM", 989.0, 67.0, 4.8, 10.0, 50.0, 132),
     "A100": Gpu("A100 SXM 80GB", 312.0, 19.5, 2.04, 5.0, 40.0, 108),
 }
+
+def gpu_named(device_name: str) -> Optional[str]:
+    """The key in GPUS of the GPU whose name `device_name` contains ("NVIDIA H100 80GB HBM3" is
+    "H100"), or None."""
+    return next((key for key in GPUS if key in device_name), None)
+
 
 MATMUL_EFFICIENCY = 0.8
 """Fraction of the datasheet matmul rate a large GEMM reaches (assumed; 790/989 was measured on

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import operator
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 import marginfused as mf
+from marginfused.backends import REGISTRY
 from marginfused.backends.torch import TorchBackend
 from marginfused.settings import LossSettings, resolve_margin
 
@@ -37,6 +39,12 @@ PEERS = {"torch-linear-ce": "torch", "torch-linear-ce-ref": "torch", "pytorch-me
          **GPU_PEERS}
 """Each peer and the module it needs."""
 PROVIDERS = (*PACKAGE_BACKENDS, "torch-compile", *PEERS)
+
+TORCH_APIS = {
+    "torch-linear-ce": ("nn.functional.linear_cross_entropy", "nn.LinearCrossEntropyOptions"),
+    "torch-linear-ce-ref": ("nn.functional.linear_cross_entropy",),
+}
+"""What each of PyTorch's own peers needs of the installed torch (torch 2.13 has both)."""
 
 MARGIN_NORMALISED = "margin, normalised"
 MARGIN_FREE = "margin-free, not normalised"
@@ -54,21 +62,32 @@ def unavailable_reason(provider: str, device: torch.device, margin: str = "arcfa
     """None if `provider` can run on `device` (for `margin`) here, else why not."""
     if provider in PACKAGE_BACKENDS or provider == "torch-compile":
         backend = "torch" if provider == "torch-compile" else provider
-        reason = mf.available_backends()[backend]
-        if reason is None and backend in ("triton", "cuda") and device.type != "cuda":
-            reason = "runs on CUDA tensors; this run is on the CPU"
-        if reason is None and backend == "cpu" and device.type != "cpu":
-            reason = "runs on CPU tensors"
-        return reason
+        if backend in ("triton", "cuda") and device.type != "cuda":
+            return "runs on CUDA tensors; this run is on the CPU"
+        if backend == "cpu" and device.type != "cpu":
+            return "runs on CPU tensors"
+        return REGISTRY[backend].unavailable_reason()  # builds this backend's extension alone
     if provider in PEERS:
         if provider in GPU_PEERS and device.type != "cuda":
             return "a GPU-only peer; this run is on the CPU"
         if importlib.util.find_spec(PEERS[provider]) is None:
             return f"not installed (pip install {provider})"
+        missing = [name for name in TORCH_APIS.get(provider, ()) if not _torch_has(name)]
+        if missing:
+            return f"torch {torch.__version__} has no {' or '.join('torch.' + name for name in missing)}"
         if provider == "pytorch-metric-learning" and not isinstance(resolve_margin(margin), mf.ArcFace):
             return "benchmarked with ArcFace only (its ArcFaceLoss at the same margin and scale)"
         return None
     return f"unknown provider; known: {', '.join(PROVIDERS)}"
+
+
+def _torch_has(dotted: str) -> bool:
+    """Whether the installed torch has torch.<dotted>."""
+    try:
+        operator.attrgetter(dotted)(torch)
+    except AttributeError:
+        return False
+    return True
 
 
 def make_loss(provider: str, margin: str) -> LossFn:

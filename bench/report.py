@@ -1,9 +1,11 @@
-"""`python -m bench.report`: plots and a Markdown table from bench/results/results.csv.
+"""`python -m bench.report`: plots and a Markdown table from the results file (.bench/results.csv
+unless --results names another).
 
 For the latest run on each device, and each (dtype, B, D) in it: one PNG with forward+backward
 time and working memory against the class count C, log-log, a line per provider, written to
-bench/results/<device>_<dtype>_B<B>_D<D>.png; and the run's table as Markdown in
-bench/results/<device>.md, for the README.
+<out>/<device>_<dtype>_B<B>_D<D>.png; and the run's table as Markdown in <out>/<device>.md, for
+the README. <out> is .bench/report unless --out names another folder (bench/results/ for results
+to be committed).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from . import results  # noqa: E402
 from .providers import KINDS, label  # noqa: E402
+
+REPORT = results.REPO / ".bench" / "report"
 
 
 def slug(text: str) -> str:
@@ -83,8 +87,10 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=results.RESULTS)
+    parser.add_argument("--out", type=Path, default=REPORT, help="folder for the plots and the table")
     args = parser.parse_args()
-    out = args.results.parent
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     for device, rows in latest_runs(results.read(args.results)).items():
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for row in rows:

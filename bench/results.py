@@ -1,4 +1,7 @@
-"""The results file: one CSV row per (provider, shape, dtype) of every run, with where and when."""
+"""The results file: one CSV row per (provider, shape, dtype) of every run, with where and when.
+
+By default it is .bench/results.csv at the repository's root, outside the tracked files (.bench/
+is ignored by git); bench/results/ holds only results deliberately committed."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results" / "results.csv"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / ".bench" / "results.csv"
 
 FIELDS = [
     "run", "commit", "device", "torch", "triton", "matmul_tflops",

@@ -1,36 +1,76 @@
-"""One measurement in a process of its own: `python -m bench.worker '<json>'` prints one JSON line.
+"""Measurements of one provider at one shape, and the worker process that serves them:
+`python -m bench.worker` reads one JSON point per line on stdin and answers each with one line,
+`RESULT` followed by JSON, on stdout (bench/process.py runs it).
 
-A fresh process per (provider, shape) keeps compile caches and allocator state from leaking
-between measurements, and turns running out of memory into a result instead of a crash.
+Inputs are drawn on the measuring device in the measured dtype: on a GPU no copy of the class
+centres passes through the host (16M classes × 512 dims: 16 GB in bf16, 32 GB as float32).
 
-Time: the median of `repeats` runs after `WARMUP` runs, with CUDA events on a GPU and the wall
-clock on the CPU; "bwd" times the backward pass alone (its forward runs untimed before each).
-Working memory: the peak memory of one forward+backward beyond the inputs and the gradients it
-must produce — the CUDA allocator's peak on a GPU; on the CPU the process's peak resident set
-(VmHWM, reset through /proc/self/clear_refs), with large blocks returned to the system on free
-(MALLOC_MMAP_THRESHOLD_) so it counts memory in use, not memory cached.
+Time: each repetition is one forward and its backward, marked before, between and after
+(bench/timing.py), so forward, backward and forward+backward come from the same calls and
+forward+backward ≥ forward in every repetition, hence in the medians reported (of `repeats`
+repetitions after WARMUP). Working memory: the peak memory of one forward+backward beyond the
+inputs and the gradients it must produce — the CUDA allocator's peak on a GPU; on the CPU the
+process's peak resident set (VmHWM, reset through /proc/self/clear_refs), with large blocks
+returned to the system on free (MALLOC_MMAP_THRESHOLD_) so it counts memory in use, not memory
+cached.
 
-On the CPU the caller runs the two in separate processes (`what`: "time" or "memory"): the timing
-with the allocator as a training process has it, the memory with every block above 64 KiB mapped
-and unmapped on its own, which would add page faults to every allocation a timed run makes. On a
-GPU one process does both (`what`: "both"): the CUDA allocator's statistics need no such setting.
+On the CPU each point runs in fresh processes (`what`: "time", then "memory" in a process whose
+every block above 64 KiB is mapped and unmapped on its own, which would add page faults to every
+allocation a timed run makes). On a GPU one process serves point after point (`what`: "both":
+the CUDA allocator's statistics need no such setting), freeing the allocator's cache and
+torch.compile's caches between points; running out of GPU memory is answered as "OOM" and the
+process goes on.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
+from torch import Tensor
 
-from .providers import make_loss
+from .providers import LossFn, make_loss
+from .timing import Marks
 
 WARMUP = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESULT = "bench-result: "
+"""The prefix of the worker's answer lines (anything else a provider prints is not an answer)."""
+
+
+def draw_inputs(batch: int, classes: int, dim: int, dtype: str, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Embeddings and class centres (leaves that need gradients) and labels, drawn on `device`."""
+    generator = torch.Generator(device).manual_seed(0)
+    drawn = dict(generator=generator, device=device, dtype=DTYPES[dtype])
+    x = torch.randn(batch, dim, **drawn).requires_grad_()
+    w = torch.randn(classes, dim, **drawn).requires_grad_()
+    y = torch.randint(0, classes, (batch,), generator=generator, device=device)
+    return x, w, y
+
+
+def forward_backward_ms(loss_fn: LossFn, x: Tensor, w: Tensor, y: Tensor, repeats: int) -> dict[str, float]:
+    """Median forward, backward and forward+backward milliseconds, each repetition one marked call."""
+    forward, backward, both = [], [], []
+    for repetition in range(WARMUP + repeats):
+        x.grad = w.grad = None
+        marks = Marks(x.device)
+        marks.mark()
+        loss = loss_fn(x, w, y)
+        marks.mark()
+        loss.backward()
+        marks.mark()
+        fwd, bwd = marks.intervals_ms()
+        if repetition >= WARMUP:
+            forward.append(fwd)
+            backward.append(bwd)
+            both.append(fwd + bwd)
+    return {"fwd_ms": statistics.median(forward), "bwd_ms": statistics.median(backward),
+            "fwd_bwd_ms": statistics.median(both)}
 
 
 def _proc_status_bytes(key: str) -> int:
@@ -59,74 +99,52 @@ def _cuda_peak_bytes(run: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def median_ms(prepare: Callable[[], object], run: Callable[[object], None], device: torch.device, repeats: int) -> float:
-    """Median time of run(prepare()) in milliseconds, prepare untimed."""
-    for _ in range(WARMUP):
-        run(prepare())
-    times = []
-    for _ in range(repeats):
-        state = prepare()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(state)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            run(state)
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+def working_mb(loss_fn: LossFn, x: Tensor, w: Tensor, y: Tensor) -> float:
+    """Peak memory of one forward+backward beyond the inputs' gradients, in MiB (after one untimed
+    call: compile caches and lazily built state are not working memory)."""
+
+    def forward_backward() -> None:
+        loss_fn(x, w, y).backward()
+
+    forward_backward()
+    x.grad = w.grad = None
+    if x.device.type == "cuda":
+        peak = _cuda_peak_bytes(forward_backward, x.device)
+    else:
+        peak = _cpu_peak_bytes(forward_backward)
+    gradients = x.numel() * x.element_size() + w.numel() * w.element_size()
+    return max(peak - gradients, 0) / 2**20
 
 
 def measure(provider: str, batch: int, classes: int, dim: int, dtype: str, margin: str, device: str, repeats: int,
             what: str) -> dict:
     """The times ("time"), the working memory ("memory") or both ("both") of one provider at one shape."""
-    device = torch.device(device)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, dim, generator=generator).to(device, DTYPES[dtype]).requires_grad_()
-    w = torch.randn(classes, dim, generator=generator).to(device, DTYPES[dtype]).requires_grad_()
-    y = torch.randint(0, classes, (batch,), generator=generator).to(device)
+    x, w, y = draw_inputs(batch, classes, dim, dtype, device)
     loss_fn = make_loss(provider, margin)
-
-    def clear_grads() -> None:
-        x.grad = None
-        w.grad = None
-
-    def forward_backward(_: object = None) -> None:
-        loss_fn(x, w, y).backward()
-
-    def forward() -> torch.Tensor:
-        clear_grads()
-        return loss_fn(x, w, y)
-
-    result = {}
-    if what in ("time", "both"):
-        result = {
-            "fwd_ms": median_ms(clear_grads, lambda _: loss_fn(x, w, y), device, repeats),
-            "bwd_ms": median_ms(forward, lambda loss: loss.backward(), device, repeats),
-            "fwd_bwd_ms": median_ms(clear_grads, forward_backward, device, repeats),
-        }
-    if what == "time":
-        return result
-    forward_backward()  # compile caches and lazily built state: not working memory
-    clear_grads()
-    gradients = x.numel() * x.element_size() + w.numel() * w.element_size()
-    if device.type == "cuda":
-        peak = _cuda_peak_bytes(forward_backward, device)
-    else:
-        peak = _cpu_peak_bytes(forward_backward)
-    return {**result, "working_mb": max(peak - gradients, 0) / 2**20}
+    result = forward_backward_ms(loss_fn, x, w, y, repeats) if what in ("time", "both") else {}
+    if what in ("memory", "both"):
+        result["working_mb"] = working_mb(loss_fn, x, w, y)
+    return result
 
 
-def main() -> None:
-    config = json.loads(sys.argv[1])
+def answer(config: dict) -> dict:
+    """The measurement of one point, {"status": "ok", ...}, or {"status": "OOM"}; afterwards the
+    point's memory and compiled graphs are released."""
     try:
         result = {"status": "ok", **measure(**config)}
     except torch.OutOfMemoryError:
         result = {"status": "OOM"}
-    print(json.dumps(result))
+    gc.collect()
+    if config["provider"] == "torch-compile":
+        torch.compiler.reset()  # else the next shapes would count as recompiles, past its limit
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    for line in sys.stdin:
+        print(RESULT + json.dumps(answer(json.loads(line))), flush=True)
 
 
 if __name__ == "__main__":

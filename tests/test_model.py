@@ -19,3 +19,9 @@ def test_predictions_are_no_faster_than_the_matmul_floor_and_say_what_they_are()
         for total, _ in model.predict(gpu, 1024, classes, 512, "bf16").values():
             assert total >= floor
     assert model.table("H100", 1024, 512, [100_000], "bf16").startswith("PREDICTED")
+
+
+def test_the_gpu_is_known_by_its_name():
+    assert model.gpu_named("NVIDIA H100 80GB HBM3") == "H100"
+    assert model.gpu_named("NVIDIA H200") == "H200"
+    assert model.gpu_named("AMD EPYC (2 cores)") is None

@@ -237,8 +237,8 @@ def test_gpu_auto_picks_triton_for_cuda_tensors():
     assert select_backend("auto", x.float()).name == "triton"
 
 
-def test_float16_keeps_the_negative_classes_gradient():
-    check_float16_keeps_the_negative_classes_gradient("triton", "cpu")
+def test_float16_keeps_the_negative_classes_gradient(device):
+    check_float16_keeps_the_negative_classes_gradient("triton", device)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 # make test  — set up (if needed) and run the whole test suite
 # make bench — set up (if needed) and run the benchmark on whatever device is present (rows in
 #              .bench/results.csv, plots and tables in .bench/report/: both gitignored)
-# make check-cuda — compile every csrc/*.cu with nvcc for sm_80 and sm_90 (compile only, warnings
+# make check-cuda — compile every csrc/*.cu with nvcc for sm_75, sm_80 and sm_90 (compile only, warnings
 #                   are errors; no GPU needed). The test suite runs the same check when nvcc exists.
 # make test-compat — the GPU machine's stack on this machine (not part of CI: a 4 GB download):
 #                   a second venv, .venv-compat, with torch 2.11.0, triton 3.6.0, the current numpy

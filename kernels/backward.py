@@ -12,7 +12,7 @@ saved row statistics over all C classes, M_i = max_j z_ij and log S_i = log Σ_j
     G_iy = u_i · σ_i · (p_iy − (1−ε) − ε/C)        σ_i = ∂z_iy/∂c_iy, the caller's target slope
                                                    (s, or s·f′(c_iy) for margin_grad="exact")
     with z_iy the caller's target logit (the kernels never evaluate a margin); under a
-    negative-logit rule (HARD_NEGATIVES) a hard negative's z_ij = s·c_ij·(a_i + q·c_ij) and its
+    negatives rule (NEGATIVES_RULE) a hard negative's z_ij = s·c_ij·(a_i + q·c_ij) and its
     s in G_ij becomes s·(a_i + 2q·c_ij) (tiles.py)
     (the clamp of c to [−1, 1] bounds the value only; the gradient passes through it)
     dX̂_i = Σ_j G_ij ŵ_j = Σ_j (G_ij r_wj) w_j          dŴ_j = Σ_i G_ij x̂_i = Σ_i (G_ij r_xi) x_i
@@ -41,7 +41,7 @@ so each program's epilogue maps its slice through the normalisation and stores d
 dtype. No (C, D) float32 buffer exists, and no slice waits for another.
 
 The two dots take G·r cast to the input dtype, and for float16 inputs G·r·2^k with 2^k (the
-host's `grad_scale`, per kernel) the power of two lifting the largest entry of G·r into float16's
+host's `lift`, per kernel) the power of two lifting the largest entry of G·r into float16's
 range; the accumulators are multiplied by 2^-k (exact). At B = 1024, s = 64 a negative class's
 G ≈ s·p/B ≈ 6e-8 is float16's smallest subnormal: unscaled, the negative classes' gradient (O(1)
 in all) would be lost to the cast. A zero row's r is 1/1e-12; its entries of G·r·2^k may pass
@@ -81,7 +81,7 @@ def _dot_operand(g, dtype: tl.constexpr):
 
 @triton.jit
 def _row_statistics(
-    y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
+    y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, upstream_ptr, inv_x_ptr,
     rows, B, C_local, class_start, scale, ignore_index,
 ):
     """For a block of rows: (the target's local column or −1, target logit, M, log S, σ/s,
@@ -95,19 +95,19 @@ def _row_statistics(
     row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     log_sumexp = tl.load(log_sumexp_ptr + rows, mask=row_ok, other=0.0)
     slope_ratio = tl.load(target_slope_ptr + rows, mask=row_ok, other=0.0) / scale
-    grad_rows = tl.load(grad_rows_ptr + rows, mask=row_ok, other=0.0)
-    row_factor = tl.where(valid, grad_rows * scale, 0.0)
+    upstream = tl.load(upstream_ptr + rows, mask=row_ok, other=0.0)
+    upstream_scaled = tl.where(valid, upstream * scale, 0.0)
     inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
-    return target_col, target_logit, row_max, log_sumexp, slope_ratio, row_factor, inv_x
+    return target_col, target_logit, row_max, log_sumexp, slope_ratio, upstream_scaled, inv_x
 
 
 @triton.jit
 def row_grad_kernel(
-    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, hard_threshold_ptr,
-    hard_offset_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, grad_scale_ptr, dx_part_ptr,
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, rule_threshold_ptr,
+    rule_offset_ptr, row_max_ptr, log_sumexp_ptr, upstream_ptr, lift_ptr, dx_part_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
     scale, ignore_index, target_weight, smoothing_per_class, quadratic,
-    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr, SUBCENTERS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEGATIVES_RULE: tl.constexpr, SUBCENTERS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # target_weight = 1 − ε, smoothing_per_class = ε / C (C the global class count).
@@ -117,11 +117,11 @@ def row_grad_kernel(
     d_slice = tl.program_id(2).to(tl.int64)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
-    target_col, target_logit, row_max, log_sumexp, slope_ratio, row_factor, inv_x = _row_statistics(
-        y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
+    target_col, target_logit, row_max, log_sumexp, slope_ratio, upstream_scaled, inv_x = _row_statistics(
+        y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, upstream_ptr, inv_x_ptr,
         rows, B, C_local, class_start, scale, ignore_index)
-    threshold, offset = row_rule(hard_threshold_ptr, hard_offset_ptr, rows, row_ok, HARD_NEGATIVES)
-    grad_scale = tl.load(grad_scale_ptr)
+    threshold, offset = row_rule(rule_threshold_ptr, rule_offset_ptr, rows, row_ok, NEGATIVES_RULE)
+    lift = tl.load(lift_ptr)
     g_dims = d_slice * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     g_ok = g_dims < D
 
@@ -136,30 +136,30 @@ def row_grad_kernel(
                                      stride_w, BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION, SUBCENTERS, False)
         is_target = tl.arange(0, BLOCK_C)[None, :] == target_offsets(target_col, c0, BLOCK_C)[:, None]
         g = logit_gradient(cos, is_target, target_logit[:, None], row_max[:, None], log_sumexp[:, None],
-                           slope_ratio[:, None], row_factor[:, None], threshold[:, None], offset[:, None], quadratic,
-                           scale, target_weight, smoothing_per_class, HARD_NEGATIVES)
+                           slope_ratio[:, None], upstream_scaled[:, None], threshold[:, None], offset[:, None], quadratic,
+                           scale, target_weight, smoothing_per_class, NEGATIVES_RULE)
         for k in tl.static_range(SUBCENTERS):
             w_rows = cols * SUBCENTERS + k
             inv_w = tl.load(inv_w_ptr + w_rows, mask=col_ok, other=0.0)
             g_k = g
             if SUBCENTERS > 1:
                 g_k = tl.where(choice == k, g, 0.0)  # the classes whose gradient goes to sub-centre k
-            g_k = g_k * (inv_w * grad_scale)[None, :]  # columns past the split: r_w = 0 and w = 0
+            g_k = g_k * (inv_w * lift)[None, :]  # columns past the split: r_w = 0 and w = 0
             w = tl.load(w_ptr + w_rows[:, None] * stride_w + g_dims[None, :],
                         mask=col_ok[:, None] & g_ok[None, :], other=0.0)
             acc = tl.dot(_dot_operand(g_k, w_ptr.dtype.element_ty), w, acc, input_precision=DOT_PRECISION)
 
     out = dx_part_ptr + (split * B + rows[:, None]) * D + g_dims[None, :]
-    tl.store(out, acc / grad_scale, mask=row_ok[:, None] & g_ok[None, :])
+    tl.store(out, acc / lift, mask=row_ok[:, None] & g_ok[None, :])
 
 
 @triton.jit
 def class_grad_kernel(
-    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, hard_threshold_ptr,
-    hard_offset_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, grad_scale_ptr, dw_ptr,
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, rule_threshold_ptr,
+    rule_offset_ptr, row_max_ptr, log_sumexp_ptr, upstream_ptr, lift_ptr, dw_ptr,
     B, C_local, D, stride_x, stride_w, class_start, batch_bucket,
     scale, ignore_index, target_weight, smoothing_per_class, quadratic,
-    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr, SUBCENTERS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEGATIVES_RULE: tl.constexpr, SUBCENTERS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_c = tl.program_id(0).to(tl.int64)
@@ -170,7 +170,7 @@ def class_grad_kernel(
     col_ok = cols < C_local
     w_rows = cols * SUBCENTERS + sub
     inv_w = tl.load(inv_w_ptr + w_rows, mask=col_ok, other=0.0)
-    grad_scale = tl.load(grad_scale_ptr)
+    lift = tl.load(lift_ptr)
     g_dims = d_slice * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     g_ok = g_dims < D
     batch = tl.arange(0, BLOCK_B).to(tl.int64)
@@ -180,22 +180,22 @@ def class_grad_kernel(
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + batch
         row_ok = rows < B
-        target_col, target_logit, row_max, log_sumexp, slope_ratio, row_factor, inv_x = _row_statistics(
-            y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, grad_rows_ptr, inv_x_ptr,
+        target_col, target_logit, row_max, log_sumexp, slope_ratio, upstream_scaled, inv_x = _row_statistics(
+            y_ptr, target_logit_ptr, target_slope_ptr, row_max_ptr, log_sumexp_ptr, upstream_ptr, inv_x_ptr,
             rows, B, C_local, class_start, scale, ignore_index)
-        threshold, offset = row_rule(hard_threshold_ptr, hard_offset_ptr, rows, row_ok, HARD_NEGATIVES)
+        threshold, offset = row_rule(rule_threshold_ptr, rule_offset_ptr, rows, row_ok, NEGATIVES_RULE)
         cos, choice = class_cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w_ptr, D, stride_x,
                                      stride_w, BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION, SUBCENTERS, True)
         is_target = tl.arange(0, BLOCK_C)[:, None] == target_offsets(target_col, c0, BLOCK_C)[None, :]
         g = logit_gradient(cos, is_target, target_logit[None, :], row_max[None, :], log_sumexp[None, :],
-                           slope_ratio[None, :], row_factor[None, :], threshold[None, :], offset[None, :], quadratic,
-                           scale, target_weight, smoothing_per_class, HARD_NEGATIVES)
+                           slope_ratio[None, :], upstream_scaled[None, :], threshold[None, :], offset[None, :], quadratic,
+                           scale, target_weight, smoothing_per_class, NEGATIVES_RULE)
         if SUBCENTERS > 1:
             g = tl.where(choice == sub, g, 0.0)  # the classes whose gradient goes to this sub-centre
         w_hat_dot_g += tl.sum(g * cos, axis=1)
         x = tl.load(x_ptr + rows[:, None] * stride_x + g_dims[None, :],
                     mask=row_ok[:, None] & g_ok[None, :], other=0.0)
-        operand = _dot_operand(g * (inv_x * grad_scale)[None, :], x_ptr.dtype.element_ty)
+        operand = _dot_operand(g * (inv_x * lift)[None, :], x_ptr.dtype.element_ty)
         acc = tl.dot(operand, x, acc, input_precision=DOT_PRECISION)
 
     # dW_j = (dŴ_j − ŵ_j (ŵ_j·dŴ_j))·r_wj with ŵ_j = w_j·r_wj formed first (no product of a huge row
@@ -204,5 +204,5 @@ def class_grad_kernel(
     mask = col_ok[:, None] & g_ok[None, :]
     w = tl.load(w_ptr + w_rows[:, None] * stride_w + g_dims[None, :], mask=mask, other=0.0)
     along_w = tl.where(inv_w < inverse_norm(0.0), w_hat_dot_g, 0.0)
-    out = (acc / grad_scale - (w.to(tl.float32) * inv_w[:, None]) * along_w[:, None]) * inv_w[:, None]
+    out = (acc / lift - (w.to(tl.float32) * inv_w[:, None]) * along_w[:, None]) * inv_w[:, None]
     tl.store(dw_ptr + w_rows[:, None] * D + g_dims[None, :], out.to(dw_ptr.dtype.element_ty), mask=mask)

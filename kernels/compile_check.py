@@ -163,7 +163,7 @@ def inspect(kernel, label: str, arch: int, num_stages: int) -> Report:
 
 
 VARIANTS = [("", False, 1), (" +rule", True, 1), (" +subcentres", False, 3)]
-"""The forward and backward kernels' variants checked: (label, HARD_NEGATIVES, SUBCENTERS)."""
+"""The forward and backward kernels' variants checked: (label, NEGATIVES_RULE, SUBCENTERS)."""
 
 
 def jobs(dtypes, arch: int) -> list[tuple]:
@@ -176,17 +176,17 @@ def jobs(dtypes, arch: int) -> list[tuple]:
         width = "32" if dtype == "fp32" else "16"
         precision = "ieee" if dtype == "fp32" else "tf32"
         pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", v_ptr=f"*{element}", out_ptr=f"*{element}",
-                        y_ptr="*i64", inv_ptr="*fp32", inv_x_ptr="*fp32", inv_w_ptr="*fp32", grad_scale_ptr="*fp32",
+                        y_ptr="*i64", inv_ptr="*fp32", inv_x_ptr="*fp32", inv_w_ptr="*fp32", lift_ptr="*fp32",
                         target_logit_ptr="*fp32", target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32",
                         logit_sum_ptr="*fp32", best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32",
-                        log_sumexp_ptr="*fp32", grad_rows_ptr="*fp32", dx_part_ptr="*fp32", dw_ptr=f"*{element}",
-                        g_ptr="*fp32", hard_threshold_ptr="*fp32", hard_offset_ptr="*fp32")
+                        log_sumexp_ptr="*fp32", upstream_ptr="*fp32", dx_part_ptr="*fp32", dw_ptr=f"*{element}",
+                        g_ptr="*fp32", rule_threshold_ptr="*fp32", rule_offset_ptr="*fp32")
         types = {**SCALARS, **pointers}
         rows = configs.PROJECT_GPU
         for variant, rule, subcenters in VARIANTS:
             forward, row_grad, class_grad = (configs.gpu_tiles(kernel, arch, width, subcenters)
                                              for kernel in ("forward", "row_grad", "class_grad"))
-            common = dict(DOT_PRECISION=precision, HARD_NEGATIVES=rule, SUBCENTERS=subcenters)
+            common = dict(DOT_PRECISION=precision, NEGATIVES_RULE=rule, SUBCENTERS=subcenters)
             out += [
                 (f"forward{variant} {dtype}", ("forward", "row_partials_kernel"), types,
                  dict(common, BLOCK_B=forward.block_b, BLOCK_C=forward.block_c, BLOCK_D=forward.block_d), forward),

@@ -36,7 +36,7 @@ class Tiles:
 # need smaller tiles. Chosen without a GPU, by compiling for every target and reading what
 # Triton's cubin uses (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
 # memory within each target's limit, every pipelined ring of dot operands deep enough, in the plain,
-# the negative-logit-rule and the sub-centre variant of each kernel, under every supported Triton
+# the negatives-rule and the sub-centre variant of each kernel, under every supported Triton
 # (3.6 and 3.9: each builds with its own ptxas). ptxas aims at 128 registers per thread when a
 # kernel's natural count lies a little above it and spills or takes a stack frame to get there
 # (five float32 builds of 4 warps got 128 registers and an 8–16 byte stack from Triton 3.6's

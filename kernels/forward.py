@@ -5,7 +5,7 @@ target logit the caller supplies, s·f(c_iy) for a margin f evaluated in PyTorch
 
     c_ij = clamp(x̂_i · ŵ_j, −1, 1)
     z_ij = s·c_ij  (j ≠ y_i),   z_iy = target_logit_i
-    (HARD_NEGATIVES: z_ij = s·c_ij·(a_i + q·c_ij) where c_ij > τ_i, j ≠ y_i; tiles.py)
+    (NEGATIVES_RULE: z_ij = s·c_ij·(a_i + q·c_ij) where c_ij > τ_i, j ≠ y_i; tiles.py)
     (SUBCENTERS = K > 1: c_ij = max_k clamp(x̂_i · ŵ_{jK+k}, −1, 1); tiles.class_cos_tile)
     over the classes j of one split, per row i:
         max_i       = max_j z_ij
@@ -38,11 +38,11 @@ from .tiles import class_cos_tile, negative_logits, row_rule, target_offsets
 
 @triton.jit
 def row_partials_kernel(
-    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, hard_threshold_ptr, hard_offset_ptr,
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, rule_threshold_ptr, rule_offset_ptr,
     max_ptr, sumexp_ptr, logit_sum_ptr, best_cos_ptr, best_class_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, batch_bucket,
     scale, ignore_index, quadratic,
-    DOT_PRECISION: tl.constexpr, HARD_NEGATIVES: tl.constexpr, SUBCENTERS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, NEGATIVES_RULE: tl.constexpr, SUBCENTERS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # C_local counts classes; W has C_local·SUBCENTERS rows
@@ -57,7 +57,7 @@ def row_partials_kernel(
     target_col = tl.where(has_target, local, -1)
     target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
     inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
-    threshold, offset = row_rule(hard_threshold_ptr, hard_offset_ptr, rows, row_ok, HARD_NEGATIVES)
+    threshold, offset = row_rule(rule_threshold_ptr, rule_offset_ptr, rows, row_ok, NEGATIVES_RULE)
 
     run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
@@ -74,7 +74,7 @@ def row_partials_kernel(
         cos, _ = class_cos_tile(x_ptr, w_ptr, rows, cols, row_ok, col_ok, inv_x, inv_w_ptr, D, stride_x, stride_w,
                                 BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION, SUBCENTERS, False)
         is_target = tl.arange(0, BLOCK_C)[None, :] == target_offsets(target_col, c0, BLOCK_C)[:, None]
-        negatives = negative_logits(cos, threshold[:, None], offset[:, None], quadratic, scale, HARD_NEGATIVES)
+        negatives = negative_logits(cos, threshold[:, None], offset[:, None], quadratic, scale, NEGATIVES_RULE)
         z = tl.where(is_target, target_logit[:, None], negatives)
         z = tl.where(col_ok[None, :], z, float("-inf"))
 

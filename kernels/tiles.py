@@ -9,7 +9,7 @@ down, classes across); the class centres' backward holds them class-major (BLOCK
 each kernel's gradient tile is already the left operand of its next dot. The per-row arguments of
 `logit_gradient` are shaped to broadcast against the tile either way: (BLOCK_B, 1) or (1, BLOCK_B).
 The kernels never evaluate a margin: each row's target logit z_iy comes from the caller
-(docs/design.md §3.1). Under a negative-logit rule (HARD_NEGATIVES; `marginfused.negatives`) a
+(docs/design.md §3.1). Under a negatives rule (NEGATIVES_RULE; `marginfused.negatives`) a
 negative with c_ij > τ_i takes z = s·c·(a_i + q·c), with ∂z/∂c = s·(a_i + 2q·c), τ_i and a_i per
 row from the caller, q a scalar; without one the rule's arguments are never read.
 """
@@ -83,10 +83,10 @@ def target_offsets(target_col, c0, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def row_rule(threshold_ptr, offset_ptr, rows, row_ok, HARD_NEGATIVES: tl.constexpr):
-    """(τ_i, a_i) of a block of rows under a negative-logit rule (τ = +inf past B), or constant
+def row_rule(threshold_ptr, offset_ptr, rows, row_ok, NEGATIVES_RULE: tl.constexpr):
+    """(τ_i, a_i) of a block of rows under a negatives rule (τ = +inf past B), or constant
     (+inf, 0) without one (nothing loaded)."""
-    if HARD_NEGATIVES:
+    if NEGATIVES_RULE:
         threshold = tl.load(threshold_ptr + rows, mask=row_ok, other=float("inf"))
         offset = tl.load(offset_ptr + rows, mask=row_ok, other=0.0)
     else:
@@ -96,26 +96,26 @@ def row_rule(threshold_ptr, offset_ptr, rows, row_ok, HARD_NEGATIVES: tl.constex
 
 
 @triton.jit
-def negative_logits(cos, threshold, offset, quadratic, scale, HARD_NEGATIVES: tl.constexpr):
+def negative_logits(cos, threshold, offset, quadratic, scale, NEGATIVES_RULE: tl.constexpr):
     """z of a tile's entries as negatives: s·c, hard negatives under the rule s·c·(a + q·c)."""
-    if HARD_NEGATIVES:
+    if NEGATIVES_RULE:
         return scale * cos * tl.where(cos > threshold, offset + quadratic * cos, 1.0)
     return scale * cos
 
 
 @triton.jit
 def logit_gradient(
-    cos, is_target, target_logit, row_max, log_sumexp, slope_ratio, row_factor, threshold, offset,
-    quadratic, scale, target_weight, smoothing_per_class, HARD_NEGATIVES: tl.constexpr,
+    cos, is_target, target_logit, row_max, log_sumexp, slope_ratio, upstream_scaled, threshold, offset,
+    quadratic, scale, target_weight, smoothing_per_class, NEGATIVES_RULE: tl.constexpr,
 ):
     """G = ∂(Σ_i u_i·ℓ_i)/∂c on a tile (float32; the math is in kernels/backward.py), with
-    row_factor = u_i·s (0 for ignored rows), slope_ratio = σ_i/s, and a hard negative's ratio
+    upstream_scaled = u_i·s (0 for ignored rows), slope_ratio = σ_i/s, and a hard negative's ratio
     a_i + 2q·c under the rule."""
-    z = tl.where(is_target, target_logit, negative_logits(cos, threshold, offset, quadratic, scale, HARD_NEGATIVES))
+    z = tl.where(is_target, target_logit, negative_logits(cos, threshold, offset, quadratic, scale, NEGATIVES_RULE))
     p = tl.exp((z - row_max) - log_sumexp)
     dz = p - tl.where(is_target, target_weight, 0.0) - smoothing_per_class
     ratio = slope_ratio
-    if HARD_NEGATIVES:
+    if NEGATIVES_RULE:
         ratio = tl.where(is_target, slope_ratio, tl.where(cos > threshold, offset + 2.0 * quadratic * cos, 1.0))
-        return dz * ratio * row_factor
-    return tl.where(is_target, dz * ratio, dz) * row_factor
+        return dz * ratio * upstream_scaled
+    return tl.where(is_target, dz * ratio, dz) * upstream_scaled

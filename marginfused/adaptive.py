@@ -13,7 +13,7 @@ single-process one.
 
 Compared with the authors' code (each class's docstring says where the fused version differs):
 the kernels compute every negative's cosine as clamp(x̂·ŵ, −1, 1), and the margin changes the
-target's logit only (and, with a negative-logit rule, the hard negatives' logits).
+target's logit only (and, with a negatives rule, the hard negatives' logits).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .margins import ArcFace, CosFace, MarginFunction, _check_parameter, working_dtype
-from .negatives import HardNegatives
+from .negatives import NegativesRule
 
 ELASTIC_DEFAULT_MARGIN = {"arc": 0.5, "cos": 0.35}
 """ElasticFace's mean margins: ArcFace's and CosFace's literature values."""
@@ -51,11 +51,14 @@ class MarginCall(NamedTuple):
 class CallMargin(NamedTuple):
     """An adaptive margin's decision for one call: the margin function f of the target cosines;
     the rule for the hard negatives' logits, or None; a (B,) term added to each row's loss (already
-    weighted, differentiable), or None."""
+    weighted, differentiable), or None; and the running statistics' new values, (buffer, value)
+    pairs the loss writes once the call's inputs have passed their checks (a call refused for its
+    inputs changes nothing)."""
 
     margin: MarginFunction
-    negatives: Optional[HardNegatives] = None
+    negatives_rule: Optional[NegativesRule] = None
     regulariser: Optional[Tensor] = None
+    statistics: tuple[tuple[Tensor, Tensor], ...] = ()
 
 
 def local_batch_sum(valid: Tensor) -> Callable[[Tensor], Tensor]:
@@ -71,12 +74,13 @@ def local_batch_sum(valid: Tensor) -> Callable[[Tensor], Tensor]:
 class AdaptiveMargin(nn.Module, abc.ABC):
     """A margin decided per call: `for_call(call)` returns this call's `CallMargin`."""
 
-    changes_negatives: bool = False
-    """Whether its calls come with a negative-logit rule (which excludes inter-class filtering)."""
+    has_negatives_rule: bool = False
+    """Whether its calls come with a negatives rule (which excludes inter-class filtering)."""
 
     @abc.abstractmethod
     def for_call(self, call: MarginCall) -> CallMargin:
-        """The margin of the call `call`; advances the running statistics in training mode."""
+        """The margin of the call `call`, and in training mode the running statistics' new values
+        (used for this call; written to the buffers by the loss)."""
 
     def forward(self, cos: Tensor) -> Tensor:
         """f(cos) in eval mode (no statistic advances), for unit-norm embeddings: a look at the
@@ -95,9 +99,9 @@ def _counted_mean(call: MarginCall, values: Tensor) -> tuple[Tensor, Tensor]:
     return count, total / count.clamp_min(1.0)
 
 
-def _ema(state: Tensor, value: Tensor, momentum: float, seen: Tensor) -> None:
-    """state ← momentum·value + (1 − momentum)·state, where `seen` (a 0-dim bool) holds."""
-    state.copy_(torch.where(seen, momentum * value + (1.0 - momentum) * state, state))
+def _ema(state: Tensor, value: Tensor, momentum: float, seen: Tensor) -> Tensor:
+    """momentum·value + (1 − momentum)·state where `seen` (a 0-dim bool) holds, else state."""
+    return torch.where(seen, momentum * value + (1.0 - momentum) * state, state).to(state.dtype)
 
 
 def _check_momentum(owner: str, momentum: float) -> float:
@@ -137,13 +141,15 @@ class AdaFace(AdaptiveMargin):
 
     def for_call(self, call: MarginCall) -> CallMargin:
         norms = call.norms.detach().clamp(*self.NORM_RANGE)
+        mean, std, statistics = self.batch_mean, self.batch_std, ()
         if self.training:
             with torch.no_grad():
-                count, mean = _counted_mean(call, norms)
-                variance = call.batch_sum((norms - mean) ** 2) / (count - 1.0).clamp_min(1.0)
-                _ema(self.batch_mean, mean, self.momentum, count > 0)
-                _ema(self.batch_std, variance.sqrt(), self.momentum, count > 1)
-        mean, std = self.batch_mean.to(norms.dtype), self.batch_std.to(norms.dtype)
+                count, batch_mean = _counted_mean(call, norms)
+                variance = call.batch_sum((norms - batch_mean) ** 2) / (count - 1.0).clamp_min(1.0)
+                mean = _ema(self.batch_mean, batch_mean, self.momentum, count > 0)
+                std = _ema(self.batch_std, variance.sqrt(), self.momentum, count > 1)
+                statistics = ((self.batch_mean, mean), (self.batch_std, std))
+        mean, std = mean.to(norms.dtype), std.to(norms.dtype)
         quality = (self.h * (norms - mean) / (std + self.EPS)).clamp(-1.0, 1.0)
         m, eps = self.m, self.EPS
 
@@ -153,7 +159,7 @@ class AdaFace(AdaptiveMargin):
             g = quality.to(c.dtype)
             return torch.cos((theta - m * g).clamp(eps, math.pi - eps)) - m * (1.0 + g)
 
-        return CallMargin(margin)
+        return CallMargin(margin, statistics=statistics)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, h={self.h}, momentum={self.momentum}"
@@ -214,7 +220,7 @@ class CurricularFace(AdaptiveMargin):
     eval mode, and their code differentiates through f (margin_grad="exact").
     """
 
-    changes_negatives = True
+    has_negatives_rule = True
 
     def __init__(self, m: float = 0.5, momentum: float = 0.01) -> None:
         super().__init__()
@@ -223,14 +229,17 @@ class CurricularFace(AdaptiveMargin):
         self.register_buffer("t", torch.tensor(0.0))
 
     def for_call(self, call: MarginCall) -> CallMargin:
+        t, statistics = self.t, ()
         if self.training:
             with torch.no_grad():
                 count, mean = _counted_mean(call, call.cos)
-                _ema(self.t, mean, self.momentum, count > 0)
+                t = _ema(self.t, mean, self.momentum, count > 0)
+                statistics = ((self.t, t),)
         cos = call.cos.detach()
         threshold = torch.where(call.valid, ArcFace.unchecked(m=self.m)(cos), torch.full_like(cos, float("inf")))
-        offset = self.t.to(cos.dtype).expand_as(cos).contiguous()
-        return CallMargin(ArcFace.unchecked(m=self.m, fallback="linear"), HardNegatives(threshold, offset, 1.0))
+        offset = t.to(cos.dtype).expand_as(cos).contiguous()
+        return CallMargin(ArcFace.unchecked(m=self.m, fallback="linear"), NegativesRule(threshold, offset, 1.0),
+                          statistics=statistics)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, momentum={self.momentum}"
@@ -278,5 +287,6 @@ ADAPTIVE_NAMES: dict[str, type[AdaptiveMargin]] = {
     "adaface": AdaFace,
     "magface": MagFace,
     "curricularface": CurricularFace,
+    "elasticface": ElasticFace,
 }
 """String names of the adaptive margins; each builds its class with the defaults."""

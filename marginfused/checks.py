@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -41,8 +41,10 @@ def check_inputs(
     each in [0, num_classes) or equal to `ignore_index`, num_classes being C unless given (a shard
     of the classes takes global labels), C = the weight's rows / `subcenters` (whole classes); a margin's per-row parameters one value per row, on the
     embeddings' device. B = 0 only with `allow_no_rows` (a rank's share of a sharded batch).
-    Raises TypeError or ValueError naming the argument.
-    Under torch.compile only shapes, dtypes and devices are checked, not values.
+    Raises TypeError or ValueError naming the argument. Shapes, dtypes and devices are checked on
+    the host; the values (the embeddings finite, the labels in range) on the device, without
+    reading them back (`check_on_device`). The weight's values are the kernels' to check: non-finite
+    centres make non-finite partials (`marginfused.backends.ops`), with no pass over W here.
     """
     x = _require_tensor("embeddings", embeddings)
     w = _require_tensor("weight", weight)
@@ -93,35 +95,43 @@ def check_inputs(
         if value.device != x.device:
             raise ValueError(f"margin parameter {name} is on {value.device} but embeddings are on {x.device}")
 
-    if torch.compiler.is_compiling():
-        return  # the value checks below need the values; a traced graph has none
+    check_on_device(_all_finite(x), "embeddings contain NaN or Inf")
     out_of_range = ((y < 0) | (y >= num_classes)) & (y != ignore_index)
-    # one transfer to the host for the three checks: a single synchronisation on a GPU
-    x_finite, w_finite, labels_in_range = torch.stack(
-        [_all_finite(x), _all_finite(w), ~out_of_range.any()]
-    ).tolist()
-    if not x_finite:
-        raise ValueError("embeddings contain NaN or Inf")
-    if not w_finite:
-        raise ValueError("weight contains NaN or Inf")
-    if not labels_in_range:
-        bad = y[out_of_range][0].item()
-        raise ValueError(
-            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}, got {bad}"
-        )
+    message = f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}"
+    check_on_device(~out_of_range, message, lambda: f", got {y[out_of_range][0].item()}")
+
+
+def check_on_device(condition: Tensor, message: str, detail: Optional[Callable[[], str]] = None) -> None:
+    """A ValueError saying `message` where `condition` (a bool tensor) does not hold everywhere,
+    checked on the tensors' device without reading the condition back to the host: an
+    asynchronous device assertion (torch._assert_async), which on the CPU fails at once, raised as
+    the ValueError (plus `detail()`, read only then); on a GPU, and under torch.compile, it fails
+    the call at the next synchronisation, with the message."""
+    condition = condition.all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, message)
+        return
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError:
+        raise ValueError(message + (detail() if detail is not None else "")) from None
+
+
+WEIGHT_NOT_FINITE = "weight contains NaN or Inf"
+
+
+def check_weight_finite(weight: Tensor) -> None:
+    """A ValueError if the weight holds NaN or Inf: one pass over it, for uses outside the loss
+    (whose kernels find non-finite centres in their partials instead)."""
+    check_on_device(_all_finite(weight), WEIGHT_NOT_FINITE)
 
 
 def labels_for_the_loss(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """The labels as int64, their range checked on the device where the host cannot look.
-
-    Eagerly, `check_inputs` has checked every value on the host. Under torch.compile, whose traced
-    graph has no values, an asynchronous device assertion fails the call on a label outside
-    [0, num_classes) that is not `ignore_index` (no host synchronisation), and such labels are
-    replaced by ignore_index for everything the graph runs, so that no gather indexes out of range
-    before the assertion is reached."""
+    """The labels as int64. Under torch.compile a label out of range fails the call only when the
+    graph reaches `check_inputs`'s assertion: until then such labels are replaced by ignore_index,
+    so that no gather the graph runs first indexes out of range."""
     labels = labels.long()
     if not torch.compiler.is_compiling():
         return labels
     valid = ((labels >= 0) & (labels < num_classes)) | (labels == ignore_index)
-    torch._assert_async(valid.all(), f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}")
     return torch.where(valid, labels, torch.full_like(labels, ignore_index))

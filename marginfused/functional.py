@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from .autocast import cast_for_autocast
+from .backends import check_backend_name, select_backend
 from .checks import check_inputs, labels_for_the_loss
-from .backends import select_backend
-from .settings import LossSettings, check_functional_margin, check_reduction
 from .margins import MarginLike
+from .settings import LossSettings, check_functional_margin, check_reduction
 
 
 def margin_cross_entropy(
@@ -44,7 +44,7 @@ def margin_cross_entropy(
             per class, class j's at rows j·K to j·K + K − 1 (one row per class by default).
         labels: (B,) integer class ids in [0, C), or `ignore_index` for rows that take no part.
         margin: a name ("cosface"/"additive", "arcface"/"angular", "sphereface"/"multiplicative",
-            "expface"/"exponential", "combined", "magface") with literature defaults, a margin
+            "expface"/"exponential", "combined", "magface", "elasticface") with literature defaults, a margin
             object (`CosFace`, `ArcFace`, `SphereFace`, `ExpFace`, `CombinedMargin`) whose
             parameters may be floats or (B,) tensors of per-row values, an adaptive margin module
             (`AdaFace`, `MagFace`, `CurricularFace`, `ElasticFace`; keep the same instance across
@@ -83,28 +83,28 @@ def margin_cross_entropy(
     everything after the matmul stays in float32; gradients flow back to the original dtypes
     (see `marginfused.autocast`).
     """
-    embeddings, weight, autocast_off = cast_for_autocast(embeddings, weight)
-    with autocast_off:
-        return _margin_cross_entropy(
-            embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
-            interclass_filtering, subcenters, backend, return_accuracy,
-        )
-
-
-def _margin_cross_entropy(
-    embeddings, weight, labels, margin, scale, margin_grad, reduction, ignore_index, label_smoothing,
-    interclass_filtering, subcenters, backend, return_accuracy,
-):
     check_functional_margin(margin)
     settings = LossSettings.build(margin, scale, margin_grad, ignore_index, label_smoothing, interclass_filtering,
                                   subcenters)
-    check_reduction(reduction)
-    check_inputs(embeddings, weight, labels, ignore_index, margin=settings.margin, subcenters=subcenters)
-    labels = labels_for_the_loss(labels, weight.shape[0] // subcenters, ignore_index)
-    implementation = select_backend(backend, embeddings)
-    per_row, prediction = implementation.per_row_loss(embeddings, weight, labels, settings)
+    return loss_with_settings(embeddings, weight, labels, settings, check_reduction(reduction),
+                              check_backend_name(backend), return_accuracy)
 
-    valid = labels != ignore_index
+
+def loss_with_settings(embeddings: Tensor, weight: Tensor, labels: Tensor, settings: LossSettings, reduction: str,
+                       backend: str, return_accuracy: bool,
+                       ran: Optional[Callable[[str], None]] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """`margin_cross_entropy` with its settings, reduction and backend name already checked (a head
+    checks them once, at construction); `ran` is told which backend ran."""
+    embeddings, weight, autocast_off = cast_for_autocast(embeddings, weight)
+    with autocast_off:
+        check_inputs(embeddings, weight, labels, settings.ignore_index, margin=settings.margin,
+                     subcenters=settings.subcenters)
+        labels = labels_for_the_loss(labels, weight.shape[0] // settings.subcenters, settings.ignore_index)
+        implementation = select_backend(backend, embeddings)
+        if ran is not None:
+            ran(implementation.name)
+        per_row, partials = implementation.per_row_loss(embeddings, weight, labels, settings)
+    valid = labels != settings.ignore_index
     if reduction == "none":
         loss = per_row
     elif reduction == "sum":
@@ -113,6 +113,6 @@ def _margin_cross_entropy(
         loss = per_row.sum() / valid.sum()
     if not return_accuracy:
         return loss
-    correct = (prediction == labels) & valid
+    correct = (partials.best_class == labels) & valid
     accuracy = correct.sum(dtype=torch.float32) / valid.sum(dtype=torch.float32)
     return loss, accuracy

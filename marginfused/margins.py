@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .constants import DERIVATIVE_EPS
+from .values import is_real
 
 Parameter = Union[float, Tensor]
 """A margin parameter: one value for every row, or a (B,) tensor of per-row values."""
@@ -65,19 +66,22 @@ def _check_parameter(owner: str, name: str, value: object, low: float, high: flo
             raise TypeError(f"{owner}: {name} must be a float or a 1-D floating tensor of per-row values, "
                             f"got a {value.dim()}-D {value.dtype} tensor")
         values = value.detach()
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+    elif not is_real(value):
         raise TypeError(f"{owner}: {name} must be a real number or a (B,) tensor, got {type(value).__name__}")
     else:
         value = float(value)
-        values = torch.tensor([value], dtype=torch.float64)
-    if values.numel() == 0:
+        values = None
+    if values is not None and values.numel() == 0:
         return value
-    finite = bool(torch.isfinite(values).all())
-    too_low = bool((values <= low).any()) if low_open else bool((values < low).any())
-    too_high = bool((values >= high).any()) if high_open else bool((values > high).any())
-    if not finite or too_low or too_high:
+    if values is None:
+        inside = math.isfinite(value) and (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+    else:
+        inside = bool(torch.isfinite(values).all()) and bool(((values > low) if low_open else (values >= low)).all()) \
+            and bool(((values < high) if high_open else (values <= high)).all())
+    if not inside:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        shown = value if isinstance(value, float) else f"values in [{values.min():g}, {values.max():g}]"
+        shown = value if values is None else f"values in [{values.min():g}, {values.max():g}]"
         raise ValueError(f"{owner}: {name} must be finite and in {interval}, got {shown}")
     return value
 

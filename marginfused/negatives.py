@@ -1,4 +1,4 @@
-"""The negative-logit rule: how the logits of hard negatives change (docs/design.md §6).
+"""The negatives rule: how the logits of hard negatives change (docs/design.md §6).
 
 Two margins change the logits of negative classes, not only the target's: CurricularFace, which
 weights the negatives harder than the target's margined cosine, and InsightFace's inter-class
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 
-class HardNegatives(NamedTuple):
+class NegativesRule(NamedTuple):
     """Per row: the threshold τ_i above which a negative is hard, and the offset a_i; and the
     quadratic coefficient q of the rule z = s·c·(a + q·c), the same for every row."""
 
@@ -32,20 +32,20 @@ class HardNegatives(NamedTuple):
     offset: Tensor
     quadratic: float
 
-    def for_kernels(self) -> "HardNegatives":
+    def for_kernels(self) -> "NegativesRule":
         """The rule as the fused kernels read it: τ and a detached, contiguous float32."""
-        return HardNegatives(self.threshold.detach().float().contiguous(), self.offset.detach().float().contiguous(),
+        return NegativesRule(self.threshold.detach().float().contiguous(), self.offset.detach().float().contiguous(),
                              float(self.quadratic))
 
 
-def interclass_filtering(threshold: float, cos: Tensor, valid: Tensor) -> HardNegatives:
+def interclass_filtering(threshold: float, cos: Tensor, valid: Tensor) -> NegativesRule:
     """InsightFace's inter-class filtering on the `valid` rows: negatives with c_ij > `threshold`
     take logit 0 and no gradient (τ and a in the dtype of the target cosines `cos`)."""
     tau = torch.where(valid, torch.full_like(cos, threshold), torch.full_like(cos, float("inf")))
-    return HardNegatives(tau, torch.zeros_like(tau), 0.0)
+    return NegativesRule(tau, torch.zeros_like(tau), 0.0)
 
 
-def negative_logits(cos: Tensor, rule: Optional[HardNegatives], scale: float) -> tuple[Tensor, Tensor]:
+def negative_logits(cos: Tensor, rule: Optional[NegativesRule], scale: float) -> tuple[Tensor, Tensor]:
     """(z, ∂z/∂c) of a (B, n) tile of cosines if every entry were a negative: s·c and s, except
     the rule's hard negatives. The caller puts the target column's own logit in afterwards."""
     plain = scale * cos

@@ -22,6 +22,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
+from .values import is_real
+
 
 class SparseMomentumSGD(torch.optim.Optimizer):
     """SGD with momentum and weight decay applied to the rows present in a row-sparse gradient only
@@ -30,7 +32,7 @@ class SparseMomentumSGD(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False) -> None:
         for name, value, low in (("lr", lr, 0.0), ("momentum", momentum, 0.0), ("weight_decay", weight_decay, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+            if not is_real(value) or not value >= low:
                 raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov momentum needs momentum > 0")

@@ -1,4 +1,4 @@
-"""Per-row statistics of the logits over a range of classes, and the loss they give.
+"""Per-row statistics of the logits over class ranges, their one merge, and the loss they give.
 
 A fused backend never holds a row of logits. Walking the classes [start, stop) it keeps, per row i,
 
@@ -8,12 +8,17 @@ A fused backend never holds a row of logits. Walking the classes [start, stop) i
     best_cos   max_j c_ij,  best_class = argmax_j c_ij as a global class id
 
 where z_ij = s·c_ij, except on each row's target column, which takes the target logit z_iy the
-caller supplies (`marginfused.target`). Partials of disjoint class ranges merge exactly (logaddexp
-of the (max, sumexp) pairs; sums add; the larger cosine wins), so a range can be a tile, a split of
-the classes across thread blocks, or a shard of W on another rank. Over all C classes, with
-lse_i = m_i + log s_i,
+caller supplies (`marginfused.target`). Partials of disjoint class ranges merge exactly (`merge`:
+logaddexp of the (max, sumexp) pairs; sums add; the larger cosine wins), which is how a backend's
+class splits, threads or chunks, and the ranks of a sharded head, are combined: every backend
+returns its partials unmerged, stacked along a first dimension in class order.
 
-    ℓ_i = lse_i − (1 − ε)·z_iy − (ε / C)·Σ_j z_ij
+The log-sum-exp over all C classes is kept in two float32 parts, `LogSumExp` (m_i, log s_i): the
+backward forms p_ij = exp((z_ij − m_i) − log s_i), whose first difference is exact where p matters
+(z near m), so p keeps float32's relative accuracy; a single float32 lse ≈ s rounds to ~4e-6 at
+s = 64, and p_iy − 1 for a confident row would inherit that error. With it,
+
+    ℓ_i = m_i + log s_i − (1 − ε)·z_iy − (ε / C)·Σ_j z_ij
 
 which is `F.cross_entropy` with label smoothing ε; ignored rows get 0.
 """
@@ -27,8 +32,8 @@ from torch import Tensor
 
 
 class RowPartials(NamedTuple):
-    """Per-row statistics over one class range; every field has shape (B,), in the working precision
-    (float32, float64 for float64 inputs) but best_class (int64)."""
+    """Per-row statistics over class ranges: each field (B,), or (k, B) for k ranges in class order;
+    float32 (float64 for float64 inputs) but best_class (int64)."""
 
     max: Tensor
     sumexp: Tensor
@@ -37,34 +42,37 @@ class RowPartials(NamedTuple):
     best_class: Tensor
 
 
-def merge_partials(a: RowPartials, b: RowPartials) -> RowPartials:
-    """The partials of the union of two disjoint class ranges. Ties in best_cos keep `a`'s class."""
-    top = torch.maximum(a.max, b.max)
-    sumexp = a.sumexp * torch.exp(a.max - top) + b.sumexp * torch.exp(b.max - top)
-    b_wins = b.best_cos > a.best_cos
+class LogSumExp(NamedTuple):
+    """lse_i = max_i + log_sumexp_i over all classes, in two parts (module docstring)."""
+
+    max: Tensor
+    log_sumexp: Tensor
+
+
+def merge(parts: RowPartials) -> RowPartials:
+    """The partials of the union of k disjoint class ranges given stacked along dim 0, in class
+    order: the largest max, the sums rescaled to it and added, the logit sums added, and the first
+    range holding the largest cosine (its class the smallest among equal cosines, as argmax)."""
+    top = parts.max.amax(dim=0)
+    best_cos = parts.best_cos.amax(dim=0)
+    winner = (parts.best_cos == best_cos).to(torch.uint8).argmax(dim=0, keepdim=True)  # the first maximal
     return RowPartials(
         max=top,
-        sumexp=sumexp,
-        logit_sum=a.logit_sum + b.logit_sum,
-        best_cos=torch.where(b_wins, b.best_cos, a.best_cos),
-        best_class=torch.where(b_wins, b.best_class, a.best_class),
+        sumexp=(parts.sumexp * torch.exp(parts.max - top)).sum(dim=0),
+        logit_sum=parts.logit_sum.sum(dim=0),
+        best_cos=best_cos,
+        best_class=parts.best_class.gather(0, winner).squeeze(0),
     )
 
 
-def log_sum_exp(partials: RowPartials) -> Tensor:
-    """lse_i = m_i + log s_i."""
-    return partials.max + torch.log(partials.sumexp)
+def log_sum_exp(partials: RowPartials) -> LogSumExp:
+    """(m_i, log s_i) of merged partials."""
+    return LogSumExp(partials.max, torch.log(partials.sumexp))
 
 
-def row_loss(
-    partials: RowPartials, target_logit: Tensor, y: Tensor, ignore_index: int, label_smoothing: float,
-    num_classes: int,
-) -> Tensor:
-    """ℓ_i from partials over all `num_classes` classes and the target logits z_iy; 0 where
-    y == ignore_index."""
-    loss = (
-        log_sum_exp(partials)
-        - (1.0 - label_smoothing) * target_logit
-        - (label_smoothing / num_classes) * partials.logit_sum
-    )
+def row_loss(lse: LogSumExp, logit_sum: Tensor, target_logit: Tensor, y: Tensor, ignore_index: int,
+             label_smoothing: float, num_classes: int) -> Tensor:
+    """ℓ_i from the log-sum-exp and logit sum over all `num_classes` classes and the target logits
+    z_iy; 0 where y == ignore_index."""
+    loss = (lse.max + lse.log_sumexp) - (1.0 - label_smoothing) * target_logit - (label_smoothing / num_classes) * logit_sum
     return torch.where(y == ignore_index, torch.zeros_like(loss), loss)

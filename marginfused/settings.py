@@ -8,6 +8,7 @@ from typing import Optional
 
 from .adaptive import ADAPTIVE_NAMES, AdaptiveMargin
 from .margins import MARGIN_NAMES, MarginFunction, MarginLike
+from .values import is_integer, is_real
 
 MARGIN_GRADS = ("detached", "exact")
 REDUCTIONS = ("mean", "sum", "none")
@@ -79,36 +80,35 @@ class LossSettings:
     ) -> "LossSettings":
         """Validate user-facing arguments; raise TypeError/ValueError naming the bad one."""
         margin = resolve_margin(margin)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if not is_real(scale):
             raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be finite and > 0, got {scale}")
         if margin_grad not in MARGIN_GRADS:
             raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        if not is_integer(ignore_index):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        if not is_real(label_smoothing):
             raise TypeError(
                 f"label_smoothing must be a real number, got {type(label_smoothing).__name__}"
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if interclass_filtering is not None:
-            if isinstance(interclass_filtering, bool) or not isinstance(interclass_filtering, (int, float)):
+            if not is_real(interclass_filtering):
                 raise TypeError(
                     f"interclass_filtering must be None or a real number, got {type(interclass_filtering).__name__}"
                 )
             if not -1.0 <= interclass_filtering < 1.0:
                 raise ValueError(f"interclass_filtering must be in [-1, 1) (a cosine), got {interclass_filtering}")
-            if isinstance(margin, AdaptiveMargin) and margin.changes_negatives:
+            if isinstance(margin, AdaptiveMargin) and margin.has_negatives_rule:
                 raise ValueError(
                     f"interclass_filtering cannot be combined with {type(margin).__name__}, which rules the "
                     "negatives' logits itself"
                 )
             interclass_filtering = float(interclass_filtering)
-        check_subcenters(subcenters)
-        return cls(margin, float(scale), margin_grad, ignore_index, float(label_smoothing), interclass_filtering,
-                   subcenters)
+        return cls(margin, float(scale), margin_grad, int(ignore_index), float(label_smoothing), interclass_filtering,
+                   check_subcenters(subcenters))
 
     @classmethod
     def for_kernels(cls, scale: float, ignore_index: int, label_smoothing: float, subcenters: int = 1) -> "LossSettings":
@@ -118,11 +118,11 @@ class LossSettings:
 
 
 def check_subcenters(subcenters: int) -> int:
-    if isinstance(subcenters, bool) or not isinstance(subcenters, int):
+    if not is_integer(subcenters):
         raise TypeError(f"subcenters must be an int, got {type(subcenters).__name__}")
     if subcenters < 1:
         raise ValueError(f"subcenters must be >= 1, got {subcenters}")
-    return subcenters
+    return int(subcenters)
 
 
 def check_reduction(reduction: str) -> str:

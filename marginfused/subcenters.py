@@ -17,6 +17,7 @@ from torch import Tensor
 from .checks import check_inputs
 from .normalize import normalize_rows
 from .settings import check_subcenters
+from .values import is_real
 
 
 class SubcenterCleaning(NamedTuple):
@@ -39,7 +40,7 @@ def subcenter_outliers(embeddings: Tensor, weight: Tensor, labels: Tensor, subce
     the counts, or pass it at once where it fits."""
     check_subcenters(subcenters)
     check_inputs(embeddings, weight, labels, ignore_index, subcenters=subcenters)
-    if isinstance(threshold_degrees, bool) or not isinstance(threshold_degrees, (int, float)) or not (
+    if not is_real(threshold_degrees) or not (
             0 <= threshold_degrees <= 180):
         raise ValueError(f"threshold_degrees must be an angle in [0, 180], got {threshold_degrees}")
     classes = weight.shape[0] // subcenters

@@ -29,21 +29,25 @@ from torch import Tensor
 from .adaptive import AdaptiveMargin, CallMargin, MarginCall, local_batch_sum
 from .constants import DERIVATIVE_EPS
 from .margins import Margin, MarginFunction, working_dtype
-from .negatives import HardNegatives, interclass_filtering
+from .checks import check_on_device
+from .negatives import NegativesRule, interclass_filtering
 from .normalize import normalize_rows
+from .partials import LogSumExp
 from .settings import LossSettings
 
 
 class TargetLogits(NamedTuple):
     """Per row: z_iy (float32, or float64 for float64 inputs; differentiable in the margin's own
     inputs) and σ_i = ∂z_iy/∂c_iy (detached); ignored rows hold z = σ = 0. With them, the call's
-    rule for the hard negatives (or None) and the (B,) term the margin adds to each row's loss (or
-    None; 0 on ignored rows)."""
+    negatives rule (or None), the (B,) term the margin adds to each row's loss (or None; 0 on
+    ignored rows), and an adaptive margin's new statistics, written by `commit_statistics` once
+    the call has passed its checks."""
 
     logit: Tensor
     slope: Tensor
-    negatives: Optional[HardNegatives] = None
+    negatives_rule: Optional[NegativesRule] = None
     regulariser: Optional[Tensor] = None
+    statistics: tuple[tuple[Tensor, Tensor], ...] = ()
 
 
 def target_cosines(x: Tensor, w: Tensor, column: Tensor, valid: Tensor, subcenters: int = 1) -> Tensor:
@@ -85,7 +89,7 @@ def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings, x: Tensor,
                   batch_sum: Optional[Callable[[Tensor], Tensor]] = None) -> TargetLogits:
     """z_iy = s·f(c_iy) and σ_i for the (B,) target cosines `cos` (detached) of the rows `valid`
     of the embeddings `x`, with this call's margin decided first (`_decide`; `batch_sum` is
-    `MarginCall.batch_sum`, the local batch's when None), and the call's negative-logit rule."""
+    `MarginCall.batch_sum`, the local batch's when None), and the call's negatives rule."""
     cos = cos.detach()
     decision = _decide(cos, valid, settings, x, batch_sum)
     margin = decision.margin
@@ -101,13 +105,14 @@ def target_logits(cos: Tensor, valid: Tensor, settings: LossSettings, x: Tensor,
     else:
         slope = torch.full_like(cos, settings.scale)
     zero = torch.zeros_like(cos)
-    negatives = decision.negatives
+    rule = decision.negatives_rule
     if settings.interclass_filtering is not None:
-        negatives = interclass_filtering(settings.interclass_filtering, cos, valid)
+        rule = interclass_filtering(settings.interclass_filtering, cos, valid)
     regulariser = decision.regulariser
     if regulariser is not None:
         regulariser = torch.where(valid, regulariser.to(cos.dtype), zero)
-    return TargetLogits(torch.where(valid, logit, zero), torch.where(valid, slope, zero), negatives, regulariser)
+    return TargetLogits(torch.where(valid, logit, zero), torch.where(valid, slope, zero), rule, regulariser,
+                        decision.statistics)
 
 
 def with_regulariser(loss: Tensor, target: TargetLogits) -> Tensor:
@@ -115,28 +120,31 @@ def with_regulariser(loss: Tensor, target: TargetLogits) -> Tensor:
     return loss if target.regulariser is None else loss + target.regulariser.to(loss.dtype)
 
 
-def all_finite(target: TargetLogits, valid: Tensor) -> Tensor:
-    """A 0-dim bool tensor: the target logits and slopes of the `valid` rows are finite."""
-    finite = torch.isfinite(target.logit.detach()) & torch.isfinite(target.slope)
-    return (finite | ~valid).all()
-
-
 NON_FINITE_MESSAGE = "margin: the target logits s·f(c) and slopes must be finite; the margin returned NaN or Inf"
 
 
+def finite(target: TargetLogits, valid: Tensor) -> Tensor:
+    """(B,) bool: the row's target logit and slope are finite, or the row is ignored."""
+    return (torch.isfinite(target.logit.detach()) & torch.isfinite(target.slope)) | ~valid
+
+
 def check_finite(target: TargetLogits, valid: Tensor) -> None:
-    """Raise ValueError if a valid row's target logit or slope is NaN or Inf (one host
-    synchronisation; skipped under torch.compile, whose traced graph has no values)."""
-    if not torch.compiler.is_compiling() and not bool(all_finite(target, valid)):
-        raise ValueError(NON_FINITE_MESSAGE)
+    """A ValueError (`marginfused.checks.check_on_device`) where a valid row's target logit or
+    slope is NaN or Inf."""
+    check_on_device(finite(target, valid), NON_FINITE_MESSAGE)
 
 
-def target_logit_grad(
-    row_max: Tensor, row_sumexp: Tensor, target_logit: Tensor, grad_rows: Tensor, y: Tensor, ignore_index: int,
-    label_smoothing: float, num_classes: int,
-) -> Tensor:
-    """∂(Σ_i g_i ℓ_i)/∂z_iy = g_i·(p_iy − (1 − ε) − ε/C), p_iy = exp(z_iy − lse_i) from the row
-    statistics over all classes; 0 for ignored rows. O(B): no kernel needed."""
-    p = torch.exp((target_logit - row_max) - torch.log(row_sumexp))
-    grad = grad_rows * (p - (1.0 - label_smoothing) - label_smoothing / num_classes)
+def commit_statistics(target: TargetLogits) -> None:
+    """Write an adaptive margin's new running statistics to its buffers (after the call's checks)."""
+    with torch.no_grad():
+        for buffer, value in target.statistics:
+            buffer.copy_(value)
+
+
+def target_logit_grad(lse: LogSumExp, target_logit: Tensor, upstream: Tensor, y: Tensor, ignore_index: int,
+                      label_smoothing: float, num_classes: int) -> Tensor:
+    """∂(Σ_i u_i ℓ_i)/∂z_iy = u_i·(p_iy − (1 − ε) − ε/C), p_iy = exp((z_iy − m_i) − log s_i) from the
+    log-sum-exp over all classes; 0 for ignored rows. O(B): no kernel needed."""
+    p = torch.exp((target_logit - lse.max) - lse.log_sumexp)
+    grad = upstream * (p - (1.0 - label_smoothing) - label_smoothing / num_classes)
     return torch.where(y == ignore_index, torch.zeros_like(grad), grad)

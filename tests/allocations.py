@@ -17,12 +17,19 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from marginfused.backends import ops
+from marginfused.backends import REGISTRY, FusedBackend
 
-IMPLEMENTATIONS = {
-    f"marginfused::{op._name}": op._init_fn for op in (ops.margin_loss, ops.margin_loss_backward)
-}
-"""The Python implementation behind each of the package's custom operators, by name."""
+
+def implementation(name: str):
+    """The Python implementation behind a custom operator of one of the package's backends (those
+    registered when it is asked: tests add their own), or None for any other operator."""
+    for backend in REGISTRY.values():
+        if isinstance(backend, FusedBackend):
+            operators = backend.operators
+            for op in (operators.partials, operators.loss, operators.loss_backward):
+                if f"{op._namespace}::{op._name}" == name:
+                    return op._init_fn
+    return None
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -59,11 +66,11 @@ class AllocationTracker(TorchDispatchMode):
             self.largest_shape = tuple(tensor.shape)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        implementation = IMPLEMENTATIONS.get(func._schema.name)
-        if implementation is not None:
+        own = implementation(func._schema.name) if func._schema.name.startswith("marginfused::") else None
+        if own is not None:
             # the package's own operators: run their implementation here, counting inside them
             with self:
-                return implementation(*args, **(kwargs or {}))
+                return own(*args, **(kwargs or {}))
         inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
         outputs = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(outputs):

@@ -91,10 +91,10 @@ def interpret_bfloat16_dots(monkeypatch) -> None:
 
     original_reason = triton_backend.TritonBackend.unsupported_reason
 
-    def unsupported_reason(self, device_type, dtype):
-        if dtype == torch.bfloat16 and device_type == "cpu":
+    def unsupported_reason(self, device, dtype):
+        if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
             return None
-        return original_reason(self, device_type, dtype)
+        return original_reason(self, device, dtype)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
     monkeypatch.setattr(triton_backend.TritonBackend, "unsupported_reason", unsupported_reason)

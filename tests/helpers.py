@@ -58,7 +58,7 @@ by no more than its arguments, so δc holds; each term H_ij goes to the row the 
 a class's best two sub-centres are within 4δc, a correct computation may choose either: that
 class's terms then count whole (not ρ of them) for each of its rows and, twice, for x.
 
-**Adaptive margins and negative-logit rules** (`marginfused.adaptive`, `marginfused.negatives`).
+**Adaptive margins and negatives rules** (`marginfused.adaptive`, `marginfused.negatives`).
 The bound is taken for the call's decision (margin, rule, per-row term), from the inputs as the
 margin sees them. A hard negative's logit moves by s·(|a_i| + 2|q|)·δc, so L also covers
 |a_i| + 2|q|, and H_ij takes the rule's slope s·|a_i + 2q·c_ij| in place of s. Where the decision
@@ -234,12 +234,12 @@ def _settings(kwargs: dict) -> tuple:
 
 class Decision:
     """What the loss's pre-pass decides for a call on float64 inputs (for the bound, not the
-    truth): the margin function, the negative-logit rule, the per-row term r_i, and ∂z_iy/∂a_i,
+    truth): the margin function, the negatives rule, the per-row term r_i, and ∂z_iy/∂a_i,
     ∂r_i/∂a_i in the norms a_i = ‖x_i‖ (zero where nothing depends on them)."""
 
     def __init__(self, margin, x: Tensor, c_target: Tensor, valid: Tensor, scale: float,
                  filtering: Optional[float]):
-        self.negatives = None if filtering is None else interclass_filtering(filtering, c_target, valid)
+        self.negatives_rule = None if filtering is None else interclass_filtering(filtering, c_target, valid)
         zero = torch.zeros_like(c_target)
         self.regulariser, self.logit_in_norm, self.regulariser_in_norm = zero, zero, zero
         if not isinstance(margin, AdaptiveMargin):
@@ -249,7 +249,7 @@ class Decision:
         norms = x.norm(dim=1).requires_grad_(True)
         decision = adaptive.for_call(MarginCall(c_target, norms, valid, local_batch_sum(valid)))
         self.margin = decision.margin
-        self.negatives = decision.negatives if decision.negatives is not None else self.negatives
+        self.negatives_rule = decision.negatives_rule if decision.negatives_rule is not None else self.negatives_rule
         logit = scale * self.margin(c_target)
         if logit.requires_grad:
             self.logit_in_norm = torch.autograd.grad(logit.sum(), norms, retain_graph=True)[0].abs()
@@ -276,9 +276,9 @@ def arithmetic_bounds(
     margin = decision.margin
     slope = margin_slope(margin, c_target).abs().where(valid, torch.ones_like(c_target))
     lipschitz = max(1.0, float(slope.max()))
-    logits, slopes = negative_logits(cos, decision.negatives, scale)
-    if decision.negatives is not None:
-        rule = decision.negatives
+    logits, slopes = negative_logits(cos, decision.negatives_rule, scale)
+    if decision.negatives_rule is not None:
+        rule = decision.negatives_rule
         lipschitz = max(lipschitz, float((rule.offset.abs() + 2 * abs(rule.quadratic)).max()))
         # a negative's logit jumps where its cosine crosses τ_i: no first-order bound covers a cosine
         # that a correct computation may put on either side (τ_i itself moves with c_iy by |ArcFace′|)
@@ -432,19 +432,26 @@ def skip_unless_supported(backend: str, x: Tensor, w: Tensor) -> None:
 
     from marginfused.backends import REGISTRY as BACKENDS
 
-    reason = BACKENDS[backend].unsupported_reason(x.device.type, x.dtype)
+    reason = BACKENDS[backend].unsupported_reason(x.device, x.dtype)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
 
 
 def shard_targets(x: Tensor, w: Tensor, y: Tensor, settings) -> tuple[Tensor, Tensor]:
     """(target logits, slopes) of the rows of y over all of w, as the loss's pre-pass computes them
-    (`marginfused.target`), for tests that call a backend's shard pieces directly."""
+    (`marginfused.target`), for tests that call a backend's kernels directly."""
     from marginfused.target import target_cosines, target_logits
 
     valid = y != settings.ignore_index
     target = target_logits(target_cosines(x, w, y, valid), valid, settings, x)
     return target.logit.detach(), target.slope
+
+
+def kernel_settings(settings, num_classes: int, class_start: int = 0):
+    """The kernels' settings of a call with these loss settings, no negatives rule."""
+    from marginfused.backends import KernelSettings
+
+    return KernelSettings.for_call(settings, num_classes, None, class_start)
 
 
 def check_float16_keeps_the_negative_classes_gradient(backend: str, device: str) -> None:

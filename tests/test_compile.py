@@ -7,8 +7,10 @@ import torch.nn.functional as F
 
 import marginfused as mf
 from marginfused.backends import REGISTRY as BACKENDS
-from marginfused.backends.ops import FusedBackend, margin_loss
+from marginfused.backends import KernelSettings
+from marginfused.backends.ops import FusedBackend, KernelFields
 from marginfused.backends.torch import TorchBackend
+from marginfused.negatives import NegativesRule
 from marginfused.settings import LossSettings
 
 from helpers import (
@@ -16,15 +18,11 @@ from helpers import (
 )
 
 
-class ReferenceFused(FusedBackend):
-    """The custom-operator path over the reference's own partials and backward."""
+class ReferenceFused(TorchBackend):
+    """The custom-operator path over the reference's own partials and gradients."""
 
     name = "reference-fused"
-    unavailable_reason = TorchBackend.unavailable_reason
-    unsupported_reason = TorchBackend.unsupported_reason
-    row_partials = TorchBackend.row_partials
-    backward = TorchBackend.backward
-    _range_logits = TorchBackend._range_logits
+    per_row_loss = FusedBackend.per_row_loss
 
 
 @pytest.fixture
@@ -54,15 +52,22 @@ def test_the_operator_gives_the_reference_gradients(reference_fused, margin_grad
     assert_matches_truth(reference_fused, x, w, y, torch.float32, **options)
 
 
-@pytest.mark.parametrize("rule", [False, True], ids=["plain", "negative-logit-rule"])
+@pytest.mark.parametrize("rule", [False, True], ids=["plain", "negatives-rule"])
 def test_opcheck(reference_fused, rule):
+    """Both operators of a fused backend pass PyTorch's own checks of a custom operator: schema,
+    fake (meta) shapes, autograd registration, and the same results under torch.compile's paths."""
     x, w, y = make_inputs(5, 9, 8, ignored=1, seed=1)
+    x, w = x.float(), w.float()
     settings = LossSettings.build(mf.ArcFace(fallback="easy"), 30.0, "exact", -100, 0.1)
-    logit, slope = shard_targets(x.float(), w.float(), y, settings)
-    threshold, offset = (torch.full((5,), 0.2), torch.full((5,), 0.3)) if rule else (None, None)
-    args = (x.float().requires_grad_(), w.float().requires_grad_(), y, logit.float().requires_grad_(), slope.float(),
-            threshold, offset, reference_fused, 30.0, -100, 0.1, 1.0 if rule else 0.0, 1)
-    torch.library.opcheck(margin_loss, args)
+    logit, slope = (t.float() for t in shard_targets(x, w, y, settings))
+    negatives_rule = NegativesRule(torch.full((5,), 0.2), torch.full((5,), 0.3), 1.0) if rule else None
+    fields = KernelFields.flat(KernelSettings.for_call(settings, 9, negatives_rule))
+    operators = BACKENDS[reference_fused].operators
+    torch.library.opcheck(operators.partials, (x, w, y, logit), fields)
+    row_max, sumexp, logit_sum, _, _ = operators.partials(x, w, y, logit, **fields)
+    arguments = (x.requires_grad_(), w.requires_grad_(), y, logit.requires_grad_(), slope, row_max, sumexp.log(),
+                 logit_sum)
+    torch.library.opcheck(operators.loss, arguments, fields)
 
 
 def integer_network(seed: int, batch: int, dim_in: int, dim_out: int):

@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 
 import marginfused as mf
-from marginfused.backends import REGISTRY, RowGradients
-from marginfused.partials import merge_partials, row_loss
+from marginfused.backends import REGISTRY
+from marginfused.partials import RowPartials, log_sum_exp, merge, row_loss
 from marginfused.settings import LossSettings, resolve_margin
 
 from allocations import AllocationTracker
 from helpers import (
     MARGINS, assert_close, assert_matches_truth, assert_predictions_are_nearest, budgets, cosine_bound,
-    make_inputs, run, shard_targets, skip_unless_supported, spread_inputs, unit_embeddings_and_small_centres,
+    kernel_settings, make_inputs, run, shard_targets, skip_unless_supported, spread_inputs,
+    unit_embeddings_and_small_centres,
 )
 
 
@@ -272,7 +273,7 @@ def test_the_module_head(backend):
 def test_prediction_is_a_nearest_centre_and_accuracy_follows(backend):
     x, w, y = spread_inputs(30, 80, 24, ignored=3, seed=8, device=backend.device)
     settings = LossSettings.build("arcface", 64.0, "detached", -100, 0.0)
-    prediction = REGISTRY[backend.name].per_row_loss(x.float(), w.float(), y, settings).prediction
+    prediction = REGISTRY[backend.name].per_row_loss(x.float(), w.float(), y, settings).partials.best_class
     assert prediction.dtype == torch.int64
     assert_predictions_are_nearest(prediction, x, w, torch.float32)
     _, accuracy = mf.margin_cross_entropy(x.float(), w.float(), y, backend=backend.name, return_accuracy=True)
@@ -287,7 +288,7 @@ def test_prediction_takes_the_first_of_tied_classes(backend):
     w[140] = w[3] * 2.0  # same direction, twice the norm: an exact tie too (scaling by 2 is exact)
     x[:3] = w[3]
     settings = LossSettings.build("cosface", 64.0, "detached", -100, 0.0)
-    prediction = REGISTRY[backend.name].per_row_loss(x.float(), w.float(), y, settings).prediction
+    prediction = REGISTRY[backend.name].per_row_loss(x.float(), w.float(), y, settings).partials.best_class
     assert prediction[:3].tolist() == [3, 3, 3]
 
 
@@ -297,7 +298,7 @@ def test_prediction_takes_the_first_of_tied_classes(backend):
 @pytest.mark.parametrize("bounds", [(0, 45, 100), (0, 1, 64, 100)], ids=["two", "four"])
 def test_class_shards_merge_into_the_whole(backend, bounds):
     """The shard pieces of the class-sharded loss: partials over class ranges [a, b) with global
-    labels merge into the loss, and the shards' backwards (with the global lse) add up to the
+    labels merge into the loss, and the shards' gradients (with the global lse) add up to the
     gradients. Sharded and whole are each held to the float64 truth: they round differently."""
     implementation = REGISTRY[backend.name]
     x, w, y = make_inputs(17, 100, 24, ignored=3, seed=11, device=backend.device)
@@ -307,18 +308,19 @@ def test_class_shards_merge_into_the_whole(backend, bounds):
     settings = LossSettings.build("sphereface", 30.0, "exact", -100, 0.1)
     x, w = x.float(), w.float()
     logit, slope = shard_targets(x, w, y, settings)
-    pieces = [implementation.row_partials(x, w[a:b], y, logit, settings, a) for a, b in zip(bounds, bounds[1:])]
-    merged = pieces[0]
-    for piece in pieces[1:]:
-        merged = merge_partials(merged, piece)
-    assert_close("sharded loss", row_loss(merged, logit, y, -100, 0.1, 100).double(), truth.loss, limits["loss"])
+    pieces = [implementation.partials(x, w[a:b], y, logit.float(), kernel_settings(settings, 100, a))
+              for a, b in zip(bounds, bounds[1:])]
+    merged = merge(RowPartials(*(torch.cat(fields) for fields in zip(*pieces))))
+    lse = log_sum_exp(merged)
+    sharded = row_loss(lse, merged.logit_sum, logit.float(), y, -100, 0.1, 100)
+    assert_close("sharded loss", sharded.double(), truth.loss, limits["loss"])
     assert_predictions_are_nearest(merged.best_class, x, w, torch.float32)
 
     dx = torch.zeros_like(x)
     dw = []
     for a, b in zip(bounds, bounds[1:]):
-        rows = RowGradients(logit, slope, merged.max, merged.sumexp, upstream.float())
-        dx_part, dw_part = implementation.backward(x, w[a:b], y, rows, settings, a, 100)
+        dx_part, dw_part = implementation.gradients(x, w[a:b], y, logit.float(), slope.float(), lse, upstream.float(),
+                                                    kernel_settings(settings, 100, a), True, True)
         dx += dx_part
         dw.append(dw_part)
     # the shards' dx add up in float32: one rounding per shard of values up to the gradient's size

@@ -19,11 +19,10 @@ import torch
 import marginfused as mf
 from marginfused.backends import BackendUnavailableError, cpu, extension, select_backend
 from marginfused.backends.cpu import CpuBackend
+from marginfused.partials import merge
 from marginfused.settings import LossSettings
 
-from helpers import (
-    shard_targets, assert_matches_truth, assert_predictions_are_nearest, make_inputs,
-)
+from helpers import assert_matches_truth, assert_predictions_are_nearest, kernel_settings, make_inputs, shard_targets
 
 
 
@@ -56,7 +55,7 @@ def test_thread_counts(ext, chunk, threads):
         assert_matches_truth("cpu", x, w, y, torch.float32, margin="expface", scale=30.0, reduction="none")
         settings = LossSettings.build("expface", 30.0, "detached", -100, 0.0)
         logit, _ = shard_targets(x.float(), w.float(), y, settings)
-        best = CpuBackend().row_partials(x.float(), w.float(), y, logit, settings, 0).best_class
+        best = merge(CpuBackend().partials(x.float(), w.float(), y, logit, kernel_settings(settings, 50))).best_class
         assert_predictions_are_nearest(best, x, w, torch.float32)
     finally:
         torch.set_num_threads(before)

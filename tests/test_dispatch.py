@@ -90,3 +90,35 @@ def test_auto_warns_once_when_a_fused_backend_cannot_run_on_this_machine(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mf.margin_cross_entropy(x, w, y)  # float64: the cpu backend is built, just not for this dtype
+
+
+def test_the_backend_that_runs_is_said_once_at_info(monkeypatch, caplog):
+    from marginfused.backends import registry
+
+    monkeypatch.setattr(registry, "_announced", set())
+    x, w, y = make_inputs(3, 4, 5)
+    with caplog.at_level("INFO", logger="marginfused"):
+        mf.margin_cross_entropy(x, w, y, backend="torch")
+        mf.margin_cross_entropy(x, w, y, backend="torch")
+    said = [r.getMessage() for r in caplog.records if "runs the" in r.getMessage()]
+    assert said == ["marginfused runs the 'torch' backend for cpu tensors of torch.float64 (backend='torch')"]
+
+
+def test_a_build_is_announced_before_it_starts(monkeypatch, tmp_path, caplog):
+    """The first use of an extension compiles it (tens of seconds): a message says so first; a
+    build found in the cache is loaded without one."""
+    import torch.utils.cpp_extension
+
+    from marginfused.backends import extension
+
+    built = []
+    monkeypatch.setenv("MARGINFUSED_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: built.append(kwargs["name"]) or "module")
+    with caplog.at_level("WARNING", logger="marginfused"):
+        extension._build("cpu")
+    assert built and any("building the cpu extension (~30 s, once" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    (tmp_path / f"cpu-{extension.build_key('cpu')}" / f"{built[0]}.so").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="marginfused"):
+        extension._build("cpu")
+    assert not [r for r in caplog.records if "building" in r.getMessage()]

@@ -6,7 +6,7 @@ import torch
 import marginfused as mf
 from marginfused.backends import REGISTRY
 
-from helpers import LAMBDA, UNIT_ROUNDOFF, assert_close, cosine_bound, shard_targets
+from helpers import LAMBDA, UNIT_ROUNDOFF, assert_close, cosine_bound, kernel_settings, shard_targets
 
 
 @pytest.mark.gpu
@@ -43,9 +43,8 @@ def test_cpu_backend_beyond_two_to_the_31_elements():
     # rows, merged with the analytic partials of the N identical middle rows (max s·c_u, sumexp N).
     if mf.available_backends()["cpu"] is not None:
         pytest.skip(f"cpu: {mf.available_backends()['cpu']}")
-    from marginfused.backends import RowGradients
     from marginfused.backends.torch import TorchBackend, cosines
-    from marginfused.partials import RowPartials, merge_partials, row_loss
+    from marginfused.partials import RowPartials, log_sum_exp, merge, row_loss
     from marginfused.settings import LossSettings
 
     dim, ends = 64, 512
@@ -81,21 +80,23 @@ def test_cpu_backend_beyond_two_to_the_31_elements():
     middle_partials = RowPartials(
         max=64.0 * c_u, sumexp=torch.full_like(c_u, float(middle)), logit_sum=64.0 * middle * c_u, best_cos=c_u, best_class=torch.full_like(y, ends),
     )
-    merged = merge_partials(
-        merge_partials(reference.row_partials(x64, w_head.double(), y, logit, settings, 0), middle_partials),
-        reference.row_partials(x64, w_tail.double(), y, logit, settings, classes - ends),
-    )
-    expected_loss = row_loss(merged, logit, y, -100, 0.0, classes).sum()
-    rows = RowGradients(logit, slope, merged.max, merged.sumexp, torch.ones(4, dtype=torch.float64))
-    _, expected_far = reference.backward(x64, w_tail.double(), y, rows, settings, classes - ends, classes)
-    _, expected_middle = reference.backward(x64, u.double().expand(4, dim), y, rows, settings, ends, classes)
+    head = reference.partials(x64, w_head.double(), y, logit, kernel_settings(settings, classes, 0))
+    tail = reference.partials(x64, w_tail.double(), y, logit, kernel_settings(settings, classes, classes - ends))
+    merged = merge(RowPartials(*(torch.cat([a, b.unsqueeze(0), c]) for a, b, c in zip(head, middle_partials, tail))))
+    lse = log_sum_exp(merged)
+    expected_loss = row_loss(lse, merged.logit_sum, logit, y, -100, 0.0, classes).sum()
+    ones = torch.ones(4, dtype=torch.float64)
+    _, expected_far = reference.gradients(x64, w_tail.double(), y, logit, slope, lse, ones,
+                                          kernel_settings(settings, classes, classes - ends), False, True)
+    _, expected_middle = reference.gradients(x64, u.double().expand(4, dim), y, logit, slope, lse, ones,
+                                             kernel_settings(settings, classes, ends), False, True)
     # The suite's first-order bound (tests/helpers.py) with the inputs already in bfloat16 (the
     # truth is computed from them; the cosines' bound includes one rounding of the product to
     # bfloat16): per row δℓ = 2δz + λ√C·u·(2s + |ℓ|); a gradient term moves by ρ relative, and a
     # row of W receives at most Σ_i s·(p_ij + t_ij) ≤ 2·4·s of terms over its norm (4 rows, p ≤ 1,
     # t ≤ 1).
     scale, unit = 64.0, 2.0**-24
-    per_row = row_loss(merged, logit, y, -100, 0.0, classes)
+    per_row = row_loss(lse, merged.logit_sum, logit, y, -100, 0.0, classes)
     delta_z = scale * float(mf.ArcFace().derivative(c_u).abs().clamp_min(1.0).max()) * cosine_bound(torch.bfloat16, dim)
     loss_bound = float((2 * delta_z + LAMBDA * classes**0.5 * unit * (2 * scale + per_row.abs())).sum())
     rho = 2 * delta_z + LAMBDA * (4 + classes + dim) ** 0.5 * unit + 3 * UNIT_ROUNDOFF[torch.bfloat16]

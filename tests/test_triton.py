@@ -17,12 +17,11 @@ import torch
 
 import marginfused as mf
 import marginfused.backends.triton as tb
-from marginfused.backends import RowGradients
-from marginfused.partials import RowPartials, merge_partials
+from marginfused.partials import log_sum_exp, merge
 from marginfused.settings import LossSettings
 
 from helpers import (
-    MARGINS, assert_close, assert_matches_truth, check_float16_keeps_the_negative_classes_gradient, make_inputs,
+    MARGINS, assert_close, assert_matches_truth, check_float16_keeps_the_negative_classes_gradient, kernel_settings, make_inputs,
     shard_targets, spread_inputs,
 )
 
@@ -47,48 +46,23 @@ def test_every_output_element_is_written(monkeypatch, device):
     x, w, y = make_inputs(37, num_classes, 40, ignored=5, seed=10, device=device)
     settings = LossSettings.build("arcface", 64.0, "exact", -100, 0.1)
     logit, slope = shard_targets(x.float(), w.float(), y, settings)
-    parts = tb._split_partials(x.float(), w.float(), y, logit.float(), settings, 0, None)
+    kernel = kernel_settings(settings, num_classes)
+    parts = tb.TritonBackend().partials(x.float(), w.float(), y, logit.float(), kernel)
     assert parts.max.shape[0] > 1, "the test needs several class splits"
     for name, field in parts._asdict().items():
         if field.is_floating_point():
             assert bool(field.isfinite().all()), f"{name} has unwritten (NaN) elements"
         else:
             assert bool((field >= 0).all()), f"{name} has unwritten elements"
-    totals = tb._merge_splits(parts)
+    lse = log_sum_exp(merge(parts))
     upstream = torch.randn(37, device=device)
     for dtype in INTERPRETER_DTYPES:
-        rows = RowGradients(logit, slope, totals.max, totals.sumexp, upstream)
-        dx, dw = tb.TritonBackend().backward(x.to(dtype), w.to(dtype), y, rows, settings, 0, num_classes)
+        dx, dw = tb.TritonBackend().gradients(x.to(dtype), w.to(dtype), y, logit, slope, lse, upstream, kernel,
+                                              True, True)
         assert dx.dtype == dtype and dw.dtype == dtype
         assert bool(dx.isfinite().all()) and bool(dw.isfinite().all())
     assert_matches_truth("triton", x, w, y, torch.float16, margin="arcface", margin_grad="exact",
                          label_smoothing=0.1, reduction="none")
-
-
-def test_split_merge_is_merge_partials_folded(device):
-    """The host's one-shot merge of the kernel's splits equals folding `merge_partials`, ties included."""
-    g = torch.Generator().manual_seed(16)
-    n, batch = 5, 40
-    parts = RowPartials(
-        max=torch.randn(n, batch, generator=g) * 10,
-        sumexp=torch.rand(n, batch, generator=g) + 1,
-        logit_sum=torch.randn(n, batch, generator=g),
-        best_cos=torch.randint(0, 3, (n, batch), generator=g).float() / 4,  # many ties
-        best_class=torch.randint(0, 1000, (n, batch), generator=g),
-    )
-    parts = RowPartials(*(field.to(device) for field in parts))
-    folded = RowPartials(*(field[0] for field in parts))
-    for k in range(1, n):
-        folded = merge_partials(folded, RowPartials(*(field[k] for field in parts)))
-    merged = tb._merge_splits(parts)
-    # Both add n terms in float32, each term at most the largest |part| (sumexp's terms are
-    # rescaled by exp(≤ 0), rounded by ~2 ulps), in different orders: each sum is within
-    # (n + 2)·2⁻²⁴·n·max|part| of the exact one, so they differ by at most twice that. max and
-    # best_cos are exact either way.
-    for name in ("max", "sumexp", "logit_sum", "best_cos"):
-        largest = getattr(parts, name).abs().max().item()
-        assert_close(name, getattr(merged, name), getattr(folded, name), 2 * (n + 2) * 2**-24 * n * largest)
-    assert torch.equal(merged.best_class, folded.best_class)
 
 
 def test_occupancy_is_the_scarcest_of_registers_shared_memory_and_threads():
@@ -136,8 +110,8 @@ def test_class_ids_past_two_to_the_31(device):
     start = 2**33
     shifted = torch.where(y == -100, y, y + start)
     # the same kernel on the same cosines, the class ids offset: the code guarantees equal results
-    far = tb.TritonBackend().row_partials(x.float(), w.float(), shifted, logit, settings, start)
-    near = tb.TritonBackend().row_partials(x.float(), w.float(), y, logit, settings, 0)
+    far = merge(tb.TritonBackend().partials(x.float(), w.float(), shifted, logit, kernel_settings(settings, 50, start)))
+    near = merge(tb.TritonBackend().partials(x.float(), w.float(), y, logit, kernel_settings(settings, 50)))
     assert torch.equal(far.best_class, near.best_class + start)
     for name in ("max", "sumexp", "logit_sum"):
         assert torch.equal(getattr(far, name), getattr(near, name)), name

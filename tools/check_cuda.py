@@ -1,7 +1,7 @@
-"""`make check-cuda`: compile every CUDA source of marginfused with nvcc for sm_80 and sm_90
+"""`make check-cuda`: compile every CUDA source of marginfused with nvcc for sm_75, sm_80 and sm_90
 (compile only: no GPU, and no CUDA build of torch, needed), warnings as errors.
 
-- each csrc/*.cu: `nvcc -c` against torch's headers, -gencode for sm_80 and sm_90, with
+- each csrc/*.cu: `nvcc -c` against torch's headers, -gencode for sm_75, sm_80 and sm_90, with
   `--Werror all-warnings`, host `-Wall -Wextra -Werror`, and ptxas register-spill warnings as
   errors; torch's own headers are -isystem, so only our code is judged. (Local-memory use is not
   an error: sinf/cosf keep a 28-byte stack frame for the Payne-Hanek reduction of huge arguments,
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARCHS = ("80", "90")
+ARCHS = ("75", "80", "90")
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 

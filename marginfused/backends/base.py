@@ -1,4 +1,5 @@
-"""What a backend is: the contract every implementation of the loss fulfils, and the registry.
+"""What a backend is: the contract every implementation of the loss fulfils, what it needs to run,
+and the one value that crosses the operator boundary.
 
 The kernel contract (docs/design.md §3.1): a fused backend never evaluates a margin. For the
 classes of one shard of W it computes the softmax cross-entropy over cosines in which each row's
@@ -6,29 +7,28 @@ target column takes a logit the caller supplies,
 
     z_ij = s·c_ij   (j ≠ y_i),        z_iy = target_logit_i,
 
-(hard negatives, with a negative-logit rule, s·c_ij·(a_i + q·c_ij): `marginfused.negatives`)
+(hard negatives, under a negatives rule, s·c_ij·(a_i + q·c_ij): `marginfused.negatives`), forward
+as per-row partials (`marginfused.partials`), backward as the gradients with respect to x and the
+shard of W, the target column's term entering through the caller's per-row slope ∂z_iy/∂c_iy.
+The margin itself is PyTorch code on the target cosines (`marginfused.target`), through which
+autograd carries ∂L/∂z_iy.
 
-forward as per-row partials (`marginfused.partials`), backward as the gradients with respect to
-x and the shard of W, the target column's term entering through the caller's per-row slope
-∂z_iy/∂c_iy (`target_slope`). The margin itself is PyTorch code on the target cosines
-(`marginfused.target`), through which autograd carries ∂L/∂z_iy.
-
-Names at this level are the math's: x (B×D embeddings), w (C×D class centres, or a shard of them
-holding the classes [class_start, class_start + C)), y (B,) global class ids or ignore_index.
+Names at this level are the math's: x (B×D embeddings), w (C·K×D class centres, or a shard of
+them holding the classes [class_start, class_start + C)), y (B,) global class ids or ignore_index.
 """
 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from ..negatives import HardNegatives
-from ..partials import RowPartials
+from ..negatives import NegativesRule
+from ..partials import LogSumExp, RowPartials
 from ..settings import LossSettings
-
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """The input dtypes the fused backends compute from (float64 inputs go to the torch backend)."""
@@ -43,77 +43,95 @@ class RowLoss(NamedTuple):
 
     loss: (B,) per-row loss in float32 (float64 for float64 inputs), 0 for ignored rows,
         differentiable with respect to x, w and whatever the margin depends on.
-    prediction: (B,) int64 argmax_j of the cosines c_ij (the class the embedding is nearest to),
-        from which training accuracy is computed.
+    partials: the per-row partials over all classes (`marginfused.partials`), detached; their
+        best_class is argmax_j c_ij, the class each embedding is nearest to (training accuracy).
     """
 
     loss: Tensor
-    prediction: Tensor
+    partials: RowPartials
 
 
-class RowGradients(NamedTuple):
-    """What a backward takes per row (each (B,)): the target logit z_iy and slope σ_i of the
-    pre-pass, the max and sumexp of the partials merged over all classes, grad_rows_i, the
-    gradient of the loss with respect to ℓ_i, and the call's negative-logit rule (or None)."""
+@dataclass(frozen=True)
+class KernelSettings:
+    """What a fused backend reads of a call besides its tensors: built once per call, from settings
+    validated once, and passed by keyword to the backend's `partials` and `gradients`.
 
-    target_logit: Tensor
-    target_slope: Tensor
-    row_max: Tensor
-    row_sumexp: Tensor
-    grad_rows: Tensor
-    negatives: Optional[HardNegatives] = None
+    scale: the logit scale s. ignore_index: the label of rows that take no part.
+    label_smoothing: ε. subcenters: K, rows of W per class. num_classes: C over every shard (ε/C).
+    class_start: the first class of the shard of W at hand. negatives_rule: the call's rule for
+    hard negatives (`marginfused.negatives`), or None.
+    """
+
+    scale: float
+    ignore_index: int
+    label_smoothing: float
+    subcenters: int
+    num_classes: int
+    class_start: int = 0
+    negatives_rule: Optional[NegativesRule] = None
+
+    @classmethod
+    def for_call(cls, settings: LossSettings, num_classes: int, negatives_rule: Optional[NegativesRule],
+                 class_start: int = 0) -> "KernelSettings":
+        rule = None if negatives_rule is None else negatives_rule.for_kernels()
+        return cls(settings.scale, settings.ignore_index, settings.label_smoothing, settings.subcenters, num_classes,
+                   class_start, rule)
+
+    @property
+    def smoothing_per_class(self) -> float:
+        """ε/C."""
+        return self.label_smoothing / self.num_classes
+
+    def shard_classes(self, w: Tensor) -> int:
+        """The classes of the shard `w` (its rows are whole classes of K sub-centres)."""
+        return w.shape[0] // self.subcenters
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a backend needs of the tensors it takes: their device type, their dtype, and on CUDA
+    the oldest compute capability whose code it checks (None: any)."""
+
+    device_type: Optional[str]  # None: any device
+    dtypes: tuple[torch.dtype, ...]
+    min_capability: Optional[tuple[int, int]] = None
+    capability_reason: str = ""
+
+    def unsupported_reason(self, backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """None if tensors of this device and dtype fit, else a sentence saying why not."""
+        if self.device_type is not None and device.type != self.device_type:
+            return f"the {backend} backend runs on {self.device_type} tensors, got {device.type} tensors"
+        if dtype not in self.dtypes:
+            hint = "; use backend='torch'" if dtype == torch.float64 else ""
+            shown = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return f"{dtype} inputs are not supported ({shown} only){hint}"
+        if self.min_capability is not None and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < self.min_capability:
+                return (f"needs a GPU of compute capability {self.min_capability[0]}.{self.min_capability[1]} or "
+                        f"later, got {capability[0]}.{capability[1]} ({torch.cuda.get_device_name(device)}): "
+                        f"{self.capability_reason}")
+        return None
 
 
 class Backend(abc.ABC):
-    """One implementation of the per-row margin softmax loss.
-
-    A backend says whether it can run on this machine at all (`unavailable_reason`) and, if so,
-    whether it can run on tensors of a device type and dtype (`unsupported_reason`); both return
-    None when it can, otherwise a sentence saying why not. Inputs reaching it have passed
-    `marginfused.checks.check_inputs`.
-    """
+    """One implementation of the per-row margin softmax loss: whether it can run on this machine at
+    all (`unavailable_reason`), on which tensors (`requirements`), and the loss of a batch."""
 
     name: ClassVar[str]
+    requirements: ClassVar[Requirements]
 
     @abc.abstractmethod
     def unavailable_reason(self) -> Optional[str]:
         """None if this backend can run on this machine, else why not."""
 
-    @abc.abstractmethod
-    def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
-        """None if this backend can run on tensors of this device type and dtype, else why not."""
+    def unsupported_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """None if this backend can run on tensors of this device and dtype, else why not."""
+        return self.requirements.unsupported_reason(self.name, torch.device(device), dtype)
 
     @abc.abstractmethod
     def per_row_loss(self, x: Tensor, w: Tensor, y: Tensor, settings: LossSettings) -> RowLoss:
-        """The per-row loss (margin included) and the predicted class of each row."""
-
-    @abc.abstractmethod
-    def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
-        negatives: Optional[HardNegatives] = None,
-    ) -> RowPartials:
-        """Partials (`marginfused.partials`) of the logits over the classes [class_start,
-        class_start + C) whose centres are the C rows of `w`, the target column of row i (if in
-        range) taking target_logit_i, hard negatives by the rule `negatives`. No autograd."""
-
-    @abc.abstractmethod
-    def backward(
-        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
-        num_classes: int, need_x: bool = True, need_w: bool = True,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """Gradients of Σ_i grad_rows_i · ℓ_i with respect to x and this shard of w through the
-        logits of its classes, given (`rows`) the max m and sumexp s of the partials merged over all
-        `num_classes` classes (lse_i = m_i + log s_i, kept in two parts so that float32 loses
-        nothing when m is large):
-
-            ∂/∂c_ij = g_i · s · (p_ij − ε/C)                           j ≠ y_i
-            ∂/∂c_iy = g_i · σ_i · (p_iy − (1 − ε) − ε/C)              σ_i = rows.target_slope_i
-
-        (a hard negative's s becoming s·(a_i + 2q·c_ij), by the rule `rows.negatives`)
-
-        with p_ij = exp(z_ij − lse_i), then through the normalisations. The x gradients of
-        disjoint class ranges add up to the whole one. A gradient not needed may be skipped and
-        returned as None."""
+        """The per-row loss (margin included) and the partials over all classes."""
 
 
 REGISTRY: dict[str, Backend] = {}

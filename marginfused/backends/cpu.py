@@ -15,10 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..negatives import HardNegatives
-from ..partials import RowPartials
-from ..settings import LossSettings
-from .base import RowGradients
+from ..partials import LogSumExp, RowPartials
+from .base import FUSED_DTYPES, KernelSettings, Requirements
 from .extension import ExtensionBackend, load
 
 _native_bfloat16: Optional[bool] = None
@@ -48,20 +46,17 @@ class CpuBackend(ExtensionBackend):
 
     name = "cpu"
     device_type = "cpu"
+    requirements = Requirements("cpu", FUSED_DTYPES)
 
-    def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
-        negatives: Optional[HardNegatives] = None,
-    ) -> RowPartials:
+    def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
         _configure()
-        return super().row_partials(x, w, y, target_logit, settings, class_start, negatives)
+        return super().partials(x, w, y, target_logit, kernel)
 
-    def backward(
-        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
-        num_classes: int, need_x: bool = True, need_w: bool = True,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def gradients(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                  lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool,
+                  need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
         _configure()
-        return super().backward(x, w, y, rows, settings, class_start, num_classes, need_x, need_w)
+        return super().gradients(x, w, y, target_logit, target_slope, lse, upstream, kernel, need_x, need_w)
 
 
 def _configure() -> None:

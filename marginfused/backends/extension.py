@@ -20,6 +20,7 @@ by `unavailable_reason` (hence `available_backends()`); nothing is retried on ev
 from __future__ import annotations
 
 import hashlib
+import logging
 import importlib.resources
 import os
 import platform
@@ -33,12 +34,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..negatives import HardNegatives
+from ..negatives import NegativesRule
 from ..normalize import inverse_norms
-from ..partials import RowPartials
-from ..settings import LossSettings
+from ..partials import LogSumExp, RowPartials
 from . import lift
-from .base import FUSED_DTYPES, BackendUnavailableError, RowGradients
+from .base import BackendUnavailableError, KernelSettings
 from .ops import FusedBackend
 
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
@@ -61,6 +61,7 @@ EXTENSIONS: dict[str, dict] = {
 because the build happens on the machine that runs it (the CPU model is part of the hash);
 `-fno-trapping-math` lets GCC if-convert the clamps so the exp loops vectorise."""
 
+_log = logging.getLogger("marginfused")
 _lock = threading.Lock()
 _modules: dict[str, ModuleType] = {}
 _failures: dict[str, str] = {}
@@ -138,6 +139,8 @@ def _build(kind: str) -> ModuleType:
         target = src_dir / path.name
         if not target.exists() or target.read_bytes() != path.read_bytes():
             shutil.copyfile(path, target)
+    if not (build_dir / f"marginfused_{kind}_{key}.so").exists():
+        _log.warning("marginfused: building the %s extension (~30 s, once; cached in %s)", kind, build_dir)
     return load_extension(
         name=f"marginfused_{kind}_{key}",
         sources=[str(src_dir / name) for name in spec["sources"]],
@@ -206,7 +209,7 @@ def chunk_size(device: torch.device, batch: int) -> int:
 
 
 def _rule_arguments(negatives: Optional[HardNegatives]) -> dict:
-    """The negative-logit rule as the extensions take it: (B,) float32 τ and a, and q (None, None,
+    """The negatives rule as the extensions take it: (B,) float32 τ and a, and q (None, None,
     0 without a rule)."""
     if negatives is None:
         return dict(hard_threshold=None, hard_offset=None, hard_quadratic=0.0)
@@ -214,12 +217,12 @@ def _rule_arguments(negatives: Optional[HardNegatives]) -> dict:
     return dict(hard_threshold=threshold, hard_offset=offset, hard_quadratic=quadratic)
 
 
-def gradient_tile_lift(x: Tensor, w: Tensor, grad_rows: Tensor, target_slope: Tensor, scale: float,
-                       negatives: Optional[HardNegatives]) -> Tensor:
+def gradient_tile_lift(x: Tensor, w: Tensor, upstream: Tensor, target_slope: Tensor, scale: float,
+                       rule: Optional[NegativesRule]) -> Tensor:
     """The cuda backend's fp16 lift (`lift.py`) as (2^k, 2^-k) float32: its one gradient tile
     U = G·q·r carries both inverse norms, so its bound is max_i(bound_i·q_i)·max_j r_j over the
     rows that are not zero rows. One pass over W for its norms (float16 inputs only)."""
-    rows = lift.row_bounds(grad_rows, target_slope, scale, negatives)
+    rows = lift.row_bounds(upstream, target_slope, scale, rule)
     factor = lift.lift(lift.largest(rows * lift.nonzero_rows(inverse_norms(x)))
                        * lift.largest(lift.nonzero_rows(inverse_norms(w))))
     return torch.cat([factor, 1.0 / factor])
@@ -246,20 +249,7 @@ class ExtensionBackend(FusedBackend):
     def unavailable_reason(self) -> Optional[str]:
         return unavailable_reason(self.device_type)
 
-    def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
-        if device_type != self.device_type:
-            return f"the {self.name} backend runs on {self.device_type} tensors, got {device_type} tensors"
-        if dtype not in FUSED_DTYPES:
-            return (
-                f"{dtype} inputs are not supported (float32, float16 and bfloat16 are); "
-                "use backend='torch' for them"
-            )
-        return None
-
-    def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
-        negatives: Optional[HardNegatives] = None,
-    ) -> RowPartials:
+    def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
         batch = x.shape[0]
         f32 = dict(dtype=torch.float32, device=x.device)
         out = RowPartials(
@@ -271,34 +261,32 @@ class ExtensionBackend(FusedBackend):
         )
         load(self.device_type).forward_partials(
             x=x.detach().contiguous(), w=w.detach().contiguous(), y=y.long().contiguous(),
-            target_logit=target_logit.detach().float().contiguous(), **_rule_arguments(negatives),
-            class_start=class_start, subcenters=settings.subcenters, chunk=chunk_size(x.device, batch),
-            scale=settings.scale, ignore_index=settings.ignore_index, out_max=out.max, out_sumexp=out.sumexp,
+            target_logit=target_logit.detach().float().contiguous(), **_rule_arguments(kernel.negatives_rule),
+            class_start=kernel.class_start, subcenters=kernel.subcenters, chunk=chunk_size(x.device, batch),
+            scale=kernel.scale, ignore_index=kernel.ignore_index, out_max=out.max, out_sumexp=out.sumexp,
             out_logit_sum=out.logit_sum, out_best_cos=out.best_cos, out_best_class=out.best_class,
         )
-        return out
+        return RowPartials(*(field.unsqueeze(0) for field in out))
 
-    def backward(
-        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
-        num_classes: int, need_x: bool = True, need_w: bool = True,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        target_logit, target_slope, row_max, row_sumexp, grad_rows, negatives = rows
+    def gradients(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                  lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool,
+                  need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
         x, w = x.detach().contiguous(), w.detach().contiguous()
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.empty_like(w) if need_w else None
-        grad_rows = grad_rows.detach().float().contiguous()
+        upstream = upstream.detach().float().contiguous()
         target_slope = target_slope.detach().float().contiguous()
         grad_lift = None
         if self.device_type == "cuda" and x.dtype == torch.float16:
-            grad_lift = gradient_tile_lift(x, w, grad_rows, target_slope, settings.scale, negatives)
+            grad_lift = gradient_tile_lift(x, w, upstream, target_slope, kernel.scale, kernel.negatives_rule)
         load(self.device_type).backward(
             x=x, w=w, y=y.long().contiguous(), target_logit=target_logit.detach().float().contiguous(),
-            target_slope=target_slope, **_rule_arguments(negatives),
-            lse=(row_max.double() + torch.log(row_sumexp.double())).contiguous(),
-            grad_rows=grad_rows, grad_lift=grad_lift, class_start=class_start,
-            subcenters=settings.subcenters, num_classes=num_classes,
-            chunk=chunk_size(x.device, x.shape[0]), scale=settings.scale,
-            label_smoothing=settings.label_smoothing, ignore_index=settings.ignore_index, grad_x=grad_x,
+            target_slope=target_slope, **_rule_arguments(kernel.negatives_rule),
+            lse=(lse.max.double() + lse.log_sumexp.double()).contiguous(),
+            grad_rows=upstream, grad_lift=grad_lift, class_start=kernel.class_start,
+            subcenters=kernel.subcenters, num_classes=kernel.num_classes,
+            chunk=chunk_size(x.device, x.shape[0]), scale=kernel.scale,
+            label_smoothing=kernel.label_smoothing, ignore_index=kernel.ignore_index, grad_x=grad_x,
             grad_w=grad_w,
         )
         return grad_x, grad_w

@@ -11,7 +11,7 @@ The bound on a tile entry, for row i and class j (|p − t − ε/C| ≤ 2, |c| 
 
     |u_i·∂ℓ_i/∂c_ij| ≤ 2·|u_i|·max(s, |σ_i|, s·(|a_i| + 2|q|))          (`row_bounds`)
 
-(σ_i the target's slope, a_i and q a negative-logit rule's), times the inverse norms the tile
+(σ_i the target's slope, a_i and q a negatives rule's), times the inverse norms the tile
 carries: r_wj for the triton backend's embeddings' kernel (G·r_w), r_xi for its centres' kernel
 (G·r_x), and both q_i·r_wj for the cuda backend's one tile U = G·q·r. A zero row's inverse norm
 (1/1e-12) is left out of the maximum: its entries are clamped to float16's range before the cast and
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..constants import NORM_EPS
-from ..negatives import HardNegatives
+from ..negatives import NegativesRule
 
 FLOAT16_GRADIENT_CEILING = 2.0**15
 """The largest entry a lifted tile may hold: below float16's 65504, a power of two."""
@@ -36,12 +36,12 @@ LIFT_EXPONENTS = (-24, 24)
 """The range of k: 2^24 lifts float16's smallest subnormal to 1; beyond it nothing is gained."""
 
 
-def row_bounds(grad_rows: Tensor, target_slope: Tensor, scale: float, negatives: Optional[HardNegatives]) -> Tensor:
+def row_bounds(upstream: Tensor, target_slope: Tensor, scale: float, rule: Optional[NegativesRule]) -> Tensor:
     """(B,) float32: the bound on |u_i·∂ℓ_i/∂c_ij| over the classes j of row i (module docstring)."""
     slope = torch.clamp(target_slope.abs().float(), min=scale)
-    if negatives is not None:
-        slope = torch.maximum(slope, scale * (negatives.offset.abs().float() + 2 * abs(negatives.quadratic)))
-    return 2 * grad_rows.abs().float() * slope
+    if rule is not None:
+        slope = torch.maximum(slope, scale * (rule.offset.abs().float() + 2 * abs(rule.quadratic)))
+    return 2 * upstream.abs().float() * slope
 
 
 def nonzero_rows(inverse_norms: Tensor) -> Tensor:

@@ -1,141 +1,197 @@
-"""The fused backends' per-row loss as PyTorch custom operators, forward and backward.
+"""The fused backends' loss as PyTorch custom operators, one set per backend.
 
-Every fused backend computes two things (`base.Backend`): the partials of the logits over a class
-range, and the backward of a class range given the max and sumexp of the partials over all
-classes. Here they become two custom operators,
+A fused backend (`FusedBackend`) implements two kernels over a shard of W: `partials` and
+`gradients`. For the backend named N they become
 
-    marginfused::margin_loss(x, w, y, target_logit, target_slope, hard_threshold, hard_offset,
-                             backend, scale, ignore_index, label_smoothing, hard_quadratic,
-                             subcenters) -> (loss, prediction, row_max, row_sumexp)
-        partials over all C classes, then ℓ_i = row_loss(...)   (`marginfused.partials`)
-    marginfused::margin_loss_backward(x, w, y, target_logit, target_slope, hard_threshold,
-                                      hard_offset, row_max, row_sumexp, grad_rows, backend, scale,
-                                      ignore_index, label_smoothing, hard_quadratic, subcenters,
-                                      need_x, need_w) -> (dx, dw)   (empty where not needed)
+    marginfused::N_partials(x, w, y, target_logit, <kernel>) -> (max, sumexp, logit_sum, best_cos, best_class)
+        the partials over the shard, merged over the backend's class ranges (`partials.merge`)
+    marginfused::N_loss(x, w, y, target_logit, target_slope, row_max, log_sumexp, logit_sum, <kernel>) -> loss
+        ℓ_i = m_i + log s_i − (1 − ε)·z_iy − (ε/C)·Σ_j z_ij from the partials over all classes,
+        differentiable in x, w and target_logit: its backward is
+    marginfused::N_loss_backward(x, w, y, target_logit, target_slope, row_max, log_sumexp, upstream, <kernel>,
+                                 need_x, need_w) -> (dx, dw)          (empty where not needed)
 
-(hard_threshold, hard_offset, hard_quadratic: the negative-logit rule, `marginfused.negatives`;
-None, None, 0 without one. subcenters: W's rows per class, C = rows / subcenters.)
+with <kernel> the fields of one `KernelSettings`, flattened for the operator's schema and packed
+back into one value, by name, on entry (`KernelFields`). `register_fake` gives their shapes and
+`register_autograd` joins the loss to its backward, so torch.compile traces a training step
+through the loss with no graph break. ∂L/∂z_iy = u_i·(p_iy − (1−ε) − ε/C) is O(B) and computed
+here; autograd carries it into the margin's own inputs (`marginfused.target`).
 
-joined by `register_autograd` and given shape functions by `register_fake`, so that autograd
-needs nothing else and torch.compile traces a training step through the loss with no graph
-break. `loss` is differentiable in x, w and target_logit: ∂L/∂z_iy = g_i·(p_iy − (1−ε) − ε/C)
-is O(B) and computed here, and autograd carries it into the margin's own inputs
-(`marginfused.target`). The backend is looked up by name in `base.REGISTRY`.
+`per_row_loss` (the loss of one process) and `marginfused.distributed.loss` (with the partials
+merged across ranks) run the same operators.
 """
 
 from __future__ import annotations
 
+import abc
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from typing import Optional
-
-from ..negatives import HardNegatives
-from ..partials import row_loss
+from ..checks import WEIGHT_NOT_FINITE, check_on_device
+from ..margins import working_dtype
+from ..partials import LogSumExp, RowPartials, log_sum_exp, merge, row_loss
 from ..settings import LossSettings
-from ..target import check_finite, target_cosines, target_logit_grad, target_logits, with_regulariser
-from .base import REGISTRY, Backend, RowGradients, RowLoss
+from ..negatives import NegativesRule
+from ..target import (TargetLogits, check_finite, commit_statistics, target_cosines, target_logit_grad,
+                      target_logits, with_regulariser)
+from .base import Backend, KernelSettings, RowLoss
+
+class KernelFields:
+    """`KernelSettings` flattened into an operator's arguments (the negatives rule as its two
+    optional tensors and q), and packed back: the one place that knows the order."""
+
+    NAMES = ("rule_threshold", "rule_offset", "scale", "ignore_index", "label_smoothing", "rule_quadratic",
+             "subcenters", "num_classes", "class_start")
+
+    @staticmethod
+    def flat(kernel: KernelSettings) -> dict:
+        rule = kernel.negatives_rule
+        return dict(rule_threshold=None if rule is None else rule.threshold,
+                    rule_offset=None if rule is None else rule.offset, scale=kernel.scale,
+                    ignore_index=kernel.ignore_index, label_smoothing=kernel.label_smoothing,
+                    rule_quadratic=0.0 if rule is None else rule.quadratic, subcenters=kernel.subcenters,
+                    num_classes=kernel.num_classes, class_start=kernel.class_start)
+
+    @staticmethod
+    def packed(fields: dict) -> KernelSettings:
+        from_rule = fields["rule_threshold"] is not None
+        rule = NegativesRule(fields["rule_threshold"], fields["rule_offset"], fields["rule_quadratic"]) if from_rule else None
+        return KernelSettings(fields["scale"], fields["ignore_index"], fields["label_smoothing"], fields["subcenters"],
+                              fields["num_classes"], fields["class_start"], rule)
 
 
-def _rule(threshold: Optional[Tensor], offset: Optional[Tensor], quadratic: float) -> Optional[HardNegatives]:
-    return None if threshold is None else HardNegatives(threshold, offset, quadratic)
+class Operators:
+    """The custom operators of one fused backend (module docstring), created once per backend
+    class: the backend is bound to them, never looked up by name."""
 
+    def __init__(self, backend: "FusedBackend") -> None:
+        prefix = f"marginfused::{backend.name.replace('-', '_')}"
 
-def _margin_loss(
-    x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, hard_threshold: Optional[Tensor],
-    hard_offset: Optional[Tensor], backend: str, scale: float, ignore_index: int, label_smoothing: float,
-    hard_quadratic: float, subcenters: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing, subcenters)
-    negatives = _rule(hard_threshold, hard_offset, hard_quadratic)
-    partials = REGISTRY[backend].row_partials(x, w, y, target_logit, settings, 0, negatives)
-    loss = row_loss(partials, target_logit, y, ignore_index, label_smoothing, w.shape[0] // subcenters)
-    return loss, partials.best_class, partials.max, partials.sumexp
+        def partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, rule_threshold: Optional[Tensor],
+                     rule_offset: Optional[Tensor], scale: float, ignore_index: int, label_smoothing: float,
+                     rule_quadratic: float, subcenters: int, num_classes: int,
+                     class_start: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            kernel = KernelFields.packed(locals())
+            return tuple(merge(backend.partials(x, w, y, target_logit, kernel)))
 
+        def loss(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, row_max: Tensor,
+                 log_sumexp: Tensor, logit_sum: Tensor, rule_threshold: Optional[Tensor],
+                 rule_offset: Optional[Tensor], scale: float, ignore_index: int, label_smoothing: float,
+                 rule_quadratic: float, subcenters: int, num_classes: int, class_start: int) -> Tensor:
+            return row_loss(LogSumExp(row_max, log_sumexp), logit_sum, target_logit, y, ignore_index, label_smoothing,
+                            num_classes)
 
-margin_loss = torch.library.custom_op("marginfused::margin_loss", _margin_loss, mutates_args=())
+        def loss_backward(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                          row_max: Tensor, log_sumexp: Tensor, upstream: Tensor, rule_threshold: Optional[Tensor],
+                          rule_offset: Optional[Tensor], scale: float, ignore_index: int, label_smoothing: float,
+                          rule_quadratic: float, subcenters: int, num_classes: int, class_start: int, need_x: bool,
+                          need_w: bool) -> tuple[Tensor, Tensor]:
+            kernel = KernelFields.packed(locals())
+            dx, dw = backend.gradients(x, w, y, target_logit, target_slope, LogSumExp(row_max, log_sumexp), upstream,
+                                       kernel, need_x, need_w)
+            return (dx if need_x else x.new_empty(0)), (dw if need_w else w.new_empty(0))
 
+        self.partials = torch.library.custom_op(f"{prefix}_partials", partials, mutates_args=())
+        self.loss = torch.library.custom_op(f"{prefix}_loss", loss, mutates_args=())
+        self.loss_backward = torch.library.custom_op(f"{prefix}_loss_backward", loss_backward, mutates_args=())
 
-@margin_loss.register_fake
-def _(x, w, y, target_logit, target_slope, *settings):
-    rows = x.shape[0]
-    return (
-        x.new_empty(rows, dtype=torch.float32),
-        x.new_empty(rows, dtype=torch.int64),
-        x.new_empty(rows, dtype=torch.float32),
-        x.new_empty(rows, dtype=torch.float32),
-    )
+        @self.partials.register_fake
+        def _(x, w, y, target_logit, *kernel):
+            rows = x.shape[0]
+            floats = [x.new_empty(rows, dtype=working_dtype(x.dtype)) for _ in range(4)]
+            return (*floats, x.new_empty(rows, dtype=torch.int64))
 
+        @self.loss.register_fake
+        def _(x, w, y, target_logit, *rest):
+            return x.new_empty(x.shape[0], dtype=working_dtype(x.dtype))
 
-def _margin_loss_backward(
-    x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, hard_threshold: Optional[Tensor],
-    hard_offset: Optional[Tensor], row_max: Tensor, row_sumexp: Tensor, grad_rows: Tensor, backend: str,
-    scale: float, ignore_index: int, label_smoothing: float, hard_quadratic: float, subcenters: int, need_x: bool,
-    need_w: bool,
-) -> tuple[Tensor, Tensor]:
-    settings = LossSettings.for_kernels(scale, ignore_index, label_smoothing, subcenters)
-    negatives = _rule(hard_threshold, hard_offset, hard_quadratic)
-    rows = RowGradients(target_logit, target_slope, row_max, row_sumexp, grad_rows, negatives)
-    dx, dw = REGISTRY[backend].backward(x, w, y, rows, settings, 0, w.shape[0] // subcenters, need_x, need_w)
-    return _or_nothing(dx, x, need_x), _or_nothing(dw, w, need_w)
+        @self.loss_backward.register_fake
+        def _(x, w, y, target_logit, target_slope, row_max, log_sumexp, upstream, *kernel_and_needs):
+            need_x, need_w = kernel_and_needs[-2:]
+            return (torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(w) if need_w else w.new_empty(0))
 
+        names = ("x", "w", "y", "target_logit", "target_slope", "row_max", "log_sumexp", "logit_sum",
+                 *KernelFields.NAMES)
 
-def _or_nothing(grad, like: Tensor, needed: bool) -> Tensor:
-    """An operator returns tensors, not None: a gradient not needed is an empty tensor."""
-    return grad if needed else like.new_empty(0)
+        def setup_context(ctx, inputs, output) -> None:
+            arguments = dict(zip(names, inputs))
+            ctx.save_for_backward(*(arguments[name] for name in ("x", "w", "y", "target_logit", "target_slope",
+                                                                 "row_max", "log_sumexp",
+                                                                 "rule_threshold", "rule_offset")))
+            ctx.kernel = {name: arguments[name] for name in KernelFields.NAMES if name not in ("rule_threshold",
+                                                                                              "rule_offset")}
 
+        def backward(ctx, upstream):
+            x, w, y, target_logit, target_slope, row_max, log_sumexp, threshold, offset = ctx.saved_tensors
+            need_x, need_w, need_target = (ctx.needs_input_grad[names.index(n)] for n in ("x", "w", "target_logit"))
+            kernel = dict(ctx.kernel, rule_threshold=threshold, rule_offset=offset)
+            grads = dict.fromkeys(names)
+            if need_x or need_w:
+                dx, dw = self.loss_backward(x, w, y, target_logit, target_slope, row_max, log_sumexp,
+                                            upstream.contiguous(), **kernel, need_x=need_x, need_w=need_w)
+                grads.update(x=dx if need_x else None, w=dw if need_w else None)
+            if need_target:
+                grads["target_logit"] = target_logit_grad(LogSumExp(row_max, log_sumexp), target_logit, upstream, y,
+                                                          kernel["ignore_index"], kernel["label_smoothing"],
+                                                          kernel["num_classes"])
+            return tuple(grads[name] for name in names)
 
-margin_loss_backward = torch.library.custom_op(
-    "marginfused::margin_loss_backward", _margin_loss_backward, mutates_args=()
-)
-
-
-@margin_loss_backward.register_fake
-def _(x, w, *rest):
-    need_x, need_w = rest[-2:]
-    return (torch.empty_like(x) if need_x else x.new_empty(0)), (torch.empty_like(w) if need_w else w.new_empty(0))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, w, y, target_logit, target_slope, hard_threshold, hard_offset, *settings = inputs
-    _, _, row_max, row_sumexp = output
-    ctx.save_for_backward(x, w, y, target_logit, target_slope, hard_threshold, hard_offset, row_max, row_sumexp)
-    ctx.settings = settings
-
-
-def _backward(ctx, grad_rows, grad_prediction, grad_max, grad_sumexp):
-    x, w, y, target_logit, target_slope, hard_threshold, hard_offset, row_max, row_sumexp = ctx.saved_tensors
-    backend, scale, ignore_index, label_smoothing, hard_quadratic, subcenters = ctx.settings
-    need_x, need_w, need_target = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:4]
-    grad_rows = grad_rows.contiguous()
-    dx = dw = grad_target = None
-    if need_x or need_w:
-        dx, dw = margin_loss_backward(
-            x, w, y, target_logit, target_slope, hard_threshold, hard_offset, row_max, row_sumexp, grad_rows,
-            *ctx.settings, need_x, need_w,
-        )
-    if need_target:
-        grad_target = target_logit_grad(
-            row_max, row_sumexp, target_logit, grad_rows, y, ignore_index, label_smoothing, w.shape[0] // subcenters
-        )
-    return (dx if need_x else None, dw if need_w else None, None, grad_target) + (None,) * (3 + len(ctx.settings))
-
-
-margin_loss.register_autograd(_backward, setup_context=_setup_context)
+        self.loss.register_autograd(backward, setup_context=setup_context)
 
 
 class FusedBackend(Backend):
-    """A backend whose per-row loss is the target pre-pass (`marginfused.target`) and then
-    `marginfused::margin_loss` over its own `row_partials` and `backward`: subclasses implement
-    those two (and say where they can run)."""
+    """A backend made of two kernels over a shard of W (`partials`, `gradients`), run through its
+    custom operators (`operators`); its per-row loss is the target pre-pass, then those."""
+
+    _operators: dict[type, Operators] = {}
+
+    @property
+    def operators(self) -> Operators:
+        """This backend's custom operators, created with the first instance of its class."""
+        if type(self) not in self._operators:
+            self._operators[type(self)] = Operators(self)
+        return self._operators[type(self)]
+
+    @abc.abstractmethod
+    def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
+        """Partials over the classes of the shard `w` ([kernel.class_start, + C)), unmerged: each
+        field (k, B) for k class ranges in class order (`marginfused.partials.merge` combines
+        them). Row i's target column, if in the shard, takes target_logit_i. No autograd."""
+
+    @abc.abstractmethod
+    def gradients(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                  lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool,
+                  need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Gradients of Σ_i u_i·ℓ_i (u = `upstream`, the upstream gradient of the per-row loss) with
+        respect to x and the shard `w`, through the logits of its classes, given the log-sum-exp
+        over all kernel.num_classes classes (`marginfused.partials.LogSumExp`):
+
+            ∂/∂c_ij = u_i · s · (p_ij − ε/C)                           j ≠ y_i
+            ∂/∂c_iy = u_i · σ_i · (p_iy − (1 − ε) − ε/C)              σ_i = target_slope_i
+
+        (a hard negative's s becoming s·(a_i + 2q·c_ij) under the negatives rule), with
+        p_ij = exp((z_ij − m_i) − log s_i), then through the normalisations. The x gradients of
+        disjoint class ranges add up to the whole one. A gradient not needed may be None."""
+
+    def shard_loss(self, x: Tensor, w: Tensor, y: Tensor, target: TargetLogits,
+                   kernel: KernelSettings) -> tuple[Tensor, RowPartials]:
+        """The per-row loss over the shard `w` and its partials: the partials operator, then the
+        loss operator (differentiable in x, w and the target logits)."""
+        logit, slope = target.logit.to(working_dtype(x.dtype)), target.slope.to(working_dtype(x.dtype))
+        fields = KernelFields.flat(kernel)
+        partials = RowPartials(*self.operators.partials(x.detach(), w.detach(), y, logit.detach(), **fields))
+        check_on_device(partials.max.isfinite() & partials.sumexp.isfinite(), WEIGHT_NOT_FINITE)
+        lse = log_sum_exp(partials)
+        loss = self.operators.loss(x, w, y, logit, slope, lse.max, lse.log_sumexp, partials.logit_sum, **fields)
+        return loss, partials
 
     def per_row_loss(self, x: Tensor, w: Tensor, y: Tensor, settings: LossSettings) -> RowLoss:
         valid = y != settings.ignore_index
         target = target_logits(target_cosines(x, w, y, valid, settings.subcenters), valid, settings, x)
         check_finite(target, valid)
-        threshold, offset, quadratic = (None, None, 0.0) if target.negatives is None else target.negatives.for_kernels()
-        loss, prediction, _, _ = margin_loss(
-            x, w, y, target.logit.float(), target.slope.float(), threshold, offset, self.name, settings.scale,
-            settings.ignore_index, settings.label_smoothing, quadratic, settings.subcenters,
-        )
-        return RowLoss(with_regulariser(loss, target), prediction)
+        kernel = KernelSettings.for_call(settings, w.shape[0] // settings.subcenters, target.negatives_rule)
+        loss, partials = self.shard_loss(x, w, y, target, kernel)
+        commit_statistics(target)
+        return RowLoss(with_regulariser(loss, target), partials)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -34,21 +34,22 @@ def available_backends() -> dict[str, Optional[str]]:
     return {name: backend.unavailable_reason() for name, backend in REGISTRY.items()}
 
 
-def _reason(name: str, device_type: str, dtype: torch.dtype) -> Optional[str]:
+def _reason(name: str, device: str, dtype: torch.dtype) -> Optional[str]:
     backend = REGISTRY[name]
-    return backend.unavailable_reason() or backend.unsupported_reason(device_type, dtype)
+    return backend.unavailable_reason() or backend.unsupported_reason(torch.device(device), dtype)
 
 
-def backend_reasons(device_type: str, dtype: torch.dtype) -> dict[str, Optional[str]]:
-    """For tensors of this device type and dtype, each backend `backend="auto"` would consider,
-    in order, mapped to None if it can take them, else why not."""
-    return {name: _reason(name, device_type, dtype) for name in AUTO_ORDER.get(device_type, ("torch",))}
+def backend_reasons(device: Union[str, torch.device], dtype: torch.dtype) -> dict[str, Optional[str]]:
+    """For tensors of this device and dtype, each backend `backend="auto"` would consider, in
+    order, mapped to None if it can take them, else why not."""
+    device = torch.device(device)
+    return {name: _reason(name, str(device), dtype) for name in AUTO_ORDER.get(device.type, ("torch",))}
 
 
 def explain_backend(x: Tensor, w: Optional[Tensor] = None) -> str:
     """Which backend `backend="auto"` picks for these tensors, and why each faster one was passed
     over, as a few lines of text."""
-    reasons = backend_reasons(x.device.type, x.dtype)
+    reasons = backend_reasons(x.device, x.dtype)
     chosen = next((name for name, reason in reasons.items() if reason is None), None)
     lines = [f"{x.device.type} tensors of {x.dtype}: backend={chosen!r}" if chosen else
              f"{x.device.type} tensors of {x.dtype}: no backend can run"]
@@ -60,26 +61,26 @@ def explain_backend(x: Tensor, w: Optional[Tensor] = None) -> str:
 
 
 @torch.compiler.assume_constant_result
-def _choose(name: str, device_type: str, dtype: torch.dtype) -> tuple[str, str]:
+def _choose(name: str, device: str, dtype: torch.dtype) -> tuple[str, str]:
     """(the backend to run, "") or ("", why none can): a constant for given arguments, which
     torch.compile evaluates once when tracing instead of tracing into it (availability checks
     build extensions and take locks). The decorator imports torch._dynamo: `import marginfused`
     took 3.0 s against 1.8 s for `import torch` alone on a 2-core CPU, the price of
     `torch.compile(..., fullgraph=True)` with backend="auto"."""
     if name != "auto":
-        reason = _reason(name, device_type, dtype)
+        reason = _reason(name, device, dtype)
         return ("", f"backend {name!r} cannot run here: {reason}") if reason else (name, "")
-    reasons = backend_reasons(device_type, dtype)
+    reasons = backend_reasons(device, dtype)
     for candidate, reason in reasons.items():
         if reason is None:
             for passed, why in reasons.items():
                 if passed == candidate:
                     break
-                _log.debug("backend='auto' passed over %r for %s %s tensors: %s", passed, device_type, dtype, why)
+                _log.debug("backend='auto' passed over %r for %s %s tensors: %s", passed, device, dtype, why)
                 _warn_once_if_broken(passed, candidate)
             return candidate, ""
     details = "; ".join(f"{n}: {r}" for n, r in reasons.items())
-    return "", f"no backend can run on {device_type} tensors of {dtype} ({details})"
+    return "", f"no backend can run on {device} tensors of {dtype} ({details})"
 
 
 _warned: set[str] = set()
@@ -100,16 +101,28 @@ def _warn_once_if_broken(passed: str, chosen: str) -> None:
                   f"instead.{cost} Pass backend={chosen!r} to choose it knowingly.", RuntimeWarning, stacklevel=2)
 
 
-def select_backend(name: str, x: Tensor) -> Backend:
-    """The backend to run: `name` itself (or an error saying why it cannot), or the first usable
-    backend for the tensors' device type and dtype when `name` is "auto"."""
+def check_backend_name(name: object) -> str:
+    """`name` if it is "auto" or a registered backend's name; TypeError or ValueError otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name != "auto" and name not in REGISTRY:
         known = ", ".join(["auto", *REGISTRY])
         raise ValueError(f"backend must be one of {known}; got {name!r}")
-    chosen, error = _choose(name, x.device.type, x.dtype)
+    return name
+
+
+_announced: set[tuple[str, str, str]] = set()
+
+
+def select_backend(name: str, x: Tensor) -> Backend:
+    """The backend to run: `name` itself (or an error saying why it cannot), or the first usable
+    backend for the tensors' device and dtype when `name` is "auto". Which one runs is said once per
+    process, backend, device and dtype, at INFO on the "marginfused" logger."""
+    chosen, error = _choose(check_backend_name(name), str(x.device), x.dtype)
     if error:
         raise BackendUnavailableError(error)
+    key = (chosen, str(x.device), str(x.dtype))
+    if key not in _announced and not torch.compiler.is_compiling():
+        _announced.add(key)
+        _log.info("marginfused runs the %r backend for %s tensors of %s (backend=%r)", chosen, x.device, x.dtype, name)
     return REGISTRY[chosen]
-

@@ -24,12 +24,14 @@ import torch
 from torch import Tensor
 
 from ..kernels import configs
-from ..negatives import HardNegatives
-from ..partials import RowPartials
-from ..settings import LossSettings
+from ..negatives import NegativesRule
+from ..partials import LogSumExp, RowPartials
 from . import lift
-from .base import FUSED_DTYPES, RowGradients
+from .base import FUSED_DTYPES, KernelSettings, Requirements
 from .ops import FusedBackend
+
+CAPABILITY_REASON = ("the triton backend's configurations are compiled and checked for sm_80 and later "
+                     "(kernels/compile_check.py); older GPUs (V100, T4) take the cuda backend")
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,14 +82,14 @@ def _inverse_norms(rows: Tensor) -> Tensor:
     return out
 
 
-def _gradient_lifts(dtype: torch.dtype, grad_rows: Tensor, target_slope: Tensor, scale: float, inv_x: Tensor,
-                    inv_w: Tensor, negatives: Optional[HardNegatives]) -> tuple[Tensor, Tensor]:
+def _gradient_lifts(dtype: torch.dtype, upstream: Tensor, target_slope: Tensor, scale: float, inv_x: Tensor,
+                    inv_w: Tensor, rule: Optional[NegativesRule]) -> tuple[Tensor, Tensor]:
     """The fp16 lift (`lift.py`) of the embeddings' and of the class centres' backward kernel, whose
     dot operands are G·r_w and G·r_x (kernels/backward.py); both 1 for other dtypes."""
     if dtype != torch.float16:
-        one = torch.ones(1, dtype=torch.float32, device=grad_rows.device)
+        one = torch.ones(1, dtype=torch.float32, device=upstream.device)
         return one, one
-    rows = lift.row_bounds(grad_rows, target_slope, scale, negatives)
+    rows = lift.row_bounds(upstream, target_slope, scale, rule)
     return (lift.lift(lift.largest(rows) * lift.largest(lift.nonzero_rows(inv_w))),
             lift.lift(lift.largest(rows * lift.nonzero_rows(inv_x))))
 
@@ -176,30 +178,28 @@ def _bucket(batch: int) -> int:
     return 1 << max(0, (batch - 1).bit_length())
 
 
-def _rule_arguments(negatives: Optional[HardNegatives], target_logit: Tensor,
+def _rule_arguments(rule: Optional[NegativesRule], target_logit: Tensor,
                     subcenters: int) -> tuple[tuple, float, dict]:
-    """The kernels' (τ, a) pointers, q and variant constants: HARD_NEGATIVES for a negative-logit
-    rule or none (then the pointers are never read: any float32 vector stands in), SUBCENTERS."""
-    variant = {"HARD_NEGATIVES": negatives is not None, "SUBCENTERS": subcenters}
-    if negatives is None:
+    """The kernels' (τ, a) pointers, q and variant constants: NEGATIVES_RULE for a negatives rule or
+    none (then the pointers are never read: any float32 vector stands in), SUBCENTERS."""
+    variant = {"NEGATIVES_RULE": rule is not None, "SUBCENTERS": subcenters}
+    if rule is None:
         return (target_logit, target_logit), 0.0, variant
-    threshold, offset, quadratic = negatives.for_kernels()
-    return (threshold, offset), quadratic, variant
+    return (rule.threshold, rule.offset), rule.quadratic, variant
 
 
-def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings,
-                    class_start: int, negatives: Optional[HardNegatives]) -> RowPartials:
-    """Per-split partials: each field (n_splits, B)."""
+def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
+    """Per-split partials: each field (n_splits, B), splits in class order."""
     batch, dim = x.shape
-    local = w.shape[0] // settings.subcenters  # classes
-    plan = _plan("forward", x, settings.subcenters)
+    local = kernel.shard_classes(w)
+    plan = _plan("forward", x, kernel.subcenters)
     inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
-    rule, quadratic, variant = _rule_arguments(negatives, target_logit, settings.subcenters)
-    scalars = (float(settings.scale), int(settings.ignore_index), quadratic)
+    rule, quadratic, variant = _rule_arguments(kernel.negatives_rule, target_logit, kernel.subcenters)
+    scalars = (float(kernel.scale), int(kernel.ignore_index), quadratic)
 
     def arguments(outputs, per_split: int) -> tuple:
         return (x, w, y, inv_x, inv_w, target_logit, *rule, *outputs, batch, local, dim, x.stride(0), w.stride(0),
-                class_start, per_split, _bucket(batch), *scalars)
+                kernel.class_start, per_split, _bucket(batch), *scalars)
 
     placeholders = (inv_x, inv_x, inv_x, inv_x, y)  # the outputs' dtypes, for the occupancy query
     precision = {"DOT_PRECISION": _dot_precision(x.dtype), **variant}
@@ -216,22 +216,6 @@ def _split_partials(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, setti
         *arguments(out, per_split), **precision, **plan.meta,
     )
     return out
-
-
-def _merge_splits(parts: RowPartials) -> RowPartials:
-    """Fold `merge_partials` over the splits (dim 0) in a fixed number of torch ops, whatever
-    n_splits is: the same merge (logaddexp of (max, sumexp); sums add; the first split holding the
-    largest cosine wins, as merge_partials keeps `a` on ties)."""
-    top = parts.max.amax(dim=0)
-    best_cos = parts.best_cos.amax(dim=0)
-    winner = (parts.best_cos == best_cos).to(torch.uint8).argmax(dim=0, keepdim=True)  # first max
-    return RowPartials(
-        max=top,
-        sumexp=(parts.sumexp * torch.exp(parts.max - top)).sum(dim=0),
-        logit_sum=parts.logit_sum.sum(dim=0),
-        best_cos=best_cos,
-        best_class=parts.best_class.gather(0, winner).squeeze(0),
-    )
 
 
 def _prepare(x: Tensor, w: Tensor, y: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
@@ -283,58 +267,57 @@ class TritonBackend(FusedBackend):
             )
         return None
 
-    def unsupported_reason(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
-        if dtype not in FUSED_DTYPES:
-            hint = "; use backend='torch'" if dtype == torch.float64 else ""
-            return f"{dtype} inputs are not supported (float32, float16, bfloat16 only){hint}"
+    @property
+    def requirements(self) -> Requirements:
+        """CUDA tensors of compute capability 8.0 or later, the targets whose configurations the
+        compile check builds and reads (kernels/compile_check.py); under TRITON_INTERPRET=1, CPU
+        tensors, and no bfloat16 (the interpreter computes bfloat16 dots wrongly, triton #11584)."""
         if configs.interpreting():
-            if device_type != "cpu":
-                return f"under TRITON_INTERPRET=1 the kernels run on CPU tensors only, got {device_type} tensors"
-            if dtype == torch.bfloat16:
-                return (
-                    "bfloat16 under TRITON_INTERPRET=1 is not supported: the interpreter computes "
-                    "bfloat16 dot products wrongly (triton issue #11584); use a GPU or backend='torch'"
-                )
-        elif device_type != "cuda":
-            return f"needs CUDA tensors, got {device_type} tensors (or set TRITON_INTERPRET=1 for CPU tensors)"
-        return None
+            return Requirements("cpu", (torch.float32, torch.float16))
+        return Requirements("cuda", FUSED_DTYPES, (8, 0), CAPABILITY_REASON)
+
+    def unsupported_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        device = torch.device(device)
+        if configs.interpreting() and device.type != "cpu":
+            return f"under TRITON_INTERPRET=1 the kernels run on CPU tensors only, got {device.type} tensors"
+        if configs.interpreting() and dtype == torch.bfloat16:
+            return ("bfloat16 under TRITON_INTERPRET=1 is not supported: the interpreter computes "
+                    "bfloat16 dot products wrongly (triton issue #11584); use a GPU or backend='torch'")
+        if not configs.interpreting() and device.type != "cuda":
+            return f"needs CUDA tensors, got {device.type} tensors (or set TRITON_INTERPRET=1 for CPU tensors)"
+        return super().unsupported_reason(device, dtype)
 
     @_on_the_tensors_device
-    def row_partials(
-        self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, settings: LossSettings, class_start: int,
-        negatives: Optional[HardNegatives] = None,
-    ) -> RowPartials:
-        """Partials over the classes [class_start, class_start + w.shape[0]), merged over the
-        kernel's class splits (y global labels; labels outside the shard contribute no target)."""
+    def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
+        """Partials over the shard's classes, one per class split (y global labels; labels outside
+        the shard contribute no target)."""
         x, w, y, target_logit = _prepare(x, w, y, target_logit)
         with torch.no_grad():
-            return _merge_splits(_split_partials(x, w, y, target_logit, settings, int(class_start), negatives))
+            return _split_partials(x, w, y, target_logit, kernel)
 
     @_on_the_tensors_device
-    def backward(
-        self, x: Tensor, w: Tensor, y: Tensor, rows: RowGradients, settings: LossSettings, class_start: int,
-        num_classes: int, need_x: bool = True, need_w: bool = True,
-    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        negatives = rows.negatives
-        x, w, y, target_logit, target_slope, row_max, row_sumexp, grad_rows = _prepare(x, w, y, *rows[:5])
+    def gradients(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                  lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool,
+                  need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        x, w, y, target_logit, target_slope, row_max, log_sumexp, upstream = _prepare(
+            x, w, y, target_logit, target_slope, lse.max, lse.log_sumexp, upstream)
         batch, dim = x.shape
-        local = w.shape[0] // settings.subcenters  # classes
+        local = kernel.shard_classes(w)
         inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
-        lift_for_x, lift_for_w = _gradient_lifts(x.dtype, grad_rows, target_slope, settings.scale, inv_x, inv_w,
-                                                    negatives)
-        eps = float(settings.label_smoothing)
-        rule, quadratic, variant = _rule_arguments(negatives, target_logit, settings.subcenters)
-        inputs = (x, w, y, inv_x, inv_w, target_logit, target_slope, *rule, row_max, torch.log(row_sumexp),
-                  grad_rows)
-        shapes = (batch, local, dim, x.stride(0), w.stride(0), int(class_start))
-        scalars = (float(settings.scale), int(settings.ignore_index), 1.0 - eps, eps / num_classes, quadratic)
+        lift_for_x, lift_for_w = _gradient_lifts(x.dtype, upstream, target_slope, kernel.scale, inv_x, inv_w,
+                                                 kernel.negatives_rule)
+        rule, quadratic, variant = _rule_arguments(kernel.negatives_rule, target_logit, kernel.subcenters)
+        inputs = (x, w, y, inv_x, inv_w, target_logit, target_slope, *rule, row_max, log_sumexp, upstream)
+        shapes = (batch, local, dim, x.stride(0), w.stride(0), kernel.class_start)
+        scalars = (float(kernel.scale), int(kernel.ignore_index), 1.0 - kernel.label_smoothing,
+                   kernel.smoothing_per_class, quadratic)
         precision = _dot_precision(x.dtype)
         project = _kernels().project.project_kernel
         ptiles = configs.project_tiles()
         dx = dw = None
 
         if need_x:
-            plan = _plan("row_grad", x, settings.subcenters)
+            plan = _plan("row_grad", x, kernel.subcenters)
             slices = _cdiv(dim, plan.tiles.block_g)
 
             def arguments(partials: Tensor, per_split: int) -> tuple:
@@ -352,10 +335,10 @@ class TritonBackend(FusedBackend):
                 BLOCK_R=ptiles.block_b, BLOCK_D=ptiles.block_d, num_warps=ptiles.num_warps,
             )
         if need_w:
-            plan = _plan("class_grad", x, settings.subcenters)
+            plan = _plan("class_grad", x, kernel.subcenters)
             slices = _cdiv(dim, plan.tiles.block_g)
             dw = _empty(tuple(w.shape), w.dtype, w.device)
-            plan.kernel[lambda meta: (_cdiv(local, meta["BLOCK_C"]), slices, settings.subcenters)](
+            plan.kernel[lambda meta: (_cdiv(local, meta["BLOCK_C"]), slices, kernel.subcenters)](
                 *inputs, lift_for_w, dw, *shapes, _bucket(batch), *scalars,
                 DOT_PRECISION=precision, **variant, **plan.meta,
             )

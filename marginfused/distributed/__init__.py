@@ -9,7 +9,7 @@ which is DTensor's `Shard(0)`, so checkpoints reshard across world sizes). Every
 2. the target pre-pass (`marginfused.target`): the rank holding class y_i computes the target
    cosine c_iy from its row of W, an all-reduce gives every rank all of them, and each rank
    applies the margin to its own rows (so per-row margin tensors are of the local batch) and
-   all-gathers the target logits z_iy and slopes (and a negative-logit rule's per-row values). An
+   all-gathers the target logits z_iy and slopes (and a negatives rule's per-row values). An
    adaptive margin's batch statistics are all-reduced over the global batch, so every rank's
    copy of its state advances alike and equals a single process's on the whole batch;
 3. each rank computes, with a fused backend, the per-row partials of its shard's logits over the
@@ -42,6 +42,6 @@ from .checkpoint import gather_centres
 from .collectives import shard_range
 from .loss import sharded_margin_cross_entropy
 from .module import ShardedMarginSoftmaxLoss
-from .sampling import sample_classes
+from ..sampling import sample_classes
 
 __all__ = ["ShardedMarginSoftmaxLoss", "gather_centres", "sample_classes", "shard_range", "sharded_margin_cross_entropy"]

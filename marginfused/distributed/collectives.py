@@ -60,17 +60,45 @@ def all_gather(tensor: Tensor, group: Optional[dist.ProcessGroup], sizes: Option
     return torch.cat([piece[:size] for piece, size in zip(out.chunk(world_size), sizes)])
 
 
-def all_reduce_partials(local: RowPartials, group: Optional[dist.ProcessGroup]) -> RowPartials:
-    """The partials of all shards together: max, then rescaled sums, then the best class."""
-    top = local.max.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    sums = torch.stack([local.sumexp * torch.exp(local.max - top), local.logit_sum])
-    dist.all_reduce(sums, group=group)
-    best_cos = local.best_cos.clone()
-    dist.all_reduce(best_cos, op=dist.ReduceOp.MAX, group=group)
-    best_class = torch.where(local.best_cos == best_cos, local.best_class, torch.iinfo(torch.int64).max)
-    dist.all_reduce(best_class, op=dist.ReduceOp.MIN, group=group)
-    return RowPartials(top, sums[0], sums[1], best_cos, best_class)
+def gather_partials(local: RowPartials, group: Optional[dist.ProcessGroup]) -> RowPartials:
+    """Every rank's partials of the gathered batch, stacked in rank order ((R, B) each): what
+    `marginfused.partials.merge` turns into the partials over all classes, as for a backend's
+    own class ranges."""
+    world_size = dist.get_world_size(group)
+    floats = all_gather(torch.stack([local.max, local.sumexp, local.logit_sum, local.best_cos]).unsqueeze(0), group)
+    classes = all_gather(local.best_class.unsqueeze(0), group)
+    return RowPartials(*floats.unbind(1), classes.reshape(world_size, -1))
+
+
+class GatherRows(torch.autograd.Function):
+    """The rows of every rank concatenated in rank order (`sizes[r]` from rank r); backward: each
+    rank's rows get the sum of every rank's gradient for them, times `scale`."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: Optional[dist.ProcessGroup], sizes: list[int], scale: float) -> Tensor:
+        ctx.group, ctx.sizes, ctx.scale = group, sizes, scale
+        return all_gather(tensor, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return ctx.scale * total[rows_of(dist.get_rank(ctx.group), ctx.sizes)], None, None, None
+
+
+class OwnRows(torch.autograd.Function):
+    """This rank's rows of a tensor over the gathered batch that is the same on every rank (the
+    per-row loss); backward: every rank's gradient for its own rows, gathered, so that each rank
+    sees the whole batch's."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: Optional[dist.ProcessGroup], sizes: list[int]) -> Tensor:
+        ctx.group, ctx.sizes = group, sizes
+        return tensor[rows_of(dist.get_rank(group), sizes)].clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_gather(grad.contiguous(), ctx.group, ctx.sizes), None, None
 
 
 def rows_of(rank: int, sizes: list[int]) -> slice:

@@ -12,7 +12,7 @@ parameter kept out of DDP needs that all-reduce mean itself.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -21,17 +21,19 @@ from torch import Tensor
 
 from ..adaptive import local_batch_sum
 from ..autocast import cast_for_autocast
-from ..backends import Backend, BackendUnavailableError, RowGradients, select_backend
-from ..checks import check_inputs
-from ..margins import MarginLike
-from ..negatives import HardNegatives
-from ..partials import row_loss
+from ..backends import BackendUnavailableError, FusedBackend, KernelSettings, select_backend
+from ..backends.ops import KernelFields
+from ..checks import WEIGHT_NOT_FINITE, check_inputs, check_on_device
+from ..margins import MarginLike, working_dtype
+from ..negatives import NegativesRule
+from ..partials import RowPartials, log_sum_exp, merge
+from ..sampling import sample_classes, sampled_rows
 from ..settings import LossSettings, check_functional_margin, check_reduction
-from ..target import (NON_FINITE_MESSAGE, TargetLogits, all_finite, target_cosines, target_logit_grad,
-                      target_logits)
+from ..target import NON_FINITE_MESSAGE, TargetLogits, commit_statistics, finite, target_cosines, target_logits
+from ..modules import check_sample_rate
 from .agreement import SETTINGS, agree, describe_settings
-from .collectives import all_gather, all_reduce_partials, group_size_and_rank, rows_of, shard_range
-from .sampling import sample_classes, sampled_labels
+from .collectives import GatherRows, OwnRows, all_gather, gather_partials, group_size_and_rank, rows_of, shard_range
+from .sampling import sampled_labels
 
 
 def _target_cosines(x: Tensor, w_shard: Tensor, labels: Tensor, class_start: int, ignore_index: int,
@@ -45,13 +47,6 @@ def _target_cosines(x: Tensor, w_shard: Tensor, labels: Tensor, class_start: int
     return cos
 
 
-
-
-def check_sample_rate(sample_rate: float) -> float:
-    """Partial FC's sample rate, a number in (0, 1] (1: every class, no sampling)."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    return float(sample_rate)
 
 
 def _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rate, settings, rank, world_size) -> None:
@@ -68,55 +63,6 @@ def _check_shard(x_local, w_shard, y_local, class_start, num_classes, sample_rat
         )
     check_inputs(x_local, w_shard, y_local, settings.ignore_index, num_classes=num_classes, margin=settings.margin,
                  allow_no_rows=True, subcenters=per_class)
-
-
-class _ShardedLoss(torch.autograd.Function):
-    """Forward: the gathered batch's target logits and shard partials, all-reduced into the loss.
-    Backward: shard gradients, all-reduce of the embeddings' gradient, world_size × this rank's
-    rows; and ∂L/∂z_iy of this rank's rows (world_size × as well), into the margin's own graph."""
-
-    @staticmethod
-    def forward(ctx, x_local, w_shard, z_local, x, labels, slope, negatives: Optional[HardNegatives],
-                backend: Backend, settings: LossSettings, class_start: int, num_classes: int, reduction: str, group,
-                sizes: list[int]):
-        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
-        mine = rows_of(rank, sizes)
-        z = all_gather(z_local.detach(), group, sizes)
-        partials = all_reduce_partials(
-            backend.row_partials(x, w_shard.detach(), labels, z, settings, class_start, negatives), group)
-        per_row = row_loss(partials, z, labels, settings.ignore_index, settings.label_smoothing, num_classes)
-        valid = labels != settings.ignore_index
-        ctx.save_for_backward(x, w_shard, labels, z, slope, valid.sum(), partials.max, partials.sumexp)
-        ctx.settings = (backend, settings, class_start, num_classes, reduction, group, world_size, sizes, mine)
-        ctx.negatives = negatives
-        ctx.local_dtype = x_local.dtype
-        if reduction == "none":
-            return per_row[mine].clone()
-        return per_row.sum() if reduction == "sum" else per_row.sum() / valid.sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w_shard, labels, z, slope, valid_count, row_max, row_sumexp = ctx.saved_tensors
-        backend, settings, class_start, num_classes, reduction, group, world_size, sizes, mine = ctx.settings
-        if reduction == "none":
-            grad_rows = all_gather(grad.contiguous(), group, sizes)
-        else:
-            scale = grad if reduction == "sum" else grad / valid_count
-            grad_rows = scale.expand(labels.shape[0])
-        accumulate = torch.promote_types(x.dtype, torch.float32)
-        grad_rows = grad_rows.to(accumulate)
-        need_x, need_w, need_z = ctx.needs_input_grad[:3]
-        rows = RowGradients(z, slope, row_max, row_sumexp, grad_rows, ctx.negatives)
-        grad_x, grad_w = backend.backward(x, w_shard, labels, rows, settings, class_start, num_classes, True, need_w)
-        grad_x = grad_x.to(accumulate)
-        dist.all_reduce(grad_x, group=group)
-        grad_x_local = (world_size * grad_x[mine]).to(ctx.local_dtype) if need_x else None
-        grad_z_local = None
-        if need_z:
-            grad_z = target_logit_grad(row_max, row_sumexp, z, grad_rows, labels, settings.ignore_index,
-                                             settings.label_smoothing, num_classes)
-            grad_z_local = world_size * grad_z[mine]
-        return (grad_x_local, grad_w, grad_z_local) + (None,) * 11
 
 
 def sharded_margin_cross_entropy(
@@ -139,7 +85,8 @@ def sharded_margin_cross_entropy(
     backend: str = "auto",
     generator: Optional[torch.Generator] = None,
     sparse_grad: bool = False,
-) -> Tensor:
+    return_accuracy: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """`margin_cross_entropy` over a global batch, with W sharded over the ranks of `group`.
 
     Every rank passes its local batch `x_local` (B_local × D; B_local may differ between ranks and
@@ -157,8 +104,9 @@ def sharded_margin_cross_entropy(
     sample, not the shard), for `torch.optim.SparseAdam` or `marginfused.optim.SparseMomentumSGD`,
     which leave the other rows and their optimizer state untouched. An adaptive margin's batch
     statistics are over the global batch; a margin's per-row loss term (MagFace's regulariser)
-    is in the returned loss, its gradient to x_local world_size × as for the rest. Other arguments
-    as in `margin_cross_entropy`.
+    is in the returned loss, its gradient to x_local world_size × as for the rest. With
+    `return_accuracy`, also the training accuracy over the global batch (the same on every rank;
+    over the sampled classes when sampling). Other arguments as in `margin_cross_entropy`.
     """
     world_size, rank = group_size_and_rank(group)
     x_local, w_shard, autocast_off = cast_for_autocast(x_local, w_shard)
@@ -166,7 +114,7 @@ def sharded_margin_cross_entropy(
         return _sharded_margin_cross_entropy(
             x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction,
             ignore_index, label_smoothing, interclass_filtering, subcenters, sample_rate, backend, generator,
-            sparse_grad, world_size, rank,
+            sparse_grad, return_accuracy, world_size, rank,
         )
 
 
@@ -183,11 +131,11 @@ def _global_batch_sum(valid: Tensor, group: Optional[dist.ProcessGroup]):
     return batch_sum
 
 
-def _gather_rule(rule: Optional[HardNegatives], group, sizes: list[int]) -> Optional[HardNegatives]:
-    """The negative-logit rule of the gathered batch from every rank's rows of it."""
+def _gather_rule(rule: Optional[NegativesRule], group, sizes: list[int]) -> Optional[NegativesRule]:
+    """The negatives rule of the gathered batch from every rank's rows of it."""
     if rule is None:
         return None
-    return HardNegatives(all_gather(rule.threshold.detach(), group, sizes),
+    return NegativesRule(all_gather(rule.threshold.detach(), group, sizes),
                          all_gather(rule.offset.detach(), group, sizes), rule.quadratic)
 
 
@@ -214,8 +162,9 @@ def _with_regulariser(loss: Tensor, target: TargetLogits, labels: Tensor, ignore
 
 def _sharded_margin_cross_entropy(
     x_local, w_shard, y_local, margin, class_start, num_classes, group, scale, margin_grad, reduction, ignore_index,
-    label_smoothing, interclass_filtering, subcenters, sample_rate, backend, generator, sparse_grad, world_size, rank,
-) -> Tensor:
+    label_smoothing, interclass_filtering, subcenters, sample_rate, backend, generator, sparse_grad, return_accuracy,
+    world_size, rank,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     problem: Optional[Exception] = None
     described = dict.fromkeys(SETTINGS, "")  # what a rank whose checks fail contributes (ignored then)
     try:
@@ -242,23 +191,47 @@ def _sharded_margin_cross_entropy(
         index = sample_classes(labels, class_start, len(w_shard) // subcenters, sample_rate, ignore_index, generator)
         labels, class_start, num_classes = sampled_labels(labels, index, class_start, ignore_index, group)
         # the sampled classes' rows; with sparse_grad their gradient is a sparse tensor of those rows alone
-        rows = (index.unsqueeze(1) * subcenters + torch.arange(subcenters, device=index.device)).flatten()
-        w_shard = F.embedding(rows, w_shard, sparse=sparse_grad)
-    x = all_gather(x_local.detach(), group, sizes)
-    cos = _target_cosines(x, w_shard, labels, class_start, ignore_index, subcenters, group)
+        w_shard = F.embedding(sampled_rows(index, subcenters), w_shard, sparse=sparse_grad)
+    x = GatherRows.apply(x_local, group, sizes, float(world_size))  # x_local.grad: world_size × ∂L/∂x_local
+    cos = _target_cosines(x.detach(), w_shard, labels, class_start, ignore_index, subcenters, group)
     valid_local = y_local != ignore_index
     target = target_logits(cos[rows_of(rank, sizes)], valid_local, settings, x_local,
                            _global_batch_sum(valid_local, group))
-    finite = all_finite(target, valid_local).to(torch.int32).reshape(1)
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=group)  # every rank raises together
-    if not bool(finite):
+    finite_everywhere = finite(target, valid_local).all().to(torch.int32).reshape(1)
+    dist.all_reduce(finite_everywhere, op=dist.ReduceOp.MIN, group=group)  # every rank raises together
+    if not bool(finite_everywhere):
         raise ValueError(NON_FINITE_MESSAGE)
-    slope = all_gather(target.slope, group, sizes)
-    loss = _ShardedLoss.apply(
-        x_local, w_shard, target.logit, x, labels, slope, _gather_rule(target.negatives, group, sizes),
-        implementation, settings, class_start, num_classes, reduction, group, sizes,
-    )
-    return _with_regulariser(loss, target, labels, ignore_index, reduction, group, world_size)
+    kernel = KernelSettings.for_call(settings, num_classes, _gather_rule(target.negatives_rule, group, sizes),
+                                     class_start)
+    per_row, partials = _shard_loss(implementation, x, w_shard, labels, target, kernel, group, sizes)
+    commit_statistics(target)
+    if reduction == "none":
+        loss = OwnRows.apply(per_row, group, sizes)
+    else:
+        loss = per_row.sum() if reduction == "sum" else per_row.sum() / (labels != ignore_index).sum()
+    loss = _with_regulariser(loss, target, labels, ignore_index, reduction, group, world_size)
+    if not return_accuracy:
+        return loss
+    valid = labels != ignore_index
+    correct = (partials.best_class == labels) & valid
+    return loss, correct.sum(dtype=torch.float32) / valid.sum(dtype=torch.float32)
 
 
-
+def _shard_loss(implementation: FusedBackend, x: Tensor, w_shard: Tensor, labels: Tensor, target: TargetLogits,
+                kernel: KernelSettings, group, sizes: list[int]) -> tuple[Tensor, RowPartials]:
+    """The per-row loss of the gathered batch (the same on every rank) and its partials over all
+    classes: this rank's partials operator over its shard, the partials of every rank merged
+    (`marginfused.partials.merge`), then the loss operator, whose backward gives this shard's
+    gradients; the target logits of every rank's rows gathered so that ∂L/∂z_iy reaches each rank's
+    own rows world_size × (every rank computes all of it)."""
+    operators = implementation.operators
+    fields = KernelFields.flat(kernel)
+    work = working_dtype(x.dtype)
+    z = GatherRows.apply(target.logit.to(work), group, sizes, 1.0)
+    slope = all_gather(target.slope.to(work), group, sizes)
+    local = RowPartials(*operators.partials(x.detach(), w_shard.detach(), labels, z.detach(), **fields))
+    partials = merge(gather_partials(local, group))
+    check_on_device(partials.max.isfinite() & partials.sumexp.isfinite(), WEIGHT_NOT_FINITE)
+    lse = log_sum_exp(partials)
+    loss = operators.loss(x, w_shard, labels, z, slope, lse.max, lse.log_sumexp, partials.logit_sum, **fields)
+    return loss, partials

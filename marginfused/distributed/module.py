@@ -9,11 +9,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..margins import MarginLike
-from ..modules import WEIGHT_INIT_STD, store_settings
+from ..modules import WEIGHT_INIT_STD, check_sample_rate, store_settings
 from .agreement import SETTINGS, agree, describe_settings, describe_tensors
 from .checkpoint import ShardLayout, track_weight, weight_as_dtensor, weight_from_checkpoint
 from .collectives import group_size_and_rank, shard_range
-from .loss import check_sample_rate, sharded_margin_cross_entropy
+from .loss import sharded_margin_cross_entropy
 
 
 class ShardedMarginSoftmaxLoss(nn.Module):
@@ -113,14 +113,17 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             interclass_filtering=self.interclass_filtering, sample_rate=self.sample_rate,
             sparse_grad=self.sparse_grad, world_size=dist.get_world_size(self.group))
 
-    def forward(self, embeddings: Tensor, labels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, return_accuracy: bool = False,
+                generator: Optional[torch.Generator] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """The loss of this rank's `embeddings` and global `labels` (`sharded_margin_cross_entropy`),
+        and with `return_accuracy` the global batch's training accuracy."""
         return sharded_margin_cross_entropy(
             embeddings, self.weight, labels, self.margin,
             class_start=self.class_start, num_classes=self.num_classes, group=self.group,
             scale=self.scale, margin_grad=self.margin_grad, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             interclass_filtering=self.interclass_filtering, subcenters=self.subcenters, sample_rate=self.sample_rate,
-            backend=self.backend, generator=generator, sparse_grad=self.sparse_grad,
+            backend=self.backend, generator=generator, sparse_grad=self.sparse_grad, return_accuracy=return_accuracy,
         )
 
     def extra_repr(self) -> str:

@@ -64,9 +64,8 @@ def explain_backend(x: Tensor, w: Optional[Tensor] = None) -> str:
 def _choose(name: str, device: str, dtype: torch.dtype) -> tuple[str, str]:
     """(the backend to run, "") or ("", why none can): a constant for given arguments, which
     torch.compile evaluates once when tracing instead of tracing into it (availability checks
-    build extensions and take locks). The decorator imports torch._dynamo: `import marginfused`
-    took 3.0 s against 1.8 s for `import torch` alone on a 2-core CPU, the price of
-    `torch.compile(..., fullgraph=True)` with backend="auto"."""
+    build extensions and take locks). The decorator imports torch._dynamo with marginfused: the
+    price of `torch.compile(..., fullgraph=True)` with backend="auto"."""
     if name != "auto":
         reason = _reason(name, device, dtype)
         return ("", f"backend {name!r} cannot run here: {reason}") if reason else (name, "")

@@ -78,7 +78,7 @@ ROW_GRAD_SUBCENTRES_GPU = {
 CLASS_GRAD_SUBCENTRES_GPU = {
     **CLASS_GRAD_GPU,
     ("ampere", "16"): Tiles(block_b=32, block_c=32, block_d=64, num_warps=8, num_stages=2, block_g=256),
-    ("ampere", "32"): Tiles(block_b=32, block_c=16, block_d=16, num_warps=4, num_stages=2, block_g=64),
+    ("ampere", "32"): Tiles(block_b=16, block_c=16, block_d=16, num_warps=4, num_stages=2, block_g=64),
 }
 PROJECT_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 

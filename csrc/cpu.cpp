@@ -45,6 +45,7 @@
 // the GEMMs is fp32 (the logit sum is accumulated across chunks in double).
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -130,6 +131,7 @@ inline c10::BFloat16 rounded<c10::BFloat16>(float v) {
 // whose sum of squares overflows is summed again scaled (common.h, inverse_norm).
 template <typename in_t>
 void inverse_norms(const in_t* rows, int64_t count, int64_t dim, float* out) {
+  RECORD_FUNCTION("marginfused::cpu_inverse_norms", c10::ArrayRef<const c10::IValue>{});
   at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const in_t* row = rows + i * dim;
@@ -158,6 +160,7 @@ void inverse_norms(const in_t* rows, int64_t count, int64_t dim, float* out) {
 // may alias an fp32 `h` (each element is read before it is written).
 template <typename out_t, typename h_t, typename v_t>
 void project_rows(const h_t* h, const v_t* v, const float* inv, int64_t count, int64_t dim, out_t* out) {
+  RECORD_FUNCTION("marginfused::cpu_project", c10::ArrayRef<const c10::IValue>{});
   at::parallel_for(0, count, std::max<int64_t>(1, 4096 / dim), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const h_t* hi = h + i * dim;
@@ -479,6 +482,7 @@ void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor
       }
       at::mm_out(s_tile, native ? x : xf, wc.t());
       auto fold = [&](const auto* dots) {
+        RECORD_FUNCTION("marginfused::cpu_forward_rows", c10::ArrayRef<const c10::IValue>{});
         using in_t = std::remove_cv_t<std::remove_pointer_t<decltype(dots)>>;
         for (int64_t i = 0; i < B; ++i)
           with_negatives(plan.rule, p.scale, i, [&](const auto& neg) {
@@ -572,6 +576,7 @@ void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
       at::Tensor u_tile = front(ws.tile, B, n);
       at::mm_out(u_tile, native ? x : xf, wc.t());
       auto row_pass = [&](auto* u_data) {
+        RECORD_FUNCTION("marginfused::cpu_gradient_rows", c10::ArrayRef<const c10::IValue>{});
         for (int64_t i = 0; i < B; ++i)
           with_negatives(plan.rule, plan.params.scale, i, [&](const auto& neg) {
             auto* u_row = u_data + i * n;

@@ -208,15 +208,6 @@ def chunk_size(device: torch.device, batch: int) -> int:
     return max(MIN_CHUNK, tile_bytes(device) // (4 * batch))
 
 
-def _rule_arguments(negatives: Optional[HardNegatives]) -> dict:
-    """The negatives rule as the extensions take it: (B,) float32 τ and a, and q (None, None,
-    0 without a rule)."""
-    if negatives is None:
-        return dict(hard_threshold=None, hard_offset=None, hard_quadratic=0.0)
-    threshold, offset, quadratic = negatives.for_kernels()
-    return dict(hard_threshold=threshold, hard_offset=offset, hard_quadratic=quadratic)
-
-
 def gradient_tile_lift(x: Tensor, w: Tensor, upstream: Tensor, target_slope: Tensor, scale: float,
                        rule: Optional[NegativesRule]) -> Tensor:
     """The cuda backend's fp16 lift (`lift.py`) as (2^k, 2^-k) float32: its one gradient tile
@@ -228,20 +219,23 @@ def gradient_tile_lift(x: Tensor, w: Tensor, upstream: Tensor, target_slope: Ten
     return torch.cat([factor, 1.0 / factor])
 
 
+def _row_data(t: Tensor) -> Tensor:
+    """A (B,) or (2,) vector as the extensions read it: detached, contiguous float32."""
+    return t.detach().float().contiguous()
+
+
 class ExtensionBackend(FusedBackend):
     """A backend running the chunked C++ extension built for `device_type` tensors (csrc/).
 
     Both walk the classes in chunks whose B×chunk fp32 tile stays within a fixed budget, however
     many classes there are: per chunk one GEMM for the raw dot products (normalisation folded in
     as row and column scales, no normalised copy of W), then one fused pass that puts the supplied
-    target logit on each row's target column and folds the chunk into the online max / sum-exp,
-    the logit sum and the argmax. The backward pass
-    recomputes each chunk, forms the gradient tile in place and accumulates dX̂ and dŴ with two
-    more GEMMs, then projects through the normalisation (the math is written out at the top of
-    csrc/cpu.cpp and csrc/cuda.cu). Inputs may be float32, float16 or bfloat16; everything is
-    computed and accumulated in fp32. The backward forms lse_i = m_i + log s_i in float64: at
-    s = 64 a float32 lse is off by up to ulp(lse) ≈ 4e-6, which would become a relative error of
-    every p_ij.
+    target logit on each row's target column and folds the chunk into its split's running max /
+    sum-exp, logit sum and argmax; the splits' partials come back unmerged. The backward pass
+    recomputes each chunk, forms the gradient tile with p = exp((z − m) − log s) from the
+    log-sum-exp as `LogSumExp` keeps it, and accumulates dX̂ and dŴ with two more GEMMs, then
+    projects through the normalisation (the math is written out in csrc/driver.h). Inputs may be
+    float32, float16 or bfloat16; everything after the GEMMs is computed in fp32.
     """
 
     device_type: ClassVar[str]
@@ -249,44 +243,29 @@ class ExtensionBackend(FusedBackend):
     def unavailable_reason(self) -> Optional[str]:
         return unavailable_reason(self.device_type)
 
-    def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
-        batch = x.shape[0]
-        f32 = dict(dtype=torch.float32, device=x.device)
-        out = RowPartials(
-            max=torch.empty(batch, **f32),
-            sumexp=torch.empty(batch, **f32),
-            logit_sum=torch.empty(batch, **f32),
-            best_cos=torch.empty(batch, **f32),
-            best_class=torch.empty(batch, dtype=torch.int64, device=x.device),
-        )
-        load(self.device_type).forward_partials(
+    def _call(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings, **backward):
+        """The extension's one argument (csrc/common.h, Call), built here alone: the tensors and the
+        kernel settings by name, and the backward's (B,) tensors and fp16 lift where given."""
+        rule = kernel.negatives_rule
+        return load(self.device_type).Call(
             x=x.detach().contiguous(), w=w.detach().contiguous(), y=y.long().contiguous(),
-            target_logit=target_logit.detach().float().contiguous(), **_rule_arguments(kernel.negatives_rule),
-            class_start=kernel.class_start, subcenters=kernel.subcenters, chunk=chunk_size(x.device, batch),
-            scale=kernel.scale, ignore_index=kernel.ignore_index, out_max=out.max, out_sumexp=out.sumexp,
-            out_logit_sum=out.logit_sum, out_best_cos=out.best_cos, out_best_class=out.best_class,
+            target_logit=_row_data(target_logit),
+            rule_threshold=None if rule is None else rule.threshold, rule_offset=None if rule is None else rule.offset,
+            rule_quadratic=0.0 if rule is None else rule.quadratic, scale=kernel.scale,
+            ignore_index=kernel.ignore_index, label_smoothing=kernel.label_smoothing, subcenters=kernel.subcenters,
+            num_classes=kernel.num_classes, class_start=kernel.class_start, chunk=chunk_size(x.device, x.shape[0]),
+            **{name: None if t is None else _row_data(t) for name, t in backward.items()},
         )
-        return RowPartials(*(field.unsqueeze(0) for field in out))
+
+    def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
+        return RowPartials(*load(self.device_type).forward_partials(self._call(x, w, y, target_logit, kernel)))
 
     def gradients(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
                   lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool,
                   need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        x, w = x.detach().contiguous(), w.detach().contiguous()
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.empty_like(w) if need_w else None
-        upstream = upstream.detach().float().contiguous()
-        target_slope = target_slope.detach().float().contiguous()
-        grad_lift = None
+        lift = None
         if self.device_type == "cuda" and x.dtype == torch.float16:
-            grad_lift = gradient_tile_lift(x, w, upstream, target_slope, kernel.scale, kernel.negatives_rule)
-        load(self.device_type).backward(
-            x=x, w=w, y=y.long().contiguous(), target_logit=target_logit.detach().float().contiguous(),
-            target_slope=target_slope, **_rule_arguments(kernel.negatives_rule),
-            lse=(lse.max.double() + lse.log_sumexp.double()).contiguous(),
-            grad_rows=upstream, grad_lift=grad_lift, class_start=kernel.class_start,
-            subcenters=kernel.subcenters, num_classes=kernel.num_classes,
-            chunk=chunk_size(x.device, x.shape[0]), scale=kernel.scale,
-            label_smoothing=kernel.label_smoothing, ignore_index=kernel.ignore_index, grad_x=grad_x,
-            grad_w=grad_w,
-        )
-        return grad_x, grad_w
+            lift = gradient_tile_lift(x, w, upstream.float(), target_slope.float(), kernel.scale, kernel.negatives_rule)
+        call = self._call(x, w, y, target_logit, kernel, target_slope=target_slope, row_max=lse.max,
+                          log_sumexp=lse.log_sumexp, upstream=upstream, lift=lift)
+        return load(self.device_type).backward(call, need_x=need_x, need_w=need_w)

@@ -26,6 +26,7 @@
 #include <c10/util/Half.h>
 
 #include <omp.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -398,6 +399,21 @@ struct CpuDevice {
       for (int64_t k = 0; k < units; ++k) unit(k);
     }
     if (error) std::rethrow_exception(error);
+  }
+
+  // W's gradient, its memory advised to transparent huge pages before the first touch (where the
+  // kernel allows them: THP "madvise" or "always"). A fresh W-sized allocation is faulted in page by
+  // page as the projection writes it: at 4 KiB pages that costs several times the projection itself.
+  static at::Tensor empty_like(const at::Tensor& t) {
+    at::Tensor out = at::empty_like(t);
+#ifdef MADV_HUGEPAGE
+    constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+    const auto address = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (address + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t end = (address + out.nbytes()) & ~(kHugePage - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+    return out;
   }
 
   static void inverse_norms(const at::Tensor& v, const at::Tensor& out) {

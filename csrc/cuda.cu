@@ -300,6 +300,8 @@ struct CudaDevice {
     for (int64_t k = 0; k < units; ++k) body(0, k);
   }
 
+  static at::Tensor empty_like(const at::Tensor& t) { return at::empty_like(t); }
+
   static void inverse_norms(const at::Tensor& v, const at::Tensor& out) {
     MF_DISPATCH_FLOATING_TYPES(v.scalar_type(), "marginfused cuda inverse_norms", [&] {
       inverse_norms_kernel<scalar_t><<<grid_for(v.size(0), kWarps), kThreads, 0, stream()>>>(

@@ -51,6 +51,7 @@
 //   operand_type(input), product_type(input)    its GEMMs' dtypes for inputs of dtype `input`
 //   gradients_over_products(input, K)           whether the gradient pass may write U over S
 //   concurrency(), run(units, workers, body)    its workers at most; body(worker, unit) for every unit
+//   empty_like(w)                               W's gradient, uninitialised
 //   Scratch(n)                                  a worker's row-pass scratch for chunks of n rows
 //   inverse_norms(v, out)                       out_i = 1/max(|v_i|, 1e-12), overflow-safe (common.h)
 //   forward_rows(rows, s, r, chunk, split, scratch)    fold S of a chunk into a split's partials
@@ -354,7 +355,7 @@ Gradients backward(const Call& call, bool need_x, bool need_w) {
   check_backward(Device::kBackward, Device::kType, call);
   const typename Device::Guard guard(call.x.device());
   const at::Tensor grad_x = need_x ? at::empty_like(call.x) : at::Tensor();
-  const at::Tensor grad_w = need_w ? at::empty_like(call.w) : at::Tensor();
+  const at::Tensor grad_w = need_w ? Device::empty_like(call.w) : at::Tensor();
   if (!need_x && !need_w) return Gradients{grad_x, grad_w};
   const Geometry g(call);
   const GemmTypes types = gemm_types<Device>(call.x.scalar_type());

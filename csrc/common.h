@@ -19,10 +19,11 @@
 
 // Per-element helpers, inlined always: a call left in a loop over a tile row (GCC's inliner stops
 // at its growth limit in a translation unit as large as a pybind module) keeps the loop scalar.
+#define MF_INLINE inline __attribute__((always_inline))
 #if defined(__CUDACC__)
 #define MF_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define MF_HOST_DEVICE inline __attribute__((always_inline))
+#define MF_HOST_DEVICE MF_INLINE
 #endif
 
 // Dispatch over the input dtypes the fused backends compute from: float, half, bfloat16.

@@ -51,8 +51,8 @@ using bf16_bits = uint16_t;
 // A GEMM dtype's value widened to fp32, and an fp32 value rounded (to nearest even) to an output
 // dtype. (Rounding to bfloat16 with integer operations assumes no NaN payload in the top mantissa
 // bits; the inputs' values are checked finite before the kernels run.)
-MF_HOST_DEVICE float widen(float v) { return v; }
-MF_HOST_DEVICE float widen(bf16_bits v) {
+MF_INLINE float widen(float v) { return v; }
+MF_INLINE float widen(bf16_bits v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float out;
   std::memcpy(&out, &bits, sizeof(float));
@@ -60,11 +60,11 @@ MF_HOST_DEVICE float widen(bf16_bits v) {
 }
 
 template <typename T>
-MF_HOST_DEVICE T narrow(float v) {
+MF_INLINE T narrow(float v) {
   return static_cast<T>(v);
 }
 template <>
-MF_HOST_DEVICE bf16_bits narrow<bf16_bits>(float v) {
+MF_INLINE bf16_bits narrow<bf16_bits>(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(float));
   return static_cast<bf16_bits>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
@@ -97,7 +97,7 @@ void with_output_data(const at::Tensor& t, const F& f) {
 // exponent bits. Relative error < 1e-7 (8e-8 measured over [-87, 0]). Below -87 it returns e^-87
 // (1.6e-38) rather than underflowing (no branch, so the loops vectorise; every use adds it to sums >= 1 or
 // to gradients where 1e-38 is far below fp32 resolution).
-MF_HOST_DEVICE float exp_fp32(float v) {
+MF_INLINE float exp_fp32(float v) {
   v = v < -87.0f ? -87.0f : v;
   v = v > 88.0f ? 88.0f : v;
   // Round v·log2(e) to the nearest integer with the 1.5·2^23 trick (no floor: vectorises on SSE2).
@@ -170,7 +170,7 @@ void project(const h_t* h, const v_t* v, const float* inv, int64_t count, int64_
 
 // c_ij = clamp(q_i r_j S_ij, -1, 1) of S_ij in a GEMM dtype.
 template <typename product_t>
-MF_HOST_DEVICE float cosine(product_t dot, float qi, float rj) {
+MF_INLINE float cosine(product_t dot, float qi, float rj) {
   float c = widen(dot) * qi * rj;
   c = c < -1.0f ? -1.0f : c;
   return c > 1.0f ? 1.0f : c;
@@ -182,13 +182,13 @@ struct RowCosines {
   const product_t* dots;
   float qi;
   const float* r;
-  MF_HOST_DEVICE float operator()(int64_t j) const { return cosine(dots[j], qi, r[j]); }
+  MF_INLINE float operator()(int64_t j) const { return cosine(dots[j], qi, r[j]); }
 };
 
 // The class cosines a sub-centre pass left in `best`.
 struct ClassCosines {
   const float* best;
-  MF_HOST_DEVICE float operator()(int64_t j) const { return best[j]; }
+  MF_INLINE float operator()(int64_t j) const { return best[j]; }
 };
 
 // Row i's class cosines over a chunk of n classes of K sub-centres each, from S_i· over their n·K
@@ -424,7 +424,9 @@ struct CpuDevice {
   static void forward_rows(const Rows& rows, const at::Tensor& s, const at::Tensor& r, const Chunk& chunk,
                            const SplitPartials& out, Scratch& scratch) {
     RECORD_FUNCTION("marginfused::cpu_forward_rows", c10::ArrayRef<const c10::IValue>{});
-    with_gemm_data(s, [&](const auto* dots) { forward_tile(dots, s.size(0), r.data_ptr<float>(), rows, chunk, out, scratch); });
+    with_gemm_data(s, [&](const auto* dots) {
+      forward_tile(dots, s.size(0), r.data_ptr<float>(), rows, chunk, out, scratch);
+    });
   }
 
   // U over S in place: the products' dtype is the operands'.

@@ -205,7 +205,7 @@ struct Workspace {
   at::Tensor r;          // (n) fp32 the chunk's inverse norms
   at::Tensor dx;         // (B, D) fp32 Σ U W_chunk over the worker's chunks          (backward, need_x)
   at::Tensor dx_chunk;   // (B, D) U W_chunk where addmm_ cannot add it to dx           (backward, need_x)
-  at::Tensor dw_rows;    // (n·D) Uᵀ X where the rows of grad_w cannot hold it          (backward, need_w)
+  at::Tensor dw_rows;    // (n·D) Uᵀ X, in cache for its projection into grad_w's rows  (backward, need_w)
   typename Device::Scratch scratch;
 
   Workspace(const Geometry& g, const GemmTypes& types, const at::TensorOptions& options)
@@ -226,7 +226,7 @@ std::vector<Workspace<Device>> forward_workspaces(int workers, const Geometry& g
 }
 
 // A backward's buffers: the forward's, and U, the dX accumulators (worker 0's is grad_x itself for
-// fp32 inputs, zeroed), U W_chunk where U is lifted or not fp32, and Uᵀ X where its dtype is not W's.
+// fp32 inputs, zeroed), U W_chunk where U is lifted or not fp32, and Uᵀ X.
 template <class Device>
 std::vector<Workspace<Device>> backward_workspaces(int workers, const Geometry& g, const GemmTypes& types,
                                                    const at::TensorOptions& options, bool lifted,

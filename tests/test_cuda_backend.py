@@ -174,9 +174,9 @@ def test_cuda_rejects_bad_inputs(cuda_ext):
 
     def backward(need_w=True, **change):
         on_gpu = dict(device="cuda")
-        fields = dict(x=x, w=w, y=y, target_logit=torch.zeros(b, **on_gpu), target_slope=torch.full((b,), 64.0, **on_gpu),
-                      row_max=torch.zeros(b, **on_gpu), log_sumexp=torch.zeros(b, **on_gpu),
-                      upstream=torch.ones(b, **on_gpu), num_classes=20, chunk=8)
+        fields = dict(x=x, w=w, y=y, target_logit=torch.zeros(b, **on_gpu),
+                      target_slope=torch.full((b,), 64.0, **on_gpu), row_max=torch.zeros(b, **on_gpu),
+                      log_sumexp=torch.zeros(b, **on_gpu), upstream=torch.ones(b, **on_gpu), num_classes=20, chunk=8)
         return cuda_ext.backward(cuda_ext.Call(**{**fields, **change}), need_x=True, need_w=need_w)
 
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):

@@ -38,12 +38,10 @@ class Tiles:
 # memory within each target's limit, every pipelined ring of dot operands deep enough, in the plain,
 # the negatives-rule and the sub-centre variant of each kernel, under every supported Triton
 # (3.6 and 3.9: each builds with its own ptxas). ptxas aims at 128 registers per thread when a
-# kernel's natural count lies a little above it and spills or takes a stack frame to get there
-# (five float32 builds of 4 warps got 128 registers and an 8–16 byte stack from Triton 3.6's
-# ptxas, and none from 3.9's), so the float32 configurations sit well clear of it:
-# 8 warps for the forward's 32 × 32 tiles (69–88 registers), a BLOCK_D of 16 for Hopper's dW kernel
-# (at 32, the +rule variant took an 8-byte stack on sm_100). None of this is timed yet: to be
-# measured on a GPU (`python -m bench`, or bench/gpu_session.sh).
+# kernel's natural count lies a little above it, and takes a stack frame to get there, so the
+# float32 configurations sit well clear of it: 8 warps for the forward's 32 × 32 tiles (69–88
+# registers), a BLOCK_D of 16 for Hopper's dW kernel (154–189). The configurations are not timed
+# yet: that is a GPU's to measure (`python -m bench`, or bench/gpu_session.sh).
 FORWARD_GPU = {
     ("hopper", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
     ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2),

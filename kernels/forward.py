@@ -18,7 +18,7 @@ Grid: (cdiv(B, BLOCK_B), n_splits). Program (b, k) owns rows [b·BLOCK_B, …) a
 BLOCK_C tiles; each tile's D loop loads x and W chunks for the dot product alone, scaled in the
 epilogue by the inverse norms 1/max(‖x_i‖, 1e-12), 1/max(‖w_j‖, 1e-12) of a pre-pass
 (`tiles.cos_tile`). It writes one partial per row into row k of each (n_splits, B) output; the host
-merges the splits (`marginfused.partials.merge_partials`) and the loss is
+merges the splits (`marginfused.partials.merge`) and the loss is
 ℓ_i = lse_i − (1−ε)·z_iy − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
 
 Saved for the backward pass: max_i and sumexp_i of the merged partials (lse_i = max_i +

@@ -26,7 +26,7 @@ def test_the_cpp_norm_eps_is_the_python_one():
 
 def test_no_cpp_copy_of_the_derivative_clamp_drifts():
     """The kernels take each row's slope from the PyTorch pre-pass, so C++ needs no copy of
-    DERIVATIVE_EPS; a copy someone adds must still be the Python value (it once was 1e-6)."""
+    DERIVATIVE_EPS; a copy someone adds must still be the Python value."""
     sources = "\n".join(p.read_text() for p in sorted((ROOT / "csrc").glob("*")) if p.suffix in (".h", ".cpp", ".cu"))
     for value in re.findall(r"kDerivativeEps\s*=\s*([0-9.eE+-]+)f?", sources):
         assert np.float32(float(value)) == np.float32(constants.DERIVATIVE_EPS), f"kDerivativeEps = {value}"

@@ -1,6 +1,7 @@
 """Ranks that build or call the sharded loss differently never train wrong in silence, hang or
 abort: every rank raises, within the collectives' timeout (tests/ranks.py), an error naming the
-setting and each rank's value, or the rank whose own checks failed."""
+setting and each rank's value, or the rank whose own checks failed. And what a head built alike
+gives on every rank: its margin's state in its dtype, its accuracy over the whole batch."""
 
 import functools
 
@@ -91,12 +92,28 @@ def _check_state_follows_dtype():
     assert {buffer.dtype for buffer in head.margin.buffers()} == {torch.float64}
 
 
+def _check_accuracy(rank, world):
+    """The sharded head's return_accuracy: the accuracy of the whole batch, the same on every rank,
+    that of one process over the concatenated batch and the whole centres."""
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(4 * world, DIM, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 50, (4 * world,), generator=g)
+    head = _head(num_classes=50, dtype=torch.float64, backend="torch")
+    whole = torch.randn(50, DIM, generator=g, dtype=torch.float64)
+    x[::2] = whole[y[::2]]  # half the rows on their centre: an accuracy of at least 0.5
+    head.load_state_dict({"weight": whole})
+    loss, accuracy = head(x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4], return_accuracy=True)
+    _, expected = mf.margin_cross_entropy(x, whole, y, backend="torch", return_accuracy=True)
+    assert 0.5 <= float(expected) < 1.0 and float(accuracy) == float(expected)
+
+
 def _checks(rank, world):
     checks = [(f"head {name}", functools.partial(_check_head_mismatch, rank, *case)) for name, case in MISMATCHES.items()]
     checks += [("one rank refuses", functools.partial(_check_one_rank_refuses, rank, world)),
                ("call mismatch", functools.partial(_check_call_mismatch, rank, world)),
                ("load mismatch", functools.partial(_check_load_mismatch, rank, world)),
-               ("state follows dtype", _check_state_follows_dtype)]
+               ("state follows dtype", _check_state_follows_dtype),
+               ("accuracy", functools.partial(_check_accuracy, rank, world))]
     return checks
 
 

@@ -43,7 +43,8 @@ inline void bind_entry_points(pybind11::module_& m, const char* doc, ForwardPart
       .def_readwrite("subcenters", &Call::subcenters)
       .def_readwrite("num_classes", &Call::num_classes)
       .def_readwrite("class_start", &Call::class_start)
-      .def_readwrite("chunk", &Call::chunk);
+      .def_readwrite("chunk", &Call::chunk)
+      .def_readwrite("dx_splits", &Call::dx_splits);
   m.def("forward_partials", forward_partials, py::call_guard<py::gil_scoped_release>(),
         "The per-row partials (max, sumexp, logit_sum, best_cos, best_class) over the call's classes, each "
         "(splits, B), one row per split in class order, unmerged",

@@ -60,6 +60,7 @@ struct Call {
   int64_t num_classes = 1;       // C over every shard, for ε/C                          (backward)
   int64_t class_start = 0;       // the first global class of this shard
   int64_t chunk = 1024;          // rows of W per chunk (rounded down to whole classes)
+  int64_t dx_splits = 1;         // ways the dX GEMM of a chunk splits its depth, at most    (backward)
 };
 
 // forward_partials: per-row partials over this shard's classes [class_start, class_start + C),

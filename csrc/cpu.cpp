@@ -369,8 +369,12 @@ struct CpuDevice {
   static at::ScalarType operand_type(at::ScalarType input) {
     return input == at::kFloat || (input == at::kBFloat16 && native_bf16_gemm.load()) ? input : at::kFloat;
   }
+  static at::ScalarType dots_type(at::ScalarType input) { return operand_type(input); }
   static at::ScalarType product_type(at::ScalarType input) { return operand_type(input); }
-  static bool gradients_over_products(at::ScalarType, int64_t) { return true; }
+  // Each row's pass reads its row of S before it writes that row of U.
+  static bool gradients_over_products(const GemmTypes&, int64_t) { return true; }
+  // Each chunk's norms just before its GEMM, while its rows of W are in this core's cache.
+  static constexpr bool kNormsPerChunk = true;
   static int64_t concurrency() { return at::get_num_threads(); }
 
   // body(thread, unit) for every unit in [0, units) on `workers` OpenMP threads, in one parallel

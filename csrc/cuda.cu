@@ -2,13 +2,22 @@
 // written out) on CUDA tensors, with this device's row passes, inverse norms and projection as
 // CUDA kernels, every unit of work on the current stream in turn.
 //
-// GEMM dtypes: operands in the inputs' dtype, products in fp32 (cuBLAS through ATen's out_dtype
-// overload for half/bf16). Kernels per chunk:
-//   inverse_norms_kernel   r for the chunk's rows of W (and once q for x);
+// GEMM dtypes: operands in the inputs' dtype; S in bfloat16 for bfloat16 inputs (cuBLAS accumulates
+// in fp32 and rounds once, as the torch reference's bfloat16 matmul rounds its logits), else fp32
+// (float16's range cannot hold every raw dot product); U W and Uᵀ X in fp32 (cuBLAS through ATen's
+// out_dtype overload for half/bf16). The row passes read S and compute in fp32. The chunk size and
+// the dX GEMM's depth splits come from Python (marginfused/backends/chunks.py: enough classes that
+// the split dX GEMM fills every SM, the chunk's working set within L2).
+//
+// Launches: once per call, inverse_norms_kernel for x and for all of W (q and r); per chunk, forward:
+// the S GEMM and
 //   forward_rows_kernel    one block per row folds the chunk into its split's partials;
-//   gradient_rows_kernel   U_ij = u_i q_i r_j G_ij elementwise, in the input dtype for the GEMMs: for
-//                          float16 lifted by the caller's power of two 2^k before the cast
-//                          (marginfused/backends/lift.py) and clamped to float16's range;
+// backward: the S GEMM,
+//   gradient_rows_kernel   U_ij = u_i q_i r_j G_ij elementwise, in the input dtype for the GEMMs (over
+//                          S where both are bfloat16 or fp32): for float16 lifted by the caller's power
+//                          of two 2^k before the cast (marginfused/backends/lift.py) and clamped to
+//                          float16's range;
+// the dX GEMM (one batched GEMM over its depth splits, adding into fp32 accumulators), the H GEMM and
 //   project_rows_kernel    dW's rows from H (×2^-k where lifted), and after the last chunk dX from A.
 // Sub-centres: a class's cosine is the largest of its K rows' (pick_subcenter), its entry of U sits
 // at that row and 0 at the others.
@@ -118,26 +127,28 @@ __global__ void inverse_norms_kernel(const scalar_t* __restrict__ rows, int64_t 
 
 // Sub-centres: a class's cosine is the largest of its K sub-centres' and its gradient goes to the
 // first sub-centre holding it: pick_subcenter gives both, c_ij = max_k clamp(q_i r_k S_k, -1, 1) over
-// the class's K raw dot products `dots` (fp32) and inverse norms `r`.
+// the class's K raw dot products `dots` (fp32 or bfloat16) and inverse norms `r`.
 struct SubcenterPick {
   float cosine;
   int64_t k;
 };
 
-__device__ __forceinline__ SubcenterPick pick_subcenter(const float* dots, const float* r, float qi,
+template <typename dots_t>
+__device__ __forceinline__ SubcenterPick pick_subcenter(const dots_t* dots, const float* r, float qi,
                                                         int64_t subcenters) {
-  SubcenterPick best{clamp_unit(dots[0] * qi * r[0]), 0};
+  SubcenterPick best{clamp_unit(static_cast<float>(dots[0]) * qi * r[0]), 0};
   for (int64_t k = 1; k < subcenters; ++k) {
-    const float c = clamp_unit(dots[k] * qi * r[k]);
+    const float c = clamp_unit(static_cast<float>(dots[k]) * qi * r[k]);
     if (c > best.cosine) best = SubcenterPick{c, k};
   }
   return best;
 }
 
 // c_ij of class j (chunk-local) from the row's dot products.
-__device__ __forceinline__ float class_cosine(const float* dots, const float* r, float qi, int64_t j,
+template <typename dots_t>
+__device__ __forceinline__ float class_cosine(const dots_t* dots, const float* r, float qi, int64_t j,
                                               int64_t subcenters) {
-  return subcenters == 1 ? clamp_unit(dots[j] * qi * r[j])
+  return subcenters == 1 ? clamp_unit(static_cast<float>(dots[j]) * qi * r[j])
                          : pick_subcenter(dots + j * subcenters, r + j * subcenters, qi, subcenters).cosine;
 }
 
@@ -145,13 +156,14 @@ __device__ __forceinline__ float class_cosine(const float* dots, const float* r,
 // partials (common.h, SplitPartials), in two passes over the row of S: the chunk's largest logit
 // and cosine and its logit sum, then Σ exp(z − m') and, where the chunk's best cosine beats the
 // split's, the first class holding it. The target's logit is t_i.
+template <typename dots_t>
 __global__ void __launch_bounds__(kThreads)
-    forward_rows_kernel(const float* __restrict__ s, const float* __restrict__ r, Rows rows, Chunk chunk,
+    forward_rows_kernel(const dots_t* __restrict__ s, const float* __restrict__ r, Rows rows, Chunk chunk,
                         SplitPartials out) {
   __shared__ float shared_value[kWarps];
   __shared__ int64_t shared_index[kWarps];
   const int64_t i = blockIdx.x, n = chunk.classes, K = rows.subcenters;
-  const float* dots = s + i * chunk.rows;
+  const dots_t* dots = s + i * chunk.rows;
   const float qi = rows.q[i];
   const int64_t target = target_column(rows.labels[i], chunk.class0, n, rows.ignore_index);
   const float target_logit = target >= 0 ? rows.target_logit[i] : 0.0f;
@@ -199,12 +211,12 @@ __device__ __forceinline__ grad_t to_gradient_tile(float value) {
 }
 
 // Elementwise over the B×(chunk rows) tile: U_ij = 2^k u_i q_i r_j ∂ℓ_i/∂c_ij from S_ij (zero on
-// ignored rows), written as grad_t (the input dtype, for the GEMMs; over S when that is fp32 and
-// K = 1). t_i and σ_i are read only on the target. With K sub-centres per class, element jK + k
+// ignored rows), written as grad_t (the input dtype, for the GEMMs; over S when S has that dtype
+// and K = 1). t_i and σ_i are read only on the target. With K sub-centres per class, element jK + k
 // holds class j's entry if k is its chosen sub-centre, else 0 (each thread reads its class's K dot
 // products).
-template <typename grad_t>
-__global__ void gradient_rows_kernel(const float* s, grad_t* u, const float* __restrict__ r, Rows rows, Chunk chunk,
+template <typename dots_t, typename grad_t>
+__global__ void gradient_rows_kernel(const dots_t* s, grad_t* u, const float* __restrict__ r, Rows rows, Chunk chunk,
                                      int64_t batch) {
   // 2-D grid: x over the chunk's rows of W, y over rows of the batch (strided), so no index is
   // divided (but the column's class, once per thread, with sub-centres).
@@ -222,7 +234,7 @@ __global__ void gradient_rows_kernel(const float* s, grad_t* u, const float* __r
     float c;
     int64_t chosen = j;  // the row the class's gradient goes to
     if (K == 1) {
-      c = clamp_unit(s[idx] * rows.q[i] * r[j]);
+      c = clamp_unit(static_cast<float>(s[idx]) * rows.q[i] * r[j]);
     } else {
       const SubcenterPick pick = pick_subcenter(s + i * chunk.rows + group, r + group, rows.q[i], K);
       c = pick.cosine;
@@ -276,6 +288,16 @@ bool vector_rows(const at::Tensor& t) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
+// f(data) with S's data: bfloat16 or fp32 (CudaDevice::dots_type).
+template <typename F>
+void with_dots(const at::Tensor& s, const F& f) {
+  if (s.scalar_type() == at::kBFloat16) {
+    f(s.data_ptr<c10::BFloat16>());
+  } else {
+    f(s.data_ptr<float>());
+  }
+}
+
 // The chunked driver's CUDA device (driver.h): one worker, the units in turn on the current stream.
 struct CudaDevice {
   static constexpr c10::DeviceType kType = c10::DeviceType::CUDA;
@@ -288,11 +310,14 @@ struct CudaDevice {
   };
 
   static at::ScalarType operand_type(at::ScalarType input) { return input; }
+  static at::ScalarType dots_type(at::ScalarType input) { return input == at::kBFloat16 ? input : at::kFloat; }
   static at::ScalarType product_type(at::ScalarType) { return at::kFloat; }
-  // Only where each element of U reads its own element of S alone.
-  static bool gradients_over_products(at::ScalarType input, int64_t subcenters) {
-    return input == at::kFloat && subcenters == 1;
+  // Only where U and S have one dtype and each element of U reads its own element of S alone.
+  static bool gradients_over_products(const GemmTypes& types, int64_t subcenters) {
+    return types.dots == types.operand && subcenters == 1;
   }
+  // All of W's norms in one launch before the first chunk, not one launch per chunk.
+  static constexpr bool kNormsPerChunk = false;
   static int64_t concurrency() { return 1; }
 
   template <typename Body>
@@ -314,9 +339,11 @@ struct CudaDevice {
                            const SplitPartials& out, Scratch&) {
     if (s.size(0) == 0) return;  // no rows: an empty grid is no launch
     TORCH_CHECK(s.size(0) <= std::numeric_limits<int>::max(), kForward, ": batch too large for one grid");
-    forward_rows_kernel<<<static_cast<unsigned>(s.size(0)), kThreads, 0, stream()>>>(
-        s.data_ptr<float>(), r.data_ptr<float>(), rows, chunk, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_dots(s, [&](const auto* dots) {
+      forward_rows_kernel<<<static_cast<unsigned>(s.size(0)), kThreads, 0, stream()>>>(dots, r.data_ptr<float>(),
+                                                                                      rows, chunk, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
 
   static void gradient_rows(const Rows& rows, const at::Tensor& s, const at::Tensor& u, const at::Tensor& r,
@@ -325,9 +352,11 @@ struct CudaDevice {
     const dim3 grid(static_cast<unsigned>((chunk.rows + kThreads - 1) / kThreads),
                     static_cast<unsigned>(std::min<int64_t>(s.size(0), 65535)));
     MF_DISPATCH_FLOATING_TYPES(u.scalar_type(), "marginfused cuda gradient_rows", [&] {
-      gradient_rows_kernel<scalar_t><<<grid, kThreads, 0, stream()>>>(s.data_ptr<float>(), u.data_ptr<scalar_t>(),
-                                                                      r.data_ptr<float>(), rows, chunk, s.size(0));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_dots(s, [&](const auto* dots) {
+        gradient_rows_kernel<<<grid, kThreads, 0, stream()>>>(dots, u.data_ptr<scalar_t>(), r.data_ptr<float>(), rows,
+                                                              chunk, s.size(0));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
 

@@ -25,8 +25,10 @@
 //             G_ij = ∂ℓ_i/∂c_ij = s (p_ij − ε/C)               for j ≠ y_i,
 //             G_iy = ∂ℓ_i/∂c_iy = σ_i (p_iy − (1−ε) − ε/C)
 //           (U_i· = 0 on ignored rows); then A += U W_chunk (B×D) and H_chunk = Uᵀ X (n×D), two GEMMs
-//           on the raw inputs. Since A_i = q_i g_x̂_i and H_j = r_j g_ŵ_j, projecting through the
-//           normalisation gives
+//           on the raw inputs. The first splits its depth n over up to `dx_splits` ways (one batched
+//           GEMM over consecutive row ranges of the chunk, each into its own float32 accumulator,
+//           added up after the last chunk), so that its few B×D output tiles still fill a GPU.
+//           Since A_i = q_i g_x̂_i and H_j = r_j g_ŵ_j, projecting through the normalisation gives
 //             ∂ℓ/∂x_i = A_i − x̂_i (x̂_i·A_i),   ∂ℓ/∂w_j = H_j − ŵ_j (ŵ_j·H_j)
 //           (without the projection where |row| <= 1e-12, as F.normalize's clamp does): dW's rows
 //           chunk by chunk, dX after the last chunk.
@@ -36,20 +38,25 @@
 // at that sub-centre's row and 0 at the others, so the same two GEMMs give dX and every
 // sub-centre's dW.
 //
-// GEMMs: the operands (x, W's chunks, U) in the device's operand_type, the products (S, U W, Uᵀ X) in
-// its product_type; everything else is fp32. The fp16 lift (2^k, 2^-k), where given, multiplies U
-// before its cast to the operands' dtype and divides the products after (exact: powers of two).
+// GEMMs: the operands (x, W's chunks, U) in the device's operand_type, S in its dots_type, U W and
+// Uᵀ X in its product_type; the row passes compute in fp32 whatever they read and write, and dX is
+// accumulated in fp32. The fp16 lift (2^k, 2^-k), where given, multiplies U before its cast to the
+// operands' dtype; dW's rows and dX are divided by 2^k in their projections (exact: powers of two).
+// Inverse norms of W's rows: per chunk, just before its GEMM reads it (a device whose kNormsPerChunk),
+// or once for all of W before the first chunk (one launch instead of one per chunk).
 //
 // Work: the units (the forward's splits, the backward's chunks) are run by the device's workers,
 // each with its own buffers (Workspace), all allocated before any unit runs (so allocation trackers
-// see them). Each worker adds its chunks' U W_chunk into its own dX accumulator; the accumulators
-// are added in worker order at the end. dW rows of different chunks are disjoint.
+// see them). Each worker adds its chunks' U W_chunk into its own dX accumulators (one per split of
+// the depth); the accumulators are added in worker and split order at the end. dW rows of different chunks are disjoint.
 //
 // A device supplies, as static members:
 //   kType, kForward, kBackward   its tensors' device type; its entry points' names, for messages
 //   Guard(device)                what is held while a call runs (the CUDA device guard)
-//   operand_type(input), product_type(input)    its GEMMs' dtypes for inputs of dtype `input`
-//   gradients_over_products(input, K)           whether the gradient pass may write U over S
+//   operand_type(input), dots_type(input), product_type(input)
+//                                               its GEMMs' dtypes for inputs of dtype `input`
+//   gradients_over_products(types, K)           whether the gradient pass may write U over S
+//   kNormsPerChunk                              W's inverse norms chunk by chunk, or once for all of W
 //   concurrency(), run(units, workers, body)    its workers at most; body(worker, unit) for every unit
 //   empty_like(w)                               W's gradient, uninitialised
 //   Scratch(n)                                  a worker's row-pass scratch for chunks of n rows
@@ -62,6 +69,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
@@ -142,7 +151,7 @@ inline at::Tensor front(const at::Tensor& flat, int64_t rows, int64_t cols) {
 // W's rows in chunks of whole classes: the caller's `chunk` rows, at most all of them, rounded down
 // to whole classes of K (at least one class).
 struct Geometry {
-  int64_t batch, dim, rows, subcenters, class_start, chunk_rows, chunks;
+  int64_t batch, dim, rows, subcenters, class_start, chunk_rows, chunks, dx_splits;
 
   explicit Geometry(const Call& call)
       : batch(call.x.size(0)),
@@ -151,7 +160,8 @@ struct Geometry {
         subcenters(call.subcenters),
         class_start(call.class_start),
         chunk_rows(std::max<int64_t>(subcenters, std::min(call.chunk, rows) / subcenters * subcenters)),
-        chunks((rows + chunk_rows - 1) / chunk_rows) {}
+        chunks((rows + chunk_rows - 1) / chunk_rows),
+        dx_splits(std::max<int64_t>(1, std::min(call.dx_splits, chunk_rows))) {}
 
   Chunk chunk(int64_t k) const {
     const int64_t row0 = k * chunk_rows, count = std::min(chunk_rows, rows - row0);
@@ -171,12 +181,15 @@ inline int64_t first_chunk(int64_t split, int64_t splits, int64_t chunks) { retu
 
 // The dtypes of a call's GEMMs on a device.
 struct GemmTypes {
-  at::ScalarType input, operand, product;
+  at::ScalarType input;    // x's and W's
+  at::ScalarType operand;  // the GEMMs' operands: x, W's chunks, U
+  at::ScalarType dots;     // S = X W_chunkᵀ
+  at::ScalarType product;  // U W_chunk and Uᵀ X
 };
 
 template <class Device>
 GemmTypes gemm_types(at::ScalarType input) {
-  return GemmTypes{input, Device::operand_type(input), Device::product_type(input)};
+  return GemmTypes{input, Device::operand_type(input), Device::dots_type(input), Device::product_type(input)};
 }
 
 // `t` as a GEMM operand: itself, or converted to the operand dtype into `buffer` (at least as large).
@@ -199,19 +212,18 @@ inline void product(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
 // One worker's buffers (sizes for chunks of n rows of W).
 template <class Device>
 struct Workspace {
-  at::Tensor products;   // (B·n) S, in the product dtype
+  at::Tensor products;   // (B·n) S, in the dots dtype
   at::Tensor gradients;  // (B·n) U, in the operand dtype: `products` itself where U is written over S
   at::Tensor w_rows;     // (n·D) a chunk of W in the operand dtype, where that is not W's own
-  at::Tensor r;          // (n) fp32 the chunk's inverse norms
-  at::Tensor dx;         // (B, D) fp32 Σ U W_chunk over the worker's chunks          (backward, need_x)
-  at::Tensor dx_chunk;   // (B, D) U W_chunk where addmm_ cannot add it to dx           (backward, need_x)
+  at::Tensor r;          // (n) fp32 the chunk's inverse norms                        (norms per chunk)
+  at::Tensor dx;         // (splits, B, D) fp32 Σ U W_chunk, a split of the depth each  (backward, need_x)
+  at::Tensor dx_chunk;   // (splits, B, D) U W_chunk where no GEMM adds it to dx in fp32 (backward, need_x)
   at::Tensor dw_rows;    // (n·D) Uᵀ X, in cache for its projection into grad_w's rows  (backward, need_w)
   typename Device::Scratch scratch;
 
   Workspace(const Geometry& g, const GemmTypes& types, const at::TensorOptions& options)
-      : products(at::empty({g.batch * g.chunk_rows}, options.dtype(types.product))),
-        r(at::empty({g.chunk_rows}, options.dtype(at::kFloat))),
-        scratch(g.chunk_rows) {
+      : products(at::empty({g.batch * g.chunk_rows}, options.dtype(types.dots))), scratch(g.chunk_rows) {
+    if (Device::kNormsPerChunk) r = at::empty({g.chunk_rows}, options.dtype(at::kFloat));
     if (types.operand != types.input) w_rows = at::empty({g.chunk_rows * g.dim}, options.dtype(types.operand));
   }
 };
@@ -225,37 +237,88 @@ std::vector<Workspace<Device>> forward_workspaces(int workers, const Geometry& g
   return work;
 }
 
-// A backward's buffers: the forward's, and U, the dX accumulators (worker 0's is grad_x itself for
-// fp32 inputs, zeroed), U W_chunk where U is lifted or not fp32, and Uᵀ X.
+// A backward's buffers: the forward's, and U, the dX accumulators, one per split of the depth (worker
+// 0's is grad_x itself for fp32 inputs and one split), zeroed; U W_chunk where the device's GEMM
+// cannot add it to them in fp32; and Uᵀ X.
 template <class Device>
 std::vector<Workspace<Device>> backward_workspaces(int workers, const Geometry& g, const GemmTypes& types,
-                                                   const at::TensorOptions& options, bool lifted,
-                                                   const at::Tensor& grad_x, const at::Tensor& grad_w) {
+                                                   const at::TensorOptions& options, const at::Tensor& grad_x,
+                                                   const at::Tensor& grad_w) {
   std::vector<Workspace<Device>> work = forward_workspaces<Device>(workers, g, types, options);
-  const bool over = Device::gradients_over_products(types.input, g.subcenters);
+  const bool over = Device::gradients_over_products(types, g.subcenters);
   for (int t = 0; t < workers; ++t) {
     Workspace<Device>& ws = work[t];
     ws.gradients = over ? ws.products : at::empty({g.batch * g.chunk_rows}, options.dtype(types.operand));
     if (grad_x.defined()) {
-      ws.dx = t == 0 && types.input == at::kFloat ? grad_x : at::empty({g.batch, g.dim}, options.dtype(at::kFloat));
+      ws.dx = t == 0 && types.input == at::kFloat && g.dx_splits == 1
+                  ? grad_x.view({1, g.batch, g.dim})
+                  : at::empty({g.dx_splits, g.batch, g.dim}, options.dtype(at::kFloat));
       ws.dx.zero_();
-      if (lifted || types.operand != at::kFloat)
-        ws.dx_chunk = at::empty({g.batch, g.dim}, options.dtype(types.product));
+      if (types.operand != at::kFloat && types.product != at::kFloat)
+        ws.dx_chunk = at::empty({g.dx_splits, g.batch, g.dim}, options.dtype(types.product));
     }
     if (grad_w.defined()) ws.dw_rows = at::empty({g.chunk_rows * g.dim}, options.dtype(types.product));
   }
   return work;
 }
 
-// The chunk's rows of W as a GEMM operand, and their inverse norms into ws.r.
+// 1/max(|w_j|, 1e-12) of every row of W at once (one pass, one launch), where the device does not
+// take them chunk by chunk; else undefined.
 template <class Device>
-at::Tensor chunk_operand(const Call& call, const Chunk& chunk, const GemmTypes& types, Workspace<Device>& ws) {
-  const at::Tensor wg = as_operand(call.w.narrow(0, chunk.row0, chunk.rows), types, ws.w_rows);
-  Device::inverse_norms(wg, ws.r.narrow(0, 0, chunk.rows));
-  return wg;
+at::Tensor whole_norms(const Call& call) {
+  if (Device::kNormsPerChunk) return at::Tensor();
+  at::Tensor r = at::empty({call.w.size(0)}, call.w.options().dtype(at::kFloat));
+  Device::inverse_norms(call.w, r);
+  return r;
 }
 
-// S = X W_chunkᵀ (B × chunk rows) in the worker's product buffer.
+// A chunk's rows of W as a GEMM operand, and their inverse norms.
+struct ChunkOperand {
+  at::Tensor w, r;
+};
+
+// The chunk's rows of W as a GEMM operand, and their inverse norms: the rows of `norms` (whole_norms),
+// or computed now into ws.r.
+template <class Device>
+ChunkOperand chunk_operand(const Call& call, const Chunk& chunk, const GemmTypes& types, const at::Tensor& norms,
+                           Workspace<Device>& ws) {
+  const at::Tensor wg = as_operand(call.w.narrow(0, chunk.row0, chunk.rows), types, ws.w_rows);
+  if (!Device::kNormsPerChunk) return ChunkOperand{wg, norms.narrow(0, chunk.row0, chunk.rows)};
+  const at::Tensor r = ws.r.narrow(0, 0, chunk.rows);
+  Device::inverse_norms(wg, r);
+  return ChunkOperand{wg, r};
+}
+
+// The ways a chunk of `rows` rows splits the depth of its dX GEMM: the most, up to `most`, that
+// divide the rows evenly.
+inline int64_t depth_splits(int64_t rows, int64_t most) {
+  for (int64_t ways = std::min(most, rows); ways > 1; --ways) {
+    if (rows % ways == 0) return ways;
+  }
+  return 1;
+}
+
+// acc[k] += U_k W_k for the k-th of `ways` consecutive row ranges of the chunk (U: B×n, W: n×D): one
+// batched GEMM, in place where the operands are fp32 or the device's GEMM writes fp32 from 16-bit
+// operands (cuBLAS through ATen's out_dtype overload), else through `buffer` in the product dtype.
+inline void add_split_products(const at::Tensor& acc, const at::Tensor& u, const at::Tensor& w, int64_t ways,
+                               const at::Tensor& buffer) {
+  const int64_t batch = u.size(0), depth = u.size(1) / ways;
+  const at::Tensor a = u.view({batch, ways, depth}).transpose(0, 1);  // (ways, B, depth), rows of U strided
+  const at::Tensor b = w.view({ways, depth, w.size(1)});
+  at::Tensor out = acc.narrow(0, 0, ways);
+  if (u.scalar_type() == at::kFloat) {
+    out.baddbmm_(a, b);
+  } else if (!buffer.defined()) {
+    at::baddbmm_out(out, out, a, b, at::kFloat);
+  } else {
+    at::Tensor products = buffer.narrow(0, 0, ways);
+    at::bmm_out(products, a, b);
+    out.add_(products);
+  }
+}
+
+// S = X W_chunkᵀ (B × chunk rows) in the worker's dots buffer.
 template <class Device>
 at::Tensor cosine_products(const at::Tensor& xg, const at::Tensor& wg, Workspace<Device>& ws) {
   at::Tensor s = front(ws.products, xg.size(0), wg.size(0));
@@ -338,13 +401,14 @@ Partials forward_partials(const Call& call) {
   const Partials partials = empty_partials(splits, g, call.x.options());
   const int workers = static_cast<int>(std::min<int64_t>(Device::concurrency(), std::max<int64_t>(splits, 1)));
   std::vector<Workspace<Device>> work = forward_workspaces<Device>(workers, g, types, call.x.options());
+  const at::Tensor norms = whole_norms<Device>(call);
   Device::run(splits, workers, [&](int t, int64_t split) {
     Workspace<Device>& ws = work[t];
     const SplitPartials out = split_row(partials, split, g.batch);
     for (int64_t k = first_chunk(split, splits, g.chunks); k < first_chunk(split + 1, splits, g.chunks); ++k) {
       const Chunk chunk = g.chunk(k);
-      const at::Tensor wg = chunk_operand(call, chunk, types, ws);
-      Device::forward_rows(rows, cosine_products(emb.xg, wg, ws), ws.r, chunk, out, ws.scratch);
+      const ChunkOperand wc = chunk_operand(call, chunk, types, norms, ws);
+      Device::forward_rows(rows, cosine_products(emb.xg, wc.w, ws), wc.r, chunk, out, ws.scratch);
     }
   });
   return partials;
@@ -361,40 +425,31 @@ Gradients backward(const Call& call, bool need_x, bool need_w) {
   const GemmTypes types = gemm_types<Device>(call.x.scalar_type());
   const Embeddings emb = embeddings<Device>(call, types);
   const Rows rows = backward_rows_data(call, emb.q);
-  const bool lifted = rows.lift != nullptr;
-  const at::Tensor unlift = lifted ? call.lift->narrow(0, 1, 1) : at::Tensor();
+  const float* unlift = rows.lift ? rows.lift + 1 : nullptr;
   const int workers = static_cast<int>(std::min<int64_t>(Device::concurrency(), std::max<int64_t>(g.chunks, 1)));
   std::vector<Workspace<Device>> work =
-      backward_workspaces<Device>(workers, g, types, call.x.options(), lifted, grad_x, grad_w);
+      backward_workspaces<Device>(workers, g, types, call.x.options(), grad_x, grad_w);
+  const at::Tensor norms = whole_norms<Device>(call);
   Device::run(g.chunks, workers, [&](int t, int64_t k) {
     Workspace<Device>& ws = work[t];
     const Chunk chunk = g.chunk(k);
-    const at::Tensor wg = chunk_operand(call, chunk, types, ws);
+    const ChunkOperand wc = chunk_operand(call, chunk, types, norms, ws);
     const at::Tensor u = front(ws.gradients, g.batch, chunk.rows);
-    Device::gradient_rows(rows, cosine_products(emb.xg, wg, ws), u, ws.r, chunk, ws.scratch);
-    if (need_x) {  // A += U W_chunk (·2^-k where U is lifted)
-      if (!ws.dx_chunk.defined()) {
-        ws.dx.addmm_(u, wg);
-      } else {
-        product(ws.dx_chunk, u, wg);
-        if (lifted) {
-          ws.dx.addcmul_(ws.dx_chunk, unlift);
-        } else {
-          ws.dx.add_(ws.dx_chunk);
-        }
-      }
-    }
+    Device::gradient_rows(rows, cosine_products(emb.xg, wc.w, ws), u, wc.r, chunk, ws.scratch);
+    if (need_x) add_split_products(ws.dx, u, wc.w, depth_splits(chunk.rows, g.dx_splits), ws.dx_chunk);
     if (need_w) {  // H_chunk = Uᵀ X, projected into the chunk's rows of dW
       const at::Tensor out = grad_w.narrow(0, chunk.row0, chunk.rows);
       const at::Tensor h = front(ws.dw_rows, chunk.rows, g.dim);
       product(h, u.t(), emb.xg);
-      Device::project_rows(h, wg, ws.r, lifted ? rows.lift + 1 : nullptr, out);
+      Device::project_rows(h, wc.w, wc.r, unlift, out);
     }
   });
-  if (need_x) {
-    const at::Tensor& dx = work[0].dx;
-    for (int t = 1; t < workers; ++t) dx.add_(work[t].dx);
-    Device::project_rows(dx, emb.xg, emb.q, nullptr, grad_x);
+  if (need_x) {  // A: the accumulators added in worker and split order, then projected (·2^-k where lifted)
+    const at::Tensor dx = work[0].dx.select(0, 0);
+    for (int t = 0; t < workers; ++t) {
+      for (int64_t split = t == 0 ? 1 : 0; split < g.dx_splits; ++split) dx.add_(work[t].dx.select(0, split));
+    }
+    Device::project_rows(dx, emb.xg, emb.q, unlift, grad_x);
   }
   return Gradients{grad_x, grad_w};
 }

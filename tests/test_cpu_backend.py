@@ -42,7 +42,7 @@ def chunk(monkeypatch):
     """Set the classes per chunk for the test."""
 
     def set_chunk(value: int) -> None:
-        monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: value)
+        monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: value)
 
     return set_chunk
 
@@ -82,6 +82,20 @@ def test_both_bfloat16_gemm_paths_hold_to_the_truth(ext, chunk, bfloat16_gemm, m
     x, w, y = make_inputs(23, 300, 40, ignored=3, seed=11)
     assert_matches_truth("cpu", x, w, y, torch.bfloat16, margin="arcface", margin_grad=margin_grad,
                          label_smoothing=0.1, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_dx_gemm_split_over_its_depth(ext, chunk, monkeypatch, dtype):
+    """The dX GEMM of each chunk split over its depth (as the cuda backend splits it to fill a GPU)
+    into separate accumulators: chunks of 12 rows in 4 ways, the last of 9 in 3 (the most that
+    divide it), sub-centres included; the gradients hold to the truth."""
+    chunk(12)
+    monkeypatch.setattr(extension, "dx_splits", lambda device, batch, dim, chunk: 4)
+    x, w, y = make_inputs(11, 45, 10, ignored=2, seed=5)
+    scale = 30.0 if dtype == torch.float32 else 64.0
+    assert_matches_truth("cpu", x, w, y, dtype, margin="arcface", scale=scale, reduction="none")
+    y3 = torch.where(y >= 0, y % 15, y)
+    assert_matches_truth("cpu", x, w, y3, dtype, subcenters=3, scale=scale, reduction="none")
 
 
 def test_the_bfloat16_gemm_choice_is_made_once_per_process():

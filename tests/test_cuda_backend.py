@@ -110,7 +110,7 @@ def cuda_ext():
 @pytest.mark.parametrize("grad_mode", ["detached", "exact"])
 @pytest.mark.parametrize("margin", list(MARGINS))
 def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mode, dtype):
-    monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: 100)
+    monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: 100)
     x, w, y = make_inputs(37, 1031, 96, ignored=3, seed=11, device="cuda")
     scale = 30.0 if dtype == torch.float32 else 64.0
     assert_matches_truth("cuda", x, w, y, dtype, margin=MARGINS[margin], margin_grad=grad_mode, scale=scale,
@@ -125,7 +125,7 @@ def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mo
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cuda_awkward_shapes(cuda_ext, monkeypatch, batch, classes, dim, chunk_classes, reduction):
     if chunk_classes is not None:
-        monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: chunk_classes)
+        monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: chunk_classes)
     x, w, y = make_inputs(batch, classes, dim, seed=batch + classes, device="cuda")
     assert_matches_truth("cuda", x, w, y, torch.float32, margin="sphereface", margin_grad="exact", scale=30.0,
                          reduction=reduction)
@@ -156,7 +156,7 @@ def test_cuda_memory_does_not_grow_with_classes(cuda_ext, monkeypatch):
         peak = torch.cuda.max_memory_allocated() - before - w.numel() * 4 - x.numel() * 4
         extra[classes] = peak
         assert peak < 4 * batch * classes, f"{peak} bytes: a B×C allocation"
-    tile = 4 * batch * extension.chunk_size("cuda", batch)
+    tile = 4 * batch * extension.chunk_size("cuda", batch, dim, torch.float32)
     assert abs(extra[600_000] - extra[200_000]) < tile, f"working memory grows with C: {extra}"
 
 

@@ -38,6 +38,7 @@ from ..negatives import NegativesRule
 from ..normalize import inverse_norms
 from ..partials import LogSumExp, RowPartials
 from . import lift
+from .chunks import GpuShape, cuda_chunk_classes, cuda_dx_splits
 from .base import BackendUnavailableError, KernelSettings
 from .ops import FusedBackend
 
@@ -191,21 +192,29 @@ CPU_TILE_BYTES = 1 << 20
 MIN_CHUNK = 16
 
 
-def tile_bytes(device: torch.device) -> int:
-    """The budget of the B×chunk fp32 tile: CPU_TILE_BYTES on the CPU; on a GPU a third of its L2
-    cache, so that the tile, its 16-bit copy for the backward GEMMs and the chunk of W stay in L2
-    between the GEMM that writes the tile and the kernels that read it (on an H100, 50 MB of L2:
-    a 16.7 MB tile, 4096 classes at B = 1024)."""
+def gpu_shape(device: torch.device) -> GpuShape:
+    """The SMs and L2 bytes of a CUDA device, what its chunks are sized from (chunks.py)."""
+    properties = torch.cuda.get_device_properties(device)
+    return GpuShape(properties.multi_processor_count, properties.L2_cache_size)
+
+
+def chunk_size(device: torch.device, batch: int, dim: int, dtype: torch.dtype) -> int:
+    """Rows of W per chunk for a (batch × dim) x of `dtype` (the extensions round it down to whole
+    classes of sub-centres): on the CPU one B×chunk fp32 tile within CPU_TILE_BYTES, a core's cache;
+    on a GPU `cuda_chunk_classes`, enough that the split dX GEMM fills every SM."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).L2_cache_size // 3
-    return CPU_TILE_BYTES
+        return cuda_chunk_classes(gpu_shape(device), batch, dim, dtype)
+    return max(MIN_CHUNK, CPU_TILE_BYTES // (4 * batch))
 
 
-def chunk_size(device: torch.device, batch: int) -> int:
-    """Rows of W per chunk for a batch of `batch` rows: one B×chunk fp32 tile within `tile_bytes`
-    (the extensions round it down to whole classes of sub-centres)."""
-    return max(MIN_CHUNK, tile_bytes(device) // (4 * batch))
+def dx_splits(device: torch.device, batch: int, dim: int, chunk: int) -> int:
+    """Ways the dX GEMM of a chunk splits its depth: on a GPU `cuda_dx_splits` (its few output tiles
+    fill the SMs only so); 1 on the CPU, whose threads each run their own chunks' GEMMs."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_dx_splits(gpu_shape(device), batch, dim, chunk)
+    return 1
 
 
 def gradient_tile_lift(x: Tensor, w: Tensor, upstream: Tensor, target_slope: Tensor, scale: float,
@@ -227,8 +236,8 @@ def _row_data(t: Tensor) -> Tensor:
 class ExtensionBackend(FusedBackend):
     """A backend running the chunked C++ extension built for `device_type` tensors (csrc/).
 
-    Both walk the classes in chunks whose B×chunk fp32 tile stays within a fixed budget, however
-    many classes there are: per chunk one GEMM for the raw dot products (normalisation folded in
+    Both walk the classes in chunks of a size fixed by the batch and the device (`chunk_size`),
+    however many classes there are: per chunk one GEMM for the raw dot products (normalisation folded in
     as row and column scales, no normalised copy of W), then one fused pass that puts the supplied
     target logit on each row's target column and folds the chunk into its split's running max /
     sum-exp, logit sum and argmax; the splits' partials come back unmerged. The backward pass
@@ -245,15 +254,18 @@ class ExtensionBackend(FusedBackend):
 
     def _call(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings, **backward):
         """The extension's one argument (csrc/common.h, Call), built here alone: the tensors and the
-        kernel settings by name, and the backward's (B,) tensors and fp16 lift where given."""
+        kernel settings by name, the chunking, and the backward's (B,) tensors and fp16 lift where given."""
         rule = kernel.negatives_rule
+        batch, dim = x.shape
+        chunk = chunk_size(x.device, batch, dim, x.dtype)
         return load(self.device_type).Call(
             x=x.detach().contiguous(), w=w.detach().contiguous(), y=y.long().contiguous(),
             target_logit=_row_data(target_logit),
             rule_threshold=None if rule is None else rule.threshold, rule_offset=None if rule is None else rule.offset,
             rule_quadratic=0.0 if rule is None else rule.quadratic, scale=kernel.scale,
             ignore_index=kernel.ignore_index, label_smoothing=kernel.label_smoothing, subcenters=kernel.subcenters,
-            num_classes=kernel.num_classes, class_start=kernel.class_start, chunk=chunk_size(x.device, x.shape[0]),
+            num_classes=kernel.num_classes, class_start=kernel.class_start, chunk=chunk,
+            dx_splits=dx_splits(x.device, batch, dim, chunk),
             **{name: None if t is None else _row_data(t) for name, t in backward.items()},
         )
 

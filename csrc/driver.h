@@ -301,6 +301,7 @@ inline int64_t depth_splits(int64_t rows, int64_t most) {
 // acc[k] += U_k W_k for the k-th of `ways` consecutive row ranges of the chunk (U: B×n, W: n×D): one
 // batched GEMM, in place where the operands are fp32 or the device's GEMM writes fp32 from 16-bit
 // operands (cuBLAS through ATen's out_dtype overload), else through `buffer` in the product dtype.
+// One way (the CPU's) takes the plain GEMMs.
 inline void add_split_products(const at::Tensor& acc, const at::Tensor& u, const at::Tensor& w, int64_t ways,
                                const at::Tensor& buffer) {
   const int64_t batch = u.size(0), depth = u.size(1) / ways;
@@ -308,12 +309,20 @@ inline void add_split_products(const at::Tensor& acc, const at::Tensor& u, const
   const at::Tensor b = w.view({ways, depth, w.size(1)});
   at::Tensor out = acc.narrow(0, 0, ways);
   if (u.scalar_type() == at::kFloat) {
-    out.baddbmm_(a, b);
+    if (ways == 1) {
+      out.select(0, 0).addmm_(u, w);
+    } else {
+      out.baddbmm_(a, b);
+    }
   } else if (!buffer.defined()) {
     at::baddbmm_out(out, out, a, b, at::kFloat);
   } else {
     at::Tensor products = buffer.narrow(0, 0, ways);
-    at::bmm_out(products, a, b);
+    if (ways == 1) {
+      product(products.select(0, 0), u, w);
+    } else {
+      at::bmm_out(products, a, b);
+    }
     out.add_(products);
   }
 }

@@ -118,6 +118,20 @@ def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mo
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("subcenters", [1, 3])
+def test_cuda_dx_gemm_split_over_its_depth(cuda_ext, monkeypatch, dtype, subcenters):
+    """The dX GEMM split 4 ways over chunks of 96 rows (3 over the last, of 69: the most that divide
+    it), into fp32 accumulators (ATen's out_dtype batched GEMM for 16-bit operands)."""
+    monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: 96)
+    monkeypatch.setattr(extension, "dx_splits", lambda device, batch, dim, chunk: 4)
+    x, w, y = make_inputs(37, 453, 40, ignored=3, seed=12, device="cuda")
+    y = torch.where(y >= 0, y % (453 // subcenters), y)
+    scale = 30.0 if dtype == torch.float32 else 64.0
+    assert_matches_truth("cuda", x, w, y, dtype, subcenters=subcenters, scale=scale, reduction="none")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "batch, classes, dim, chunk_classes",
     [(5, 1, 8, None), (6, 10, 7, None), (9, 50, 16, 7), (4, 33, 5, 16), (1, 64, 3, 64), (300, 129, 33, 1)],

@@ -48,7 +48,8 @@
 // Work: the units (the forward's splits, the backward's chunks) are run by the device's workers,
 // each with its own buffers (Workspace), all allocated before any unit runs (so allocation trackers
 // see them). Each worker adds its chunks' U W_chunk into its own dX accumulators (one per split of
-// the depth); the accumulators are added in worker and split order at the end. dW rows of different chunks are disjoint.
+// the depth); the accumulators are added in worker and split order at the end. dW rows of
+// different chunks are disjoint.
 //
 // A device supplies, as static members:
 //   kType, kForward, kBackward   its tensors' device type; its entry points' names, for messages

@@ -3,11 +3,12 @@
 that fits in L2 read many times over, against a read and a copy far larger than L2, which HBM
 serves).
 
-The `cuda` backend walks the classes in chunks of n = chunk_size(device, B) rows of W
-(marginfused/backends/extension.py) and per chunk runs three GEMMs through ATen (csrc/cuda.cu):
-S = X·W_chunkᵀ (B×D by D×n), A = U·W_chunk (B×n by n×D, summed into dX) and H = Uᵀ·X (n×B by
-B×D, dW_chunk), with 16-bit operands and float32 results. Each is timed here over a walk through
-the chunks of a W larger than L2, as the backend reads them.
+The `cuda` backend walks the classes in chunks of n = chunk_size(device, B, D, dtype) rows of W
+(marginfused/backends/extension.py) and per chunk runs three GEMMs through ATen (csrc/driver.h):
+S = X·W_chunkᵀ (B×D by D×n, in the inputs' 16-bit dtype), A = U·W_chunk (B×n by n×D, one batched
+GEMM over the dx_splits(device, B, D, n) splits of its depth, float32 results) and H = Uᵀ·X (n×B by
+B×D, float32 result, dW_chunk), with 16-bit operands. Each is timed here over a walk through the
+chunks of a W larger than L2, as the backend reads them.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from marginfused.backends.extension import chunk_size
+from marginfused.backends.extension import chunk_size, dx_splits
 
 from .timing import median_ms
 
 CHUNKS = 16
-"""Chunks of W walked per timed GEMM pass (at B = 1024 on an H100: 16 × 4266 × 512 bf16 = 70 MB)."""
+"""Chunks of W walked per timed GEMM pass (at B = 1024 on an H100: 16 × 7680 × 512 bf16 = 126 MB)."""
 
 
 def _random(shape: tuple, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
@@ -48,23 +49,28 @@ def _each(run: Callable[[Any], object], items: Sequence) -> Callable[[], None]:
 
 
 def _gemm(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with a float32 result, as the backend asks of cuBLAS (a 16-bit result on the CPU, which
-    has no mixed-output GEMM)."""
+    """a @ b (matrices or batches of them) with a float32 result, as the backend asks of cuBLAS (a
+    16-bit result on the CPU, which has no mixed-output GEMM)."""
     if a.device.type == "cuda" and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        return (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32)
     return a @ b
 
 
 def chunk_gemm_tflops(device: torch.device, dtype: torch.dtype, batch: int, dim: int) -> dict[str, float]:
     """TFLOP/s of each of the `cuda` backend's three GEMMs at its chunk shape on this device."""
-    n = chunk_size(device, batch)
+    n = chunk_size(device, batch, dim, dtype)
+    ways = dx_splits(device, batch, dim, n)
+    while n % ways:  # the most ways up to dx_splits that divide the chunk, as csrc/driver.h takes
+        ways -= 1
     x = _random((batch, dim), dtype, device, 3)
     w = _random((CHUNKS * n, dim), dtype, device, 4)
     u = _random((batch, n), dtype, device, 5)
+    u_split = u.view(batch, ways, n // ways).transpose(0, 1)
     chunks = w.split(n)
     gemms = {
-        f"S = X·W_chunkᵀ ({batch}×{dim} by {dim}×{n})": lambda c: _gemm(x, c.t()),
-        f"A = U·W_chunk ({batch}×{n} by {n}×{dim})": lambda c: _gemm(u, c),
+        f"S = X·W_chunkᵀ ({batch}×{dim} by {dim}×{n})": lambda c: x @ c.t(),
+        f"A = U·W_chunk ({ways} × {batch}×{n // ways} by {n // ways}×{dim})":
+            lambda c: _gemm(u_split, c.view(ways, n // ways, dim)),
         f"H = Uᵀ·X ({n}×{batch} by {batch}×{dim})": lambda c: _gemm(u.t(), x),
     }
     rates = {}

@@ -34,9 +34,11 @@ a fused forward + dX kernel (a batch tile resident, W tiles streamed, online sof
 D slices), a dW kernel (a class tile of W resident, x tiles streamed, cosines recomputed from the
 saved log-sum-exp) and one norms pre-pass. Until those kernels land (FLASH_LANDED) their issue
 counts are PROXIES scaled from the current kernels' SASS, and the current owned-output kernels are
-modelled beside them as `triton-owned`. `cuda` is the chunked backend as it will be tuned (16-bit
-S and gradient tiles, the chunk from `cuda_chunk_classes`, fewer launches in a CUDA graph);
-`cuda-as-built` is csrc/cuda.cu as it is.
+modelled beside them as `triton-owned`. `cuda-as-built` is csrc/cuda.cu as it is (the chunk from
+`cuda_chunk_classes`, the dX GEMM split over its depth, bfloat16 S and gradient tiles for bfloat16
+inputs, 2 launches per chunk forward and 5 backward, no CUDA graph); `cuda` is the chunked backend
+as it will be tuned beyond that (16-bit S for float16 too, the chunks' norms kept from the forward,
+the chunk loop in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from marginfused.backends.chunks import GpuShape, cuda_chunk_classes, dx_split_ways
+from marginfused.backends.chunks import GpuShape, cuda_chunk_classes, cuda_dx_splits
 from marginfused.kernels import configs
 
 from . import sass
@@ -570,37 +572,42 @@ def gemm_kernel(gpu: Gpu, backend: str, name: str, flops: float, fill: float, hb
 
 def cuda_kernels(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str, tuned: bool = True) -> list[Kernel]:
     """The chunked `cuda` backend: per chunk of n classes, the cosine GEMM S = X·W_chunkᵀ, the row
-    pass (forward); the cosine GEMM again, the gradient tile U, dX̂ += U·W_chunk (split K), H = Uᵀ·X
-    and its projection into dW (backward).
+    pass (forward); the cosine GEMM again, the gradient tile U, dX̂ += U·W_chunk (one batched GEMM
+    split over its depth into fp32 accumulators), H = Uᵀ·X and its projection into dW (backward).
 
-    tuned: n = cuda_chunk_classes; S and U in the input dtype, U written over S; the chunk's inverse
-    norms computed in the forward and kept; 3 launches per chunk forward, 5 backward, the chunk loop
-    in a CUDA graph. As built (csrc/cuda.cu): n from a third of L2 over a float32 tile; S float32 and
-    U beside it; norms per chunk in both passes; dX accumulated by a separate kernel; 3 + 7 launches
-    per chunk, no graph."""
+    Both: n = cuda_chunk_classes and the dX splits cuda_dx_splits (marginfused/backends/chunks.py,
+    passed to the extension); the row passes one kernel each; U written over S where both have the
+    input dtype. As built (csrc/cuda.cu, csrc/driver.h): S in bfloat16 for bfloat16 inputs, in fp32
+    for float16 (U in float16 beside it) and fp32; the inverse norms of x and of all of W in two
+    launches at the start of each pass (two passes over W); per chunk 2 launches forward and 5
+    backward; the split accumulators added after the last chunk; no CUDA graph, so the host's
+    launches bound the step where they outlast the GPU. Tuned: S in the input dtype for every dtype,
+    the norms of each chunk in the forward kept for the backward (one pass over W), the chunk loop in
+    a CUDA graph."""
     e = BYTES[dtype]
     backend = "cuda" if tuned else "cuda-as-built"
-    if tuned:
-        n = cuda_chunk_classes(GpuShape(gpu.sms, gpu.l2_bytes), batch, dim, dtype)
-        s_bytes, working = e, batch * e + dim * e + dim * 4
-    else:
-        n = max(16, (gpu.l2_bytes // 3) // (4 * batch))
-        s_bytes, working = 4, batch * (4 + e) + dim * e + dim * 4
-    n = min(n, classes)
+    gpu_shape = GpuShape(gpu.sms, gpu.l2_bytes)
+    n = min(cuda_chunk_classes(gpu_shape, batch, dim, dtype), classes)
     chunks = cdiv(classes, n)
+    splits = cuda_dx_splits(gpu_shape, batch, dim, n)
+    s_bytes = e if tuned or dtype != "fp16" else 4
+    u_beside = s_bytes != e  # U in its own buffer, not over S
+    working = batch * (s_bytes + (e if u_beside else 0)) + dim * e + dim * 4
     in_l2 = n * working <= gpu.l2_bytes  # the chunk's tiles, W rows and H stay in L2 between kernels
     gemm = 2.0 * batch * classes * dim
     x_bytes, w_bytes = batch * dim * e, classes * dim * e
     s_total, u_total = batch * classes * s_bytes, batch * classes * e  # every chunk's tile, once
     h_total = classes * dim * 4
     spill = 0.0 if in_l2 else 1.0  # tiles through HBM when the chunk outgrows L2
-    splits = min(dx_split_ways(GpuShape(gpu.sms, gpu.l2_bytes), batch, dim), max(1, n // 1024))
     elements = batch * classes / 32  # warp instructions per instruction per element
     where = f"n = {n} classes, {chunks} chunks, tiles {'in L2' if in_l2 else 'through HBM'}"
+    if tuned:
+        norms = memory_kernel(gpu, backend, f"norms of the chunk, kept ({where})", w_bytes + x_bytes, 0.0, chunks + 1)
+    else:
+        norms = memory_kernel(gpu, backend, f"norms of x and W, each pass ({where})", 2 * (w_bytes + x_bytes), 0.0, 4)
 
     kernels = [
-        memory_kernel(gpu, backend, f"norms of the chunk ({where})", w_bytes + x_bytes, 0.0,
-                      chunks + 1 if tuned else 2 * chunks + 2),
+        norms,
         gemm_kernel(gpu, backend, "forward S = X·Wᵀ GEMMs", gemm, gemm_fill(gpu, batch, n), spill * s_total,
                     s_total, chunks, f"{batch}×{n}×{dim}"),
         memory_kernel(gpu, backend, "forward row pass", spill * s_total, s_total, chunks,
@@ -610,17 +617,16 @@ def cuda_kernels(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str, tuned
         memory_kernel(gpu, backend, "backward gradient tile U", spill * (s_total + u_total), s_total + u_total,
                       chunks, elements * ELEMENTWISE_INSTRUCTIONS),
     ]
-    partials = chunks * 2 * splits * batch * dim * 4  # split-K partials, written and summed
-    accumulate = 0.0 if tuned else chunks * 3 * batch * dim * 4  # acc += A: a separate kernel as built
+    partials = chunks * 2 * splits * batch * dim * 4  # each split's fp32 accumulator, read and written
     kernels.append(gemm_kernel(gpu, backend, f"backward dX += U·W GEMMs (split-K {splits})", gemm,
-                               gemm_fill(gpu, batch, dim, splits), spill * (u_total + w_bytes),
-                               partials + accumulate, chunks if tuned else 2 * chunks,
+                               gemm_fill(gpu, batch, dim, splits), spill * (u_total + w_bytes), partials, chunks,
                                f"{batch}×{dim}×{n // splits} ×{splits}"))
     kernels.append(gemm_kernel(gpu, backend, "backward H = Uᵀ·X GEMMs", gemm, gemm_fill(gpu, n, dim),
                                spill * (u_total + h_total), h_total, chunks, f"{n}×{dim}×{batch}"))
     kernels.append(memory_kernel(gpu, backend, "backward dW projection", w_bytes + spill * (h_total + w_bytes),
                                  h_total + w_bytes, chunks))
-    kernels.append(memory_kernel(gpu, backend, "dX projection", x_bytes * 2 + batch * dim * 4))
+    kernels.append(memory_kernel(gpu, backend, "dX: the split accumulators added, projected",
+                                 x_bytes * 2 + splits * batch * dim * 4, 0.0, splits))
     return kernels
 
 

@@ -267,7 +267,7 @@ def microbench(plan: Plan) -> Status:
           f"(bench/model.py assumes {model.MATMUL_EFFICIENCY:.0%} of {gpu.bf16_tflops:g} for the {gpu.name})",
           flush=True)
     print(f"the cuda backend's GEMMs at its chunk shape (B = {plan.batch}, D = {plan.dim}, "
-          f"n = {extension.chunk_size(device, plan.batch)} classes, a walk of {micro.CHUNKS} chunks):")
+          f"n = {extension.chunk_size(device, plan.batch, plan.dim, bf16)} classes, a walk of {micro.CHUNKS} chunks):")
     for name, tflops in micro.chunk_gemm_tflops(device, bf16, plan.batch, plan.dim).items():
         print(f"  {name}: {tflops:.4g} TFLOP/s", flush=True)
     if device.type == "cuda":

@@ -8,27 +8,50 @@
 
 namespace marginfused {
 
-// forward_partials and backward (signatures and meaning: common.h), keyword arguments only, run
-// without the GIL.
+// A Call from keyword arguments, each set through its field's binding (an unknown name is an
+// AttributeError, a value of the wrong type a TypeError); fields not given keep their defaults.
+inline Call call_from_keywords(const pybind11::kwargs& fields) {
+  Call call;
+  const pybind11::object view = pybind11::cast(&call, pybind11::return_value_policy::reference);
+  for (const auto& [name, value] : fields) pybind11::setattr(view, name, value);
+  return call;
+}
+
+// The Call class (common.h), one field each, and forward_partials and backward taking one; the
+// entry points run without the GIL.
 inline void bind_entry_points(pybind11::module_& m, const char* doc, ForwardPartialsFn* forward_partials,
                               BackwardFn* backward) {
   namespace py = pybind11;
   m.doc() = doc;
+  py::class_<Call>(m, "Call", "Every argument of forward_partials and backward, by name (csrc/common.h)")
+      .def(py::init(&call_from_keywords))
+      .def_readwrite("x", &Call::x)
+      .def_readwrite("w", &Call::w)
+      .def_readwrite("y", &Call::y)
+      .def_readwrite("target_logit", &Call::target_logit)
+      .def_readwrite("rule_threshold", &Call::rule_threshold)
+      .def_readwrite("rule_offset", &Call::rule_offset)
+      .def_readwrite("target_slope", &Call::target_slope)
+      .def_readwrite("row_max", &Call::row_max)
+      .def_readwrite("log_sumexp", &Call::log_sumexp)
+      .def_readwrite("upstream", &Call::upstream)
+      .def_readwrite("lift", &Call::lift)
+      .def_readwrite("scale", &Call::scale)
+      .def_readwrite("ignore_index", &Call::ignore_index)
+      .def_readwrite("label_smoothing", &Call::label_smoothing)
+      .def_readwrite("rule_quadratic", &Call::rule_quadratic)
+      .def_readwrite("subcenters", &Call::subcenters)
+      .def_readwrite("num_classes", &Call::num_classes)
+      .def_readwrite("class_start", &Call::class_start)
+      .def_readwrite("chunk", &Call::chunk)
+      .def_readwrite("dx_splits", &Call::dx_splits);
   m.def("forward_partials", forward_partials, py::call_guard<py::gil_scoped_release>(),
-        "Per-row partials (max, sumexp, logit_sum, best_cos, best_class) over the weight's classes, "
-        "given each row's target logit, the negative-logit rule and the sub-centres per class",
-        py::kw_only(), py::arg("x"), py::arg("w"), py::arg("y"), py::arg("target_logit"), py::arg("hard_threshold"),
-        py::arg("hard_offset"), py::arg("hard_quadratic"), py::arg("class_start"), py::arg("subcenters"),
-        py::arg("chunk"), py::arg("scale"), py::arg("ignore_index"), py::arg("out_max"), py::arg("out_sumexp"),
-        py::arg("out_logit_sum"), py::arg("out_best_cos"), py::arg("out_best_class"));
+        "The per-row partials (max, sumexp, logit_sum, best_cos, best_class) over the call's classes, each "
+        "(splits, B), one row per split in class order, unmerged",
+        py::arg("call"));
   m.def("backward", backward, py::call_guard<py::gil_scoped_release>(),
-        "Gradients w.r.t. x and the weight shard, given each row's target logit and its slope, the global lse "
-        "and the per-row gradient grad_rows",
-        py::kw_only(), py::arg("x"), py::arg("w"), py::arg("y"), py::arg("target_logit"), py::arg("target_slope"),
-        py::arg("hard_threshold"), py::arg("hard_offset"), py::arg("hard_quadratic"), py::arg("lse"),
-        py::arg("grad_rows"), py::arg("grad_lift"), py::arg("class_start"), py::arg("subcenters"), py::arg("num_classes"),
-        py::arg("chunk"), py::arg("scale"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("grad_x"),
-        py::arg("grad_w"));
+        "The gradients (grad_x, grad_w) of sum_i upstream_i * loss_i w.r.t. x and w, each None where not needed",
+        py::arg("call"), py::kw_only(), py::arg("need_x"), py::arg("need_w"));
 }
 
 }  // namespace marginfused

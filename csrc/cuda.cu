@@ -1,31 +1,29 @@
-// The `cuda` backend: the chunked softmax loss for CUDA tensors, where Triton cannot run;
-// margin-agnostic like the `cpu` backend.
+// The `cuda` extension, where Triton cannot run: the chunked driver (driver.h, where the algorithm is
+// written out) on CUDA tensors, with this device's row passes, inverse norms and projection as
+// CUDA kernels, every unit of work on the current stream in turn.
 //
-// The algorithm and notation are those of csrc/cpu.cpp (read its header first):
-//   q_i = 1/max(|x_i|, 1e-12), r_j = 1/max(|w_j|, 1e-12), c_ij = clamp(q_i r_j (x_i·w_j), -1, 1),
-//   z_ij = s c_ij (j ≠ y_i), z_iy = t_i, the caller's target logit, with slope σ_i = ∂t_i/∂c_iy;
-//   ∂ℓ_i/∂c_ij = s (p_ij - ε/C) off the target, σ_i (p_iy - (1-ε) - ε/C) on it (logit_grad); under a
-//   negative-logit rule a hard negative's z and s are the rule's (common.h, RuledNegatives).
-// Per chunk of n classes (the B×n fp32 tile is bounded by the caller's chunk size):
-//   forward:  r for the chunk (inverse_norms_kernel), S = X W_chunkᵀ with ATen (cuBLAS; fp32 output
-//             also for half/bf16 inputs), then forward_chunk_kernel: one block per row folds the
-//             chunk's logits into the row's running (max, sumexp), logit sum and best cosine.
-//   backward: recompute S, backward_chunk_kernel forms U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij elementwise
-//             (in the input dtype for the GEMMs; for float16 lifted by the caller's power of two 2^k
-//             before the cast, marginfused/backends/lift.py, clamped to float16's range, and brought
-//             back by 2^-k in fp32 after the GEMMs), A += U W_chunk and H = Uᵀ X with ATen, and
-//             project_rows_kernel turns H into dW rows: dw_j = H_j - ŵ_j (ŵ_j·H_j). After the
-//             last chunk the same projection turns A into dx.
-// Sub-centres as in cpu.cpp: chunks of whole classes; a class's cosine is the largest of its K rows'
-// (pick_subcenter) and its entry of U sits at its arg-max row, 0 at the others.
-// Everything after the GEMMs is fp32; the logit sum is accumulated in double.
+// GEMM dtypes: operands in the inputs' dtype; S in bfloat16 for bfloat16 inputs (cuBLAS accumulates
+// in fp32 and rounds once, as the torch reference's bfloat16 matmul rounds its logits), else fp32
+// (float16's range cannot hold every raw dot product); U W and Uᵀ X in fp32 (cuBLAS through ATen's
+// out_dtype overload for half/bf16). The row passes read S and compute in fp32. The chunk size and
+// the dX GEMM's depth splits come from Python (marginfused/backends/chunks.py: enough classes that
+// the split dX GEMM fills every SM, the chunk's working set within L2).
+//
+// Launches: once per call, inverse_norms_kernel for x and for all of W (q and r); per chunk, forward:
+// the S GEMM and
+//   forward_rows_kernel    one block per row folds the chunk into its split's partials;
+// backward: the S GEMM,
+//   gradient_rows_kernel   U_ij = u_i q_i r_j G_ij elementwise, in the input dtype for the GEMMs (over
+//                          S where both are bfloat16 or fp32): for float16 lifted by the caller's power
+//                          of two 2^k before the cast (marginfused/backends/lift.py) and clamped to
+//                          float16's range;
+// the dX GEMM (one batched GEMM over its depth splits, adding into fp32 accumulators), the H GEMM and
+//   project_rows_kernel    dW's rows from H (×2^-k where lifted), and after the last chunk dX from A.
+// Sub-centres: a class's cosine is the largest of its K rows' (pick_subcenter), its entry of U sits
+// at that row and 0 at the others.
 //
 // Only ATen/c10 headers are used (no cuBLAS headers), so this file compiles with nvcc against the
 // headers of any torch build, which is what `make check-cuda` does on machines without a GPU.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/ones.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,50 +32,52 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <optional>
 #include <type_traits>
 
 #include "common.h"
+#include "driver.h"
 
 namespace marginfused {
 namespace cuda {
 namespace {
 
-constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
+constexpr int kWarps = kThreads / kWarp;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 int grid_for(int64_t work, int64_t per_block) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, 65535)));
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+struct Sum {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct Min {
+  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
 
-// A running (max, sum of exp(z - max)) pair; merging two is the logaddexp of their sums.
-struct OnlineSum {
-  float m;
-  float s;
-};
-
-__device__ __forceinline__ OnlineSum merge(OnlineSum a, OnlineSum b) {
-  if (b.m == -INFINITY) return a;
-  if (a.m == -INFINITY) return b;
-  const float m = fmaxf(a.m, b.m);
-  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
-}
-
-// The best cosine and its (chunk-local) class; ties go to the smaller class, like argmax.
-struct Best {
-  float c;
-  int64_t j;
-};
-
-__device__ __forceinline__ Best better(Best a, Best b) {
-  return (b.c > a.c || (b.c == a.c && b.j < a.j)) ? b : a;
+// op over one value of every thread of the block (kThreads), returned to every thread; `shared`
+// holds a value per warp. Every thread of the block must call it.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T* shared) {
+  v = warp_reduce(v, op);
+  if (threadIdx.x % kWarp == 0) shared[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  T total = shared[0];
+  for (int k = 1; k < kWarps; ++k) total = op(total, shared[k]);
+  __syncthreads();  // every thread has read `shared` before it is written again
+  return total;
 }
 
 // Calls f(d, float(v[d])) for the elements of a row that a lane owns: every kWarp-th element, or,
@@ -99,11 +99,6 @@ __device__ __forceinline__ void for_lane_elements(const scalar_t* __restrict__ v
   }
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
-  return v;
-}
-
 // 1/max(|row|, 1e-12) for `count` rows of length `dim`: one warp per row; a row whose sum of squares
 // overflows is summed again scaled (common.h, inverse_norm).
 template <typename scalar_t>
@@ -118,126 +113,90 @@ __global__ void inverse_norms_kernel(const scalar_t* __restrict__ rows, int64_t 
       sq += e * e;
       largest = fmaxf(largest, fabsf(e));
     });
-    sq = warp_sum(sq);
+    sq = warp_reduce(sq, Sum{});
     float inverse = inverse_norm(sq);
     if (squares_overflowed(sq)) {  // the same for every lane of the warp
-      const float scale = row_scale(warp_max(largest)), down = 1.0f / scale;
+      const float scale = row_scale(warp_reduce(largest, Max{})), down = 1.0f / scale;
       float scaled = 0.0f;
       for_lane_elements(rows + row * dim, dim, lane, vectorised, [&](int64_t, float e) { scaled += (e * down) * (e * down); });
-      inverse = scaled_inverse_norm(scale, warp_sum(scaled));
+      inverse = scaled_inverse_norm(scale, warp_reduce(scaled, Sum{}));
     }
     if (lane == 0) out[row] = inverse;
   }
 }
 
-// Start of the forward pass: the partials of an empty class range.
-__global__ void init_partials_kernel(int64_t batch, int64_t class_start, float* max, float* sumexp, double* logit_sum,
-                                     float* best_cos, int64_t* best_class) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    max[i] = -INFINITY;
-    sumexp[i] = 0.0f;
-    logit_sum[i] = 0.0;
-    best_cos[i] = -INFINITY;
-    best_class[i] = class_start;
-  }
-}
-
-__global__ void finish_partials_kernel(int64_t batch, const double* logit_sum, float* out_logit_sum) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out_logit_sum[i] = static_cast<float>(logit_sum[i]);
-}
-
 // Sub-centres: a class's cosine is the largest of its K sub-centres' and its gradient goes to the
 // first sub-centre holding it: pick_subcenter gives both, c_ij = max_k clamp(q_i r_k S_k, -1, 1) over
-// the class's K raw dot products `dots` (fp32) and inverse norms `r`.
+// the class's K raw dot products `dots` (fp32 or bfloat16) and inverse norms `r`.
 struct SubcenterPick {
   float cosine;
   int64_t k;
 };
 
-__device__ __forceinline__ SubcenterPick pick_subcenter(const float* dots, const float* r, float qi,
+template <typename dots_t>
+__device__ __forceinline__ SubcenterPick pick_subcenter(const dots_t* dots, const float* r, float qi,
                                                         int64_t subcenters) {
-  SubcenterPick best{clamp_unit(dots[0] * qi * r[0]), 0};
+  SubcenterPick best{clamp_unit(static_cast<float>(dots[0]) * qi * r[0]), 0};
   for (int64_t k = 1; k < subcenters; ++k) {
-    const float c = clamp_unit(dots[k] * qi * r[k]);
+    const float c = clamp_unit(static_cast<float>(dots[k]) * qi * r[k]);
     if (c > best.cosine) best = SubcenterPick{c, k};
   }
   return best;
 }
 
-// One block per row: fold the row's logits of this chunk's n classes (its `subcenters` · n rows of
-// W) into its partials; the target's is t_i (target_logit, read only where the target is in the
-// chunk).
+// c_ij of class j (chunk-local) from the row's dot products.
+template <typename dots_t>
+__device__ __forceinline__ float class_cosine(const dots_t* dots, const float* r, float qi, int64_t j,
+                                              int64_t subcenters) {
+  return subcenters == 1 ? clamp_unit(static_cast<float>(dots[j]) * qi * r[j])
+                         : pick_subcenter(dots + j * subcenters, r + j * subcenters, qi, subcenters).cosine;
+}
+
+// One block per row of the tile: folds the row's logits over the chunk's classes into its split's
+// partials (common.h, SplitPartials), in two passes over the row of S: the chunk's largest logit
+// and cosine and its logit sum, then Σ exp(z − m') and, where the chunk's best cosine beats the
+// split's, the first class holding it. The target's logit is t_i.
+template <typename dots_t>
 __global__ void __launch_bounds__(kThreads)
-    forward_chunk_kernel(const float* __restrict__ s_tile, int64_t n, int64_t subcenters, const float* __restrict__ q,
-                         const float* __restrict__ r, const int64_t* __restrict__ labels,
-                         const float* __restrict__ target_logit, HardNegatives rule, int64_t chunk_start,
-                         LossParams p, float* max, float* sumexp, double* logit_sum, float* best_cos,
-                         int64_t* best_class) {
-  const int64_t i = blockIdx.x;
-  const float* row = s_tile + i * n * subcenters;
-  const float qi = q[i];
-  const int64_t target = target_column(labels[i], chunk_start, n, p.ignore_index);
-  const RuledNegatives neg = ruled_negatives(rule, p.scale, i);
+    forward_rows_kernel(const dots_t* __restrict__ s, const float* __restrict__ r, Rows rows, Chunk chunk,
+                        SplitPartials out) {
+  __shared__ float shared_value[kWarps];
+  __shared__ int64_t shared_index[kWarps];
+  const int64_t i = blockIdx.x, n = chunk.classes, K = rows.subcenters;
+  const dots_t* dots = s + i * chunk.rows;
+  const float qi = rows.q[i];
+  const int64_t target = target_column(rows.labels[i], chunk.class0, n, rows.ignore_index);
+  const float target_logit = target >= 0 ? rows.target_logit[i] : 0.0f;
+  const RowRule rule = row_rule(rows.rule, rows.scale, i);
+  auto logit = [&](int64_t j, float c) { return j == target ? target_logit : rule.logit(c); };
 
-  OnlineSum acc{-INFINITY, 0.0f};
-  Best best{-INFINITY, n};
-  float zsum = 0.0f;  // Σ z over this thread's elements other than the target
+  float zmax = -INFINITY, cmax = -INFINITY, zsum = 0.0f;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float c = subcenters == 1 ? clamp_unit(row[j] * qi * r[j])
-                                    : pick_subcenter(row + j * subcenters, r + j * subcenters, qi, subcenters).cosine;
-    best = better(best, Best{c, j});
-    float z;
-    if (j == target) {
-      z = target_logit[i];
-    } else {
-      z = neg.logit(c);
-      zsum += z;
-    }
-    if (z > acc.m) {
-      acc.s = acc.s * expf(acc.m - z) + 1.0f;
-      acc.m = z;
-    } else {
-      acc.s += expf(z - acc.m);
-    }
+    const float c = class_cosine(dots, r, qi, j, K);
+    const float z = logit(j, c);
+    zmax = fmaxf(zmax, z);
+    cmax = fmaxf(cmax, c);
+    zsum += z;
   }
-
-  // Reduce within each warp, then across the block's warps through shared memory.
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const OnlineSum other{__shfl_xor_sync(kFullMask, acc.m, offset), __shfl_xor_sync(kFullMask, acc.s, offset)};
-    acc = merge(acc, other);
-    const Best other_best{__shfl_xor_sync(kFullMask, best.c, offset), __shfl_xor_sync(kFullMask, best.j, offset)};
-    best = better(best, other_best);
-    zsum += __shfl_xor_sync(kFullMask, zsum, offset);
+  zmax = block_reduce(zmax, Max{}, shared_value);
+  cmax = block_reduce(cmax, Max{}, shared_value);
+  zsum = block_reduce(zsum, Sum{}, shared_value);
+  const float new_max = fmaxf(out.max[i], zmax);
+  const bool better = cmax > out.best_cos[i];  // the same for the whole block
+  float sumexp = 0.0f;
+  int64_t first = n;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float c = class_cosine(dots, r, qi, j, K);
+    sumexp += expf(logit(j, c) - new_max);
+    if (better && c == cmax && j < first) first = j;
   }
-  __shared__ OnlineSum warp_acc[kThreads / kWarp];
-  __shared__ Best warp_best[kThreads / kWarp];
-  __shared__ float warp_zsum[kThreads / kWarp];
-  const int warp = threadIdx.x / kWarp;
-  if (threadIdx.x % kWarp == 0) {
-    warp_acc[warp] = acc;
-    warp_best[warp] = best;
-    warp_zsum[warp] = zsum;
-  }
-  __syncthreads();
+  sumexp = block_reduce(sumexp, Sum{}, shared_value);
+  if (better) first = block_reduce(first, Min{}, shared_index);
   if (threadIdx.x == 0) {
-    const int warps = blockDim.x / kWarp;
-    for (int k = 1; k < warps; ++k) {
-      acc = merge(acc, warp_acc[k]);
-      best = better(best, warp_best[k]);
-      zsum += warp_zsum[k];
-    }
-    const OnlineSum total = merge(OnlineSum{max[i], sumexp[i]}, acc);
-    max[i] = total.m;
-    sumexp[i] = total.s;
-    double logits = static_cast<double>(zsum);  // Σ_j z_ij over the chunk
-    if (target >= 0) logits += static_cast<double>(target_logit[i]);
-    logit_sum[i] += logits;
-    if (best.c > best_cos[i]) {  // strictly: an earlier chunk keeps a tie
-      best_cos[i] = best.c;
-      best_class[i] = chunk_start + best.j;
+    fold_logits(out, i, new_max, sumexp, zsum);
+    if (better) {
+      out.best_cos[i] = cmax;
+      out.best_class[i] = chunk.class0 + first;
     }
   }
 }
@@ -251,72 +210,58 @@ __device__ __forceinline__ grad_t to_gradient_tile(float value) {
   return static_cast<grad_t>(value);
 }
 
-// Elementwise over the B×n tile (n rows of W): U_ij = u_i q_i r_j ∂ℓ_i/∂c_ij from S_ij (zero on
-// ignored rows), written as grad_t (the input dtype, for the GEMMs; in place when that is float).
-// t_i and σ_i (target_logit, target_slope) are read only on the target. lse_i = lse_hi + lse_lo
-// (split_lse). With K sub-centres per class, element jK + k holds class j's entry if k is its
-// arg-max sub-centre, else 0 (each thread reads its class's K dot products; none is written in
-// place then: the tile is fp32 only when the inputs are, and K > 1 uses a separate output).
-template <typename grad_t>
-__global__ void backward_chunk_kernel(const float* s_tile, grad_t* u_tile, int64_t batch, int64_t n,
-                                      int64_t subcenters,
-                                      const float* __restrict__ q, const float* __restrict__ r,
-                                      const int64_t* __restrict__ labels, const float* __restrict__ target_logit,
-                                      const float* __restrict__ target_slope, HardNegatives rule, int64_t chunk_start,
-                                      const float* __restrict__ lse_hi, const float* __restrict__ lse_lo,
-                                      const float* __restrict__ grad_rows, const float* __restrict__ grad_lift,
-                                      float smoothing_per_class, LossParams p) {
-  // 2-D grid: x over the chunk's columns, y over rows (strided), so no index is divided (but the
-  // column's class, once per thread, with sub-centres).
+// Elementwise over the B×(chunk rows) tile: U_ij = 2^k u_i q_i r_j ∂ℓ_i/∂c_ij from S_ij (zero on
+// ignored rows), written as grad_t (the input dtype, for the GEMMs; over S when S has that dtype
+// and K = 1). t_i and σ_i are read only on the target. With K sub-centres per class, element jK + k
+// holds class j's entry if k is its chosen sub-centre, else 0 (each thread reads its class's K dot
+// products).
+template <typename dots_t, typename grad_t>
+__global__ void gradient_rows_kernel(const dots_t* s, grad_t* u, const float* __restrict__ r, Rows rows, Chunk chunk,
+                                     int64_t batch) {
+  // 2-D grid: x over the chunk's rows of W, y over rows of the batch (strided), so no index is
+  // divided (but the column's class, once per thread, with sub-centres).
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= n) return;
-  const int64_t klass = subcenters == 1 ? j : j / subcenters;  // this column's (chunk-local) class
-  const int64_t group = klass * subcenters;                      // and its first row
-  const float lift = *grad_lift;
+  if (j >= chunk.rows) return;
+  const int64_t K = rows.subcenters;
+  const int64_t klass = K == 1 ? j : j / K;  // this column's (chunk-local) class
+  const int64_t group = klass * K;           // and its first row
+  const float lift = rows.lift ? rows.lift[0] : 1.0f;
   for (int64_t i = blockIdx.y; i < batch; i += gridDim.y) {
-    const int64_t idx = i * n + j;
-    const int64_t label = labels[i];
-    const float u = grad_rows[i];
+    const int64_t idx = i * chunk.rows + j;
+    const int64_t label = rows.labels[i];
+    const float upstream = rows.upstream[i];
     float value = 0.0f;
     float c;
     int64_t chosen = j;  // the row the class's gradient goes to
-    if (subcenters == 1) {
-      c = clamp_unit(s_tile[idx] * q[i] * r[j]);
+    if (K == 1) {
+      c = clamp_unit(static_cast<float>(s[idx]) * rows.q[i] * r[j]);
     } else {
-      const SubcenterPick pick = pick_subcenter(s_tile + i * n + group, r + group, q[i], subcenters);
+      const SubcenterPick pick = pick_subcenter(s + i * chunk.rows + group, r + group, rows.q[i], K);
       c = pick.cosine;
       chosen = group + pick.k;
     }
-    if (label != p.ignore_index && u != 0.0f && chosen == j) {
-      const bool is_target = label - chunk_start == klass;
-      const RuledNegatives neg = ruled_negatives(rule, p.scale, i);
-      const float z = is_target ? target_logit[i] : neg.logit(c);
-      const float slope = is_target ? target_slope[i] : neg.slope(c);
-      const float prob = expf((z - lse_hi[i]) - lse_lo[i]);
-      value = lift * u * q[i] * r[j] * logit_grad(prob, slope, is_target, p.label_smoothing, smoothing_per_class);
+    if (label != rows.ignore_index && upstream != 0.0f && chosen == j) {
+      const bool is_target = label - chunk.class0 == klass;
+      const RowRule rule = row_rule(rows.rule, rows.scale, i);
+      const float z = is_target ? rows.target_logit[i] : rule.logit(c);
+      const float slope = is_target ? rows.target_slope[i] : rule.slope(c);
+      const float prob = expf((z - rows.row_max[i]) - rows.log_sumexp[i]);
+      value = lift * upstream * rows.q[i] * r[j] *
+              logit_grad(prob, slope, is_target, rows.label_smoothing, rows.smoothing_per_class);
     }
-    u_tile[idx] = to_gradient_tile<grad_t>(value);
-  }
-}
-
-__global__ void split_lse_kernel(int64_t batch, const double* lse, float* hi, float* lo) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const SplitLse l = split_lse(lse[i]);
-    hi[i] = l.hi;
-    lo[i] = l.lo;
+    u[idx] = to_gradient_tile<grad_t>(value);
   }
 }
 
 // out_i = (h_i - v̂_i (v̂_i·h_i))·unlift, v̂_i = inv_i v_i (or h_i·unlift where |v_i| < 1e-12): one
-// warp per row; `unlift` undoes the float16 gradient tile's scaling (1 otherwise); v̂ is formed
-// before any product, so no sum overflows for huge rows; rows of v read 16 bytes at a time where
+// warp per row; `unlift` (nullptr: 1) undoes the float16 gradient tile's lift; v̂ is formed before
+// any product, so no sum overflows for huge rows; rows of v read 16 bytes at a time where
 // `vectorised`. `out` may alias `h` (each lane reads its elements before writing them).
 template <typename scalar_t, typename out_t>
 __global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__ v, const float* __restrict__ inv,
                                     int64_t count, int64_t dim, bool vectorised, const float* __restrict__ unlift,
                                     out_t* out) {
-  const float back = *unlift;
+  const float back = unlift ? *unlift : 1.0f;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; row < count;
@@ -326,7 +271,7 @@ __global__ void project_rows_kernel(const float* h, const scalar_t* __restrict__
     const float r = inv[row];
     float vh = 0.0f;
     for_lane_elements(vi, dim, lane, vectorised, [&](int64_t d, float e) { vh += (e * r) * hi[d]; });
-    vh = warp_sum(vh);
+    vh = warp_reduce(vh, Sum{});
     const float coef = above_norm_floor(r) ? vh : 0.0f;
     out_t* oi = out + row * dim;
     for_lane_elements(vi, dim, lane, vectorised,
@@ -341,170 +286,100 @@ bool vector_rows(const at::Tensor& t) {
   return t.size(-1) % width == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-// S (B×n fp32, contiguous) = X W_chunkᵀ; fp32 output also for half/bf16 inputs.
-void cosine_gemm(at::Tensor& s_tile, const at::Tensor& x, const at::Tensor& wc) {
-  if (x.scalar_type() == at::kFloat) {
-    at::mm_out(s_tile, x, wc.t());
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// f(data) with S's data: bfloat16 or fp32 (CudaDevice::dots_type).
+template <typename F>
+void with_dots(const at::Tensor& s, const F& f) {
+  if (s.scalar_type() == at::kBFloat16) {
+    f(s.data_ptr<c10::BFloat16>());
   } else {
-    at::mm_out(s_tile, x, wc.t(), at::kFloat);
+    f(s.data_ptr<float>());
   }
 }
+
+// The chunked driver's CUDA device (driver.h): one worker, the units in turn on the current stream.
+struct CudaDevice {
+  static constexpr c10::DeviceType kType = c10::DeviceType::CUDA;
+  static constexpr const char* kForward = "marginfused cuda forward_partials";
+  static constexpr const char* kBackward = "marginfused cuda backward";
+  using Guard = c10::cuda::CUDAGuard;
+
+  struct Scratch {
+    explicit Scratch(int64_t) {}
+  };
+
+  static at::ScalarType operand_type(at::ScalarType input) { return input; }
+  static at::ScalarType dots_type(at::ScalarType input) { return input == at::kBFloat16 ? input : at::kFloat; }
+  static at::ScalarType product_type(at::ScalarType) { return at::kFloat; }
+  // Only where U and S have one dtype and each element of U reads its own element of S alone.
+  static bool gradients_over_products(const GemmTypes& types, int64_t subcenters) {
+    return types.dots == types.operand && subcenters == 1;
+  }
+  // All of W's norms in one launch before the first chunk, not one launch per chunk.
+  static constexpr bool kNormsPerChunk = false;
+  static int64_t concurrency() { return 1; }
+
+  template <typename Body>
+  static void run(int64_t units, int, const Body& body) {
+    for (int64_t k = 0; k < units; ++k) body(0, k);
+  }
+
+  static at::Tensor empty_like(const at::Tensor& t) { return at::empty_like(t); }
+
+  static void inverse_norms(const at::Tensor& v, const at::Tensor& out) {
+    MF_DISPATCH_FLOATING_TYPES(v.scalar_type(), "marginfused cuda inverse_norms", [&] {
+      inverse_norms_kernel<scalar_t><<<grid_for(v.size(0), kWarps), kThreads, 0, stream()>>>(
+          v.data_ptr<scalar_t>(), v.size(0), v.size(1), vector_rows(v), out.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void forward_rows(const Rows& rows, const at::Tensor& s, const at::Tensor& r, const Chunk& chunk,
+                           const SplitPartials& out, Scratch&) {
+    if (s.size(0) == 0) return;  // no rows: an empty grid is no launch
+    TORCH_CHECK(s.size(0) <= std::numeric_limits<int>::max(), kForward, ": batch too large for one grid");
+    with_dots(s, [&](const auto* dots) {
+      forward_rows_kernel<<<static_cast<unsigned>(s.size(0)), kThreads, 0, stream()>>>(dots, r.data_ptr<float>(),
+                                                                                      rows, chunk, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void gradient_rows(const Rows& rows, const at::Tensor& s, const at::Tensor& u, const at::Tensor& r,
+                            const Chunk& chunk, Scratch&) {
+    if (s.size(0) == 0) return;  // no rows: an empty grid is no launch
+    const dim3 grid(static_cast<unsigned>((chunk.rows + kThreads - 1) / kThreads),
+                    static_cast<unsigned>(std::min<int64_t>(s.size(0), 65535)));
+    MF_DISPATCH_FLOATING_TYPES(u.scalar_type(), "marginfused cuda gradient_rows", [&] {
+      with_dots(s, [&](const auto* dots) {
+        gradient_rows_kernel<<<grid, kThreads, 0, stream()>>>(dots, u.data_ptr<scalar_t>(), r.data_ptr<float>(), rows,
+                                                              chunk, s.size(0));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+
+  static void project_rows(const at::Tensor& h, const at::Tensor& v, const at::Tensor& inverse, const float* unlift,
+                           const at::Tensor& out) {
+    MF_DISPATCH_FLOATING_TYPES(v.scalar_type(), "marginfused cuda project_rows", [&] {
+      project_rows_kernel<scalar_t, scalar_t><<<grid_for(h.size(0), kWarps), kThreads, 0, stream()>>>(
+          h.data_ptr<float>(), v.data_ptr<scalar_t>(), inverse.data_ptr<float>(), h.size(0), h.size(1),
+          vector_rows(v), unlift, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
 
 }  // namespace
 
-// forward_partials (common.h): every element of the five (B,) outputs.
-void forward_partials(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
-                      const std::optional<at::Tensor>& hard_threshold, const std::optional<at::Tensor>& hard_offset,
-                      double hard_quadratic, int64_t class_start, int64_t subcenters, int64_t chunk, double scale,
-                      int64_t ignore_index, const at::Tensor& out_max, const at::Tensor& out_sumexp,
-                      const at::Tensor& out_logit_sum, const at::Tensor& out_best_cos,
-                      const at::Tensor& out_best_class) {
-  constexpr const char* op = "marginfused cuda forward_partials";
-  const ForwardPlan plan = check_forward_partials(op, kCUDA, x, w, y, target_logit, hard_threshold, hard_offset,
-                                                  hard_quadratic, class_start, subcenters, chunk, scale, ignore_index,
-                                                  out_max, out_sumexp, out_logit_sum, out_best_cos, out_best_class);
-  const LossParams& p = plan.params;
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = subcenters;
+// The entry points cuda_bindings.cpp declares (common.h).
+Partials forward_partials(const Call& call) { return marginfused::forward_partials<CudaDevice>(call); }
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t n_max = chunk_rows(chunk, C, K);  // rows of W per chunk, whole classes
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor tile = at::empty({B * n_max}, f32);
-  at::Tensor r = at::empty({n_max}, f32);
-  at::Tensor q = at::empty({B}, f32);
-  at::Tensor logit_sum = at::empty({B}, x.options().dtype(at::kDouble));
-
-  MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    const int norm_blocks_x = grid_for(B, kThreads / kWarp);
-    inverse_norms_kernel<scalar_t><<<norm_blocks_x, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), B, D,
-                                                                          vector_rows(x), q.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    init_partials_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(
-        B, class_start, out_max.data_ptr<float>(), out_sumexp.data_ptr<float>(), logit_sum.data_ptr<double>(),
-        out_best_cos.data_ptr<float>(), out_best_class.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    for (int64_t r0 = 0; r0 < C; r0 += n_max) {  // the chunk's rows [r0, r0 + n), classes from r0 / K
-      const int64_t n = std::min(n_max, C - r0);
-      const at::Tensor wc = w.narrow(0, r0, n);
-      inverse_norms_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
-          wc.data_ptr<scalar_t>(), n, D, vector_rows(wc), r.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::Tensor s_tile = front(tile, B, n);
-      cosine_gemm(s_tile, x, wc);
-      TORCH_CHECK(B <= std::numeric_limits<int>::max(), op, ": batch too large for one grid");
-      forward_chunk_kernel<<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-          s_tile.data_ptr<float>(), n / K, K, q.data_ptr<float>(), r.data_ptr<float>(), y.data_ptr<int64_t>(),
-          target_logit.data_ptr<float>(), plan.rule, class_start + r0 / K, p, out_max.data_ptr<float>(),
-          out_sumexp.data_ptr<float>(), logit_sum.data_ptr<double>(), out_best_cos.data_ptr<float>(),
-          out_best_class.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    finish_partials_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, logit_sum.data_ptr<double>(),
-                                                                         out_logit_sum.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+Gradients backward(const Call& call, bool need_x, bool need_w) {
+  return marginfused::backward<CudaDevice>(call, need_x, need_w);
 }
 
-// backward (common.h).
-void backward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const at::Tensor& target_logit,
-              const at::Tensor& target_slope, const std::optional<at::Tensor>& hard_threshold,
-              const std::optional<at::Tensor>& hard_offset, double hard_quadratic, const at::Tensor& lse,
-              const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_lift, int64_t class_start,
-              int64_t subcenters, int64_t num_classes, int64_t chunk, double scale, double label_smoothing,
-              int64_t ignore_index, const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_w) {
-  constexpr const char* op = "marginfused cuda backward";
-  const BackwardPlan plan = check_backward(op, kCUDA, x, w, y, target_logit, target_slope, hard_threshold,
-                                           hard_offset, hard_quadratic, lse, grad_rows, grad_lift, class_start,
-                                           subcenters, num_classes, chunk, scale, label_smoothing, ignore_index,
-                                           grad_x, grad_w);
-  TORCH_CHECK(plan.lift != nullptr || x.scalar_type() != at::kHalf, op,
-              ": float16 inputs need grad_lift, the gradient tile's power of two (marginfused/backends/lift.py)");
-  const bool need_x = plan.need_x, need_w = plan.need_w;
-  if (!need_x && !need_w) return;
-  const int64_t B = x.size(0), D = x.size(1), C = w.size(0), K = subcenters;
-
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool is_float = x.scalar_type() == at::kFloat;
-  const int64_t n_max = chunk_rows(chunk, C, K);  // rows of W per chunk, whole classes
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor tile = at::empty({B * n_max}, f32);
-  // U in place of S only where each element reads its own S alone (fp32, one row per class)
-  at::Tensor u_lowp = is_float && K == 1 ? tile : at::empty({B * n_max}, x.options());
-  at::Tensor r = at::empty({n_max}, f32);
-  at::Tensor q = at::empty({B}, f32);
-  at::Tensor lse_hi = at::empty({B}, f32);
-  at::Tensor lse_lo = at::empty({B}, f32);
-  at::Tensor acc, a_chunk, h_buffer;
-  if (need_x) {
-    acc = is_float ? *grad_x : at::empty({B, D}, f32);
-    acc.zero_();
-    if (!is_float) a_chunk = at::empty({B, D}, f32);
-  }
-  if (need_w && !is_float) h_buffer = at::empty({n_max * D}, f32);
-  const at::Tensor unit = at::ones({2}, f32);  // (2^0, 2^-0): no lift, and A is unlifted chunk by chunk
-  const float* lift = plan.lift ? plan.lift : unit.data_ptr<float>();  // (2^k, 2^-k)
-  const at::Tensor unlift = plan.lift ? grad_lift->narrow(0, 1, 1) : unit.narrow(0, 1, 1);
-  const float smoothing_per_class = static_cast<float>(label_smoothing / static_cast<double>(num_classes));
-
-  MF_DISPATCH_FLOATING_TYPES(x.scalar_type(), op, [&] {
-    inverse_norms_kernel<scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), B, D, vector_rows(x), q.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    split_lse_kernel<<<grid_for(B, kThreads), kThreads, 0, stream>>>(B, lse.data_ptr<double>(),
-                                                                   lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    for (int64_t r0 = 0; r0 < C; r0 += n_max) {  // the chunk's rows [r0, r0 + n), classes from r0 / K
-      const int64_t n = std::min(n_max, C - r0);
-      const at::Tensor wc = w.narrow(0, r0, n);
-      inverse_norms_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
-          wc.data_ptr<scalar_t>(), n, D, vector_rows(wc), r.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::Tensor s_tile = front(tile, B, n);
-      cosine_gemm(s_tile, x, wc);
-      at::Tensor u_tile = front(u_lowp, B, n);
-      const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads),
-                      static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-      backward_chunk_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          s_tile.data_ptr<float>(), u_tile.data_ptr<scalar_t>(), B, n, K, q.data_ptr<float>(), r.data_ptr<float>(),
-          y.data_ptr<int64_t>(), target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), plan.rule,
-          class_start + r0 / K,
-          lse_hi.data_ptr<float>(), lse_lo.data_ptr<float>(), grad_rows.data_ptr<float>(), lift, smoothing_per_class,
-          plan.params);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (need_x) {
-        if (is_float) {
-          acc.addmm_(u_tile, wc);
-        } else {
-          at::mm_out(a_chunk, u_tile, wc, at::kFloat);
-          acc.addcmul_(a_chunk, unlift);  // A += (U·2^k) W_chunk · 2^-k
-        }
-      }
-      if (need_w) {
-        at::Tensor h = is_float ? grad_w->narrow(0, r0, n) : front(h_buffer, n, D);
-        if (is_float) {
-          at::mm_out(h, u_tile.t(), x);
-        } else {
-          at::mm_out(h, u_tile.t(), x, at::kFloat);
-        }
-        project_rows_kernel<scalar_t, scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
-            h.data_ptr<float>(), wc.data_ptr<scalar_t>(), r.data_ptr<float>(), n, D, vector_rows(wc),
-            unlift.data_ptr<float>(),
-            grad_w->data_ptr<scalar_t>() + r0 * D);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    }
-    if (need_x) {
-      project_rows_kernel<scalar_t, scalar_t><<<grid_for(B, kThreads / kWarp), kThreads, 0, stream>>>(
-          acc.data_ptr<float>(), x.data_ptr<scalar_t>(), q.data_ptr<float>(), B, D, vector_rows(x),
-          unit.data_ptr<float>(), grad_x->data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-}
-
-// The definitions above are those cuda_bindings.cpp declares through these types.
 static_assert(std::is_same_v<decltype(forward_partials), ForwardPartialsFn>);
 static_assert(std::is_same_v<decltype(backward), BackwardFn>);
 

@@ -58,7 +58,7 @@ def backend(request, monkeypatch) -> BackendUnderTest:
     reason = implementation.unavailable_reason() or implementation.unsupported_reason(device, torch.float32)
     if reason:
         pytest.skip(f"{name}: {reason}")
-    monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: CONTRACT_CHUNK)
+    monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: CONTRACT_CHUNK)
     if name == "triton" and device == "cpu":
         interpret_bfloat16_dots(monkeypatch)
     return BackendUnderTest(name, device)

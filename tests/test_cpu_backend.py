@@ -19,10 +19,13 @@ import torch
 import marginfused as mf
 from marginfused.backends import BackendUnavailableError, cpu, extension, select_backend
 from marginfused.backends.cpu import CpuBackend
-from marginfused.partials import merge
+from marginfused.partials import RowPartials, log_sum_exp, merge
 from marginfused.settings import LossSettings
 
-from helpers import assert_matches_truth, assert_predictions_are_nearest, kernel_settings, make_inputs, shard_targets
+from helpers import (
+    arithmetic_bounds, assert_close, assert_matches_truth, assert_predictions_are_nearest, kernel_settings, make_inputs,
+    shard_targets,
+)
 
 
 
@@ -39,7 +42,7 @@ def chunk(monkeypatch):
     """Set the classes per chunk for the test."""
 
     def set_chunk(value: int) -> None:
-        monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: value)
+        monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: value)
 
     return set_chunk
 
@@ -81,6 +84,20 @@ def test_both_bfloat16_gemm_paths_hold_to_the_truth(ext, chunk, bfloat16_gemm, m
                          label_smoothing=0.1, reduction="none")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_dx_gemm_split_over_its_depth(ext, chunk, monkeypatch, dtype):
+    """The dX GEMM of each chunk split over its depth (as the cuda backend splits it to fill a GPU)
+    into separate accumulators: chunks of 12 rows in 4 ways, the last of 9 in 3 (the most that
+    divide it), sub-centres included; the gradients hold to the truth."""
+    chunk(12)
+    monkeypatch.setattr(extension, "dx_splits", lambda device, batch, dim, chunk: 4)
+    x, w, y = make_inputs(11, 45, 10, ignored=2, seed=5)
+    scale = 30.0 if dtype == torch.float32 else 64.0
+    assert_matches_truth("cpu", x, w, y, dtype, margin="arcface", scale=scale, reduction="none")
+    y3 = torch.where(y >= 0, y % 15, y)
+    assert_matches_truth("cpu", x, w, y3, dtype, subcenters=3, scale=scale, reduction="none")
+
+
 def test_the_bfloat16_gemm_choice_is_made_once_per_process():
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert cpu.bfloat16_gemm() in ("bfloat16", "float32")
@@ -100,32 +117,24 @@ def test_dispatch(ext):
     assert mf.available_backends()["cpu"] is None
 
 
-# --- the C++ checks, called directly -------------------------------------------------------------
+# --- the extension, called directly --------------------------------------------------------------
+
+MISSING = object()
 
 
-def _forward_args(x, w, y, **override):
-    """Valid arguments of the extension's forward_partials, with `override` applied."""
+def _call(ext, inputs, **override):
+    """A valid Call of the extension for inputs (x, w, y), a backward's fields set too, with
+    `override` applied (a field given as MISSING is left out)."""
+    x, w, y = inputs
     b = x.shape[0]
-    args = dict(
-        x=x, w=w, y=y, target_logit=torch.zeros(b), hard_threshold=None, hard_offset=None, hard_quadratic=0.0,
-        class_start=0, subcenters=1, chunk=8, scale=64.0, ignore_index=-100, out_max=torch.empty(b), out_sumexp=torch.empty(b),
-        out_logit_sum=torch.empty(b), out_best_cos=torch.empty(b), out_best_class=torch.empty(b, dtype=torch.long),
+    fields = dict(
+        x=x, w=w, y=y, target_logit=torch.zeros(b), rule_threshold=None, rule_offset=None,
+        target_slope=torch.full((b,), 64.0), row_max=torch.zeros(b), log_sumexp=torch.zeros(b), upstream=torch.ones(b),
+        lift=None, scale=64.0, ignore_index=-100, label_smoothing=0.0, rule_quadratic=0.0, subcenters=1,
+        num_classes=w.shape[0], class_start=0, chunk=8,
     )
-    args.update(override)
-    return args
-
-
-def _backward_args(x, w, y, **override):
-    """Valid arguments of the extension's backward, with `override` applied."""
-    b = x.shape[0]
-    args = dict(
-        x=x, w=w, y=y, target_logit=torch.zeros(b), target_slope=torch.full((b,), 64.0), hard_threshold=None,
-        hard_offset=None, hard_quadratic=0.0, lse=torch.zeros(b, dtype=torch.float64), grad_rows=torch.ones(b),
-        grad_lift=None, class_start=0, subcenters=1, num_classes=w.shape[0], chunk=8, scale=64.0, label_smoothing=0.0,
-        ignore_index=-100, grad_x=torch.empty_like(x), grad_w=torch.empty_like(w),
-    )
-    args.update(override)
-    return args
+    fields.update(override)
+    return ext.Call(**{name: value for name, value in fields.items() if value is not MISSING})
 
 
 def _inputs32():
@@ -133,25 +142,35 @@ def _inputs32():
     return x.float(), w.float(), y
 
 
+def test_the_call_is_built_by_keyword(ext):
+    x, w, y = _inputs32()
+    call = _call(ext, (x, w, y), scale=30.0, subcenters=2, rule_quadratic=1.0)
+    assert (call.scale, call.subcenters, call.rule_quadratic, call.lift) == (30.0, 2, 1.0, None)
+    assert call.x is not None and torch.equal(call.x, x)
+    with pytest.raises(AttributeError):
+        ext.Call(hard_threshold=None)
+    with pytest.raises(TypeError):
+        ext.Call(scale="large")
+
+
+# What the C++ checks: the memory each entry point reads and writes (the extension can be called
+# directly). The values (labels, finite inputs, the scalars' ranges) are checked by marginfused.
 BAD_FORWARD = {
-    "float64 embeddings": (lambda x, w, y: dict(x=x.double(), w=w.double()), "must be float32, float16 or bfloat16"),
-    "weight dtype": (lambda x, w, y: dict(w=w.half()), "weight must have dtype Float"),
-    "weight dim": (lambda x, w, y: dict(w=w[:, :5].contiguous()), "weight must have size 8 in dim 1"),
-    "weight 3-D": (lambda x, w, y: dict(w=w[None]), "weight must be 2-D"),
-    "non-contiguous": (lambda x, w, y: dict(x=x.t().contiguous().t()), "embeddings must be contiguous"),
-    "int32 labels": (lambda x, w, y: dict(y=y.int()), "labels must have dtype Long"),
-    "labels length": (lambda x, w, y: dict(y=y[:3].contiguous()), "labels must have size 6"),
-    "meta device": (lambda x, w, y: dict(x=x.to("meta")), "embeddings must be a CPU tensor, got one on meta"),
-    "output size": (lambda x, w, y: dict(out_max=torch.empty(5)), "out_max must have size 6"),
-    "output dtype": (lambda x, w, y: dict(out_best_class=torch.empty(6)), "out_best_class must have dtype Long"),
-    "chunk": (lambda x, w, y: dict(chunk=0), "chunk must be > 0"),
-    "class_start": (lambda x, w, y: dict(class_start=-1), "class_start must be >= 0"),
-    "target_logit size": (lambda x, w, y: dict(target_logit=torch.zeros(5)), "target_logit must have size 6"),
-    "scale": (lambda x, w, y: dict(scale=0.0), "scale must be > 0"),
-    "rule without offsets": (lambda x, w, y: dict(hard_threshold=torch.zeros(6)),
-                             "hard_threshold and hard_offset must be given together"),
-    "rule threshold size": (lambda x, w, y: dict(hard_threshold=torch.zeros(5), hard_offset=torch.zeros(6)),
-                            "hard_threshold must have size 6"),
+    "float64 x": (lambda x, w, y: dict(x=x.double(), w=w.double()), "x must be float32, float16 or bfloat16"),
+    "x missing": (lambda x, w, y: dict(x=MISSING), "x is an undefined tensor"),
+    "w dtype": (lambda x, w, y: dict(w=w.half()), "w must have dtype Float"),
+    "w dim": (lambda x, w, y: dict(w=w[:, :5].contiguous()), r"w must have shape \[20, 8\]"),
+    "w 3-D": (lambda x, w, y: dict(w=w[None]), "w must be a 2-D tensor"),
+    "non-contiguous": (lambda x, w, y: dict(x=x.t().contiguous().t()), "x must be contiguous"),
+    "int32 labels": (lambda x, w, y: dict(y=y.int()), "y must have dtype Long"),
+    "labels length": (lambda x, w, y: dict(y=y[:3].contiguous()), r"y must have shape \[6\]"),
+    "meta device": (lambda x, w, y: dict(x=x.to("meta")), "x must be a CPU tensor, got one on meta"),
+    "w elsewhere": (lambda x, w, y: dict(w=w.to("meta")), "w is on meta but x is on cpu"),
+    "target_logit size": (lambda x, w, y: dict(target_logit=torch.zeros(5)), r"target_logit must have shape \[6\]"),
+    "rule without offsets": (lambda x, w, y: dict(rule_threshold=torch.zeros(6)),
+                             "rule_threshold and rule_offset must be given together"),
+    "rule threshold size": (lambda x, w, y: dict(rule_threshold=torch.zeros(5), rule_offset=torch.zeros(6)),
+                            r"rule_threshold must have shape \[6\]"),
     "subcenters": (lambda x, w, y: dict(subcenters=0), "subcenters must be >= 1"),
     "rows not whole classes": (lambda x, w, y: dict(subcenters=3), "rows are not whole classes of 3 sub-centres"),
 }
@@ -162,26 +181,22 @@ def test_forward_rejects_bad_inputs(ext, case):
     x, w, y = _inputs32()
     change, message = BAD_FORWARD[case]
     with pytest.raises(RuntimeError, match=message):
-        args = _forward_args(x, w, y)
-        args.update(change(x, w, y))
-        ext.forward_partials(**args)
+        ext.forward_partials(_call(ext, (x, w, y), **change(x, w, y)))
 
 
 BAD_BACKWARD = {
-    "lse size": (lambda x, w, y: dict(lse=torch.zeros(7, dtype=torch.float64)), "lse must have size 6"),
-    "lse dtype": (lambda x, w, y: dict(lse=torch.zeros(6)), "lse must have dtype Double"),
-    "grad_rows dtype": (lambda x, w, y: dict(grad_rows=torch.ones(6, dtype=torch.float64)), "grad_rows must have dtype Float"),
-    "grad_x dtype": (lambda x, w, y: dict(grad_x=torch.empty_like(x).bfloat16()), "grad_x must have dtype Float"),
-    "grad_w shape": (lambda x, w, y: dict(grad_w=torch.empty(19, 8)), "grad_w must have size 20 in dim 0"),
-    "grad_w non-contiguous": (lambda x, w, y: dict(grad_w=torch.empty(8, 20).t()), "grad_w must be contiguous"),
-    "num_classes": (lambda x, w, y: dict(num_classes=10), r"num_classes \(10\) must cover"),
-    "smoothing": (lambda x, w, y: dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+    "row_max size": (lambda x, w, y: dict(row_max=torch.zeros(7)), r"row_max must have shape \[6\]"),
+    "log_sumexp dtype": (lambda x, w, y: dict(log_sumexp=torch.zeros(6, dtype=torch.float64)),
+                         "log_sumexp must have dtype Float"),
+    "upstream dtype": (lambda x, w, y: dict(upstream=torch.ones(6, dtype=torch.float64)),
+                       "upstream must have dtype Float"),
+    "upstream missing": (lambda x, w, y: dict(upstream=MISSING), "upstream is an undefined tensor"),
     "target_slope dtype": (lambda x, w, y: dict(target_slope=torch.ones(6, dtype=torch.float64)),
                            "target_slope must have dtype Float"),
-    "rule offset dtype": (lambda x, w, y: dict(hard_threshold=torch.zeros(6), hard_offset=torch.zeros(6).double()),
-                          "hard_offset must have dtype Float"),
-    "grad_lift shape": (lambda x, w, y: dict(grad_lift=torch.ones(3)), "grad_lift must have size 2"),
-    "grad_lift on the cpu": (lambda x, w, y: dict(grad_lift=torch.ones(2)), "grad_lift must be None"),
+    "rule offset dtype": (lambda x, w, y: dict(rule_threshold=torch.zeros(6), rule_offset=torch.zeros(6).double()),
+                          "rule_offset must have dtype Float"),
+    "lift shape": (lambda x, w, y: dict(lift=torch.ones(3)), r"lift must have shape \[2\]"),
+    "x elsewhere": (lambda x, w, y: dict(x=x.to("meta")), "x must be a CPU tensor"),
 }
 
 
@@ -190,32 +205,60 @@ def test_backward_rejects_bad_inputs(ext, case):
     x, w, y = _inputs32()
     change, message = BAD_BACKWARD[case]
     with pytest.raises(RuntimeError, match=message):
-        args = _backward_args(x, w, y)
-        args.update(change(x, w, y))
-        ext.backward(**args)
+        ext.backward(_call(ext, (x, w, y), **change(x, w, y)), need_x=True, need_w=True)
+
+
+def test_backward_computes_what_is_needed(ext):
+    x, w, y = _inputs32()
+    call = _call(ext, (x, w, y))
+    assert ext.backward(call, need_x=False, need_w=False) == (None, None)
+    dx, dw = ext.backward(call, need_x=True, need_w=False)
+    assert dw is None and dx.shape == x.shape and dx.dtype == x.dtype
+    dx, dw = ext.backward(call, need_x=False, need_w=True)
+    assert dx is None and dw.shape == w.shape and dw.dtype == w.dtype
 
 
 @pytest.mark.parametrize("subcenters", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_output_element_is_written(ext, dtype, subcenters):
-    """Chunks of 7 rows (6 with 3 sub-centres: whole classes) over 45 rows of W."""
+def test_every_output_element_is_written(ext, chunk, dtype, subcenters):
+    """Chunks of 7 rows (6 with 3 sub-centres: whole classes) over 45 rows of W, one split each:
+    every split's partials are folded from its own chunk (a split starts at the empty range's
+    -inf), its best class in its own classes; and the gradients hold to the truth everywhere."""
     x, w, y = make_inputs(13, 45, 9, ignored=2)
     y = torch.where(y >= 0, y % (45 // subcenters), y)
-    x, w = x.to(dtype), w.to(dtype)
-    forward = _forward_args(x, w, y, chunk=7, subcenters=subcenters)
-    for name in ("out_max", "out_sumexp", "out_logit_sum", "out_best_cos"):
-        forward[name].fill_(float("nan"))
-    forward["out_best_class"].fill_(-12345)
-    ext.forward_partials(**forward)
-    for name in ("out_max", "out_sumexp", "out_logit_sum", "out_best_cos"):
-        assert torch.isfinite(forward[name]).all(), name
-    assert ((forward["out_best_class"] >= 0) & (forward["out_best_class"] < 45 // subcenters)).all()
-    backward = _backward_args(x, w, y, chunk=7, subcenters=subcenters, num_classes=45 // subcenters,
-                              lse=torch.full((13,), 5.0, dtype=torch.float64), grad_rows=torch.randn(13))
-    backward["grad_x"].fill_(float("nan"))
-    backward["grad_w"].fill_(float("nan"))
-    ext.backward(**backward)
-    assert torch.isfinite(backward["grad_x"]).all() and torch.isfinite(backward["grad_w"]).all()
+    rows_per_chunk = 7 // subcenters * subcenters
+    call = _call(ext, (x.to(dtype), w.to(dtype), y), chunk=7, subcenters=subcenters)
+    partials = RowPartials(*ext.forward_partials(call))
+    splits = -(-45 // rows_per_chunk)
+    assert partials.max.shape == (splits, 13)
+    for name in ("max", "sumexp", "logit_sum", "best_cos"):
+        assert torch.isfinite(getattr(partials, name)).all(), name
+    split_of_best = partials.best_class // (rows_per_chunk // subcenters)
+    assert torch.equal(split_of_best, torch.arange(splits)[:, None].expand(splits, 13))
+    chunk(7)
+    scale = 30.0 if dtype == torch.float32 else 64.0
+    assert_matches_truth("cpu", x, w, y, dtype, subcenters=subcenters, scale=scale, reduction="none")
+
+
+def test_a_lift_is_undone_exactly(ext):
+    """The fp16 lift (2^k, 2^-k) multiplies the gradient tile and divides the GEMMs' products by
+    powers of two, which is exact: given one on float32 inputs (Python passes one for the cuda
+    backend's float16 GEMMs alone), dW is bit-identical to dW without it, and dX, added up in
+    another order, within twice the arithmetic bound of a correct computation of it."""
+    x, w, y = make_inputs(13, 45, 9, ignored=2)
+    x32, w32 = x.float(), w.float()
+    settings = LossSettings.build("arcface", 64.0, "detached", -100, 0.0)
+    logit, slope = shard_targets(x32, w32, y, settings)
+    partials = RowPartials(*ext.forward_partials(_call(ext, (x32, w32, y), target_logit=logit.float(), chunk=7)))
+    lse = log_sum_exp(merge(partials))
+    fields = dict(target_logit=logit.float(), target_slope=slope.detach().float(), row_max=lse.max,
+                  log_sumexp=lse.log_sumexp, upstream=torch.ones(13), chunk=7)
+    plain = ext.backward(_call(ext, (x32, w32, y), **fields), need_x=True, need_w=True)
+    lifted = ext.backward(_call(ext, (x32, w32, y), lift=torch.tensor([32.0, 1 / 32]), **fields),
+                          need_x=True, need_w=True)
+    assert torch.equal(lifted[1], plain[1])
+    bound = arithmetic_bounds(x, w, y, torch.float32, reduction="sum")["grad_embeddings"]
+    assert_close("lifted dx", lifted[0].double(), plain[0].double(), 2 * bound)
 
 
 # --- shards ------------------------------------------------------------------------------------

@@ -52,15 +52,18 @@ def test_check_cuda_fails_on_a_warning(tmp_path):
     assert "unused" in result.stdout
 
 
-def test_cuda_and_cpu_share_their_checks_and_bindings():
-    """The entry points' argument checks (common.h) and Python bindings (bindings.h) are written
-    once for both backends."""
+def test_cuda_and_cpu_share_their_driver_and_bindings():
+    """The chunked driver with the entry points' argument checks (driver.h) and the Python bindings
+    of the one argument struct (bindings.h) are written once for both backends; each device file
+    holds its device's row passes alone."""
     csrc = ROOT / "csrc"
     assert '#include "bindings.h"' in (csrc / "cpu.cpp").read_text()
     assert '#include "bindings.h"' in (csrc / "cuda_bindings.cpp").read_text()
     for name in ("cpu.cpp", "cuda.cu"):
         text = (csrc / name).read_text()
-        assert "check_forward_partials(" in text and "check_backward(" in text, name
+        assert '#include "driver.h"' in text, name
+        assert "forward_partials<" in text and "backward<" in text, name
+        assert "check_forward" not in text and "mm_out" not in text, f"{name} checks or multiplies on its own"
 
 
 def test_the_float16_lift_counts_the_inverse_norms():
@@ -107,11 +110,25 @@ def cuda_ext():
 @pytest.mark.parametrize("grad_mode", ["detached", "exact"])
 @pytest.mark.parametrize("margin", list(MARGINS))
 def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mode, dtype):
-    monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: 100)
+    monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: 100)
     x, w, y = make_inputs(37, 1031, 96, ignored=3, seed=11, device="cuda")
     scale = 30.0 if dtype == torch.float32 else 64.0
     assert_matches_truth("cuda", x, w, y, dtype, margin=MARGINS[margin], margin_grad=grad_mode, scale=scale,
                          reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("subcenters", [1, 3])
+def test_cuda_dx_gemm_split_over_its_depth(cuda_ext, monkeypatch, dtype, subcenters):
+    """The dX GEMM split 4 ways over chunks of 96 rows (3 over the last, of 69: the most that divide
+    it), into fp32 accumulators (ATen's out_dtype batched GEMM for 16-bit operands)."""
+    monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: 96)
+    monkeypatch.setattr(extension, "dx_splits", lambda device, batch, dim, chunk: 4)
+    x, w, y = make_inputs(37, 453, 40, ignored=3, seed=12, device="cuda")
+    y = torch.where(y >= 0, y % (453 // subcenters), y)
+    scale = 30.0 if dtype == torch.float32 else 64.0
+    assert_matches_truth("cuda", x, w, y, dtype, subcenters=subcenters, scale=scale, reduction="none")
 
 
 @pytest.mark.gpu
@@ -122,7 +139,7 @@ def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mo
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cuda_awkward_shapes(cuda_ext, monkeypatch, batch, classes, dim, chunk_classes, reduction):
     if chunk_classes is not None:
-        monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: chunk_classes)
+        monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: chunk_classes)
     x, w, y = make_inputs(batch, classes, dim, seed=batch + classes, device="cuda")
     assert_matches_truth("cuda", x, w, y, torch.float32, margin="sphereface", margin_grad="exact", scale=30.0,
                          reduction=reduction)
@@ -153,7 +170,7 @@ def test_cuda_memory_does_not_grow_with_classes(cuda_ext, monkeypatch):
         peak = torch.cuda.max_memory_allocated() - before - w.numel() * 4 - x.numel() * 4
         extra[classes] = peak
         assert peak < 4 * batch * classes, f"{peak} bytes: a B×C allocation"
-    tile = 4 * batch * extension.chunk_size("cuda", batch)
+    tile = 4 * batch * extension.chunk_size("cuda", batch, dim, torch.float32)
     assert abs(extra[600_000] - extra[200_000]) < tile, f"working memory grows with C: {extra}"
 
 
@@ -164,24 +181,34 @@ def test_cuda_rejects_bad_inputs(cuda_ext):
     b = 6
 
     def forward(**change):
-        args = dict(x=x, w=w, y=y, target_logit=torch.zeros(b, device="cuda"), hard_threshold=None,
-                    hard_offset=None, hard_quadratic=0.0, class_start=0, subcenters=1, chunk=8, scale=64.0,
-                    ignore_index=-100,
-                    out_max=torch.empty(b, device="cuda"), out_sumexp=torch.empty(b, device="cuda"),
-                    out_logit_sum=torch.empty(b, device="cuda"), out_best_cos=torch.empty(b, device="cuda"),
-                    out_best_class=torch.empty(b, dtype=torch.long, device="cuda"))
-        cuda_ext.forward_partials(**{**args, **change})
+        on_gpu = dict(device="cuda")
+        fields = dict(x=x, w=w, y=y, target_logit=torch.zeros(b, **on_gpu), rule_threshold=None, rule_offset=None,
+                      scale=64.0, ignore_index=-100, rule_quadratic=0.0, subcenters=1, class_start=0, chunk=8)
+        cuda_ext.forward_partials(cuda_ext.Call(**{**fields, **change}))
 
-    with pytest.raises(RuntimeError, match="embeddings must be a CUDA tensor"):
+    def backward(need_w=True, **change):
+        on_gpu = dict(device="cuda")
+        fields = dict(x=x, w=w, y=y, target_logit=torch.zeros(b, **on_gpu),
+                      target_slope=torch.full((b,), 64.0, **on_gpu), row_max=torch.zeros(b, **on_gpu),
+                      log_sumexp=torch.zeros(b, **on_gpu), upstream=torch.ones(b, **on_gpu), num_classes=20, chunk=8)
+        return cuda_ext.backward(cuda_ext.Call(**{**fields, **change}), need_x=True, need_w=need_w)
+
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
         forward(x=x.cpu())
-    with pytest.raises(RuntimeError, match="embeddings must be float32, float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
         forward(x=x.double(), w=w.double())
-    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+    with pytest.raises(RuntimeError, match="w must be contiguous"):
         forward(w=w.t().contiguous().t())
-    with pytest.raises(RuntimeError, match="out_max must be a CUDA tensor"):
-        forward(out_max=torch.empty(b))
-    with pytest.raises(RuntimeError, match="hard_threshold and hard_offset must be given together"):
-        forward(hard_threshold=torch.zeros(b, device="cuda"))
+    with pytest.raises(RuntimeError, match="target_logit is on cpu but x is on cuda"):
+        forward(target_logit=torch.zeros(b))
+    with pytest.raises(RuntimeError, match="rule_threshold and rule_offset must be given together"):
+        forward(rule_threshold=torch.zeros(b, device="cuda"))
+    with pytest.raises(RuntimeError, match="log_sumexp is on cpu but x is on cuda"):
+        backward(log_sumexp=torch.zeros(b))
+    with pytest.raises(RuntimeError, match=r"lift must have shape \[2\]"):
+        backward(lift=torch.ones(3, device="cuda"))
+    dx, dw = backward(need_w=False)
+    assert dw is None and dx.shape == x.shape and dx.device == x.device
 
 
 @pytest.mark.gpu

@@ -50,7 +50,7 @@ def test_cpu_backends_are_bit_identical(backend, deterministic, monkeypatch):
         pytest.skip(f"{backend.name} runs on {backend.device} tensors here")
     backend = backend.name
     # small chunks for the chunked backend: many chunks over the threads, as at large C
-    monkeypatch.setattr(extension, "chunk_size", lambda device_type, batch: 64)
+    monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: 64)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:

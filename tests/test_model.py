@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench import model, sass
-from marginfused.backends.chunks import GEMM_TILE, SPLIT_K_DEPTH, GpuShape, cuda_chunk_classes, dx_split_ways
+from marginfused.backends.chunks import (GEMM_TILE, SPLIT_K_DEPTH, GpuShape, cuda_chunk_classes, cuda_dx_splits,
+                                         dx_split_ways)
 from marginfused.kernels import configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,6 +341,18 @@ def test_the_chunk_fills_the_gpu_and_otherwise_stays_in_l2():
 
     assert cuda_chunk_classes(GPUS[0], 1024, 512, torch.bfloat16) == cuda_chunk_classes(GPUS[0], 1024, 512, "bf16")
 
+
+
+def test_the_dx_gemm_splits_fill_the_gpu_each_deep_enough():
+    h100 = GpuShape(132, 50 * 2**20)
+    assert cuda_dx_splits(h100, 1024, 512, 7680) == 4  # 32 output tiles, 4 ways of 1920 classes
+    for gpu in GPUS:
+        for b in (64, 1024, 8192):
+            for d in (128, 512):
+                for chunk in (128, 1024, 4096, cuda_chunk_classes(gpu, b, d, "bf16")):
+                    ways = cuda_dx_splits(gpu, b, d, chunk)
+                    assert 1 <= ways <= dx_split_ways(gpu, b, d)
+                    assert ways == 1 or chunk // ways >= SPLIT_K_DEPTH
 
 # --- the SASS reader --------------------------------------------------------------------------
 

@@ -51,6 +51,12 @@ def dx_split_ways(gpu: GpuShape, batch: int, dim: int) -> int:
     return max(1, gpu.sms // tiles)
 
 
+def cuda_dx_splits(gpu: GpuShape, batch: int, dim: int, chunk: int) -> int:
+    """Ways the `cuda` backend's dX GEMM splits the depth of a chunk of `chunk` classes: enough to
+    fill the SMs (dx_split_ways), each split at least SPLIT_K_DEPTH classes deep."""
+    return max(1, min(dx_split_ways(gpu, batch, dim), chunk // SPLIT_K_DEPTH))
+
+
 def cuda_chunk_classes(gpu: GpuShape, batch: int, dim: int, dtype) -> int:
     """Classes per chunk for the `cuda` backend: enough that the dX GEMM fills every SM (split K,
     each split SPLIT_K_DEPTH deep), and otherwise as many as keep the chunk's working set within

@@ -1,4 +1,5 @@
-"""The `cpu` backend: the chunked algorithm in C++ with ATen GEMMs and OpenMP (csrc/cpu.cpp).
+"""The `cpu` backend: the chunked algorithm in C++ (csrc/driver.h) with ATen GEMMs, its row passes
+vectorised and its chunks on OpenMP threads (csrc/cpu.cpp).
 
 bfloat16 inputs: where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; oneDNN's paths
 through ATen), the GEMMs run in bfloat16 with float32 accumulation, their results rounded to

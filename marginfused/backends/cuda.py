@@ -1,5 +1,5 @@
-"""The `cuda` backend, where Triton cannot run: the chunked algorithm with cuBLAS GEMMs through
-ATen and hand-written CUDA kernels (csrc/cuda.cu)."""
+"""The `cuda` backend, where Triton cannot run: the chunked algorithm (csrc/driver.h) with cuBLAS
+GEMMs through ATen and hand-written CUDA kernels (csrc/cuda.cu)."""
 
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ from ..negatives import NegativesRule
 from ..normalize import inverse_norms
 from ..partials import LogSumExp, RowPartials
 from . import lift
+from .chunks import GpuShape, cuda_chunk_classes, cuda_dx_splits
 from .base import BackendUnavailableError, KernelSettings
 from .ops import FusedBackend
 
@@ -191,30 +192,29 @@ CPU_TILE_BYTES = 1 << 20
 MIN_CHUNK = 16
 
 
-def tile_bytes(device: torch.device) -> int:
-    """The budget of the B×chunk fp32 tile: CPU_TILE_BYTES on the CPU; on a GPU a third of its L2
-    cache, so that the tile, its 16-bit copy for the backward GEMMs and the chunk of W stay in L2
-    between the GEMM that writes the tile and the kernels that read it (on an H100, 50 MB of L2:
-    a 16.7 MB tile, 4096 classes at B = 1024)."""
+def gpu_shape(device: torch.device) -> GpuShape:
+    """The SMs and L2 bytes of a CUDA device, what its chunks are sized from (chunks.py)."""
+    properties = torch.cuda.get_device_properties(device)
+    return GpuShape(properties.multi_processor_count, properties.L2_cache_size)
+
+
+def chunk_size(device: torch.device, batch: int, dim: int, dtype: torch.dtype) -> int:
+    """Rows of W per chunk for a (batch × dim) x of `dtype` (the extensions round it down to whole
+    classes of sub-centres): on the CPU one B×chunk fp32 tile within CPU_TILE_BYTES, a core's cache;
+    on a GPU `cuda_chunk_classes`, enough that the split dX GEMM fills every SM."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).L2_cache_size // 3
-    return CPU_TILE_BYTES
+        return cuda_chunk_classes(gpu_shape(device), batch, dim, dtype)
+    return max(MIN_CHUNK, CPU_TILE_BYTES // (4 * batch))
 
 
-def chunk_size(device: torch.device, batch: int) -> int:
-    """Rows of W per chunk for a batch of `batch` rows: one B×chunk fp32 tile within `tile_bytes`
-    (the extensions round it down to whole classes of sub-centres)."""
-    return max(MIN_CHUNK, tile_bytes(device) // (4 * batch))
-
-
-def _rule_arguments(negatives: Optional[HardNegatives]) -> dict:
-    """The negatives rule as the extensions take it: (B,) float32 τ and a, and q (None, None,
-    0 without a rule)."""
-    if negatives is None:
-        return dict(hard_threshold=None, hard_offset=None, hard_quadratic=0.0)
-    threshold, offset, quadratic = negatives.for_kernels()
-    return dict(hard_threshold=threshold, hard_offset=offset, hard_quadratic=quadratic)
+def dx_splits(device: torch.device, batch: int, dim: int, chunk: int) -> int:
+    """Ways the dX GEMM of a chunk splits its depth: on a GPU `cuda_dx_splits` (its few output tiles
+    fill the SMs only so); 1 on the CPU, whose threads each run their own chunks' GEMMs."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_dx_splits(gpu_shape(device), batch, dim, chunk)
+    return 1
 
 
 def gradient_tile_lift(x: Tensor, w: Tensor, upstream: Tensor, target_slope: Tensor, scale: float,
@@ -228,20 +228,23 @@ def gradient_tile_lift(x: Tensor, w: Tensor, upstream: Tensor, target_slope: Ten
     return torch.cat([factor, 1.0 / factor])
 
 
+def _row_data(t: Tensor) -> Tensor:
+    """A (B,) or (2,) vector as the extensions read it: detached, contiguous float32."""
+    return t.detach().float().contiguous()
+
+
 class ExtensionBackend(FusedBackend):
     """A backend running the chunked C++ extension built for `device_type` tensors (csrc/).
 
-    Both walk the classes in chunks whose B×chunk fp32 tile stays within a fixed budget, however
-    many classes there are: per chunk one GEMM for the raw dot products (normalisation folded in
+    Both walk the classes in chunks of a size fixed by the batch and the device (`chunk_size`),
+    however many classes there are: per chunk one GEMM for the raw dot products (normalisation folded in
     as row and column scales, no normalised copy of W), then one fused pass that puts the supplied
-    target logit on each row's target column and folds the chunk into the online max / sum-exp,
-    the logit sum and the argmax. The backward pass
-    recomputes each chunk, forms the gradient tile in place and accumulates dX̂ and dŴ with two
-    more GEMMs, then projects through the normalisation (the math is written out at the top of
-    csrc/cpu.cpp and csrc/cuda.cu). Inputs may be float32, float16 or bfloat16; everything is
-    computed and accumulated in fp32. The backward forms lse_i = m_i + log s_i in float64: at
-    s = 64 a float32 lse is off by up to ulp(lse) ≈ 4e-6, which would become a relative error of
-    every p_ij.
+    target logit on each row's target column and folds the chunk into its split's running max /
+    sum-exp, logit sum and argmax; the splits' partials come back unmerged. The backward pass
+    recomputes each chunk, forms the gradient tile with p = exp((z − m) − log s) from the
+    log-sum-exp as `LogSumExp` keeps it, and accumulates dX̂ and dŴ with two more GEMMs, then
+    projects through the normalisation (the math is written out in csrc/driver.h). Inputs may be
+    float32, float16 or bfloat16; everything after the GEMMs is computed in fp32.
     """
 
     device_type: ClassVar[str]
@@ -249,44 +252,32 @@ class ExtensionBackend(FusedBackend):
     def unavailable_reason(self) -> Optional[str]:
         return unavailable_reason(self.device_type)
 
-    def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
-        batch = x.shape[0]
-        f32 = dict(dtype=torch.float32, device=x.device)
-        out = RowPartials(
-            max=torch.empty(batch, **f32),
-            sumexp=torch.empty(batch, **f32),
-            logit_sum=torch.empty(batch, **f32),
-            best_cos=torch.empty(batch, **f32),
-            best_class=torch.empty(batch, dtype=torch.int64, device=x.device),
-        )
-        load(self.device_type).forward_partials(
+    def _call(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings, **backward):
+        """The extension's one argument (csrc/common.h, Call), built here alone: the tensors and the
+        kernel settings by name, the chunking, and the backward's (B,) tensors and fp16 lift where given."""
+        rule = kernel.negatives_rule
+        batch, dim = x.shape
+        chunk = chunk_size(x.device, batch, dim, x.dtype)
+        return load(self.device_type).Call(
             x=x.detach().contiguous(), w=w.detach().contiguous(), y=y.long().contiguous(),
-            target_logit=target_logit.detach().float().contiguous(), **_rule_arguments(kernel.negatives_rule),
-            class_start=kernel.class_start, subcenters=kernel.subcenters, chunk=chunk_size(x.device, batch),
-            scale=kernel.scale, ignore_index=kernel.ignore_index, out_max=out.max, out_sumexp=out.sumexp,
-            out_logit_sum=out.logit_sum, out_best_cos=out.best_cos, out_best_class=out.best_class,
+            target_logit=_row_data(target_logit),
+            rule_threshold=None if rule is None else rule.threshold, rule_offset=None if rule is None else rule.offset,
+            rule_quadratic=0.0 if rule is None else rule.quadratic, scale=kernel.scale,
+            ignore_index=kernel.ignore_index, label_smoothing=kernel.label_smoothing, subcenters=kernel.subcenters,
+            num_classes=kernel.num_classes, class_start=kernel.class_start, chunk=chunk,
+            dx_splits=dx_splits(x.device, batch, dim, chunk),
+            **{name: None if t is None else _row_data(t) for name, t in backward.items()},
         )
-        return RowPartials(*(field.unsqueeze(0) for field in out))
+
+    def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
+        return RowPartials(*load(self.device_type).forward_partials(self._call(x, w, y, target_logit, kernel)))
 
     def gradients(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
                   lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool,
                   need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        x, w = x.detach().contiguous(), w.detach().contiguous()
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.empty_like(w) if need_w else None
-        upstream = upstream.detach().float().contiguous()
-        target_slope = target_slope.detach().float().contiguous()
-        grad_lift = None
+        lift = None
         if self.device_type == "cuda" and x.dtype == torch.float16:
-            grad_lift = gradient_tile_lift(x, w, upstream, target_slope, kernel.scale, kernel.negatives_rule)
-        load(self.device_type).backward(
-            x=x, w=w, y=y.long().contiguous(), target_logit=target_logit.detach().float().contiguous(),
-            target_slope=target_slope, **_rule_arguments(kernel.negatives_rule),
-            lse=(lse.max.double() + lse.log_sumexp.double()).contiguous(),
-            grad_rows=upstream, grad_lift=grad_lift, class_start=kernel.class_start,
-            subcenters=kernel.subcenters, num_classes=kernel.num_classes,
-            chunk=chunk_size(x.device, x.shape[0]), scale=kernel.scale,
-            label_smoothing=kernel.label_smoothing, ignore_index=kernel.ignore_index, grad_x=grad_x,
-            grad_w=grad_w,
-        )
-        return grad_x, grad_w
+            lift = gradient_tile_lift(x, w, upstream.float(), target_slope.float(), kernel.scale, kernel.negatives_rule)
+        call = self._call(x, w, y, target_logit, kernel, target_slope=target_slope, row_max=lse.max,
+                          log_sumexp=lse.log_sumexp, upstream=upstream, lift=lift)
+        return load(self.device_type).backward(call, need_x=need_x, need_w=need_w)

@@ -50,7 +50,7 @@ TARGETS = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101
 DTYPES = ("bf16", "fp16", "fp32")
 ALIGNED_INTS = {"D", "stride_x", "stride_w", "stride_v", "classes_per_split"}
 SCALARS = dict(B="i32", C_local="i32", D="i32", stride_x="i32", stride_w="i32", class_start="i64",
-               classes_per_split="i32", scale="fp32", ignore_index="i32", target_weight="fp32",
+               classes_per_split="i32", scale="fp32", ignore_index="i32",
                smoothing_per_class="fp32", quadratic="fp32", R="i32", stride_v="i32")
 
 
@@ -169,8 +169,10 @@ FORWARD_PASSES = [("", True, True), (" no O", True, False), (" smoothing", False
 
 
 def shape(tiles) -> str:
-    """How a configuration takes D: "resident 2x256" or "streamed 64" (kernels/tiles.py)."""
-    return f"resident {tiles.parts}x{tiles.block_g}" if tiles.parts else f"streamed {tiles.block_d}"
+    """How a configuration takes D: "resident 2x256", or "streamed 64/128" (chunks of 64, slices of
+    128: kernels/tiles.py)."""
+    return (f"resident {tiles.parts}x{tiles.block_g}" if tiles.parts
+            else f"streamed {tiles.block_d}/{tiles.block_g}")
 
 
 def jobs(dtypes, arch: int) -> list[tuple]:
@@ -185,21 +187,22 @@ def jobs(dtypes, arch: int) -> list[tuple]:
         precision = "ieee" if dtype == "fp32" else "tf32"
         pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", v_ptr=f"*{element}", out_ptr=f"*{element}",
                         y_ptr="*i64", inv_ptr="*fp32", inv_x_ptr="*fp32", inv_w_ptr="*fp32", lift_ptr="*fp32",
-                        target_logit_ptr="*fp32", target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32",
+                        max_ptr="*fp32", sumexp_ptr="*fp32",
                         logit_sum_ptr="*fp32", best_cos_ptr="*fp32", best_class_ptr="*i64", centres_ptr="*fp32",
-                        row_max_ptr="*fp32", log_sumexp_ptr="*fp32", upstream_ptr="*fp32", dw_ptr=f"*{element}",
+                        lse_ptr="*fp32", row_grad_ptr="*fp32", target_grad_ptr="*fp32", target_ptr="*i32",
+                        dw_ptr=f"*{element}",
                         g_ptr="*fp32", rule_threshold_ptr="*fp32", rule_offset_ptr="*fp32")
         types = {**SCALARS, **pointers}
         rows = configs.NORMS_GPU
         for variant, rule, subcenters in VARIANTS:
             common = dict(DOT_PRECISION=precision, NEGATIVES_RULE=rule, SUBCENTERS=subcenters)
-            for tiles in configs.gpu_choices("forward", arch, width, subcenters):
+            for tiles in configs.gpu_choices("forward", arch, width, subcenters, rule):
                 blocks = dict(BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,
                               BLOCK_G=tiles.block_g, PARTS=tiles.parts)
                 for name, softmax, centres in FORWARD_PASSES:
                     out.append((f"forward {shape(tiles)}{variant}{name} {dtype}", ("forward", "forward_kernel"), types,
                                 dict(common, **blocks, SOFTMAX=softmax, CENTRES=centres), tiles))
-            for tiles in configs.gpu_choices("weight_grad", arch, width, subcenters):
+            for tiles in configs.gpu_choices("weight_grad", arch, width, subcenters, rule):
                 blocks = dict(BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,
                               BLOCK_G=tiles.block_g, PARTS=tiles.parts)
                 out.append((f"dW {shape(tiles)}{variant} {dtype}", ("backward", "weight_grad_kernel"), types,

@@ -58,54 +58,44 @@ class Tiles:
 # dots), "32" for float32 (full-precision dots, no tensor cores). "hopper" is sm_90 and sm_100
 # (wgmma / tcgen05, up to 227 KB of shared memory per block); "ampere" is every other target
 # (mma.sync, 99–163 KB: sm_80, sm_86, sm_89, sm_120). Each entry: the configurations by the D they
-# serve, smallest first. The forward's resident batch tile of x and the dW kernel's class tile of
-# W take block_b·D (block_c·D) elements of shared memory beside num_stages streamed tiles: at
-# D = 512 on Hopper, a 64-row tile of four warps with two slices of 256 (a 128 × 512 float32
-# accumulator does not fit in registers, a 64 × 256 one does).
+# serve, smallest first; one table per variant (plain, the negatives rule, sub-centres), since the
+# rule's slopes and the K cosine tiles of sub-centres hold more registers beside the accumulator.
+# On Hopper the forward's batch tile is 128 rows over eight warps (two warpgroups of m64, each dot's
+# N the whole class tile or slice: BLOCK_C = 64 for the cosines, BLOCK_G for O), D streamed in
+# chunks of 64: a 128 × 256 float32 O beside the softmax tile spills under Triton 3.9, 128 × 128
+# does not (D = 512 in four slices, each recomputing the cosines: 10·B·C·D for the forward and dX).
+# The dW kernel's class tile is 128 rows (its M), the batch tile 64 (the cosines' N).
 FORWARD_GPU = {
-    ("hopper", "16"): (
-        Tiles(block_b=128, block_c=64, block_d=0, num_warps=8, num_stages=2, block_g=256, parts=1, max_dim=256),
-        Tiles(block_b=64, block_c=64, block_d=0, num_warps=4, num_stages=2, block_g=256, parts=2, max_dim=512),
-        Tiles(block_b=64, block_c=64, block_d=64, num_warps=4, num_stages=3, block_g=256),
-    ),
-    ("hopper", "32"): (
-        Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2, block_g=64),
-    ),
-    ("ampere", "16"): (
-        Tiles(block_b=64, block_c=64, block_d=0, num_warps=4, num_stages=2, block_g=128, parts=1, max_dim=128),
-        Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),
-    ),
-    ("ampere", "32"): (
-        Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),
-    ),
+    ("hopper", "16"): (Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=128),),
+    ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2, block_g=64),),
+    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),),
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),),
 }
 WEIGHT_GRAD_GPU = {
-    ("hopper", "16"): (
-        Tiles(block_b=64, block_c=128, block_d=0, num_warps=8, num_stages=2, block_g=256, parts=1, max_dim=256),
-        Tiles(block_b=64, block_c=64, block_d=0, num_warps=4, num_stages=2, block_g=256, parts=2, max_dim=512),
-        Tiles(block_b=64, block_c=64, block_d=64, num_warps=4, num_stages=3, block_g=256),
-    ),
-    ("hopper", "32"): (
-        Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),
-    ),
-    ("ampere", "16"): (
-        Tiles(block_b=64, block_c=64, block_d=0, num_warps=4, num_stages=2, block_g=128, parts=1, max_dim=128),
-        Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),
-    ),
-    ("ampere", "32"): (
-        Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
-    ),
+    ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=128),),
+    ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),),
+    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),),
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),),
+}
+# The negatives rule on Hopper: slices of 64 columns (the slopes' tile beside a 128 × 128 O spills).
+FORWARD_RULE_GPU = {
+    **FORWARD_GPU,
+    ("hopper", "16"): (Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+}
+WEIGHT_GRAD_RULE_GPU = {
+    **WEIGHT_GRAD_GPU,
+    ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=64),),
 }
 # With K > 1 sub-centres per class each cosine tile is the largest of K, kept beside the tile being
-# computed and the arg-max tile. The dW kernel streams D (K resident tiles of W would not fit).
+# computed and the arg-max tile: on Hopper 64 × 64 tiles over eight warps, slices of 64 (checked at
+# K = 3; a call with both a rule and sub-centres takes these).
 FORWARD_SUBCENTRES_GPU = {
     **FORWARD_GPU,
+    ("hopper", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
 }
 WEIGHT_GRAD_SUBCENTRES_GPU = {
-    ("hopper", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=4, num_stages=3, block_g=256),),
-    ("hopper", "32"): WEIGHT_GRAD_GPU[("hopper", "32")],
-    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),),
-    ("ampere", "32"): WEIGHT_GRAD_GPU[("ampere", "32")],
+    **WEIGHT_GRAD_GPU,
+    ("hopper", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
 }
 NORMS_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
@@ -170,16 +160,23 @@ def family(arch: int) -> str:
 
 
 GPU_TABLES = {
-    "forward": (FORWARD_GPU, FORWARD_SUBCENTRES_GPU),
-    "weight_grad": (WEIGHT_GRAD_GPU, WEIGHT_GRAD_SUBCENTRES_GPU),
+    "forward": {"plain": FORWARD_GPU, "rule": FORWARD_RULE_GPU, "subcentres": FORWARD_SUBCENTRES_GPU},
+    "weight_grad": {"plain": WEIGHT_GRAD_GPU, "rule": WEIGHT_GRAD_RULE_GPU, "subcentres": WEIGHT_GRAD_SUBCENTRES_GPU},
 }
-"""Each kernel's GPU configurations: (one row per class, sub-centres)."""
+"""Each kernel's GPU configurations by variant."""
 
 
-def gpu_choices(kernel: str, arch: int, width_: str, subcenters: int = 1) -> tuple[Tiles, ...]:
+def variant(subcenters: int = 1, rule: bool = False) -> str:
+    """The configuration variant of a call: "subcentres" (K > 1, with or without a rule), "rule" or
+    "plain"."""
+    return "subcentres" if subcenters > 1 else "rule" if rule else "plain"
+
+
+def gpu_choices(kernel: str, arch: int, width_: str, subcenters: int = 1, rule: bool = False) -> tuple[Tiles, ...]:
     """The GPU configurations of the "forward" or "weight_grad" kernel for sm_`arch`, inputs of
-    `width_` ("16" or "32" bits) and `subcenters` rows of W per class, by the D they serve."""
-    return GPU_TABLES[kernel][subcenters > 1][family(arch), width_]
+    `width_` ("16" or "32" bits), `subcenters` rows of W per class and a negatives rule or none, by
+    the D they serve."""
+    return GPU_TABLES[kernel][variant(subcenters, rule)][family(arch), width_]
 
 
 def _serving(choices: tuple[Tiles, ...], dim: int) -> Tiles:
@@ -187,12 +184,12 @@ def _serving(choices: tuple[Tiles, ...], dim: int) -> Tiles:
     return next(t for t in choices if t.max_dim is None or dim <= t.max_dim).for_dim(dim)
 
 
-def tiles(kernel: str, dtype, arch: int, dim: int, subcenters: int = 1) -> Tiles:
+def tiles(kernel: str, dtype, arch: int, dim: int, subcenters: int = 1, rule: bool = False) -> Tiles:
     """The configuration of the "forward" or "weight_grad" kernel at D = dim."""
     if interpreting():
         choices = SUBCENTRES_INTERPRET if kernel == "weight_grad" and subcenters > 1 else FORWARD_INTERPRET
     else:
-        choices = gpu_choices(kernel, arch, width(dtype), subcenters)
+        choices = gpu_choices(kernel, arch, width(dtype), subcenters, rule)
     return _serving(choices, dim)
 
 

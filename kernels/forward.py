@@ -14,17 +14,23 @@ s·f(c_iy) and s or s·f′(c_iy) for a margin f evaluated in PyTorch):
      first arg-max sub-centre k*_ij, whose row w_{jK+k*} then stands for w_j below)
     slope_ij = ∂z_ij/∂c_ij:  σ_i (j = y_i),  s·(a_i + 2q·c_ij) (hard negatives),  s (other negatives)
 
-over the classes j of one split, per row i, online (rescaled as the running max m_i grows):
+over the classes j of one split but each row's target column, per row i, online (rescaled as the
+running max m_i grows):
 
     max_i       = m_i = max_j z_ij
     sumexp_i    = Σ_j exp(z_ij − m_i)
     logit_sum_i = Σ_j z_ij                      (label smoothing)
-    best_cos_i  = max_j c_ij,  best_class_i = argmax_j c_ij (global id, first on ties)
     O_i         = Σ_j P̃_ij w_j,   P̃_ij = exp(z_ij − m_i)·(slope_ij/s)·r_wj        (CENTRES)
+and over all its classes, the target's included,
+    best_cos_i  = max_j c_ij,  best_class_i = argmax_j c_ij (global id, first on ties)
 
 O starts at 0 and, when a tile raises the max from m to m′, is multiplied by exp(m − m′) before the
 tile's P̃·W is added, as sumexp is; the W tile goes from memory to the dot untouched (r_w sits in
-P̃). Splits merge with the partials (`marginfused.partials.merge`): O = Σ_k O_k·exp(m_k − M).
+P̃). A split whose every column is a target has max −inf and sums 0. The target column is a range of
+its own, which the host appends to the splits (marginfused/backends/triton.py): max z_iy, sumexp 1,
+logit sum z_iy and O = (σ_i/s)·ŵ_{y_i} for a row whose target is in the shard, nothing otherwise;
+all merge with the partials (`marginfused.partials.merge`): O = Σ_k O_k·exp(m_k − M). So no kernel
+reads a target logit or slope.
 
 **The embeddings' gradient from O.** With u_i the upstream gradient, ε the smoothing, C all classes,
 M_i and log S_i the log-sum-exp over all classes (lse_i = M_i + log S_i, p_ij = exp(z_ij − lse_i)),
@@ -38,7 +44,8 @@ the gradient of Σ_i u_i·ℓ_i, ℓ_i = lse_i − (1−ε)·z_iy − (ε/C)·Σ
     dX̂_i = Σ_j G_ij ŵ_j
          = u_i·Σ_j slope_ij·p_ij·ŵ_j − u_i·σ_i·(1−ε)·ŵ_{y_i} − u_i·(ε/C)·Σ_j slope_ij·ŵ_j.
 
-The first sum is O's: slope_ij·p_ij·ŵ_j = s·exp(M_i − lse_i)·exp(z_ij − M_i)·(slope_ij/s)·r_wj·w_j, so
+The first sum is O's (the target's range included): slope_ij·p_ij·ŵ_j =
+s·exp(M_i − lse_i)·exp(z_ij − M_i)·(slope_ij/s)·r_wj·w_j, so
 
     u_i·Σ_j slope_ij·p_ij·ŵ_j = u_i·s·exp(−log S_i)·O_i          (O taken relative to M_i)
 
@@ -48,10 +55,11 @@ row). The third, the smoothing term Q_i = Σ_j slope_ij·ŵ_j (only for ε > 0):
 
 - without a negatives rule and sub-centres, slope_ij = s but on the target column, so
   Q_i = s·Σ_j ŵ_j + (σ_i − s)·ŵ_{y_i}: one D-vector per shard, Σ_j ŵ_j, which a second pass of this
-  kernel makes (SOFTMAX off, no cosines, one row: P̃_ij = r_wj);
+  kernel makes (SOFTMAX off, no cosines, one row: P̃_ij = r_wj, every column);
 - with a rule or sub-centres slope_ij and the row standing for w_j depend on i: a second pass of
-  this kernel over every row computes Q_i/s = Σ_j (slope_ij/s)·r_wj·w_j (SOFTMAX off: P̃_ij =
-  (slope_ij/s)·r_wj, no exponential, no max).
+  this kernel over every row computes Σ_{j≠y_i} (slope_ij/s)·r_wj·w_j (SOFTMAX off: P̃_ij =
+  (slope_ij/s)·r_wj, no exponential, no max; the target column left out as in the first pass), and
+  Q_i = s·(that) + σ_i·ŵ_{y_i}.
 
 Ignored rows have u_i = 0 (no term at all); a row whose target lies in another shard has no target
 term in this shard's sums. Then, through the normalisation (x̂ = x·r_x formed first, so nothing
@@ -72,7 +80,8 @@ float16's range, and multiply the row's zeros to exactly 0.
 
 **Grid**: (cdiv(B, BLOCK_B), n_splits, slices). Program (b, k, g) owns rows [b·BLOCK_B, …), the
 classes [k·classes_per_split, min((k+1)·classes_per_split, C_local)) of this shard of W, walked in
-BLOCK_C tiles, and the columns [g·BLOCK_G, …) of O. With PARTS = 1 or 2 its batch tile of x stays
+BLOCK_C tiles (a tile past the split's end repeats its last class, kept out of every sum:
+tiles.clamped_rows), and the columns [g·BLOCK_G, …) of O. With PARTS = 1 or 2 its batch tile of x stays
 resident, as PARTS parts of BLOCK_G columns, while W's tiles stream (tiles.py): D ≤ PARTS·BLOCK_G,
 one slice per part, and each W tile's own part feeds the cosines' dot and O's. With PARTS = 0 the
 cosines' dot streams D in BLOCK_D chunks and O's slice of each W tile is loaded for O's dot; the
@@ -94,15 +103,15 @@ import triton
 import triton.language as tl
 
 from .tiles import (
-    clamped, dot_operand, load_part, negative_logits, pair_dot, row_rule, slope_ratios, streamed_dot,
-    subcentre_cosines, target_columns, target_offsets,
+    clamped, clamped_rows, dot_operand, hard_slopes, load_rows, negative_logits, pair_dot, row_rule, streamed_dot,
+    subcentre_cosines, target_columns,
 )
 
 
 @triton.jit
 def forward_kernel(
-    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, target_logit_ptr, target_slope_ptr, rule_threshold_ptr,
-    rule_offset_ptr, lift_ptr, max_ptr, sumexp_ptr, logit_sum_ptr, best_cos_ptr, best_class_ptr, centres_ptr,
+    x_ptr, w_ptr, y_ptr, inv_x_ptr, inv_w_ptr, rule_threshold_ptr, rule_offset_ptr, lift_ptr,
+    max_ptr, sumexp_ptr, logit_sum_ptr, best_cos_ptr, best_class_ptr, centres_ptr,
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, scale, ignore_index, quadratic,
     DOT_PRECISION: tl.constexpr, NEGATIVES_RULE: tl.constexpr, SUBCENTERS: tl.constexpr,
     SOFTMAX: tl.constexpr, CENTRES: tl.constexpr, PARTS: tl.constexpr,
@@ -115,26 +124,28 @@ def forward_kernel(
     RESIDENT: tl.constexpr = COSINES and PARTS > 0
     pid_b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
-    d_slice = tl.program_id(2).to(tl.int64)
+    d_slice = tl.program_id(2)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
-    target_col, _ = target_columns(y_ptr, rows, row_ok, C_local, class_start, ignore_index)
+    target_col = target_columns(y_ptr, rows, row_ok, C_local, class_start, ignore_index)
     inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
     threshold, offset = row_rule(rule_threshold_ptr, rule_offset_ptr, rows, row_ok, NEGATIVES_RULE)
-    if SOFTMAX:
-        target_logit = tl.load(target_logit_ptr + rows, mask=row_ok, other=0.0)
-    g_dims = d_slice * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # O's columns; x's own part
+    g_dims = d_slice * BLOCK_G + tl.arange(0, BLOCK_G)  # O's columns; x's own part
+    other_dims = g_dims
+    x_rows = tl.arange(0, BLOCK_B)  # in-tile rows of x for a streamed dot: past B, row B − 1 again
+    if not RESIDENT:
+        x_rows = clamped_rows(x_rows, (B - pid_b * BLOCK_B).to(tl.int32))
     x_own = inv_x  # stand-ins where x is not resident (never read)
     x_other = inv_x
-    other_dims = g_dims
     if RESIDENT:
-        x_own = load_part(x_ptr, rows, row_ok, g_dims, D, stride_x)
+        x_own = tl.load(x_ptr + rows[:, None] * stride_x + g_dims[None, :], mask=row_ok[:, None] & (g_dims < D)[None, :],
+                        other=0.0)
         x_other = x_own
         if PARTS == 2:
-            other_dims = (1 - d_slice) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
-            x_other = load_part(x_ptr, rows, row_ok, other_dims, D, stride_x)
+            other_dims = (1 - d_slice) * BLOCK_G + tl.arange(0, BLOCK_G)
+            x_other = tl.load(x_ptr + rows[:, None] * stride_x + other_dims[None, :],
+                              mask=row_ok[:, None] & (other_dims < D)[None, :], other=0.0)
     if CENTRES:
-        target_ratio = tl.load(target_slope_ptr + rows, mask=row_ok, other=0.0) / scale
         lift = tl.load(lift_ptr)
         acc = tl.zeros((BLOCK_B, BLOCK_G), tl.float32)
 
@@ -142,72 +153,73 @@ def forward_kernel(
     run_sum = tl.zeros((BLOCK_B,), tl.float32)
     logit_sum = tl.zeros((BLOCK_B,), tl.float32)
     best_cos = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    best_class = tl.zeros((BLOCK_B,), tl.int64) + class_start
+    best_col = tl.zeros((BLOCK_B,), tl.int32)  # relative to the split's first class
 
     c_begin = split * classes_per_split
     c_end = tl.minimum(c_begin + classes_per_split, C_local)
-    tile = tl.arange(0, BLOCK_C).to(tl.int64)
+    tile = tl.arange(0, BLOCK_C)
     for c0 in range(c_begin, c_end, BLOCK_C):
-        cols = c0 + tile
-        col_ok = cols < c_end
-        inv_w = tl.load(inv_w_ptr + cols * SUBCENTERS, mask=col_ok, other=0.0)  # sub-centre 0's
+        left = (c_end - c0).to(tl.int32)  # classes of the split from c0 on
+        classes = clamped_rows(tile, left)
+        inv_w = tl.load(inv_w_ptr + c0 * SUBCENTERS + classes * SUBCENTERS)  # sub-centre 0's
         if COSINES:
             if SUBCENTERS > 1:
-                cos, choice = subcentre_cosines(x_ptr, w_ptr, x_own, x_other, rows, cols, row_ok, col_ok, inv_x,
+                cos, choice = subcentre_cosines(x_ptr, w_ptr, x_own, x_other, pid_b * BLOCK_B, x_rows, inv_x, c0, classes,
                                                 inv_w_ptr, g_dims, other_dims, D, stride_x, stride_w, BLOCK_B, BLOCK_C,
                                                 BLOCK_D, PARTS, DOT_PRECISION, SUBCENTERS, False)
             elif PARTS > 0:
-                w_own = load_part(w_ptr, cols, col_ok, g_dims, D, stride_w)
+                w_own = load_rows(w_ptr, c0, classes, g_dims, D, stride_w)
                 w_other = w_own
                 if PARTS == 2:
-                    w_other = load_part(w_ptr, cols, col_ok, other_dims, D, stride_w)
+                    w_other = load_rows(w_ptr, c0, classes, other_dims, D, stride_w)
                 cos = clamped(pair_dot(x_own, w_own, x_other, w_other, PARTS, DOT_PRECISION), inv_x, inv_w)
             else:
-                cos = clamped(streamed_dot(x_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
+                cos = clamped(streamed_dot(x_ptr, w_ptr, pid_b * BLOCK_B, x_rows, c0, classes, D, stride_x, stride_w,
                                            BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION), inv_x, inv_w)
-            is_target = tl.arange(0, BLOCK_C)[None, :] == target_offsets(target_col, c0, BLOCK_C)[:, None]
+            # out of the sums: each row's target column, and the columns past the split
+            excluded = (tile[None, :] == (target_col - c0).to(tl.int32)[:, None]) | (tile >= left)[None, :]
 
         if SOFTMAX:
-            negatives = negative_logits(cos, threshold[:, None], offset[:, None], quadratic, scale, NEGATIVES_RULE)
-            z = tl.where(is_target, target_logit[:, None], negatives)
-            z = tl.where(col_ok[None, :], z, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(z, axis=1))
-            rescale = tl.exp(run_max - new_max)
-            p = tl.exp(z - new_max[:, None])
-            run_sum = run_sum * rescale + tl.sum(p, axis=1)
-            run_max = new_max
-            logit_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-
-            masked_cos = tl.where(col_ok[None, :], cos, float("-inf"))
-            tile_best = tl.max(masked_cos, axis=1)
-            tile_arg = tl.argmax(masked_cos, axis=1).to(tl.int64)
+            tile_best, tile_arg = tl.max(tl.where((tile < left)[None, :], cos, float("-inf")), axis=1,
+                                         return_indices=True, return_indices_tie_break_left=True)
             better = tile_best > best_cos  # strict: an earlier class wins ties
             best_cos = tl.where(better, tile_best, best_cos)
-            best_class = tl.where(better, class_start + c0 + tile_arg, best_class)
+            best_col = tl.where(better, (c0 - c_begin).to(tl.int32) + tile_arg, best_col)
+
+            z = tl.where(excluded, float("-inf"),
+                         negative_logits(cos, threshold[:, None], offset[:, None], quadratic, scale, NEGATIVES_RULE))
+            logit_sum += tl.sum(tl.where(excluded, 0.0, z), axis=1)
+            new_max = tl.maximum(run_max, tl.max(z, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with every column out so far
+            rescale = tl.exp(run_max - shift)
+            p = tl.exp(z - shift[:, None])
+            run_sum = run_sum * rescale + tl.sum(p, axis=1)
+            run_max = new_max
 
         if CENTRES:
-            if COSINES:
-                weights = slope_ratios(cos, is_target, target_ratio[:, None], threshold[:, None], offset[:, None],
-                                       quadratic, NEGATIVES_RULE)
-            else:
-                weights = tl.full((BLOCK_B, BLOCK_C), 1.0, tl.float32)
             if SOFTMAX:
-                weights = weights * p
+                weights = p
                 acc = acc * rescale[:, None]
+            elif COSINES:
+                weights = tl.where(excluded, 0.0, 1.0)
+            else:
+                weights = tl.zeros((BLOCK_B, BLOCK_C), tl.float32) + tl.where(tile < left, 1.0, 0.0)[None, :]
+            if NEGATIVES_RULE:
+                weights = weights * hard_slopes(cos, threshold[:, None], offset[:, None], quadratic)
             for k in tl.static_range(SUBCENTERS):
                 if SUBCENTERS == 1:
-                    w_rows = cols
+                    w_rows = classes
                     inv_w_k = inv_w
                 else:
-                    w_rows = cols * SUBCENTERS + k
-                    inv_w_k = tl.load(inv_w_ptr + w_rows, mask=col_ok, other=0.0)
-                p_k = weights * (inv_w_k * lift)[None, :]  # columns past the split: r_w = 0 and w = 0
+                    w_rows = classes * SUBCENTERS + k
+                    inv_w_k = tl.load(inv_w_ptr + c0 * SUBCENTERS + w_rows)
+                p_k = weights * (inv_w_k * lift)[None, :]
                 if SUBCENTERS > 1:
                     p_k = tl.where(choice == k, p_k, 0.0)  # the classes whose gradient goes to sub-centre k
                 if RESIDENT and SUBCENTERS == 1:
                     w_g = w_own  # the own part, already on its way to the cosines' dot
                 else:
-                    w_g = load_part(w_ptr, w_rows, col_ok, g_dims, D, stride_w)
+                    w_g = load_rows(w_ptr, c0 * SUBCENTERS, w_rows, g_dims, D, stride_w)
                 acc = tl.dot(dot_operand(p_k, w_ptr.dtype.element_ty), w_g, acc, input_precision=DOT_PRECISION)
 
     if SOFTMAX:
@@ -217,7 +229,7 @@ def forward_kernel(
             tl.store(sumexp_ptr + out, run_sum, mask=row_ok)
             tl.store(logit_sum_ptr + out, logit_sum, mask=row_ok)
             tl.store(best_cos_ptr + out, best_cos, mask=row_ok)
-            tl.store(best_class_ptr + out, best_class, mask=row_ok)
+            tl.store(best_class_ptr + out, class_start + c_begin + best_col.to(tl.int64), mask=row_ok)
     if CENTRES:
         out = centres_ptr + (split * B + rows[:, None]) * D + g_dims[None, :]
         tl.store(out, acc / lift, mask=row_ok[:, None] & (g_dims < D)[None, :])

@@ -31,7 +31,7 @@ def project_kernel(g_ptr, v_ptr, inv_ptr, out_ptr, R, D, stride_v, BLOCK_R: tl.c
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < R
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
     inv = tl.load(inv_ptr + rows, mask=row_ok, other=0.0)
 
     v_hat_dot_g = tl.zeros((BLOCK_R,), tl.float32)

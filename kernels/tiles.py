@@ -1,5 +1,5 @@
-"""Shared `@triton.jit` helpers: the raw dot products of a cosine tile, each row's target column in a
-tile, the logits and their slopes, and the gradient with respect to a tile's cosines.
+"""Shared `@triton.jit` helpers: tiles of rows, the raw dot products of a cosine tile, and the
+logits' rules.
 
 Every kernel walks tiles of c_ij = clamp(x_i·w_j·r_xi·r_wj, −1, 1), r = 1/max(‖·‖, 1e-12) the
 inverse norms of the forward's pre-pass (kernels/norms.py; B + C floats, no normalised copy of x
@@ -13,13 +13,14 @@ the epilogue. A raw dot product over D is taken one of two ways (a kernel's cons
   part d_slice), and that part of the streamed tile feeds its gradient dot too, so each tile goes
   from memory to the tensor cores once. The two parts' products are summed as two float32 tiles,
   own + other: addition commutes, so both slices of D compute bit-identical cosines.
-- **streamed** (PARTS = 0, any D): `streamed_dot` loops over D in BLOCK_D chunks of both operands
-  (the previous design's inner loop), for D too large to keep resident.
+- **streamed** (PARTS = 0, any D): `streamed_dot` loops over D in BLOCK_D chunks of both operands,
+  for D too large to keep resident.
 
-Batch-major tiles (BLOCK_B × BLOCK_C: rows of x down, classes across) are the forward's; the
-dW kernel holds its tiles class-major (BLOCK_C × BLOCK_B), so each kernel's weight tile is already
-the left operand of its next dot. The per-row arguments are shaped to broadcast either way:
-(BLOCK_B, 1) or (1, BLOCK_B).
+A streamed tile's rows past the end of its range are its last row again (`clamped_rows`), so its
+loads need no row mask (only D's, which is the same for every tile) and are pipelined as whole
+rows; the kernels keep those columns out of every sum. Batch-major tiles (BLOCK_B × BLOCK_C: rows
+of x down, classes across) are the forward's; the dW kernel holds its tiles class-major (BLOCK_C ×
+BLOCK_B), so each kernel's weight tile is already the left operand of its next dot.
 
 **No tile that feeds `tl.dot` is also used by other register math**: on Hopper, Triton 3.x then
 allocates one shared-memory buffer too few and an in-flight wgmma reads a buffer the next copy
@@ -27,10 +28,12 @@ overwrites (triton-lang/triton #6691). A tile feeding two dots (the own part: th
 the gradient's) is sound under Triton 3.6 and 3.9: the compile check reads its ring
 (kernels/rings.py).
 
-The kernels never evaluate a margin: each row's target logit z_iy and slope σ_i come from the
-caller (docs/design.md §3.1). Under a negatives rule (NEGATIVES_RULE; `marginfused.negatives`) a
-negative with c_ij > τ_i takes z = s·c·(a_i + q·c), with ∂z/∂c = s·(a_i + 2q·c), τ_i and a_i per
-row from the caller, q a scalar; without one the rule's arguments are never read.
+The kernels never evaluate a margin, and no kernel sees a target logit: the forward leaves each
+row's target column out of its sums (the host adds it: marginfused/backends/triton.py), the dW
+kernel takes the target column's gradient from the host. Under a negatives rule (NEGATIVES_RULE;
+`marginfused.negatives`) a negative with c_ij > τ_i takes z = s·c·(a_i + q·c), with ∂z/∂c =
+s·(a_i + 2q·c), τ_i and a_i per row from the caller, q a scalar; without one the rule's arguments
+are never read.
 """
 
 import triton
@@ -40,9 +43,17 @@ FLOAT16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit
-def load_part(ptr, rows, row_ok, dims, D, stride):
-    """Rows `rows` (int64) of a matrix at columns `dims` (zeros outside the rows and D)."""
-    return tl.load(ptr + rows[:, None] * stride + dims[None, :], mask=row_ok[:, None] & (dims < D)[None, :],
+def clamped_rows(ids, count):
+    """In-tile row ids (int32) limited to the `count` rows the range has left: past it, its last
+    row again."""
+    return tl.minimum(ids, count - 1)
+
+
+@triton.jit
+def load_rows(ptr, first, rows, dims, D, stride):
+    """Rows first + rows (`first` an int64 scalar, `rows` in-tile int32 ids) of a matrix at columns
+    `dims` (zeros past D)."""
+    return tl.load(ptr + first * stride + (rows[:, None] * stride + dims[None, :]), mask=(dims < D)[None, :],
                    other=0.0)
 
 
@@ -58,20 +69,17 @@ def pair_dot(a_own, b_own, a_other, b_other, PARTS: tl.constexpr, DOT_PRECISION:
 
 @triton.jit
 def streamed_dot(
-    p_ptr, q_ptr, p_idx, q_idx, p_ok, q_ok, D, stride_p, stride_q,
+    p_ptr, q_ptr, p_first, p_rows, q_first, q_rows, D, stride_p, stride_q,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The raw (BLOCK_P × BLOCK_Q) dot products between rows p_idx of one matrix and rows q_idx of
-    the other (x and W in either order), over D in chunks of BLOCK_D."""
+    """The raw (BLOCK_P × BLOCK_Q) dot products between rows p_first + p_rows of one matrix and
+    rows q_first + q_rows of the other (x and W in either order), over D in chunks of BLOCK_D."""
     dot = tl.zeros((BLOCK_P, BLOCK_Q), tl.float32)
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + dims
-        d_ok = d < D
-        p = tl.load(p_ptr + p_idx[:, None] * stride_p + d[None, :], mask=p_ok[:, None] & d_ok[None, :], other=0.0)
-        q_t = tl.load(q_ptr + q_idx[None, :] * stride_q + d[:, None],
-                      mask=q_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_Q)
-        dot = tl.dot(p, q_t, dot, input_precision=DOT_PRECISION)
+        p = load_rows(p_ptr + d0, p_first, p_rows, dims, D - d0, stride_p)
+        q = load_rows(q_ptr + d0, q_first, q_rows, dims, D - d0, stride_q)
+        dot = tl.dot(p, tl.trans(q), dot, input_precision=DOT_PRECISION)
     return dot
 
 
@@ -85,31 +93,32 @@ def clamped(dot, inv_p, inv_q):
 
 @triton.jit
 def subcentre_cosines(
-    x_ptr, w_ptr, x_own, x_other, rows, classes, row_ok, class_ok, inv_x, inv_w_ptr, own_dims, other_dims, D,
+    x_ptr, w_ptr, x_own, x_other, x_first, x_rows, inv_x, c0, classes, inv_w_ptr, own_dims, other_dims, D,
     stride_x, stride_w, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PARTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SUBCENTERS: tl.constexpr, CLASS_MAJOR: tl.constexpr,
 ):
-    """With K = SUBCENTERS > 1 rows of W per class (rows jK + k): each class's cosine, the largest
-    of its K, batch-major (BLOCK_B × BLOCK_C) or CLASS_MAJOR (BLOCK_C × BLOCK_B, streamed only), and
-    which k gives it (int32, the first on ties). Resident (PARTS > 0: x's parts x_own, x_other at
-    columns own_dims, other_dims) or streamed (x_own, x_other unused)."""
+    """With K = SUBCENTERS > 1 rows of W per class (rows jK + k): the cosines of the classes
+    c0 + classes (in-tile ids), each the largest of its K, batch-major (BLOCK_B × BLOCK_C) or
+    CLASS_MAJOR (BLOCK_C × BLOCK_B, streamed only), and which k gives it (int32, the first on
+    ties). Resident (PARTS > 0: x's parts x_own, x_other at columns own_dims, other_dims) or
+    streamed from x's rows x_first + x_rows (x_own, x_other unused)."""
     shape: tl.constexpr = (BLOCK_C, BLOCK_B) if CLASS_MAJOR else (BLOCK_B, BLOCK_C)
     best = tl.full(shape, -2.0, tl.float32)  # below every clamped cosine
     choice = tl.zeros(shape, tl.int32)
     for k in tl.static_range(SUBCENTERS):
         w_rows = classes * SUBCENTERS + k
-        inv_w = tl.load(inv_w_ptr + w_rows, mask=class_ok, other=0.0)
+        inv_w = tl.load(inv_w_ptr + c0 * SUBCENTERS + w_rows)
         if PARTS > 0:
-            w_own = load_part(w_ptr, w_rows, class_ok, own_dims, D, stride_w)
+            w_own = load_rows(w_ptr, c0 * SUBCENTERS, w_rows, own_dims, D, stride_w)
             w_other = w_own
             if PARTS == 2:
-                w_other = load_part(w_ptr, w_rows, class_ok, other_dims, D, stride_w)
+                w_other = load_rows(w_ptr, c0 * SUBCENTERS, w_rows, other_dims, D, stride_w)
             cos = clamped(pair_dot(x_own, w_own, x_other, w_other, PARTS, DOT_PRECISION), inv_x, inv_w)
         elif CLASS_MAJOR:
-            cos = clamped(streamed_dot(w_ptr, x_ptr, w_rows, rows, class_ok, row_ok, D, stride_w, stride_x,
+            cos = clamped(streamed_dot(w_ptr, x_ptr, c0 * SUBCENTERS, w_rows, x_first, x_rows, D, stride_w, stride_x,
                                        BLOCK_C, BLOCK_B, BLOCK_D, DOT_PRECISION), inv_w, inv_x)
         else:
-            cos = clamped(streamed_dot(x_ptr, w_ptr, rows, w_rows, row_ok, class_ok, D, stride_x, stride_w,
+            cos = clamped(streamed_dot(x_ptr, w_ptr, x_first, x_rows, c0 * SUBCENTERS, w_rows, D, stride_x, stride_w,
                                        BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION), inv_x, inv_w)
         better = cos > best
         choice = tl.where(better, k, choice)
@@ -118,21 +127,12 @@ def subcentre_cosines(
 
 
 @triton.jit
-def target_offsets(target_col, c0, BLOCK_C: tl.constexpr):
-    """Each row's target column relative to the class tile starting at c0, or −1 where the target
-    is not in the tile (int32: an int64 comparison tile costs twice the registers)."""
-    rel = target_col - c0
-    return tl.where((rel >= 0) & (rel < BLOCK_C), rel, -1).to(tl.int32)
-
-
-@triton.jit
 def target_columns(y_ptr, rows, row_ok, C_local, class_start, ignore_index):
-    """Each row's target as a local column of the shard, or −1 (ignored rows, rows past B,
-    targets in another shard); and whether the row takes part (its label is not ignore_index)."""
+    """Each row's target as a local column of the shard (int32), or −1 (ignored rows, rows past B,
+    targets in another shard)."""
     labels = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
-    valid = row_ok & (labels != ignore_index)
     local = labels - class_start
-    return tl.where(valid & (local >= 0) & (local < C_local), local, -1), valid
+    return tl.where(row_ok & (labels != ignore_index) & (local >= 0) & (local < C_local), local, -1).to(tl.int32)
 
 
 @triton.jit
@@ -157,36 +157,17 @@ def negative_logits(cos, threshold, offset, quadratic, scale, NEGATIVES_RULE: tl
 
 
 @triton.jit
-def slope_ratios(cos, is_target, target_ratio, threshold, offset, quadratic, NEGATIVES_RULE: tl.constexpr):
-    """(∂z_ij/∂c_ij)/s on a tile: σ_i/s (`target_ratio`) on the target column, a_i + 2q·c for a
-    hard negative under the rule, 1 elsewhere."""
-    ratio = tl.full(cos.shape, 1.0, tl.float32)
-    if NEGATIVES_RULE:
-        ratio = tl.where(cos > threshold, offset + 2.0 * quadratic * cos, 1.0)
-    return tl.where(is_target, target_ratio, ratio)
-
-
-@triton.jit
-def logit_gradient(
-    cos, is_target, target_logit, row_max, log_sumexp, slope_ratio, upstream_scaled, threshold, offset,
-    quadratic, scale, target_weight, smoothing_per_class, NEGATIVES_RULE: tl.constexpr,
-):
-    """G = ∂(Σ_i u_i·ℓ_i)/∂c on a tile (float32; the math is in kernels/backward.py), with
-    upstream_scaled = u_i·s (0 for ignored rows), slope_ratio = σ_i/s, and a hard negative's ratio
-    a_i + 2q·c under the rule."""
-    z = tl.where(is_target, target_logit, negative_logits(cos, threshold, offset, quadratic, scale, NEGATIVES_RULE))
-    p = tl.exp((z - row_max) - log_sumexp)
-    dz = p - tl.where(is_target, target_weight, 0.0) - smoothing_per_class
-    if NEGATIVES_RULE:
-        return dz * slope_ratios(cos, is_target, slope_ratio, threshold, offset, quadratic, True) * upstream_scaled
-    return tl.where(is_target, dz * slope_ratio, dz) * upstream_scaled
+def hard_slopes(cos, threshold, offset, quadratic):
+    """(∂z/∂c)/s of a tile's entries as negatives under the rule: a + 2q·c for hard negatives, 1
+    for the others."""
+    return tl.where(cos > threshold, offset + 2.0 * quadratic * cos, 1.0)
 
 
 @triton.jit
 def dot_operand(g, dtype: tl.constexpr):
-    """A gradient-side tile (its fp16 lift applied) in the input dtype, clamped to float16's range
-    for float16: a zero row's entries (r = 1/1e-12) then multiply its zeros to exactly 0, never
-    inf·0 (marginfused/backends/lift.py)."""
+    """A weight tile (its fp16 lift applied) in the input dtype, clamped to float16's range for
+    float16: a zero row's entries (r = 1/1e-12) then multiply its zeros to exactly 0, never inf·0
+    (marginfused/backends/lift.py)."""
     if dtype == tl.float16:
         g = tl.minimum(tl.maximum(g, -FLOAT16_MAX), FLOAT16_MAX)
     return g.to(dtype)

@@ -78,11 +78,11 @@ def merge(parts: RowPartials) -> RowPartials:
     )
 
 
-def merge_centres(maxes: Tensor, centres: Tensor) -> Tensor:
+def merge_centres(maxes: Tensor, centres: Tensor, top: Tensor) -> Tensor:
     """The weighted centres (B, D) of the union of k disjoint class ranges, given per range (k, B, D)
-    relative to the range's max `maxes` (k, B), in class order: relative to the merged max, as
-    `merge` adds the sumexps."""
-    return rescaled(centres, maxes, maxes.amax(dim=0)).sum(dim=0)
+    relative to the range's max `maxes` (k, B), in class order: relative to `top` (the merged
+    partials' max, which may take in ranges without weighted centres), as `merge` adds the sumexps."""
+    return rescaled(centres, maxes, top).sum(dim=0)
 
 
 def log_sum_exp(partials: RowPartials) -> LogSumExp:

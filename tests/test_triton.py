@@ -52,8 +52,8 @@ def test_every_output_element_is_written(monkeypatch, device):
     parts = tb.TritonBackend().partials(x.float(), w.float(), y, logit.float(), kernel)
     assert parts.max.shape[0] > 1, "the test needs several class splits"
     for name, field in parts._asdict().items():
-        if field.is_floating_point():
-            assert bool(field.isfinite().all()), f"{name} has unwritten (NaN) elements"
+        if field.is_floating_point():  # the targets' range holds −inf where a row has no target
+            assert not bool(field.isnan().any()), f"{name} has unwritten (NaN) elements"
         else:
             assert bool((field >= 0).all()), f"{name} has unwritten elements"
     lse = log_sum_exp(merge(parts))
@@ -155,7 +155,7 @@ def test_the_forward_keeps_the_centres_only_for_the_embeddings_gradient(device):
     for need_x in (True, False):
         parts, saved = backend.forward(x.float(), w.float(), y, logit, slope, kernel_settings(settings, 50), need_x)
         like = backend.saved_like(x.float(), w.float(), need_x)
-        assert saved.weighted_centres.shape == ((parts.max.shape[0], 9, 24) if need_x else (0,))
+        assert saved.weighted_centres.shape == ((9, 24) if need_x else (0,))
         assert like.weighted_centres.shape == ((9, 24) if need_x else (0,))
         assert saved.inv_x.shape == like.inv_x.shape == (9,) and saved.inv_w.shape == like.inv_w.shape == (50,)
 

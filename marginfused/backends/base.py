@@ -56,9 +56,8 @@ class ForwardSaved(NamedTuple):
     elements), and its backward recomputes what it needs.
 
     weighted_centres: (B, D) float32, O_i = Σ_j exp(z_ij − m_i)·(∂z_ij/∂c_ij / s)·ŵ_j over the
-        shard's classes, relative to the per-row max m_i of the partials it came with (the triton
-        backend's, made when x needs a gradient: kernels/forward.py); or, from a backend's own
-        forward, one (B, D) per class range, stacked like its partials.
+        shard's classes but each row's target, relative to the per-row max m_i of the merged partials
+        it came with (the triton backend's, made when x needs a gradient: kernels/forward.py).
     inv_x: (B,) float32, inv_w: (R,) float32: 1/max(‖v‖, 1e-12) of the rows of x and of the shard
         of W.
     """

@@ -7,9 +7,9 @@ which by default are `partials` keeping nothing and `gradients`. For the backend
 
     marginfused::N_partials(x, w, y, target_logit, target_slope, <kernel>, need_x)
         -> (max, sumexp, logit_sum, best_cos, best_class, weighted_centres, inv_x, inv_w)
-        the partials over the shard, merged over the backend's class ranges (`partials.merge`,
-        `partials.merge_centres`), and what the forward keeps (empty tensors where it keeps nothing;
-        the weighted centres only where need_x, the embeddings needing a gradient)
+        the partials over the shard, merged over the backend's class ranges (`partials.merge`),
+        and what the forward keeps (empty tensors where it keeps nothing; the weighted centres,
+        relative to the merged max, only where need_x: the embeddings need a gradient)
     marginfused::N_loss(x, w, y, target_logit, target_slope, row_max, log_sumexp, logit_sum,
                         weighted_centres, inv_x, inv_w, <kernel>) -> loss
         ℓ_i = m_i + log s_i − (1 − ε)·z_iy − (ε/C)·Σ_j z_ij from the partials over all classes,
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..checks import WEIGHT_NOT_FINITE, check_on_device
 from ..margins import working_dtype
-from ..partials import LogSumExp, RowPartials, log_sum_exp, merge, merge_centres, row_loss
+from ..partials import LogSumExp, RowPartials, log_sum_exp, merge, row_loss
 from ..settings import LossSettings
 from ..negatives import NegativesRule
 from ..target import (TargetLogits, check_finite, commit_statistics, target_cosines, target_logit_grad,
@@ -85,8 +85,6 @@ class Operators:
                                                               Tensor]:
             kernel = KernelFields.packed(locals())
             parts, saved = backend.forward(x, w, y, target_logit, target_slope, kernel, need_x)
-            if saved.weighted_centres.numel():
-                saved = saved._replace(weighted_centres=merge_centres(parts.max, saved.weighted_centres))
             return (*merge(parts), *saved)
 
         def loss(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, row_max: Tensor,
@@ -195,9 +193,8 @@ class FusedBackend(Backend):
 
     def forward(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
                 kernel: KernelSettings, need_x: bool) -> tuple[RowPartials, ForwardSaved]:
-        """The partials (as `partials`: unmerged) and what the backward is to keep (`ForwardSaved`:
-        the weighted centres, where `need_x`, stacked like the partials and each relative to its
-        range's max; nothing here)."""
+        """The partials (as `partials`: unmerged) and what the backward is to keep (`ForwardSaved`;
+        the weighted centres, where `need_x`, relative to the merged partials' max; nothing here)."""
         return self.partials(x, w, y, target_logit, kernel), ForwardSaved.nothing(x)
 
     def saved_like(self, x: Tensor, w: Tensor, need_x: bool) -> ForwardSaved:
@@ -208,8 +205,7 @@ class FusedBackend(Backend):
     def backward(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
                  lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool, need_w: bool,
                  saved: ForwardSaved) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """`gradients`, given what `forward` kept (its weighted centres merged and relative to
-        lse.max)."""
+        """`gradients`, given what `forward` kept (its weighted centres relative to lse.max)."""
         return self.gradients(x, w, y, target_logit, target_slope, lse, upstream, kernel, need_x, need_w)
 
     def shard_loss(self, x: Tensor, w: Tensor, y: Tensor, target: TargetLogits,

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import re
 from types import SimpleNamespace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy
 import torch
@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..kernels import configs
 from ..negatives import NegativesRule
-from ..partials import LogSumExp, RowPartials, merge_centres, rescaled
+from ..partials import LogSumExp, RowPartials, merge_centres
+from ..target import target_logit_grad
 from . import lift
 from .base import FUSED_DTYPES, ForwardSaved, KernelSettings, Requirements
 from .ops import FusedBackend
@@ -167,24 +168,25 @@ def _rule_arguments(rule: Optional[NegativesRule], placeholder: Tensor,
     return (rule.threshold, rule.offset), rule.quadratic, variant
 
 
-def _launch_forward(x: Tensor, w: Tensor, y: Tensor, inv_x: Tensor, inv_w: Tensor, target_logit: Tensor,
-                    target_slope: Tensor, lift_: Tensor, kernel: KernelSettings, rows: int, softmax: bool,
+def _launch_forward(x: Tensor, w: Tensor, y: Tensor, inv_x: Tensor, inv_w: Tensor, lift_: Tensor,
+                    kernel: KernelSettings, rows: int, softmax: bool,
                     centres: bool) -> tuple[Optional[RowPartials], Optional[Tensor]]:
-    """The forward kernel (kernels/forward.py) over the first `rows` rows of x: per-split partials
-    (each field (n_splits, rows)) where `softmax`, and the weighted centres (n_splits, rows, D) where
-    `centres` — the softmax's, or without it the smoothing pass's sums of (∂z/∂c)/s·ŵ_j."""
+    """The forward kernel (kernels/forward.py) over the first `rows` rows of x, each row's target
+    column left out: per-split partials (each field (n_splits, rows)) where `softmax`, and the
+    weighted centres (n_splits, rows, D) where `centres` — the softmax's, or without it the
+    smoothing pass's sums of (∂z/∂c)/s·ŵ_j."""
     dim = x.shape[1]
     local = kernel.shard_classes(w)
-    tiles = configs.tiles("forward", x.dtype, _arch(x.device), dim, kernel.subcenters)
+    tiles = configs.tiles("forward", x.dtype, _arch(x.device), dim, kernel.subcenters,
+                         kernel.negatives_rule is not None)
     slices = tiles.slices(dim) if centres else 1
     rule, quadratic, variant = _rule_arguments(kernel.negatives_rule, inv_x, kernel.subcenters)
     constexprs = {"DOT_PRECISION": _dot_precision(x.dtype), "SOFTMAX": softmax, "CENTRES": centres, **variant}
     fn = _kernels().forward.forward_kernel
 
     def arguments(outputs, per_split: int) -> tuple:
-        return (x, w, y, inv_x, inv_w, target_logit, target_slope, *rule, lift_, *outputs, rows, local, dim,
-                x.stride(0), w.stride(0), kernel.class_start, per_split, float(kernel.scale),
-                int(kernel.ignore_index), quadratic)
+        return (x, w, y, inv_x, inv_w, *rule, lift_, *outputs, rows, local, dim, x.stride(0), w.stride(0),
+                kernel.class_start, per_split, float(kernel.scale), int(kernel.ignore_index), quadratic)
 
     placeholders = (inv_x, inv_x, inv_x, inv_x, y, inv_x)  # the outputs' dtypes, for the occupancy query
     n_splits, per_split = _class_splits(fn, tiles, x, rows, local, slices,
@@ -201,57 +203,94 @@ def _launch_forward(x: Tensor, w: Tensor, y: Tensor, inv_x: Tensor, inv_w: Tenso
     return parts, weighted
 
 
-def _forward(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, kernel: KernelSettings,
-             need_x: bool) -> tuple[RowPartials, ForwardSaved]:
-    """Per-split partials, and the inverse norms and (where `need_x`) per-split weighted centres."""
-    inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
-    lift_ = _forward_lift(x.dtype, target_slope, kernel.scale, inv_w, kernel.negatives_rule) if need_x else _ones(
-        x.device)
-    parts, weighted = _launch_forward(x, w, y, inv_x, inv_w, target_logit, target_slope, lift_, kernel, x.shape[0],
-                                      softmax=True, centres=need_x)
-    return parts, ForwardSaved(weighted if need_x else ForwardSaved.nothing(x).weighted_centres, inv_x, inv_w)
+class _Targets(NamedTuple):
+    """Each row's target in the shard: whether it is there (`inside`: a valid label of one of the
+    shard's classes), its local class, and the row of W its gradient goes to (the class's row, or
+    its first sub-centre of largest cosine)."""
+
+    inside: Tensor
+    local: Tensor
+    row: Tensor
 
 
-def _target_rows(x: Tensor, w: Tensor, local: Tensor, inv_x: Tensor, inv_w: Tensor, subcenters: int) -> Tensor:
-    """The row of W each row's target class sends its gradient to (local ∈ [0, C_local)): the class's
-    row, or with K sub-centres its first of the K of largest cosine (O(B·K·D))."""
-    if subcenters == 1:
-        return local
+def _targets(x: Tensor, w: Tensor, y: Tensor, inv_x: Tensor, inv_w: Tensor, kernel: KernelSettings,
+             choose: bool = True) -> _Targets:
+    """The rows' targets in the shard; with K sub-centres, each target's row chosen where `choose`
+    (O(B·K·D)), its first sub-centre's otherwise."""
+    local_classes, subcenters = kernel.shard_classes(w), kernel.subcenters
+    local = y - kernel.class_start
+    inside = (y != kernel.ignore_index) & (local >= 0) & (local < local_classes)
+    local = torch.where(inside, local, torch.zeros_like(local))
+    if subcenters == 1 or not choose:
+        return _Targets(inside, local, local * subcenters)
     batch, dim = x.shape
     rows = local[:, None] * subcenters + torch.arange(subcenters, device=x.device)  # (B, K)
     dots = (w[rows.flatten()].float().view(batch, subcenters, dim) @ x.float()[:, :, None]).squeeze(2)
     cos = (dots * inv_x[:, None] * inv_w[rows]).clamp(-1.0, 1.0)
-    return rows.gather(1, cos.argmax(dim=1, keepdim=True)).squeeze(1)
+    return _Targets(inside, local, rows.gather(1, cos.argmax(dim=1, keepdim=True)).squeeze(1))
 
 
-def _embeddings_grad(x: Tensor, w: Tensor, y: Tensor, target_slope: Tensor, lse: LogSumExp, upstream: Tensor,
-                     kernel: KernelSettings, saved: ForwardSaved) -> Tensor:
-    """dx from the weighted centres (kernels/forward.py, which derives it):
+def _unit_rows(w: Tensor, inv_w: Tensor, rows: Tensor) -> Tensor:
+    """ŵ of the given rows of W, float32 (w·r formed first: nothing overflows for huge rows)."""
+    return w[rows].float() * inv_w[rows][:, None]
 
-        dX̂_i = u_i·s·exp(−log S_i)·O_i − u_i·σ_i·(1−ε)·ŵ_{y_i} − u_i·(ε/C)·Q_i
 
-    the target's term where its class is in the shard, Q_i = Σ_j slope_ij·ŵ_j from a second pass
+def _forward(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, kernel: KernelSettings,
+             need_x: bool) -> tuple[RowPartials, ForwardSaved]:
+    """Per-split partials and each row's target column as a range of its own, last (the kernel
+    leaves it out: kernels/forward.py); the inverse norms and, where `need_x`, the splits' weighted
+    centres relative to the merged max."""
+    inv_x, inv_w = _inverse_norms(x), _inverse_norms(w)
+    lift_ = _forward_lift(x.dtype, target_slope, kernel.scale, inv_w, kernel.negatives_rule) if need_x else _ones(
+        x.device)
+    parts, weighted = _launch_forward(x, w, y, inv_x, inv_w, lift_, kernel, x.shape[0], softmax=True, centres=need_x)
+    inside = _targets(x, w, y, inv_x, inv_w, kernel, choose=False).inside
+    target = RowPartials(
+        max=torch.where(inside, target_logit, torch.full_like(target_logit, float("-inf"))),
+        sumexp=inside.to(torch.float32), logit_sum=torch.where(inside, target_logit, torch.zeros_like(target_logit)),
+        best_cos=torch.full_like(target_logit, float("-inf")),  # the kernel's best includes the target
+        best_class=torch.full_like(y, kernel.class_start))
+    splits = parts.max
+    parts = RowPartials(*(torch.cat([field, extra[None]]) for field, extra in zip(parts, target)))
+    centres = merge_centres(splits, weighted, parts.max.amax(dim=0)) if need_x else ForwardSaved.nothing(x)[0]
+    return parts, ForwardSaved(centres, inv_x, inv_w)
+
+
+def _target_grad(y: Tensor, target_logit: Tensor, target_slope: Tensor, lse: LogSumExp, upstream: Tensor,
+                 kernel: KernelSettings, inside: Tensor) -> Tensor:
+    """G_iy = u_i·σ_i·(p_iy − (1−ε) − ε/C) where the row's target is in the shard, else 0: the
+    target column's gradient in its cosine (`marginfused.target.target_logit_grad`, p_iy from the
+    log-sum-exp in two parts, times σ_i)."""
+    grad = target_logit_grad(lse, target_logit, upstream, y, kernel.ignore_index, kernel.label_smoothing,
+                             kernel.num_classes) * target_slope
+    return torch.where(inside, grad, torch.zeros_like(grad))
+
+
+def _embeddings_grad(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, lse: LogSumExp,
+                     upstream: Tensor, kernel: KernelSettings, saved: ForwardSaved) -> Tensor:
+    """dx from the weighted centres of the classes but the targets (kernels/forward.py derives it):
+
+        dX̂_i = u_i·s·exp(−log S_i)·O_i − u_i·(ε/C)·Σ_{j≠y_i} slope_ij·ŵ_j + G_iy·ŵ_{y_i}
+
+    the target's term where its class is in the shard, the smoothing term's sum from a second pass
     of the forward kernel where ε > 0, then through the normalisation (kernels/project.py)."""
     inv_x, inv_w = saved.inv_x, saved.inv_w
-    scale, local_classes = float(kernel.scale), kernel.shard_classes(w)
-    valid = y != kernel.ignore_index
-    upstream = torch.where(valid, upstream, torch.zeros_like(upstream))
+    scale = float(kernel.scale)
+    upstream = torch.where(y != kernel.ignore_index, upstream, torch.zeros_like(upstream))
     grad = saved.weighted_centres * (upstream * scale * torch.exp(-lse.log_sumexp))[:, None]
-    local = y - kernel.class_start
-    inside = valid & (local >= 0) & (local < local_classes)
-    target_rows = _target_rows(x, w, local.clamp(0, local_classes - 1), inv_x, inv_w, kernel.subcenters)
-    target_coefficient = -upstream * target_slope * (1.0 - kernel.label_smoothing)
+    targets = _targets(x, w, y, inv_x, inv_w, kernel)
+    target_coefficient = _target_grad(y, target_logit, target_slope, lse, upstream, kernel, targets.inside)
     if kernel.label_smoothing > 0:
         per_row = kernel.negatives_rule is not None or kernel.subcenters > 1
         lift_ = _forward_lift(x.dtype, target_slope, scale, inv_w, kernel.negatives_rule)
-        _, sums = _launch_forward(x, w, y, inv_x, inv_w, target_slope, target_slope, lift_, kernel,
-                                  x.shape[0] if per_row else 1, softmax=False, centres=True)
-        smoothing = upstream * kernel.smoothing_per_class
-        grad = grad - (smoothing * scale)[:, None] * sums.sum(dim=0)  # u·(ε/C)·s·Q/s, Q/s per row or per shard
-        if not per_row:  # Q = s·Σ_j ŵ_j + (σ_i − s)·ŵ_{y_i}
-            target_coefficient = target_coefficient - smoothing * (target_slope - scale)
-    w_hat = w[target_rows].float() * inv_w[target_rows][:, None]
-    grad = grad + torch.where(inside, target_coefficient, torch.zeros_like(target_coefficient))[:, None] * w_hat
+        _, sums = _launch_forward(x, w, y, inv_x, inv_w, lift_, kernel, x.shape[0] if per_row else 1,
+                                  softmax=False, centres=True)
+        smoothing = upstream * kernel.smoothing_per_class * scale
+        grad = grad - smoothing[:, None] * sums.sum(dim=0)  # u·(ε/C)·s·Σ_j (slope_ij/s)·ŵ_j
+        if not per_row:  # that pass summed every class, the target's s·ŵ_{y_i} too
+            target_coefficient = target_coefficient + torch.where(targets.inside, smoothing,
+                                                                  torch.zeros_like(smoothing))
+    grad = grad + target_coefficient[:, None] * _unit_rows(w, inv_w, targets.row)
     tiles = configs.norms_tiles()
     dx = _empty(tuple(x.shape), x.dtype, x.device)
     _kernels().project.project_kernel[(_cdiv(x.shape[0], tiles.block_b),)](
@@ -263,18 +302,24 @@ def _embeddings_grad(x: Tensor, w: Tensor, y: Tensor, target_slope: Tensor, lse:
 
 def _weight_grad(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, lse: LogSumExp,
                  upstream: Tensor, kernel: KernelSettings, inv_x: Tensor, inv_w: Tensor) -> Tensor:
-    """dW of the shard (kernels/backward.py), in W's dtype."""
+    """dW of the shard (kernels/backward.py), in W's dtype. Per row: lse in one float32 for the
+    negatives, u·s, and the target column's gradient u·σ·(p_iy − (1−ε) − ε/C) from lse in its two
+    parts (`marginfused.target.target_logit_grad`, whose ∂L/∂z_iy it is, times σ)."""
     batch, dim = x.shape
     local = kernel.shard_classes(w)
-    tiles = configs.tiles("weight_grad", x.dtype, _arch(x.device), dim, kernel.subcenters)
+    tiles = configs.tiles("weight_grad", x.dtype, _arch(x.device), dim, kernel.subcenters,
+                         kernel.negatives_rule is not None)
     rule, quadratic, variant = _rule_arguments(kernel.negatives_rule, inv_x, kernel.subcenters)
     lift_ = _weight_grad_lift(x.dtype, upstream, target_slope, kernel.scale, inv_x, kernel.negatives_rule)
+    row_grad = torch.where(y != kernel.ignore_index, upstream * kernel.scale, torch.zeros_like(upstream))
+    inside = _targets(x, w, y, inv_x, inv_w, kernel, choose=False).inside
+    target_grad = _target_grad(y, target_logit, target_slope, lse, upstream, kernel, inside)
+    target = torch.where(inside, y - kernel.class_start, torch.full_like(y, -1)).to(torch.int32)
     dw = _empty(tuple(w.shape), w.dtype, w.device)
     programs = _cdiv(local, tiles.block_c) * kernel.subcenters * tiles.slices(dim)
     _kernels().backward.weight_grad_kernel[(programs,)](
-        x, w, y, inv_x, inv_w, target_logit, target_slope, *rule, lse.max, lse.log_sumexp, upstream, lift_, dw,
-        batch, local, dim, x.stride(0), w.stride(0), kernel.class_start, float(kernel.scale),
-        int(kernel.ignore_index), 1.0 - kernel.label_smoothing, kernel.smoothing_per_class, quadratic,
+        x, w, inv_x, inv_w, lse.max + lse.log_sumexp, row_grad, target_grad, target, *rule, lift_, dw,
+        batch, local, dim, x.stride(0), w.stride(0), float(kernel.scale), kernel.smoothing_per_class, quadratic,
         DOT_PRECISION=_dot_precision(x.dtype), **variant, **_meta(tiles),
     )
     return dw
@@ -388,10 +433,9 @@ class TritonBackend(FusedBackend):
                 # nothing kept (a direct call) or no weighted centres: the forward again, its centres
                 # made relative to the given max
                 parts, saved = _forward(x, w, y, target_logit, target_slope, kernel, need_x)
-                if need_x:
-                    merged = merge_centres(parts.max, saved.weighted_centres)
-                    saved = saved._replace(weighted_centres=rescaled(merged, parts.max.amax(dim=0), row_max))
-            dx = _embeddings_grad(x, w, y, target_slope, lse, upstream, kernel, saved) if need_x else None
+                saved = saved.relative_to(parts.max.amax(dim=0), row_max)
+            dx = (_embeddings_grad(x, w, y, target_logit, target_slope, lse, upstream, kernel, saved) if need_x
+                  else None)
             dw = (_weight_grad(x, w, y, target_logit, target_slope, lse, upstream, kernel, saved.inv_x, saved.inv_w)
                   if need_w else None)
         return dx, dw

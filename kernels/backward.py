@@ -59,9 +59,10 @@ classes that chose k (K·(2K + 2)·B·C·D FLOP at one slice, against 4·B·C·K
 the recomputed cosines are the price of owning each output).
 
 Cost: 4·B·C·D FLOP (the recomputed cosines and the gradient dot) at one slice of D, 2·B·C·D more
-for each further slice (each recomputes the cosines): 6·B·C·D at D = 512 in two slices.
-Sharding: as in forward.py (class_start, global labels); M, log S and the 1/C of smoothing are
-global (over every shard).
+for each further slice (each recomputes the cosines): 10·B·C·D at D = 512 in slices of 128 (Hopper's
+16-bit configuration: kernels/configs.py).
+Sharding: as in forward.py (the host passes each row's target as a local column); lse and the 1/C
+of smoothing are global (over every shard).
 """
 
 import triton

@@ -55,10 +55,10 @@ class Tiles:
 
 
 # GPU configurations by target family and input dtype: "16" for float16/bfloat16 (tensor-core
-# dots), "32" for float32 (full-precision dots, no tensor cores). "hopper" is sm_90 and sm_100
-# (wgmma / tcgen05, up to 227 KB of shared memory per block); "ampere" is every other target
-# (mma.sync, 99–163 KB: sm_80, sm_86, sm_89, sm_120). Each entry: the configurations by the D they
-# serve, smallest first; one table per variant (plain, the negatives rule, sub-centres), since the
+# dots), "32" for float32 (full-precision dots, no tensor cores). "hopper" is sm_90 (wgmma, up to
+# 227 KB of shared memory per block); "ampere" is every other target (mma.sync, 99–163 KB: sm_80,
+# sm_86, sm_89, sm_120); "blackwell" (sm_100, sm_103: tcgen05) is below. Each entry: the
+# configurations by the D they serve, smallest first; one table per variant (plain, the negatives rule, sub-centres), since the
 # rule's slopes and the K cosine tiles of sub-centres hold more registers beside the accumulator.
 # On Hopper the forward's batch tile is 128 rows over eight warps (two warpgroups of m64, each dot's
 # N the whole class tile or slice: BLOCK_C = 64 for the cosines, BLOCK_G for O), D streamed in
@@ -87,16 +87,27 @@ WEIGHT_GRAD_RULE_GPU = {
     ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=64),),
 }
 # With K > 1 sub-centres per class each cosine tile is the largest of K, kept beside the tile being
-# computed and the arg-max tile: on Hopper 64 × 64 tiles over eight warps, slices of 64 (checked at
-# K = 3; a call with both a rule and sub-centres takes these).
+# computed and the arg-max tile: on Hopper 64 × 64 tiles over eight warps, slices of 64; float32's dW
+# over eight warps (four leave a 16-byte stack under Triton 3.6). Checked at K = 3; a call with both
+# a rule and sub-centres takes these.
 FORWARD_SUBCENTRES_GPU = {
     **FORWARD_GPU,
     ("hopper", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=64),),
 }
 WEIGHT_GRAD_SUBCENTRES_GPU = {
-    **WEIGHT_GRAD_GPU,
     ("hopper", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+    ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),),
+    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=64),),
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),),
 }
+# "blackwell" (sm_100, sm_103: tcgen05) takes Hopper's configurations but for the 16-bit dW kernel,
+# whose 128-class tile spills there: 64 × 64 over eight warps, slices of 64.
+for _table in (FORWARD_GPU, FORWARD_RULE_GPU, FORWARD_SUBCENTRES_GPU, WEIGHT_GRAD_GPU, WEIGHT_GRAD_RULE_GPU,
+               WEIGHT_GRAD_SUBCENTRES_GPU):
+    _table.update({("blackwell", width_): _table[("hopper", width_)] for width_ in ("16", "32")})
+WEIGHT_GRAD_GPU[("blackwell", "16")] = WEIGHT_GRAD_RULE_GPU[("blackwell", "16")] = (
+    Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),)
 NORMS_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
 FORWARD_INTERPRET = (
@@ -156,7 +167,7 @@ def width(dtype) -> str:
 
 def family(arch: int) -> str:
     """The configuration family of a target (compute capability as 90 for sm_90)."""
-    return "hopper" if arch in (90, 100, 103) else "ampere"
+    return "hopper" if arch == 90 else "blackwell" if arch in (100, 103) else "ampere"
 
 
 GPU_TABLES = {

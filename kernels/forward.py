@@ -55,7 +55,8 @@ row). The third, the smoothing term Q_i = Σ_j slope_ij·ŵ_j (only for ε > 0):
 
 - without a negatives rule and sub-centres, slope_ij = s but on the target column, so
   Q_i = s·Σ_j ŵ_j + (σ_i − s)·ŵ_{y_i}: one D-vector per shard, Σ_j ŵ_j, which a second pass of this
-  kernel makes (SOFTMAX off, no cosines, one row: P̃_ij = r_wj, every column);
+  kernel makes over one row (SOFTMAX off: P̃_0j = r_wj, every column but row 0's target, whose
+  ŵ the host adds back);
 - with a rule or sub-centres slope_ij and the row standing for w_j depend on i: a second pass of
   this kernel over every row computes Σ_{j≠y_i} (slope_ij/s)·r_wj·w_j (SOFTMAX off: P̃_ij =
   (slope_ij/s)·r_wj, no exponential, no max; the target column left out as in the first pass), and
@@ -90,9 +91,10 @@ and slice 0 writes the partials: one per row into row k of each (n_splits, B) ou
 (n_splits, B, D) float32. The host merges the splits; the loss is
 ℓ_i = lse_i − (1−ε)·z_iy − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
 
-Cost: 2·B·C·D FLOP for the cosines per slice, 2·B·C·D for O: 4·B·C·D with one slice, 6·B·C·D with
-two (D = 512 on Hopper: a 128×512 float32 accumulator does not fit in registers), 2·B·C·D without
-O. Sub-centres: K cosine dots and K masked O dots per class tile.
+Cost: 2·B·C·D FLOP for the cosines per slice, 2·B·C·D for O: 4·B·C·D with one slice, 2·B·C·D more
+per further slice (D = 512 on Hopper: O in slices of 128 columns, since a 128 × 256 float32 O beside
+the softmax tile spills; kernels/configs.py), 2·B·C·D without O. Sub-centres: K cosine dots and K
+masked O dots per class tile.
 
 Sharding: columns are local indices j_local ∈ [0, C_local); the global class id is
 class_start + j_local, labels are global, so a shard of W is just (W_shard, class_start).
@@ -118,10 +120,9 @@ def forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     # SOFTMAX: the partials, and P̃ = exp(z − m)·(slope/s)·r_w; without it (the smoothing term's pass)
-    # no partials and P̃ = (slope/s)·r_w, from cosines only where the slope or the sub-centre needs them.
-    # CENTRES: O. C_local counts classes; W has C_local·SUBCENTERS rows.
-    COSINES: tl.constexpr = SOFTMAX or NEGATIVES_RULE or SUBCENTERS > 1
-    RESIDENT: tl.constexpr = COSINES and PARTS > 0
+    # no partials and P̃ = (slope/s)·r_w. CENTRES: O. C_local counts classes; W has C_local·SUBCENTERS
+    # rows.
+    RESIDENT: tl.constexpr = PARTS > 0
     pid_b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     d_slice = tl.program_id(2)
@@ -162,22 +163,21 @@ def forward_kernel(
         left = (c_end - c0).to(tl.int32)  # classes of the split from c0 on
         classes = clamped_rows(tile, left)
         inv_w = tl.load(inv_w_ptr + c0 * SUBCENTERS + classes * SUBCENTERS)  # sub-centre 0's
-        if COSINES:
-            if SUBCENTERS > 1:
-                cos, choice = subcentre_cosines(x_ptr, w_ptr, x_own, x_other, pid_b * BLOCK_B, x_rows, inv_x, c0, classes,
-                                                inv_w_ptr, g_dims, other_dims, D, stride_x, stride_w, BLOCK_B, BLOCK_C,
-                                                BLOCK_D, PARTS, DOT_PRECISION, SUBCENTERS, False)
-            elif PARTS > 0:
-                w_own = load_rows(w_ptr, c0, classes, g_dims, D, stride_w)
-                w_other = w_own
-                if PARTS == 2:
-                    w_other = load_rows(w_ptr, c0, classes, other_dims, D, stride_w)
-                cos = clamped(pair_dot(x_own, w_own, x_other, w_other, PARTS, DOT_PRECISION), inv_x, inv_w)
-            else:
-                cos = clamped(streamed_dot(x_ptr, w_ptr, pid_b * BLOCK_B, x_rows, c0, classes, D, stride_x, stride_w,
-                                           BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION), inv_x, inv_w)
-            # out of the sums: each row's target column, and the columns past the split
-            excluded = (tile[None, :] == (target_col - c0).to(tl.int32)[:, None]) | (tile >= left)[None, :]
+        if SUBCENTERS > 1:
+            cos, choice = subcentre_cosines(x_ptr, w_ptr, x_own, x_other, pid_b * BLOCK_B, x_rows, inv_x, c0, classes,
+                                            inv_w_ptr, g_dims, other_dims, D, stride_x, stride_w, BLOCK_B, BLOCK_C,
+                                            BLOCK_D, PARTS, DOT_PRECISION, SUBCENTERS, False)
+        elif PARTS > 0:
+            w_own = load_rows(w_ptr, c0, classes, g_dims, D, stride_w)
+            w_other = w_own
+            if PARTS == 2:
+                w_other = load_rows(w_ptr, c0, classes, other_dims, D, stride_w)
+            cos = clamped(pair_dot(x_own, w_own, x_other, w_other, PARTS, DOT_PRECISION), inv_x, inv_w)
+        else:
+            cos = clamped(streamed_dot(x_ptr, w_ptr, pid_b * BLOCK_B, x_rows, c0, classes, D, stride_x, stride_w,
+                                       BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION), inv_x, inv_w)
+        # out of the sums: each row's target column, and the columns past the split
+        excluded = (tile[None, :] == (target_col - c0).to(tl.int32)[:, None]) | (tile >= left)[None, :]
 
         if SOFTMAX:
             tile_best, tile_arg = tl.max(tl.where((tile < left)[None, :], cos, float("-inf")), axis=1,
@@ -200,10 +200,8 @@ def forward_kernel(
             if SOFTMAX:
                 weights = p
                 acc = acc * rescale[:, None]
-            elif COSINES:
-                weights = tl.where(excluded, 0.0, 1.0)
             else:
-                weights = tl.zeros((BLOCK_B, BLOCK_C), tl.float32) + tl.where(tile < left, 1.0, 0.0)[None, :]
+                weights = tl.where(excluded, 0.0, 1.0)
             if NEGATIVES_RULE:
                 weights = weights * hard_slopes(cos, threshold[:, None], offset[:, None], quadratic)
             for k in tl.static_range(SUBCENTERS):

@@ -286,10 +286,12 @@ def _embeddings_grad(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, targ
         _, sums = _launch_forward(x, w, y, inv_x, inv_w, lift_, kernel, x.shape[0] if per_row else 1,
                                   softmax=False, centres=True)
         smoothing = upstream * kernel.smoothing_per_class * scale
-        grad = grad - smoothing[:, None] * sums.sum(dim=0)  # u·(ε/C)·s·Σ_j (slope_ij/s)·ŵ_j
-        if not per_row:  # that pass summed every class, the target's s·ŵ_{y_i} too
+        sums = sums.sum(dim=0)  # Σ_{j≠y_i} (slope_ij/s)·ŵ_j per row, or Σ_{j≠y_0} ŵ_j for the shard
+        if not per_row:  # Σ_j ŵ_j: row 0's target added back; each row's own target's s·ŵ_{y_i} taken out
+            sums = sums + targets.inside[0] * _unit_rows(w, inv_w, targets.row[:1])
             target_coefficient = target_coefficient + torch.where(targets.inside, smoothing,
                                                                   torch.zeros_like(smoothing))
+        grad = grad - smoothing[:, None] * sums  # u·(ε/C)·s·Σ_{j≠y_i} (slope_ij/s)·ŵ_j
     grad = grad + target_coefficient[:, None] * _unit_rows(w, inv_w, targets.row)
     tiles = configs.norms_tiles()
     dx = _empty(tuple(x.shape), x.dtype, x.device)

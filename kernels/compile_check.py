@@ -165,7 +165,8 @@ VARIANTS = [("", False, 1), (" +rule", True, 1), (" +subcentres", False, 3)]
 """The forward and dW kernels' variants checked: (label, NEGATIVES_RULE, SUBCENTERS)."""
 FORWARD_PASSES = [("", True, True), (" no O", True, False), (" smoothing", False, True)]
 """The forward kernel's passes checked: (label, SOFTMAX, CENTRES): partials and weighted centres
-(training), partials alone (no gradient for x), the smoothing term's sums (ε > 0)."""
+(training), partials alone (no gradient for x), the smoothing term's sums (ε > 0; without a rule or
+sub-centres they run as the rule variant, τ = +∞: marginfused/backends/triton.py)."""
 
 
 def shape(tiles) -> str:
@@ -200,6 +201,8 @@ def jobs(dtypes, arch: int) -> list[tuple]:
                 blocks = dict(BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,
                               BLOCK_G=tiles.block_g, PARTS=tiles.parts)
                 for name, softmax, centres in FORWARD_PASSES:
+                    if not softmax and not rule and subcenters == 1:
+                        continue  # the plain smoothing pass runs as the rule variant (backends/triton.py)
                     out.append((f"forward {shape(tiles)}{variant}{name} {dtype}", ("forward", "forward_kernel"), types,
                                 dict(common, **blocks, SOFTMAX=softmax, CENTRES=centres), tiles))
             for tiles in configs.gpu_choices("weight_grad", arch, width, subcenters, rule):

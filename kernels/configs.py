@@ -3,10 +3,10 @@
 Fixed configurations, chosen without a GPU by compiling every kernel for every target and reading
 what Triton built (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
 memory within each target's limit, every pipelined ring of dot operands as deep as its loop needs,
-and on Hopper wgmma of N ≥ 64 for the big dots (the cosines' and the gradients'; a warpgroup's N
-is BLOCK_C for the forward's cosines, BLOCK_B for the dW kernel's, BLOCK_G for both gradient
-dots: four warps per 64 rows of M), in the plain, the negatives-rule and the sub-centre variant of
-each kernel, under every supported Triton (3.6 and 3.9: each builds with its own ptxas). They are
+and on Hopper wgmma of N ≥ 64 for the big dots of the plain and the negatives-rule variant (the
+cosines' and the gradients'; a warpgroup's N is BLOCK_C for the forward's cosines, BLOCK_B for the
+dW kernel's, BLOCK_G for both gradient dots: four warps per 64 rows of M; the sub-centre variant
+takes m64n32), in the plain, the negatives-rule and the sub-centre variant of each kernel, under every supported Triton (3.6 and 3.9: each builds with its own ptxas). They are
 not timed yet: that is a GPU's to measure (`python -m bench`, or bench/gpu_session.sh). The
 interpreter ones are small, so that tests on CPU tensors under TRITON_INTERPRET=1 cross many tile
 boundaries quickly, and switch between the ways of taking D at small D, so that the tests run all
@@ -69,7 +69,8 @@ FORWARD_GPU = {
     ("hopper", "16"): (Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=128),),
     ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2, block_g=64),),
     ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),),
-    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),),
+    # eight warps: four leave an 8-byte stack in the pass without O on sm_120 under Triton 3.6
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),),
 }
 WEIGHT_GRAD_GPU = {
     ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=128),),
@@ -81,13 +82,16 @@ WEIGHT_GRAD_GPU = {
 FORWARD_RULE_GPU = {
     **FORWARD_GPU,
     ("hopper", "16"): (Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+    # four warps: eight leave an 8-byte stack in the smoothing pass on sm_86, sm_89 and sm_120
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),),
 }
 WEIGHT_GRAD_RULE_GPU = {
     **WEIGHT_GRAD_GPU,
     ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=64),),
 }
 # With K > 1 sub-centres per class each cosine tile is the largest of K, kept beside the tile being
-# computed and the arg-max tile: on Hopper 64 × 64 tiles over eight warps, slices of 64; float32's dW
+# computed and the arg-max tile: on Hopper 64 × 64 tiles over eight warps, slices of 64 (wgmma
+# m64n32: the 128-row tiles of N ≥ 64 spill beside K cosine tiles); float32's dW
 # over eight warps (four leave a 16-byte stack under Triton 3.6). Checked at K = 3; a call with both
 # a rule and sub-centres takes these.
 FORWARD_SUBCENTRES_GPU = {
@@ -108,6 +112,9 @@ for _table in (FORWARD_GPU, FORWARD_RULE_GPU, FORWARD_SUBCENTRES_GPU, WEIGHT_GRA
     _table.update({("blackwell", width_): _table[("hopper", width_)] for width_ in ("16", "32")})
 WEIGHT_GRAD_GPU[("blackwell", "16")] = WEIGHT_GRAD_RULE_GPU[("blackwell", "16")] = (
     Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),)
+# and its float32 forward with sub-centres over four warps (eight leave an 8-byte stack under Triton 3.6)
+FORWARD_SUBCENTRES_GPU[("blackwell", "32")] = (
+    Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),)
 NORMS_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
 FORWARD_INTERPRET = (

@@ -56,7 +56,7 @@ row). The third, the smoothing term Q_i = Σ_j slope_ij·ŵ_j (only for ε > 0):
 - without a negatives rule and sub-centres, slope_ij = s but on the target column, so
   Q_i = s·Σ_j ŵ_j + (σ_i − s)·ŵ_{y_i}: one D-vector per shard, Σ_j ŵ_j, which a second pass of this
   kernel makes over one row (SOFTMAX off: P̃_0j = r_wj, every column but row 0's target, whose
-  ŵ the host adds back);
+  ŵ the host adds back; launched as the rule variant with τ = +∞, which changes no slope);
 - with a rule or sub-centres slope_ij and the row standing for w_j depend on i: a second pass of
   this kernel over every row computes Σ_{j≠y_i} (slope_ij/s)·r_wj·w_j (SOFTMAX off: P̃_ij =
   (slope_ij/s)·r_wj, no exponential, no max; the target column left out as in the first pass), and

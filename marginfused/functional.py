@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .autocast import cast_for_autocast
-from .backends import check_backend_name, select_backend
+from .backends import backend_for_call, check_backend_name
 from .checks import check_inputs, labels_for_the_loss
 from .margins import MarginLike
 from .settings import LossSettings, check_functional_margin, check_reduction
@@ -100,7 +100,7 @@ def loss_with_settings(embeddings: Tensor, weight: Tensor, labels: Tensor, setti
         check_inputs(embeddings, weight, labels, settings.ignore_index, margin=settings.margin,
                      subcenters=settings.subcenters)
         labels = labels_for_the_loss(labels, weight.shape[0] // settings.subcenters, settings.ignore_index)
-        implementation = select_backend(backend, embeddings)
+        implementation = backend_for_call(backend, embeddings, weight, labels, settings)
         if ran is not None:
             ran(implementation.name)
         per_row, partials = implementation.per_row_loss(embeddings, weight, labels, settings)

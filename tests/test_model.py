@@ -1,27 +1,353 @@
-"""bench/model.py counts what docs/design.md §5 counts, and labels its output as predictions."""
+"""bench/model.py counts what the kernels compute, move and issue, labels every prediction, and
+reads its instruction counts from compiled code (bench/sass.py). Counts only: no timing is asserted."""
 
-from bench import model
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import model, sass
+from marginfused.backends.chunks import GEMM_TILE, SPLIT_K_DEPTH, GpuShape, cuda_chunk_classes, dx_split_ways
+from marginfused.kernels import configs
+
+REPO = Path(__file__).resolve().parents[1]
+H100 = model.GPUS["H100"]
+COUNTS = sass.load()
 
 
-def test_the_model_counts_the_design_flops():
+def by_name(kernels, name):
+    (kernel,) = [k for k in kernels if k.name.startswith(name)]
+    return kernel
+
+
+# --- FLOPs and bytes, from first principles ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dim, flash_k", [(512, 20), (256, 12), (200, 12)])
+def test_flops_are_k_times_bcd_for_each_kernel(dim, flash_k):
+    """Each GEMM pass is 2·B·C·D; the flash kernels recompute the cosines once per D slice of 128
+    (10·B·C·D each at D = 512, 6 at D ≤ 256); cuda 4 GEMMs."""
+    b, c = 1024, 1_000_000
+    bcd = b * c * dim
+    flash = model.flash_kernels(H100, b, c, dim, "bf16", COUNTS)
+    assert by_name(flash, "forward + dX").flops == flash_k // 2 * bcd
+    assert by_name(flash, "dW").flops == flash_k // 2 * bcd
+    assert sum(k.flops for k in flash) == flash_k * bcd
+    assert sum(k.flops for k in model.cuda_kernels(H100, b, c, dim, "bf16")) == 8 * bcd
+
+
+def test_the_tensor_time_is_no_less_than_the_flops_at_the_matmul_rate():
+    for prediction in model.predict_backends(H100, 1024, 1_000_000, 512, "bf16", COUNTS).values():
+        for k in prediction.kernels:
+            assert k.flop_s >= k.flops / (H100.bf16_tflops * 1e12 * model.MATMUL_EFFICIENCY) * (1 - 1e-9), k.name
+
+
+def test_every_backend_reads_w_from_hbm_and_writes_dw_once():
     b, c, d = 1024, 1_000_000, 512
-    gemm = 2.0 * b * c * d
-    # forward 1 GEMM; each backward kernel one cosine recompute per 256-wide slice of D and its GEMM
-    assert sum(k.flops for k in model.triton_kernels(b, c, 256, "bf16")) == 5 * 2.0 * b * c * 256  # 10·B·C·D
-    assert sum(k.flops for k in model.triton_kernels(b, c, d, "bf16")) == 7 * gemm  # D = 2 slices: 14·B·C·D
-    assert sum(k.flops for k in model.cuda_kernels(b, c, d, "bf16")) == 4 * gemm
+    w = c * d * 2
+    predictions = model.predict_backends(H100, b, c, d, "bf16", COUNTS)
+    for name, prediction in predictions.items():
+        # W read in the forward and in the backward, dW written: at least three W's worth
+        assert sum(k.hbm_bytes for k in prediction.kernels) >= 3 * w, name
+    flash = predictions["triton"].kernels
+    assert by_name(flash, "norms").hbm_bytes >= w
+    assert by_name(flash, "forward + dX").hbm_bytes >= w
+    assert by_name(flash, "dW").hbm_bytes >= 2 * w  # W read, dW written
+    assert by_name(predictions["cuda"].kernels, "backward dW projection").hbm_bytes >= w
 
 
-def test_predictions_are_no_faster_than_the_matmul_floor_and_say_what_they_are():
-    gpu = model.GPUS["H100"]
-    for classes in (100_000, 1_000_000):
-        floor = model.floor_seconds(gpu, 1024, classes, 512, "bf16")
-        for total, _ in model.predict(gpu, 1024, classes, 512, "bf16").values():
-            assert total >= floor
-    assert model.table("H100", 1024, 512, [100_000], "bf16").startswith("PREDICTED")
+def _splits(wave: int, programs_per_split: int, classes: int) -> tuple[int, int]:
+    """The triton backend's class splits (marginfused/backends/triton.py, _class_splits)."""
+    align = configs.SPLIT_ALIGN_GPU
+    wanted = max(1, min(configs.splits_for_one_wave(wave, programs_per_split), -(-classes // align)))
+    per_split = -(-(-(-classes // wanted)) // align) * align
+    return -(-classes // per_split), per_split
 
 
-def test_the_gpu_is_known_by_its_name():
+def _ranges(total: int, size: int):
+    return [(start, min(size, total - start)) for start in range(0, total, size)]
+
+
+@pytest.mark.parametrize("dim", [200, 512])
+def test_l2_bytes_are_the_operand_tiles_each_program_loads(dim):
+    """A recount, program by program and tile by tile, of the operand bytes each kernel loads: a
+    resident tile once per program, a streamed tile once per iteration (valid rows only)."""
+    b, c, e = 300, 5003, 2
+    gpu = H100
+
+    # flash forward + dX, D streamed (kernels/configs.py): per iteration the x tile and the W tile
+    # over all of D (cosines), and the W tile's slice (P̃·W)
+    rows, stream, width, _, per_sm = model.flash_tiles(gpu, COUNTS, "forward+dX")
+    assert model.streams_d(gpu, COUNTS, "forward+dX")
+    slices = _ranges(dim, width)
+    n_splits, per_split = _splits(gpu.sms * per_sm, -(-b // rows) * len(slices), c)
+    expected = 0
+    for _, batch_rows in _ranges(b, rows):
+        for split in range(n_splits):
+            for _, slice_width in slices:
+                split_end = min(c, (split + 1) * per_split)
+                for c0 in range(split * per_split, split_end, stream):
+                    classes = min(stream, split_end - c0)
+                    expected += (batch_rows + classes) * dim * e + classes * slice_width * e
+    assert by_name(model.flash_kernels(gpu, b, c, dim, "bf16", COUNTS), "forward + dX").l2_bytes == expected
+
+    # flash dW, D streamed: per batch tile the W tile and the x tile over all of D, and the x slice
+    rows, stream, width, _, _ = model.flash_tiles(gpu, COUNTS, "dW")
+    assert model.streams_d(gpu, COUNTS, "dW")
+    expected = 0
+    for _, classes in _ranges(c, rows):
+        for _, slice_width in _ranges(dim, width):
+            for _, batch_rows in _ranges(b, stream):
+                expected += (classes + batch_rows) * dim * e + batch_rows * slice_width * e
+    assert by_name(model.flash_kernels(gpu, b, c, dim, "bf16", COUNTS), "dW").l2_bytes == expected
+
+
+# --- the terms and what binds -------------------------------------------------------------------
+
+
+def test_each_kernel_takes_its_largest_term_plus_its_launches():
+    for gpu in model.GPUS.values():
+        for prediction in model.predict_backends(gpu, 1024, 1_000_000, 512, "bf16", COUNTS).values():
+            for k in prediction.kernels:
+                terms = k.terms()
+                assert terms[k.binds] == max(terms.values())
+                assert math.isclose(k.seconds, max(terms.values()) + k.launch_s)
+            assert prediction.seconds == max(prediction.device_s, prediction.host_s)
+
+
+def test_the_serial_term_is_no_less_than_the_tensor_time_or_the_issue_time():
+    """One program per SM: an iteration's phases one after another take at least as long as either
+    kind of work alone."""
+    for name in ("triton",):
+        for k in model.predict_backends(H100, 1024, 1_000_000, 512, "bf16", COUNTS)[name].kernels:
+            if k.serial_s is not None:
+                assert k.serial_s >= max(k.flop_s, k.issue_s) * (1 - 1e-9)
+
+
+def test_wgmma_efficiency_from_the_shared_memory_operand_bandwidth():
+    assert model.wgmma_efficiency(H100, 16, True) == pytest.approx(0.4, abs=0.002)
+    assert model.wgmma_efficiency(H100, 32, True) == pytest.approx(2 / 3, abs=0.002)
+    assert model.wgmma_efficiency(H100, 64, True) == pytest.approx(1.0, abs=0.002)
+    assert model.wgmma_efficiency(H100, 256, True) == 1.0
+    assert model.wgmma_efficiency(H100, 16, False) == 1.0  # A from registers
+
+
+def test_the_model_gives_each_dot_the_wgmma_shape_its_ptx_has():
+    """The N the model derives for each current kernel's dots is what Triton compiled them to."""
+    for kernel, dots in {
+        model.SASS_SOURCES["forward+dX"]: lambda t: [model.Dot(t["block_b"], t["block_c"], 512, True),
+                                                     model.Dot(t["block_b"], t["block_g"], t["block_c"], False)],
+        model.SASS_SOURCES["dW"]: lambda t: [model.Dot(t["block_c"], t["block_b"], 512, True),
+                                             model.Dot(t["block_c"], t["block_g"], t["block_b"], False)],
+    }.items():
+        record = COUNTS["kernels"]["sm_90"][kernel]
+        shapes = {f"wgmma m64n{model.wgmma_n(dot, record['config']['num_warps'])}k16"
+                  for dot in dots(record["config"])}
+        assert shapes == set(record["ptx_mma"]), kernel
+
+
+def test_the_sass_counts_hold_every_mma_flop_of_an_iteration():
+    """The main loop's matrix instructions (the D loop's ⌈D/BLOCK_D⌉ times, the epilogue's once),
+    over all warps, do the FLOPs of the model's dots for one iteration."""
+    dim = 512
+    for kernel, dots in {
+        model.SASS_SOURCES["forward+dX"]: lambda t: [model.Dot(t["block_b"], t["block_c"], dim, True),
+                                                     model.Dot(t["block_b"], t["block_g"], t["block_c"], False)],
+        model.SASS_SOURCES["dW"]: lambda t: [model.Dot(t["block_c"], t["block_b"], dim, True),
+                                             model.Dot(t["block_c"], t["block_g"], t["block_b"], False)],
+    }.items():
+        for arch in ("sm_90", "sm_80"):
+            record = COUNTS["kernels"][arch][kernel]
+            warps = record["config"]["num_warps"]
+
+            def per_warp(mma):
+                total = 0.0
+                for shape, count in mma.items():
+                    m, n, k = (int(v) for v in shape.split()[0][1:].replace("n", " ").replace("k", " ").split())
+                    total += count * 2 * m * n * k / (4 if m == 64 else 1)  # a wgmma is its warpgroup's
+                return total
+
+            trips = -(-dim // record["config"]["block_d"])
+            sass_flops = warps * (sum(per_warp(loop["mma"]) for loop in record["inner_loops"]) * trips
+                                  + per_warp(record["epilogue"]["mma"]))
+            assert sass_flops == sum(dot.flops for dot in dots(record["config"])), (kernel, arch)
+
+
+def test_the_cached_counts_are_of_the_configurations_in_configs_py():
+    """bench/sass_counts.json is stale once kernels/configs.py changes: rerun --from-sass."""
+    for arch, per_kernel in COUNTS["kernels"].items():
+        for name, record in per_kernel.items():
+            kernel = {"forward": "forward", "dW": "weight_grad"}[name.split()[0]]
+            tiles = configs.gpu_choices(kernel, int(arch[3:]), "16")[-1]  # the one serving D = 512
+            assert record["config"] == {"block_b": tiles.block_b, "block_c": tiles.block_c, "block_d": tiles.block_d,
+                                        "block_g": tiles.block_g, "num_warps": tiles.num_warps,
+                                        "num_stages": tiles.num_stages, "parts": tiles.parts}, (arch, name)
+    assert set(COUNTS["kernels"]["sm_90"]) == set(model.SASS_SOURCES.values())
+
+
+# --- what is printed --------------------------------------------------------------------------
+
+
+def test_every_printed_prediction_is_labelled_and_shows_each_term():
+    out = model.table("H100", 1024, 512, [100_000, 1_000_000], "bf16").splitlines()
+    tables = [i for i, line in enumerate(out) if line.startswith("| C |")]
+    assert len(tables) == 2
+    for start in tables:
+        assert out[start].startswith("| C | backend | predicted ms |")
+        for term in ("FLOP ms", "HBM ms", "L2 ms", "issue ms", "serial ms", "launch ms", "binds"):
+            assert f"| {term} |" in out[start] + " |"
+        above = [line for line in out[:start] if line.strip()]
+        assert any(line.startswith("PREDICTED") for line in above[-3:]), out[start]
+    assert out[0].startswith("PREDICTED")
+    rows = [line for line in out if line.startswith("| 1") and "| triton |" in line]
+    assert any("m64n64k16 SS" in line and "m64n128k16 RS" in line for line in rows)
+    summary = [line for line in out[tables[0] + 2:tables[1]] if line.startswith("|")]
+    assert {line.split("|")[2].strip() for line in summary} == set(model.predict_backends(
+        H100, 1024, 1_000_000, 512, "bf16", COUNTS))
+
+
+def test_the_flash_kernels_are_modelled_from_their_own_counts():
+    """FLASH_LANDED: the flash rows take their compiled kernels' counts, tiles and occupancy, and
+    the owned-output kernels are gone from the table."""
+    assert model.FLASH_LANDED
+    predictions = model.predict_backends(H100, 1024, 1_000_000, 512, "bf16", COUNTS)
+    assert set(predictions) == {"triton", "cuda", "cuda-as-built"}
+    flash = predictions["triton"].kernels
+    assert by_name(flash, "forward + dX").counts == f"SASS of '{model.SASS_SOURCES['forward+dX']} bf16'"
+    assert by_name(flash, "dW").counts == f"SASS of '{model.SASS_SOURCES['dW']} bf16'"
+    assert by_name(flash, "dW").flops == 10 * 1024 * 1_000_000 * 512
+
+
+def test_predict_keeps_the_interface_the_gpu_session_reads():
+    predicted = model.predict(H100, 1024, 100_000, 512, "bf16")
+    for provider in ("triton", "cuda"):
+        total, kernels = predicted[provider]
+        assert total > 0 and all(isinstance(name, str) and seconds >= 0 for name, seconds in kernels)
+        assert model.AS_BUILT[provider] in predicted
     assert model.gpu_named("NVIDIA H100 80GB HBM3") == "H100"
     assert model.gpu_named("NVIDIA H200") == "H200"
     assert model.gpu_named("AMD EPYC (2 cores)") is None
+
+
+def test_predictions_are_no_faster_than_the_matmul_floor():
+    for classes in (100_000, 1_000_000):
+        floor = model.floor_seconds(H100, 1024, classes, 512, "bf16")
+        for prediction in model.predict_backends(H100, 1024, classes, 512, "bf16", COUNTS).values():
+            assert prediction.seconds >= floor
+
+
+def test_the_model_runs_without_triton_on_the_cached_counts():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "from bench import model\n"
+            "model.main(['--classes', '100000', '--no-kernels', '--from-sass'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "Triton is not installed: the cached counts are used" in out
+    assert out.startswith("PREDICTED")
+
+
+# --- the chunk size of the cuda backend -------------------------------------------------------
+
+
+GPUS = [GpuShape(132, 50 * 2**20), GpuShape(108, 40 * 2**20), GpuShape(80, 6 * 2**20)]
+
+
+def test_the_chunk_is_monotone_in_batch_dim_sms_and_l2():
+    for gpu in GPUS:
+        for dtype in ("bf16", "fp32"):
+            for dim in (128, 512):
+                sizes = [cuda_chunk_classes(gpu, b, dim, dtype) for b in (16, 128, 512, 1024, 4096, 16384)]
+                assert sizes == sorted(sizes, reverse=True)
+            for b in (128, 1024):
+                sizes = [cuda_chunk_classes(gpu, b, d, dtype) for d in (64, 128, 512, 1024)]
+                assert sizes == sorted(sizes, reverse=True)
+    for b, d in ((128, 512), (1024, 512), (4096, 128)):
+        assert [cuda_chunk_classes(GpuShape(s, 50 * 2**20), b, d, "bf16") for s in (16, 64, 132)] == sorted(
+            cuda_chunk_classes(GpuShape(s, 50 * 2**20), b, d, "bf16") for s in (16, 64, 132))
+        assert [cuda_chunk_classes(GpuShape(132, m * 2**20), b, d, "bf16") for m in (6, 40, 50, 96)] == sorted(
+            cuda_chunk_classes(GpuShape(132, m * 2**20), b, d, "bf16") for m in (6, 40, 50, 96))
+
+
+def test_the_chunk_fills_the_gpu_and_otherwise_stays_in_l2():
+    for gpu in GPUS:
+        for b in (64, 128, 1024, 8192):
+            for d in (128, 512):
+                n = cuda_chunk_classes(gpu, b, d, "bf16")
+                assert n % GEMM_TILE == 0 and n >= GEMM_TILE
+                out_tiles = math.ceil(b / 128) * math.ceil(d / 128)
+                ways = dx_split_ways(gpu, b, d)
+                # the dX GEMM's tiles times its K splits, each SPLIT_K_DEPTH deep, fill one wave
+                assert n >= ways * SPLIT_K_DEPTH
+                assert out_tiles * ways > gpu.sms - out_tiles or out_tiles >= gpu.sms
+                working = n * (b * 2 + d * 2 + d * 4)
+                assert working <= gpu.l2_bytes or n == ways * SPLIT_K_DEPTH // GEMM_TILE * GEMM_TILE
+    assert cuda_chunk_classes(GpuShape(132, 50 * 2**20), 1024, 512, "bf16") == 7680  # H100, ~8K classes
+    import torch
+
+    assert cuda_chunk_classes(GPUS[0], 1024, 512, torch.bfloat16) == cuda_chunk_classes(GPUS[0], 1024, 512, "bf16")
+
+
+# --- the SASS reader --------------------------------------------------------------------------
+
+
+CANNED = """
+	code for sm_90a
+		Function : some_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                                /* 0x0 */
+        /*0010*/              @P0 BRA 0x100 ;                                            /* 0x0 */
+        /*0020*/                   FMUL R2, R3, R4 ;                                     /* 0x0 */
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R6.64] ;          /* 0x0 */
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;        /* 0x0 */
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;  /* 0x0 */
+        /*0060*/              @!P1 BRA 0x30 ;                                            /* 0x0 */
+        /*0070*/                   MUFU.EX2 R7, R8 ;                                     /* 0x0 */
+        /*0080*/                   HGMMA.64x128x16.F32.BF16 R24, R92, gdesc[UR4].tnspB, R24 ; /* 0x0 */
+        /*0090*/                   ISETP.GE.AND P2, PT, R9, R10, PT ;                    /* 0x0 */
+        /*00a0*/              @!P2 BRA 0x20 ;                                            /* 0x0 */
+        /*00b0*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;                 /* 0x0 */
+        /*00c0*/                   EXIT ;                                                /* 0x0 */
+        /*00d0*/                   BRA 0xd0;                                             /* 0x0 */
+"""
+
+
+def test_the_sass_reader_finds_nested_loops_and_matrix_shapes():
+    assert len(sass.instructions(CANNED)) == 14
+    (outer,) = sass.loops(CANNED)
+    assert (outer.start, outer.end, outer.instructions) == (0x20, 0xA0, 9)
+    (inner,) = outer.inner
+    assert (inner.start, inner.end, inner.instructions) == (0x30, 0x60, 4)
+    assert inner.mma == {"m64n64k16 SS": 2}
+    assert outer.mma == {"m64n64k16 SS": 2, "m64n128k16 RS": 1}
+    assert sass.mma_shape("HMMA.16816.F32.BF16 R4, R8, R12, R4") == "m16n8k16"
+    assert sass.main_loop(CANNED) == {
+        "tile_loop": {"instructions": 9, "mma": {"m64n128k16 RS": 1, "m64n64k16 SS": 2}},
+        "inner_loops": [{"instructions": 4, "mma": {"m64n64k16 SS": 2}}],
+        "epilogue": {"instructions": 5, "mma": {"m64n128k16 RS": 1}},
+    }
+    ptx = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}; mma.sync.aligned.m16n8k16.row.col.f32"
+    assert sass.ptx_mma_shapes(ptx) == {"mma m16n8k16": 1, "wgmma m64n64k16": 1}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton to compile")
+def test_the_sass_reader_on_a_kernel_compiled_for_sm_90():
+    """tests/sass_case.py's 64 × 32 dot over K in steps of 64, 4 warps, compiled for sm_90 without
+    the interpreter: one loop of 4 HGMMA m64n32k16 SS (about a second to compile, plus Triton's
+    import)."""
+    began = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "sass_case.py")], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    read = json.loads(done.stdout)
+    assert read["ptx_mma"] == {"wgmma m64n32k16": 4}
+    assert read["tile_loop"]["mma"] == {"m64n32k16 SS": 4}
+    assert read["inner_loops"] == [] and read["epilogue"]["mma"] == {"m64n32k16 SS": 4}
+    assert 4 < read["tile_loop"]["instructions"] < 200
+    assert read["registers"] > 0 and read["local_bytes"] == 0
+    assert time.monotonic() - began < 60

@@ -148,6 +148,9 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     requirements: ClassVar[Requirements]
+    holds_logits: ClassVar[bool] = False
+    """Whether it holds the B × C logits in memory (the torch reference): `backend="auto"` never
+    times it against the others."""
 
     @abc.abstractmethod
     def unavailable_reason(self) -> Optional[str]:

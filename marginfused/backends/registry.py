@@ -11,6 +11,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..settings import LossSettings
+from . import timing
 from .base import REGISTRY, Backend, BackendUnavailableError
 from .cpu import CpuBackend
 from .cuda import CudaBackend
@@ -24,7 +26,8 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),
 }
-"""The order `backend="auto"` tries backends in, by device type; other devices get "torch"."""
+"""The order `backend="auto"` tries backends in, by device type; other devices get "torch". Where more
+than one fused backend can run a call, the first call of each shape times them (`timing`)."""
 
 _log = logging.getLogger("marginfused")
 
@@ -115,13 +118,25 @@ _announced: set[tuple[str, str, str]] = set()
 
 def select_backend(name: str, x: Tensor) -> Backend:
     """The backend to run: `name` itself (or an error saying why it cannot), or the first usable
-    backend for the tensors' device and dtype when `name` is "auto". Which one runs is said once per
-    process, backend, device and dtype, at INFO on the "marginfused" logger."""
+    backend for the tensors' device and dtype when `name` is "auto" (before any timing)."""
     chosen, error = _choose(check_backend_name(name), str(x.device), x.dtype)
     if error:
         raise BackendUnavailableError(error)
-    key = (chosen, str(x.device), str(x.dtype))
+    return REGISTRY[chosen]
+
+
+def backend_for_call(name: str, x: Tensor, w: Tensor, y: Tensor, settings: LossSettings,
+                     slowest_rank: Optional[timing.SlowestRank] = None) -> Backend:
+    """The backend that runs this call: `select_backend`'s, or for "auto" where several fused
+    backends can run, the faster on this shape (`timing.fastest`; `slowest_rank` makes every rank of a
+    process group choose alike). Which one runs is said once per process, backend, device and dtype,
+    at INFO on the "marginfused" logger."""
+    backend = select_backend(name, x)
+    if name == "auto":
+        backend = timing.fastest(backend, AUTO_ORDER.get(x.device.type, ("torch",)), x, w, y, settings, slowest_rank)
+    key = (backend.name, str(x.device), str(x.dtype))
     if key not in _announced and not torch.compiler.is_compiling():
         _announced.add(key)
-        _log.info("marginfused runs the %r backend for %s tensors of %s (backend=%r)", chosen, x.device, x.dtype, name)
-    return REGISTRY[chosen]
+        _log.info("marginfused runs the %r backend for %s tensors of %s (backend=%r)", backend.name, x.device, x.dtype,
+                  name)
+    return backend

@@ -101,6 +101,7 @@ class TorchBackend(FusedBackend):
 
     name = "torch"
     requirements = Requirements(device_type=None, dtypes=(torch.float64, *FUSED_DTYPES))
+    holds_logits = True
 
     def unavailable_reason(self) -> Optional[str]:
         return None

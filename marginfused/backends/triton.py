@@ -20,6 +20,7 @@ runs in a fixed order: forward and backward are deterministic.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import re
 from types import SimpleNamespace
@@ -266,6 +267,15 @@ def _target_grad(y: Tensor, target_logit: Tensor, target_slope: Tensor, lse: Log
     return torch.where(inside, grad, torch.zeros_like(grad))
 
 
+def _plain_as_rule(kernel: KernelSettings, device: torch.device) -> KernelSettings:
+    """The settings with a negatives rule no negative meets (τ = +∞ for the one row of the smoothing
+    pass: every slope s), so that the plain smoothing pass runs as the rule variant, whose loop
+    keeps the cosines' dot: the compile check cannot read the pipeline Triton builds on sm_100 for
+    a loop whose only dot is O's (kernels/compile_check.py checks no plain smoothing pass)."""
+    never = NegativesRule(torch.full((1,), float("inf"), device=device), torch.ones(1, device=device), 0.0)
+    return dataclasses.replace(kernel, negatives_rule=never)
+
+
 def _embeddings_grad(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor, lse: LogSumExp,
                      upstream: Tensor, kernel: KernelSettings, saved: ForwardSaved) -> Tensor:
     """dx from the weighted centres of the classes but the targets (kernels/forward.py derives it):
@@ -283,8 +293,8 @@ def _embeddings_grad(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, targ
     if kernel.label_smoothing > 0:
         per_row = kernel.negatives_rule is not None or kernel.subcenters > 1
         lift_ = _forward_lift(x.dtype, target_slope, scale, inv_w, kernel.negatives_rule)
-        _, sums = _launch_forward(x, w, y, inv_x, inv_w, lift_, kernel, x.shape[0] if per_row else 1,
-                                  softmax=False, centres=True)
+        _, sums = _launch_forward(x, w, y, inv_x, inv_w, lift_, kernel if per_row else _plain_as_rule(kernel, x.device),
+                                  x.shape[0] if per_row else 1, softmax=False, centres=True)
         smoothing = upstream * kernel.smoothing_per_class * scale
         sums = sums.sum(dim=0)  # Σ_{j≠y_i} (slope_ij/s)·ŵ_j per row, or Σ_{j≠y_0} ŵ_j for the shard
         if not per_row:  # Σ_j ŵ_j: row 0's target added back; each row's own target's s·ŵ_{y_i} taken out

@@ -45,6 +45,18 @@ def collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
     return torch.device("cpu")
 
 
+def slowest_rank(group: Optional[dist.ProcessGroup]):
+    """A function max-reducing a CPU tensor over the ranks of `group`, every rank getting the result
+    (for `marginfused.backends.timing`: every rank then takes the same backend)."""
+
+    def reduce(seconds: Tensor) -> Tensor:
+        on_device = seconds.to(collective_device(group))
+        dist.all_reduce(on_device, op=dist.ReduceOp.MAX, group=group)
+        return on_device.cpu()
+
+    return reduce
+
+
 def all_gather(tensor: Tensor, group: Optional[dist.ProcessGroup], sizes: Optional[list[int]] = None) -> Tensor:
     """Concatenation over ranks, in rank order, of tensors whose first dimension is `sizes[rank]`
     (the same on every rank when `sizes` is None): padded to the largest for the collective, the

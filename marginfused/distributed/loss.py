@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..adaptive import local_batch_sum
 from ..autocast import cast_for_autocast
-from ..backends import BackendUnavailableError, FusedBackend, KernelSettings, select_backend
+from ..backends import BackendUnavailableError, FusedBackend, KernelSettings, backend_for_call, select_backend
 from ..backends.base import ForwardSaved
 from ..backends.ops import KernelFields
 from ..checks import WEIGHT_NOT_FINITE, check_inputs, check_on_device
@@ -33,7 +33,8 @@ from ..settings import LossSettings, check_functional_margin, check_reduction
 from ..target import NON_FINITE_MESSAGE, TargetLogits, commit_statistics, finite, target_cosines, target_logits
 from ..modules import check_sample_rate
 from .agreement import SETTINGS, agree, describe_settings
-from .collectives import GatherRows, OwnRows, all_gather, gather_partials, group_size_and_rank, rows_of, shard_range
+from .collectives import (GatherRows, OwnRows, all_gather, gather_partials, group_size_and_rank, rows_of, shard_range,
+                          slowest_rank)
 from .sampling import sampled_labels
 
 
@@ -119,6 +120,12 @@ def sharded_margin_cross_entropy(
         )
 
 
+def _shard_labels(labels: Tensor, class_start: int, shard_classes: int, ignore_index: int) -> Tensor:
+    """The labels as the shard's own class ids, ignore_index where the class is another rank's."""
+    local = labels - class_start
+    return torch.where((labels != ignore_index) & (local >= 0) & (local < shard_classes), local, ignore_index)
+
+
 def _global_batch_sum(valid: Tensor, group: Optional[dist.ProcessGroup]):
     """`MarginCall.batch_sum` over every rank's valid rows: the local sum, all-reduced."""
 
@@ -194,6 +201,8 @@ def _sharded_margin_cross_entropy(
         # the sampled classes' rows; with sparse_grad their gradient is a sparse tensor of those rows alone
         w_shard = F.embedding(sampled_rows(index, subcenters), w_shard, sparse=sparse_grad)
     x = GatherRows.apply(x_local, group, sizes, float(world_size))  # x_local.grad: world_size × ∂L/∂x_local
+    shard_labels = _shard_labels(labels, class_start, len(w_shard) // subcenters, ignore_index)
+    implementation = backend_for_call(backend, x, w_shard, shard_labels, settings, slowest_rank(group))
     cos = _target_cosines(x.detach(), w_shard, labels, class_start, ignore_index, subcenters, group)
     valid_local = y_local != ignore_index
     target = target_logits(cos[rows_of(rank, sizes)], valid_local, settings, x_local,

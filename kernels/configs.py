@@ -112,9 +112,10 @@ for _table in (FORWARD_GPU, FORWARD_RULE_GPU, FORWARD_SUBCENTRES_GPU, WEIGHT_GRA
     _table.update({("blackwell", width_): _table[("hopper", width_)] for width_ in ("16", "32")})
 WEIGHT_GRAD_GPU[("blackwell", "16")] = WEIGHT_GRAD_RULE_GPU[("blackwell", "16")] = (
     Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),)
-# and its float32 forward with sub-centres over four warps (eight leave an 8-byte stack under Triton 3.6)
+# and its float32 forward with sub-centres in chunks of 16 (of 32 it leaves an 8-byte stack under
+# Triton 3.6)
 FORWARD_SUBCENTRES_GPU[("blackwell", "32")] = (
-    Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),)
+    Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),)
 NORMS_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
 FORWARD_INTERPRET = (

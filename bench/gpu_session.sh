@@ -18,7 +18,7 @@
 #                         backend="auto" (it asks after every backend's extension)
 #   6-microbench.txt      bf16 matmul at 8192³ and at the cuda chunk GEMMs; L2, HBM     30       10
 #   7-timings.txt         B=1024 D=512 bf16 C=100k,1M,4M: triton, cuda, torch to 1M,    80       40
-#                         per kernel, working memory, bench/model.py's PREDICTED times
+#                         per kernel, working memory, bench/model's PREDICTED times
 #
 # Python's start and torch's import cost each stage 5-10 s there; they are in the figures above.
 # The limits add up to more than the call may take: each is also cut to what is left before a

@@ -1,4 +1,4 @@
-"""Microbenchmarks of the device at hand, the rates bench/model.py assumes: the dense matmul rate
+"""Microbenchmarks of the device at hand, the rates bench/model assumes: the dense matmul rate
 (square GEMMs, and the `cuda` backend's GEMMs at its chunk shape) and memory bandwidth (a buffer
 that fits in L2 read many times over, against a read and a copy far larger than L2, which HBM
 serves).

@@ -2,12 +2,12 @@
 and its matrix instructions with their shapes, read from the SASS of the cubin that the compile
 check builds (kernels/compile_check.py) and from its PTX.
 
-bench/model.py takes its issue term from these counts. Compiling needs Triton, so the counts are
+bench/model takes its issue term from these counts. Compiling needs Triton, so the counts are
 kept in bench/sass_counts.json, written by
 
     python -m bench.model --from-sass
 
-which compiles each kernel that bench/model.py's SASS table names (for sm_90 and sm_80, 16-bit),
+which compiles each kernel that bench/model's SASS table names (for sm_90 and sm_80, 16-bit),
 disassembles the cubin with Triton's bundled `cuobjdump -sass`, and records per kernel: its
 configuration, registers, shared memory, the wgmma / mma shapes of its PTX, and for its main loop
 (the outermost loop holding matrix instructions: one tile of the kernel's walk) the instructions

@@ -259,12 +259,12 @@ def cuda_tests(plan: Plan, extension_status: int) -> Status:
 
 def microbench(plan: Plan) -> Status:
     """bf16 matmul rates (square, and the cuda backend's chunk GEMMs) and the L2 and HBM probes,
-    beside what bench/model.py assumes."""
+    beside what bench/model assumes."""
     device, bf16 = plan.device, torch.bfloat16
     gpu = model.GPUS[_model_gpu(plan)]
     rate = micro.matmul_tflops(device, bf16, plan.matmul_n)
     print(f"matmul bf16 {plan.matmul_n}³: {rate:.4g} TFLOP/s "
-          f"(bench/model.py assumes {model.MATMUL_EFFICIENCY:.0%} of {gpu.bf16_tflops:g} for the {gpu.name})",
+          f"(bench/model assumes {model.MATMUL_EFFICIENCY:.0%} of {gpu.bf16_tflops:g} for the {gpu.name})",
           flush=True)
     print(f"the cuda backend's GEMMs at its chunk shape (B = {plan.batch}, D = {plan.dim}, "
           f"n = {extension.chunk_size(device, plan.batch, plan.dim, bf16)} classes, a walk of {micro.CHUNKS} chunks):")
@@ -277,17 +277,17 @@ def microbench(plan: Plan) -> Status:
         cached, where = CPU_CACHE_BYTES, "a stand-in for L2 on the CPU"
     reread = micro.reread_gbs(device, cached, REREADS)
     print(f"L2 probe: a {cached / 2**20:.1f} MiB buffer ({where}) read {REREADS} times over in one kernel: "
-          f"{reread:.4g} GB/s (bench/model.py assumes {gpu.l2_tbps:g} TB/s for the {gpu.name})", flush=True)
+          f"{reread:.4g} GB/s (bench/model assumes {gpu.l2_tbps:g} TB/s for the {gpu.name})", flush=True)
     read, copy = micro.reread_gbs(device, plan.hbm_bytes, 1), micro.copy_gbs(device, plan.hbm_bytes)
     print(f"HBM probe: a {plan.hbm_bytes / 2**20:.0f} MiB buffer read {read:.4g} GB/s, copied {copy:.4g} GB/s "
-          f"(read + write; bench/model.py assumes {gpu.hbm_tbps:g} TB/s for the {gpu.name})", flush=True)
+          f"(read + write; bench/model assumes {gpu.hbm_tbps:g} TB/s for the {gpu.name})", flush=True)
     if plan.dry_run:
         return Status("partial", "the CPU at tiny shapes: not a GPU's rates")
     return Status("ok", f"matmul bf16 {rate:.0f} TFLOP/s")
 
 
 def _model_gpu(plan: Plan) -> str:
-    """The GPU of bench/model.py to predict for: this one, or the H100 where it has none."""
+    """The GPU of bench/model to predict for: this one, or the H100 where it has none."""
     name = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else ""
     return model.gpu_named(name) or "H100"
 
@@ -310,13 +310,13 @@ def _time_point(plan: Plan, provider: str, classes: int) -> dict:
 
 def timings(plan: Plan) -> Status:
     """Forward, backward and forward+backward of triton, cuda and eager torch (to `eager_up_to`) at
-    B × D × C, the time of each kernel and the working memory, bench/model.py's PREDICTED times
+    B × D × C, the time of each kernel and the working memory, bench/model's PREDICTED times
     beside them."""
     gpu_key = _model_gpu(plan)
     print(f"B = {plan.batch}, D = {plan.dim}, {plan.dtype}, ArcFace; times: median of {plan.repeats} forward+backward "
           f"calls, each marked between forward and backward; kernels: one profiled call "
           f"({'device time' if plan.device.type == 'cuda' else 'CPU self time per operator'}); "
-          f"PREDICTED: bench/model.py for the {model.GPUS[gpu_key].name}, not a measurement")
+          f"PREDICTED: bench/model for the {model.GPUS[gpu_key].name}, not a measurement")
     providers, notes = [], []
     for provider in ("triton", "cuda", "torch"):
         reason = _unavailable(provider, plan)
@@ -351,8 +351,8 @@ def timings(plan: Plan) -> Status:
 
 def _print_point(provider: str, classes: int, point: dict | None, predicted: tuple | None,
                  as_built: tuple | None = None) -> str:
-    """Print one point's measurements and predictions (of the design bench/model.py describes, and
-    of the code as it is on this branch where they differ); its row of the final table."""
+    """Print one point's measurements and predictions (of the design bench/model describes, and
+    of the code as built where they differ); its row of the final table."""
     forecast = f"{predicted[0] * 1e3:.4g}" if predicted else "-"
     built = f"{as_built[0] * 1e3:.4g}" if as_built else "-"
     if point is None:

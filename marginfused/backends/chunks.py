@@ -14,7 +14,7 @@ The chunk is chosen for two things:
 
 The chunk is the larger of the two (filling the GPU wins where they disagree: at small batches the
 tile is small anyway), in whole GEMM tiles of 128 classes. A pure function of the GPU's shape, so
-that bench/model.py and the backend size chunks the same way.
+that bench/model and the backend size chunks the same way.
 """
 
 from __future__ import annotations

@@ -29,16 +29,17 @@ A kernel's time is the largest of its terms, plus its launch gaps:
 - the `cuda` backend, as a whole, takes at least its launches' host time where no CUDA graph holds
   its chunk loop.
 
-Which kernels: `triton` is the flash-attention structure being built on branch `flash` (K = V = W):
-a fused forward + dX kernel (a batch tile resident, W tiles streamed, online softmax, O += P̃·W in
-D slices), a dW kernel (a class tile of W resident, x tiles streamed, cosines recomputed from the
-saved log-sum-exp) and one norms pre-pass. Until those kernels land (FLASH_LANDED) their issue
-counts are PROXIES scaled from the current kernels' SASS, and the current owned-output kernels are
-modelled beside them as `triton-owned`. `cuda-as-built` is csrc/cuda.cu as it is (each pass its
-chunk, `cuda_forward_chunk_classes` and `cuda_chunk_classes`, the dX GEMM split over its depth,
-bfloat16 S and gradient tiles for bfloat16 inputs, the norms of x and W once, in the forward, kept
-for the backward, 2 launches per chunk forward and 5 backward, no CUDA graph); `cuda` is the chunked
-backend as it will be tuned beyond that (16-bit S for float16 too, the chunk loop in a CUDA graph).
+Which kernels: `triton` is the flash-attention structure of kernels/ (K = V = W): a fused forward +
+dX kernel (a batch tile against streamed W tiles, online softmax, O += P̃·W in D slices; with
+kernels/configs.py's tiles D is streamed too, so the x tile is read again with every W tile), a dW
+kernel (a class tile of W against streamed x tiles, cosines recomputed from the saved log-sum-exp)
+and one norms pre-pass, their issue counts from their own SASS (FLASH_LANDED; before the kernels
+landed they were PROXIES scaled from the kernels of the time). `cuda-as-built` is csrc/cuda.cu as it
+is (each pass its chunk, `cuda_forward_chunk_classes` and `cuda_chunk_classes`, the dX GEMM split
+over its depth, bfloat16 S and gradient tiles for bfloat16 inputs, the norms of x and W once, in the
+forward, kept for the backward, 2 launches per chunk forward and 5 backward, no CUDA graph); `cuda`
+is the chunked backend as it will be tuned beyond that (16-bit S for float16 too, the chunk loop in
+a CUDA graph).
 """
 
 from __future__ import annotations
@@ -124,37 +125,40 @@ BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 GEMM_TILE = 128
 """A cuBLAS GEMM's output tile, rows and columns, for its utilisation of the SMs."""
 
-FLASH_LANDED = False
-"""True once kernels/ holds the flash kernels (branch `flash`). False: the `triton` rows use PROXY
-issue counts, scaled from the current kernels' SASS (their D loop per step of BLOCK_D, their epilogue
-per cosine element), the tiles are FLASH_TILES, and the current owned-output kernels are modelled
-too (`triton-owned`). True: the counts, tiles and programs per SM are the flash kernels' own, as
-compiled (re-read them with `python -m bench.model --from-sass`), and the owned-output kernels are
-gone."""
+FLASH_LANDED = True
+"""True: kernels/ holds the flash kernels, whose counts, tiles and programs per SM are their own, as
+compiled (re-read them with `python -m bench.model --from-sass`). False: the `triton` rows use PROXY
+issue counts scaled from SASS_SOURCES' kernels (their D loop per step of BLOCK_D, their epilogue per
+cosine element) and the tiles FLASH_TILES."""
 
 SASS_SOURCES = {
     # model kernel → the compile-check kernel (kernels/compile_check.py's label less its dtype) whose
     # compiled code gives its counts; its configuration is kernels/configs.py's, recorded with them.
-    # Before FLASH_LANDED the two flash kernels read their proxies: the forward (softmax epilogue)
-    # and the owned-output dW kernel (gradient epilogue, class-major); after it, their own kernels
-    # (rename here if the flash branch names them otherwise).
-    "forward+dX": "forward",
-    "dW": "class grad",
-    **({} if FLASH_LANDED else {"row grad": "row grad"}),
+    # The flash kernels as kernels/configs.py configures them for Hopper's and Ampere's 16-bit inputs
+    # (the same label on both: D streamed in chunks of 64, slices of 128).
+    "forward+dX": "forward streamed 64/128",
+    "dW": "dW streamed 64/128",
 }
 
 FLASH_TILES = {
-    # model kernel → (resident rows, streamed rows per iteration, D slice of the accumulator, warps).
-    # The forward's batch tile and class tile are kernels/configs.py's Hopper forward tiles, its
-    # slice the backward's BLOCK_G; the dW kernel's 128 resident classes and 64 streamed batch rows
-    # are the model's defaults until configs.py has the flash kernels' own.
-    "forward+dX": (configs.FORWARD_GPU["hopper", "16"].block_b, configs.FORWARD_GPU["hopper", "16"].block_c,
-                   configs.ROW_GRAD_GPU["hopper", "16"].block_g, 8),
-    "dW": (128, 64, configs.ROW_GRAD_GPU["hopper", "16"].block_g, 8),
+    # model kernel → (resident rows, streamed rows per iteration, D slice of the accumulator, warps):
+    # kernels/configs.py's Hopper 16-bit tiles (the forward's batch and class tiles, the dW kernel's
+    # class and batch tiles).
+    "forward+dX": (configs.FORWARD_GPU["hopper", "16"][0].block_b, configs.FORWARD_GPU["hopper", "16"][0].block_c,
+                   configs.FORWARD_GPU["hopper", "16"][0].block_g, configs.FORWARD_GPU["hopper", "16"][0].num_warps),
+    "dW": (configs.WEIGHT_GRAD_GPU["hopper", "16"][0].block_c, configs.WEIGHT_GRAD_GPU["hopper", "16"][0].block_b,
+           configs.WEIGHT_GRAD_GPU["hopper", "16"][0].block_g, configs.WEIGHT_GRAD_GPU["hopper", "16"][0].num_warps),
 }
 FLASH_PROGRAMS_PER_SM = 1
 """The flash kernels run one program per SM: the 128 × 256 float32 accumulator alone is 128 registers
 per thread of 8 warps, so two programs cannot share an SM's 64K registers."""
+
+
+def streams_d(gpu: Gpu, counts: dict, kernel: str) -> bool:
+    """Whether a flash kernel streams D (its resident operand re-read with every tile of the other,
+    kernels/tiles.py) rather than keeping its tile resident: its compiled configuration's, once the
+    kernels land (parts = 0)."""
+    return FLASH_LANDED and sass_record(counts, gpu, kernel)["config"].get("parts", 1) == 0
 
 
 def flash_tiles(gpu: Gpu, counts: dict, kernel: str) -> tuple[int, int, int, int, int]:
@@ -195,7 +199,7 @@ class Dot:
 def wgmma_n(dot: Dot, num_warps: int) -> int:
     """N of the m64nNk16 wgmma a Hopper dot compiles to: Triton gives its warpgroups 64-row slabs of
     M first, then splits N among them (the forward's 128 × 64 cosines with 2 warpgroups: m64n64;
-    the owned-output dW kernel's 64 × 32: m64n16)."""
+    a 64 × 32 tile over four warps: m64n32)."""
     groups = max(1, num_warps // 4)
     along_m = max(1, min(groups, dot.m // 64))
     return min(256, max(8, dot.n // (groups // along_m)))
@@ -418,10 +422,13 @@ def flash_kernels(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str, coun
     splits = configs.splits_for_one_wave(gpu.sms * per_sm, batch_tiles * len(slices))
     per_split = cdiv(cdiv(classes, splits), configs.SPLIT_ALIGN_GPU) * configs.SPLIT_ALIGN_GPU
     splits = cdiv(classes, per_split)
-    reread = rows * dim * e + 2 * stream * dim * e > gpu.shared_per_block  # the W slice is loaded again for P̃·W
+    streamed = streams_d(gpu, counts, "forward+dX")
+    # the W slice is loaded again for P̃·W where D is streamed or x and two W tiles do not fit
+    reread = streamed or rows * dim * e + 2 * stream * dim * e > gpu.shared_per_block
+    iterations = sum(cdiv(min(per_split, classes - k * per_split), stream) for k in range(splits))
     flops = sum(2.0 * batch * classes * dim + 2.0 * batch * classes * s for s in slices)
-    l2 = sum(x_bytes * splits + w_bytes * batch_tiles + (classes * s * e * batch_tiles if reread else 0)
-             for s in slices)
+    l2 = sum((x_bytes * iterations if streamed else x_bytes * splits) + w_bytes * batch_tiles
+             + (classes * s * e * batch_tiles if reread else 0) for s in slices)
     o_partials = splits * batch * dim * 4
     score, value = Dot(rows, stream, dim, True), Dot(rows, width, stream, False)
     s_instr, pv_instr, soft_instr, source = _flash_forward_counts(gpu, counts, dim, rows, stream, width, warps)
@@ -435,9 +442,12 @@ def flash_kernels(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str, coun
     rows, stream, width, warps, per_sm = flash_tiles(gpu, counts, "dW")
     slices = _slices(dim, width)
     class_tiles = cdiv(classes, rows)
-    reread = rows * dim * e + 2 * stream * dim * e > gpu.shared_per_block  # the x slice is loaded again for G·x
+    streamed = streams_d(gpu, counts, "dW")
+    # the x slice is loaded again for G·x where D is streamed or W and two x tiles do not fit
+    reread = streamed or rows * dim * e + 2 * stream * dim * e > gpu.shared_per_block
     flops = sum(2.0 * batch * classes * dim + 2.0 * batch * classes * s for s in slices)
-    l2 = sum(w_bytes + x_bytes * class_tiles + (batch * s * e * class_tiles if reread else 0) for s in slices)
+    l2 = sum((w_bytes * cdiv(batch, stream) if streamed else w_bytes) + x_bytes * class_tiles
+             + (batch * s * e * class_tiles if reread else 0) for s in slices)
     score, gradient = Dot(rows, stream, dim, True), Dot(rows, width, stream, False)
     s_instr, g_instr, source = _flash_dw_counts(gpu, counts, dim, rows, stream, width, warps)
     phases = [Phase("cosines", (score,), s_instr), Phase("gradient tile", (), g_instr),
@@ -475,78 +485,6 @@ def _flash_dw_counts(gpu: Gpu, counts: dict, dim: int, rows: int, stream: int, w
     cosines = proxy_steps(gpu, record, Dot(rows, stream, dim, True), warps)
     gradient = epilogue_per_element(record) * rows * stream / (32 * warps)
     return cosines, gradient, f"PROXY from '{record['compile_check']}'"
-
-
-# ---------------------------------------------------------------------------------------------
-# The `triton` backend as on this branch: the owned-output kernels (kernels/forward.py, backward.py)
-
-
-def owned_output_kernels(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str, counts: dict) -> list[Kernel]:
-    """The owned-output Triton kernels with kernels/configs.py's tiles and their own SASS counts:
-    norms in the forward and again in the backward; the forward; dX by (batch tile, class split,
-    D slice) programs; their partials summed; dW by (class tile, D slice) programs."""
-    e = BYTES[dtype]
-    x_bytes, w_bytes = batch * dim * e, classes * dim * e
-    norms = memory_kernel(gpu, "triton-owned", "norms (x, W)", x_bytes + w_bytes, 0.0, 2)
-    kernels = [norms]
-
-    record = sass_record(counts, gpu, "forward+dX")
-    config, per_sm = record["config"], programs_per_sm(gpu, record)
-    block_b, block_c, warps = config["block_b"], config["block_c"], config["num_warps"]
-    batch_tiles = cdiv(batch, block_b)
-    splits = configs.splits_for_one_wave(gpu.sms * per_sm, batch_tiles)
-    per_split = cdiv(cdiv(classes, splits), configs.SPLIT_ALIGN_GPU) * configs.SPLIT_ALIGN_GPU
-    splits = cdiv(classes, per_split)
-    iterations = [cdiv(min(per_split, classes - k * per_split), block_c) for k in range(splits)]
-    l2 = x_bytes * sum(iterations) + w_bytes * batch_tiles
-    per_trip, trips, _ = d_loop(record, dim)
-    phases = [Phase("cosines", (Dot(block_b, block_c, dim, True),), per_trip * trips),
-              Phase("softmax epilogue", (), record["epilogue"]["instructions"])]
-    kernels.append(program_kernel(gpu, "triton-owned", "forward", e, Grid(batch_tiles * splits, max(iterations), warps,
-                                  per_sm), phases, 2.0 * batch * classes * dim, w_bytes + x_bytes, l2,
-                                  f"SASS of '{record['compile_check']}'"))
-
-    kernels.append(norms)
-    record = sass_record(counts, gpu, "row grad")
-    config, per_sm = record["config"], programs_per_sm(gpu, record)
-    block_b, block_c, width, warps = config["block_b"], config["block_c"], config["block_g"], config["num_warps"]
-    slices = _slices(dim, width)
-    batch_tiles = cdiv(batch, block_b)
-    splits = configs.splits_for_one_wave(gpu.sms * per_sm, batch_tiles * len(slices))
-    per_split = cdiv(cdiv(classes, splits), configs.SPLIT_ALIGN_GPU) * configs.SPLIT_ALIGN_GPU
-    splits = cdiv(classes, per_split)
-    iterations = [cdiv(min(per_split, classes - k * per_split), block_c) for k in range(splits)]
-    # per program iteration: the x tile and W tile over all of D (cosines), the W slice (gradient)
-    l2 = sum(x_bytes * sum(iterations) + w_bytes * batch_tiles + classes * s * e * batch_tiles for s in slices)
-    flops = sum(2.0 * batch * classes * dim + 2.0 * batch * classes * s for s in slices)
-    per_trip, trips, _ = d_loop(record, dim)
-    phases = [Phase("cosines", (Dot(block_b, block_c, dim, True),), per_trip * trips),
-              Phase("gradient epilogue", (), record["epilogue"]["instructions"]),
-              Phase("dX += G·W", (Dot(block_b, width, block_c, False),), 0.0)]
-    partials = splits * batch * dim * 4
-    kernels.append(program_kernel(gpu, "triton-owned", "backward dX (row tiles)", e,
-                                  Grid(batch_tiles * splits * len(slices), max(iterations), warps, per_sm), phases,
-                                  flops, w_bytes + x_bytes + partials, l2, f"SASS of '{record['compile_check']}'"))
-    kernels.append(memory_kernel(gpu, "triton-owned", "project dX partials", partials + 2 * x_bytes))
-
-    record = sass_record(counts, gpu, "dW")
-    config, per_sm = record["config"], programs_per_sm(gpu, record)
-    block_b, block_c, width, warps = config["block_b"], config["block_c"], config["block_g"], config["num_warps"]
-    slices = _slices(dim, width)
-    class_tiles = cdiv(classes, block_c)
-    # per program iteration: the W tile and x tile over all of D (cosines), the x slice (gradient);
-    # its W slice once more for the projection
-    l2 = sum(w_bytes * cdiv(batch, block_b) + x_bytes * class_tiles + batch * s * e * class_tiles + classes * s * e
-             for s in slices)
-    flops = sum(2.0 * batch * classes * dim + 2.0 * batch * classes * s for s in slices)
-    per_trip, trips, _ = d_loop(record, dim)
-    phases = [Phase("cosines", (Dot(block_c, block_b, dim, True),), per_trip * trips),
-              Phase("gradient epilogue", (), record["epilogue"]["instructions"]),
-              Phase("dW += G·x", (Dot(block_c, width, block_b, False),), 0.0)]
-    kernels.append(program_kernel(gpu, "triton-owned", "backward dW (class tiles)", e,
-                                  Grid(class_tiles * len(slices), cdiv(batch, block_b), warps, per_sm), phases, flops,
-                                  2 * w_bytes + x_bytes, l2, f"SASS of '{record['compile_check']}'"))
-    return kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,22 +625,19 @@ def load_counts(refresh: bool = False) -> tuple[dict, str]:
 
 def predict_backends(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str,
                      counts: Optional[dict] = None) -> dict[str, Prediction]:
-    """Every backend's prediction: `triton` (flash), `cuda` (tuned), and as built: `triton-owned`
-    (until the flash kernels land) and `cuda-as-built`."""
+    """Every backend's prediction: `triton` (flash), `cuda` (tuned), and `cuda-as-built`."""
     counts = counts if counts is not None else load_counts()[0]
     if dtype == "fp32":  # no tensor cores (the kernels' fp32 dots are IEEE); the counts stay the 16-bit kernels'
         gpu = replace(gpu, bf16_tflops=gpu.fp32_tflops)
     out = {"triton": Prediction("triton", flash_kernels(gpu, batch, classes, dim, dtype, counts))}
     tuned = cuda_kernels(gpu, batch, classes, dim, dtype, tuned=True)
     out["cuda"] = Prediction("cuda", tuned)
-    if not FLASH_LANDED:
-        out["triton-owned"] = Prediction("triton-owned", owned_output_kernels(gpu, batch, classes, dim, dtype, counts))
     built = cuda_kernels(gpu, batch, classes, dim, dtype, tuned=False)
     out["cuda-as-built"] = Prediction("cuda-as-built", built, sum(k.launches for k in built) * HOST_LAUNCH_S)
     return out
 
 
-AS_BUILT = {"triton": "triton" if FLASH_LANDED else "triton-owned", "cuda": "cuda-as-built"}
+AS_BUILT = {"triton": "triton", "cuda": "cuda-as-built"}
 """The prediction of the code as it is on this branch, by the provider bench/session.py times."""
 
 
@@ -751,7 +686,7 @@ def table(gpu_name: str, batch: int, dim: int, classes: list[int], dtype: str, r
     counts, source = load_counts(refresh)
     lines = [f"PREDICTED (bench/model.py, not measured): {gpu.name}, {dtype}, B={batch}, D={dim}. "
              f"triton: the flash kernels{'' if FLASH_LANDED else ' (PROXY issue counts until they land)'}; "
-             f"cuda: the chunked backend as tuned; triton-owned, cuda-as-built: the code on this branch.",
+             f"cuda: the chunked backend as tuned; cuda-as-built: csrc/cuda.cu as it is.",
              "Assumed: " + "; ".join(assumptions(gpu, dtype)) + ".",
              source, "",
              "| C | backend | predicted ms | 8BCD floor ms | FLOP ms | HBM ms | L2 ms | issue ms | serial ms "

@@ -183,7 +183,8 @@ def refresh(sources: dict[str, str], arches=(90, 80), dtype: str = "bf16", path:
             per_arch[name] = {
                 "compile_check": f"{name} {dtype}", "ptxas": compile_check.ptxas_version(arch),
                 "config": {"block_b": tiles.block_b, "block_c": tiles.block_c, "block_d": tiles.block_d,
-                           "block_g": tiles.block_g, "num_warps": tiles.num_warps, "num_stages": tiles.num_stages},
+                           "block_g": tiles.block_g, "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
+                           "parts": tiles.parts},
                 **read_compiled(kernel),
             }
         read[f"sm_{arch}"] = per_arch

@@ -50,9 +50,8 @@ TARGETS = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101
 DTYPES = ("bf16", "fp16", "fp32")
 ALIGNED_INTS = {"D", "stride_x", "stride_w", "stride_v", "classes_per_split"}
 SCALARS = dict(B="i32", C_local="i32", D="i32", stride_x="i32", stride_w="i32", class_start="i64",
-               classes_per_split="i32", batch_bucket="i32", scale="fp32", ignore_index="i32",
-               target_weight="fp32", smoothing_per_class="fp32", quadratic="fp32", R="i32", stride_v="i32",
-               n_parts="i32")
+               classes_per_split="i32", scale="fp32", ignore_index="i32",
+               smoothing_per_class="fp32", quadratic="fp32", R="i32", stride_v="i32")
 
 
 @dataclass
@@ -88,7 +87,7 @@ class Report:
         tightest = min(self.rings, key=lambda ring: (ring.buffers - ring.needed, -ring.needed), default=None)
         buffers = "-" if tightest is None else f"{tightest.buffers}/{tightest.needed}"
         verdict = "; ".join(self.problems()) or "ok"
-        return (f"{self.label:<27} sm_{self.arch:<4} ptxas {self.ptxas:<8} regs {self.registers:>3}  "
+        return (f"{self.label:<46} sm_{self.arch:<4} ptxas {self.ptxas:<8} regs {self.registers:>3}  "
                 f"local {self.local_bytes:>3}  smem {self.shared_bytes:>6}/{self.shared_limit:<6}  "
                 f"{self.matrix_instruction:<8} buffers {buffers:<4} stages {self.num_stages}  "
                 f"atomics {self.atomics:<7}  {verdict}")
@@ -163,11 +162,23 @@ def inspect(kernel, label: str, arch: int, num_stages: int) -> Report:
 
 
 VARIANTS = [("", False, 1), (" +rule", True, 1), (" +subcentres", False, 3)]
-"""The forward and backward kernels' variants checked: (label, NEGATIVES_RULE, SUBCENTERS)."""
+"""The forward and dW kernels' variants checked: (label, NEGATIVES_RULE, SUBCENTERS)."""
+FORWARD_PASSES = [("", True, True), (" no O", True, False), (" smoothing", False, True)]
+"""The forward kernel's passes checked: (label, SOFTMAX, CENTRES): partials and weighted centres
+(training), partials alone (no gradient for x), the smoothing term's sums (ε > 0; without a rule or
+sub-centres they run as the rule variant, τ = +∞: marginfused/backends/triton.py)."""
+
+
+def shape(tiles) -> str:
+    """How a configuration takes D: "resident 2x256", or "streamed 64/128" (chunks of 64, slices of
+    128: kernels/tiles.py)."""
+    return (f"resident {tiles.parts}x{tiles.block_g}" if tiles.parts
+            else f"streamed {tiles.block_d}/{tiles.block_g}")
 
 
 def jobs(dtypes, arch: int) -> list[tuple]:
-    """(label, kernel module and name, argument types, constexprs, tiles) of every kernel variant."""
+    """(label, kernel module and name, argument types, constexprs, tiles) of every kernel variant:
+    each GPU configuration at the largest D it serves (a one-part configuration's widest slice)."""
     from . import configs
 
     out = []
@@ -177,26 +188,28 @@ def jobs(dtypes, arch: int) -> list[tuple]:
         precision = "ieee" if dtype == "fp32" else "tf32"
         pointers = dict(x_ptr=f"*{element}", w_ptr=f"*{element}", v_ptr=f"*{element}", out_ptr=f"*{element}",
                         y_ptr="*i64", inv_ptr="*fp32", inv_x_ptr="*fp32", inv_w_ptr="*fp32", lift_ptr="*fp32",
-                        target_logit_ptr="*fp32", target_slope_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32",
-                        logit_sum_ptr="*fp32", best_cos_ptr="*fp32", best_class_ptr="*i64", row_max_ptr="*fp32",
-                        log_sumexp_ptr="*fp32", upstream_ptr="*fp32", dx_part_ptr="*fp32", dw_ptr=f"*{element}",
+                        max_ptr="*fp32", sumexp_ptr="*fp32",
+                        logit_sum_ptr="*fp32", best_cos_ptr="*fp32", best_class_ptr="*i64", centres_ptr="*fp32",
+                        lse_ptr="*fp32", row_grad_ptr="*fp32", target_grad_ptr="*fp32", target_ptr="*i32",
+                        dw_ptr=f"*{element}",
                         g_ptr="*fp32", rule_threshold_ptr="*fp32", rule_offset_ptr="*fp32")
         types = {**SCALARS, **pointers}
-        rows = configs.PROJECT_GPU
+        rows = configs.NORMS_GPU
         for variant, rule, subcenters in VARIANTS:
-            forward, row_grad, class_grad = (configs.gpu_tiles(kernel, arch, width, subcenters)
-                                             for kernel in ("forward", "row_grad", "class_grad"))
             common = dict(DOT_PRECISION=precision, NEGATIVES_RULE=rule, SUBCENTERS=subcenters)
-            out += [
-                (f"forward{variant} {dtype}", ("forward", "row_partials_kernel"), types,
-                 dict(common, BLOCK_B=forward.block_b, BLOCK_C=forward.block_c, BLOCK_D=forward.block_d), forward),
-                (f"row grad{variant} {dtype}", ("backward", "row_grad_kernel"), types,
-                 dict(common, BLOCK_B=row_grad.block_b, BLOCK_C=row_grad.block_c, BLOCK_D=row_grad.block_d,
-                      BLOCK_G=row_grad.block_g), row_grad),
-                (f"class grad{variant} {dtype}", ("backward", "class_grad_kernel"), types,
-                 dict(common, BLOCK_B=class_grad.block_b, BLOCK_C=class_grad.block_c,
-                      BLOCK_D=class_grad.block_d, BLOCK_G=class_grad.block_g), class_grad),
-            ]
+            for tiles in configs.gpu_choices("forward", arch, width, subcenters, rule):
+                blocks = dict(BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,
+                              BLOCK_G=tiles.block_g, PARTS=tiles.parts)
+                for name, softmax, centres in FORWARD_PASSES:
+                    if not softmax and not rule and subcenters == 1:
+                        continue  # the plain smoothing pass runs as the rule variant (backends/triton.py)
+                    out.append((f"forward {shape(tiles)}{variant}{name} {dtype}", ("forward", "forward_kernel"), types,
+                                dict(common, **blocks, SOFTMAX=softmax, CENTRES=centres), tiles))
+            for tiles in configs.gpu_choices("weight_grad", arch, width, subcenters, rule):
+                blocks = dict(BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,
+                              BLOCK_G=tiles.block_g, PARTS=tiles.parts)
+                out.append((f"dW {shape(tiles)}{variant} {dtype}", ("backward", "weight_grad_kernel"), types,
+                            dict(common, **blocks), tiles))
         out += [
             (f"project {dtype}", ("project", "project_kernel"), {**types, "out_ptr": f"*{element}"},
              dict(BLOCK_R=rows.block_b, BLOCK_D=rows.block_d), rows),

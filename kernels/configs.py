@@ -1,20 +1,30 @@
 """Launch configurations of the kernels, in one place.
 
-Fixed configurations by default. The GPU ones are first guesses for Hopper-class GPUs and are
-still to be measured (see README: GPU checks owed); the interpreter ones are small so that
-tests on CPU tensors under TRITON_INTERPRET=1 cross many tile boundaries quickly.
+Fixed configurations, chosen without a GPU by compiling every kernel for every target and reading
+what Triton built (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
+memory within each target's limit, every pipelined ring of dot operands as deep as its loop needs,
+and on Hopper wgmma of N ≥ 64 for the big dots of the plain and the negatives-rule variant (the
+cosines' and the gradients'; a warpgroup's N is BLOCK_C for the forward's cosines, BLOCK_B for the
+dW kernel's, BLOCK_G for both gradient dots: four warps per 64 rows of M; the sub-centre variant
+takes m64n32), in the plain, the negatives-rule and the sub-centre variant of each kernel, under every supported Triton (3.6 and 3.9: each builds with its own ptxas). They are
+not timed yet: that is a GPU's to measure (`python -m bench`, or bench/gpu_session.sh). The
+interpreter ones are small, so that tests on CPU tensors under TRITON_INTERPRET=1 cross many tile
+boundaries quickly, and switch between the ways of taking D at small D, so that the tests run all
+of them.
 
-MARGINFUSED_AUTOTUNE=1 (GPU, 16-bit inputs; ignored under the interpreter, which cannot time
-kernels) wraps the forward and backward kernels in `triton.autotune` over `AUTOTUNE_*` below, keyed on D
-and the batch size rounded up to a power of two (`batch_bucket`). Every kernel writes each of its
-outputs once, so a trial launch needs no reset.
+A configuration serves the D up to its `max_dim` (None: any D). The forward and dW kernels keep
+their own operand resident (kernels/tiles.py) in `parts` parts of `block_g` columns while
+D ≤ parts·block_g; a one-part configuration narrows block_g to D's power of two (at least 16) for
+smaller D, so the compile check's build at the largest D is the costliest of what it serves. At
+larger D they stream D in `block_d` chunks (parts = 0), in slices of `block_g` columns.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -25,68 +35,99 @@ class Tiles:
     num_warps: int
     num_stages: int
     block_g: int = 0
-    """The backward kernels' slice of D per program (its gradient accumulator is BLOCK_B × BLOCK_G
-    or BLOCK_C × BLOCK_G float32); unused by the other kernels."""
+    """The slice of D a program owns (its gradient accumulator is BLOCK_B × BLOCK_G or BLOCK_C ×
+    BLOCK_G float32), and the width of a resident part."""
+    parts: int = 0
+    """Resident parts of block_g columns (1 or 2), or 0: D streamed in block_d chunks."""
+    max_dim: Optional[int] = None
+    """The largest D this configuration serves (None: any)."""
+
+    def slices(self, dim: int) -> int:
+        """Programs along D: one per part, else one per block_g columns."""
+        return -(-dim // self.block_g)
+
+    def for_dim(self, dim: int) -> "Tiles":
+        """This configuration at D = dim: a one-part configuration's block_g narrowed to D's power of
+        two (at least 16)."""
+        if self.parts != 1:
+            return self
+        return dataclasses.replace(self, block_g=min(self.block_g, max(16, 1 << (dim - 1).bit_length())))
 
 
 # GPU configurations by target family and input dtype: "16" for float16/bfloat16 (tensor-core
-# dots), "32" for float32 (full-precision dots, no tensor cores). "hopper" is sm_90 and sm_100
-# (wgmma / tcgen05, up to 227 KB of shared memory per block); "ampere" is every other target
-# (mma.sync, 99–163 KB: sm_80, sm_86, sm_89, sm_120), whose register-hungry mma.sync accumulators
-# need smaller tiles. Chosen without a GPU, by compiling for every target and reading what
-# Triton's cubin uses (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
-# memory within each target's limit, every pipelined ring of dot operands deep enough, in the plain,
-# the negatives-rule and the sub-centre variant of each kernel, under every supported Triton
-# (3.6 and 3.9: each builds with its own ptxas). ptxas aims at 128 registers per thread when a
-# kernel's natural count lies a little above it, and takes a stack frame to get there, so the
-# float32 configurations sit well clear of it: 8 warps for the forward's 32 × 32 tiles (69–88
-# registers), a BLOCK_D of 16 for Hopper's dW kernel (154–189). The configurations are not timed
-# yet: that is a GPU's to measure (`python -m bench`, or bench/gpu_session.sh).
+# dots), "32" for float32 (full-precision dots, no tensor cores). "hopper" is sm_90 (wgmma, up to
+# 227 KB of shared memory per block); "ampere" is every other target (mma.sync, 99–163 KB: sm_80,
+# sm_86, sm_89, sm_120); "blackwell" (sm_100, sm_103: tcgen05) is below. Each entry: the
+# configurations by the D they serve, smallest first; one table per variant (plain, the negatives rule, sub-centres), since the
+# rule's slopes and the K cosine tiles of sub-centres hold more registers beside the accumulator.
+# On Hopper the forward's batch tile is 128 rows over eight warps (two warpgroups of m64, each dot's
+# N the whole class tile or slice: BLOCK_C = 64 for the cosines, BLOCK_G for O), D streamed in
+# chunks of 64: a 128 × 256 float32 O beside the softmax tile spills under Triton 3.9, 128 × 128
+# does not (D = 512 in four slices, each recomputing the cosines: 10·B·C·D for the forward and dX).
+# The dW kernel's class tile is 128 rows (its M), the batch tile 64 (the cosines' N).
 FORWARD_GPU = {
-    ("hopper", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
-    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2),
-    ("ampere", "16"): Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3),
-    ("ampere", "32"): Tiles(block_b=32, block_c=64, block_d=16, num_warps=4, num_stages=2),
+    ("hopper", "16"): (Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=128),),
+    ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2, block_g=64),),
+    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),),
+    # eight warps: four leave an 8-byte stack in the pass without O on sm_120 under Triton 3.6
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),),
 }
-ROW_GRAD_GPU = {
-    ("hopper", "16"): Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=256),
-    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
-    ("ampere", "16"): Tiles(block_b=64, block_c=32, block_d=64, num_warps=8, num_stages=2, block_g=256),
-    ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
+WEIGHT_GRAD_GPU = {
+    ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=128),),
+    ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),),
+    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),),
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),),
 }
-CLASS_GRAD_GPU = {
-    ("hopper", "16"): Tiles(block_b=32, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=256),
-    ("hopper", "32"): Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),
-    ("ampere", "16"): Tiles(block_b=32, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=256),
-    ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),
+# The negatives rule on Hopper: slices of 64 columns (the slopes' tile beside a 128 × 128 O spills).
+FORWARD_RULE_GPU = {
+    **FORWARD_GPU,
+    ("hopper", "16"): (Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+    # four warps: eight leave an 8-byte stack in the smoothing pass on sm_86, sm_89 and sm_120
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),),
+}
+WEIGHT_GRAD_RULE_GPU = {
+    **WEIGHT_GRAD_GPU,
+    ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=64),),
 }
 # With K > 1 sub-centres per class each cosine tile is the largest of K, kept beside the tile being
-# computed and the arg-max tile (the backward's): smaller class tiles (or, for Hopper's 16-bit
-# embeddings' backward, a narrower slice of D) where the plain configuration would spill (checked
-# at K = 3).
+# computed and the arg-max tile: on Hopper 64 × 64 tiles over eight warps, slices of 64 (wgmma
+# m64n32: the 128-row tiles of N ≥ 64 spill beside K cosine tiles); float32's dW
+# over eight warps (four leave a 16-byte stack under Triton 3.6). Checked at K = 3; a call with both
+# a rule and sub-centres takes these.
 FORWARD_SUBCENTRES_GPU = {
     **FORWARD_GPU,
-    ("hopper", "16"): Tiles(block_b=128, block_c=32, block_d=64, num_warps=8, num_stages=3),
-    ("ampere", "16"): Tiles(block_b=128, block_c=32, block_d=64, num_warps=8, num_stages=3),
-    ("ampere", "32"): Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2),
+    ("hopper", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=64),),
 }
-ROW_GRAD_SUBCENTRES_GPU = {
-    **ROW_GRAD_GPU,
-    ("hopper", "16"): Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=128),
-    ("ampere", "32"): Tiles(block_b=32, block_c=16, block_d=16, num_warps=4, num_stages=2, block_g=64),
+WEIGHT_GRAD_SUBCENTRES_GPU = {
+    ("hopper", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+    ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),),
+    ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=64),),
+    ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),),
 }
-CLASS_GRAD_SUBCENTRES_GPU = {
-    **CLASS_GRAD_GPU,
-    ("ampere", "16"): Tiles(block_b=32, block_c=32, block_d=64, num_warps=8, num_stages=2, block_g=256),
-    ("ampere", "32"): Tiles(block_b=16, block_c=16, block_d=16, num_warps=4, num_stages=2, block_g=64),
-}
-PROJECT_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
+# "blackwell" (sm_100, sm_103: tcgen05) takes Hopper's configurations but for the 16-bit dW kernel,
+# whose 128-class tile spills there: 64 × 64 over eight warps, slices of 64.
+for _table in (FORWARD_GPU, FORWARD_RULE_GPU, FORWARD_SUBCENTRES_GPU, WEIGHT_GRAD_GPU, WEIGHT_GRAD_RULE_GPU,
+               WEIGHT_GRAD_SUBCENTRES_GPU):
+    _table.update({("blackwell", width_): _table[("hopper", width_)] for width_ in ("16", "32")})
+WEIGHT_GRAD_GPU[("blackwell", "16")] = WEIGHT_GRAD_RULE_GPU[("blackwell", "16")] = (
+    Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),)
+# and its float32 forward with sub-centres in chunks of 16 (of 32 it leaves an 8-byte stack under
+# Triton 3.6)
+FORWARD_SUBCENTRES_GPU[("blackwell", "32")] = (
+    Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),)
+NORMS_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
-FORWARD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1)
-GRAD_INTERPRET = Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1, block_g=32)
-"""Both backward kernels under the interpreter: D ≤ 32 is one slice of D per program, larger D
-several, so the suite runs both."""
-PROJECT_INTERPRET = Tiles(block_b=16, block_c=0, block_d=32, num_warps=1, num_stages=1)
+FORWARD_INTERPRET = (
+    Tiles(block_b=16, block_c=32, block_d=0, num_warps=1, num_stages=1, block_g=32, parts=1, max_dim=32),
+    Tiles(block_b=16, block_c=32, block_d=0, num_warps=1, num_stages=1, block_g=32, parts=2, max_dim=64),
+    Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1, block_g=32),
+)
+"""Both kernels under the interpreter: resident in one part up to D = 32, in two up to 64, streamed
+beyond (in slices of 32): the suite's shapes run all three."""
+SUBCENTRES_INTERPRET = (FORWARD_INTERPRET[-1],)
+"""The dW kernel with sub-centres streams D (as on a GPU)."""
+NORMS_INTERPRET = Tiles(block_b=16, block_c=0, block_d=32, num_warps=1, num_stages=1)
 
 SPLIT_ALIGN_GPU = 256
 """Class splits start at multiples of this (every BLOCK_C of every config divides it), so any
@@ -95,39 +136,12 @@ SPLIT_ALIGN_INTERPRET = 32
 MAX_SPLITS = 256
 """Class splits per batch tile on a GPU: as many as fill one wave of programs (`splits_for_one_wave`),
 so even one batch tile fills the GPU. They never depend on C; n_splits·B stays about one wave's
-programs × BLOCK_B, which bounds the embeddings' backward's (n_splits, B, D) float32 partials
-(≈ 35 MB at 132 SMs × 2 programs, BLOCK_B = 64, D = 512) whatever the batch size."""
-PROGRAMS_PER_SM = 2
-"""Programs per SM assumed where a kernel's own occupancy is not known before its launch (with
-autotuning, whose choice of configuration comes with the launch)."""
+programs × BLOCK_B, which bounds the forward's (n_splits, B, D) float32 weighted centres
+(≈ 17 MB at 132 SMs × 1 program, BLOCK_B = 64, D = 512) whatever the batch size."""
 RESERVED_SHARED_PER_PROGRAM = 1024
 """Shared memory the CUDA runtime reserves for each resident block (sm_80 and later)."""
 INTERPRET_SPLITS = 3
 """Class splits under the interpreter: more than one, so the merge of splits is always tested."""
-
-AUTOTUNE_FORWARD = [
-    Tiles(128, 64, 64, 8, 3),
-    Tiles(64, 128, 64, 8, 3),
-    Tiles(128, 128, 64, 8, 4),
-    Tiles(128, 64, 64, 8, 4),
-    Tiles(64, 64, 64, 4, 3),
-]
-AUTOTUNE_ROW_GRAD = [
-    Tiles(64, 64, 64, 8, 3),
-    Tiles(64, 32, 64, 8, 3),
-    Tiles(64, 64, 64, 8, 2),
-    Tiles(64, 64, 32, 8, 3),
-]
-AUTOTUNE_CLASS_GRAD = [
-    Tiles(32, 64, 64, 8, 3),
-    Tiles(64, 64, 64, 8, 3),
-    Tiles(32, 64, 64, 8, 2),
-    Tiles(32, 64, 32, 8, 3),
-]
-AUTOTUNE = {"forward": AUTOTUNE_FORWARD, "row_grad": AUTOTUNE_ROW_GRAD, "class_grad": AUTOTUNE_CLASS_GRAD}
-"""Autotuning candidates by kernel (16-bit inputs; float32 inputs keep their fixed configs). The
-backward's slice of D, BLOCK_G, is not tuned: it stays the fixed configuration's, which the host
-needs to know."""
 
 
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, regs_per_sm: int,
@@ -154,78 +168,53 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _width(dtype) -> str:
+def width(dtype) -> str:
+    """The configuration width of an input dtype: "32" for float32, "16" for 16-bit floats."""
     return "32" if str(dtype) == "torch.float32" else "16"
 
 
 def family(arch: int) -> str:
     """The configuration family of a target (compute capability as 90 for sm_90)."""
-    return "hopper" if arch in (90, 100, 103) else "ampere"
+    return "hopper" if arch == 90 else "blackwell" if arch in (100, 103) else "ampere"
 
 
 GPU_TABLES = {
-    "forward": (FORWARD_GPU, FORWARD_SUBCENTRES_GPU),
-    "row_grad": (ROW_GRAD_GPU, ROW_GRAD_SUBCENTRES_GPU),
-    "class_grad": (CLASS_GRAD_GPU, CLASS_GRAD_SUBCENTRES_GPU),
+    "forward": {"plain": FORWARD_GPU, "rule": FORWARD_RULE_GPU, "subcentres": FORWARD_SUBCENTRES_GPU},
+    "weight_grad": {"plain": WEIGHT_GRAD_GPU, "rule": WEIGHT_GRAD_RULE_GPU, "subcentres": WEIGHT_GRAD_SUBCENTRES_GPU},
 }
-"""Each kernel's GPU configurations: (one row per class, sub-centres)."""
+"""Each kernel's GPU configurations by variant."""
 
 
-def gpu_tiles(kernel: str, arch: int, width: str, subcenters: int = 1) -> Tiles:
-    """The GPU configuration of the "forward", "row_grad" or "class_grad" kernel for sm_`arch`,
-    inputs of `width` ("16" or "32" bits) and `subcenters` rows of W per class."""
-    return GPU_TABLES[kernel][subcenters > 1][family(arch), width]
+def variant(subcenters: int = 1, rule: bool = False) -> str:
+    """The configuration variant of a call: "subcentres" (K > 1, with or without a rule), "rule" or
+    "plain"."""
+    return "subcentres" if subcenters > 1 else "rule" if rule else "plain"
 
 
-def forward_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
-    return FORWARD_INTERPRET if interpreting() else gpu_tiles("forward", arch, _width(dtype), subcenters)
+def gpu_choices(kernel: str, arch: int, width_: str, subcenters: int = 1, rule: bool = False) -> tuple[Tiles, ...]:
+    """The GPU configurations of the "forward" or "weight_grad" kernel for sm_`arch`, inputs of
+    `width_` ("16" or "32" bits), `subcenters` rows of W per class and a negatives rule or none, by
+    the D they serve."""
+    return GPU_TABLES[kernel][variant(subcenters, rule)][family(arch), width_]
 
 
-def row_grad_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
-    return GRAD_INTERPRET if interpreting() else gpu_tiles("row_grad", arch, _width(dtype), subcenters)
+def _serving(choices: tuple[Tiles, ...], dim: int) -> Tiles:
+    """The first configuration that serves D = dim, fitted to it."""
+    return next(t for t in choices if t.max_dim is None or dim <= t.max_dim).for_dim(dim)
 
 
-def class_grad_tiles(dtype, arch: int, subcenters: int = 1) -> Tiles:
-    return GRAD_INTERPRET if interpreting() else gpu_tiles("class_grad", arch, _width(dtype), subcenters)
+def tiles(kernel: str, dtype, arch: int, dim: int, subcenters: int = 1, rule: bool = False) -> Tiles:
+    """The configuration of the "forward" or "weight_grad" kernel at D = dim."""
+    if interpreting():
+        choices = SUBCENTRES_INTERPRET if kernel == "weight_grad" and subcenters > 1 else FORWARD_INTERPRET
+    else:
+        choices = gpu_choices(kernel, arch, width(dtype), subcenters, rule)
+    return _serving(choices, dim)
 
 
-def project_tiles() -> Tiles:
-    return PROJECT_INTERPRET if interpreting() else PROJECT_GPU
-
-
-def autotuning(dtype=None, subcenters: int = 1) -> bool:
-    """True when MARGINFUSED_AUTOTUNE=1 asks for autotuning, kernels run on a GPU, and the inputs
-    are 16-bit (the candidates are 16-bit configurations) with one row per class (the candidates
-    are not checked with sub-centres)."""
-    asked = os.environ.get("MARGINFUSED_AUTOTUNE", "0") not in ("", "0")
-    return asked and not interpreting() and _width(dtype) == "16" and subcenters == 1
+def norms_tiles() -> Tiles:
+    return NORMS_INTERPRET if interpreting() else NORMS_GPU
 
 
 def split_align() -> int:
     return SPLIT_ALIGN_INTERPRET if interpreting() else SPLIT_ALIGN_GPU
-
-
-def _triton_configs(choices):
-    import triton
-
-    return [
-        triton.Config(
-            {"BLOCK_B": t.block_b, "BLOCK_C": t.block_c, "BLOCK_D": t.block_d},
-            num_warps=t.num_warps,
-            num_stages=t.num_stages,
-        )
-        for t in choices
-    ]
-
-
-@functools.lru_cache(maxsize=None)
-def autotuned(kernel: str):
-    """The "forward", "row_grad" or "class_grad" kernel wrapped in triton.autotune (built on first
-    use), keyed on D and the batch bucket."""
-    import triton
-
-    from . import backward, forward
-
-    fn = {"forward": forward.row_partials_kernel, "row_grad": backward.row_grad_kernel,
-          "class_grad": backward.class_grad_kernel}[kernel]
-    return triton.autotune(configs=_triton_configs(AUTOTUNE[kernel]), key=["D", "batch_bucket"])(fn)

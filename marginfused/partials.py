@@ -21,6 +21,11 @@ s = 64, and p_iy − 1 for a confident row would inherit that error. With it,
     ℓ_i = m_i + log s_i − (1 − ε)·z_iy − (ε / C)·Σ_j z_ij
 
 which is `F.cross_entropy` with label smoothing ε; ignored rows get 0.
+
+A backend whose forward also makes the weighted centres (O_i = Σ_j exp(z_ij − m_i)·…·w_j, a D-vector
+per row: kernels/forward.py) merges them as it merges sumexp: `merge_centres`, and a sum taken
+relative to one max is made relative to another by `rescaled` (a sharded head's ranks: each rank's
+own max to the global one).
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ class LogSumExp(NamedTuple):
     log_sumexp: Tensor
 
 
+def rescaled(sums: Tensor, from_max: Tensor, to_max: Tensor) -> Tensor:
+    """Sums of exp(z_ij − m_i)-weighted terms taken relative to the per-row max `from_max`, made
+    relative to `to_max`: sums·exp(from_max − to_max), the rows' factors broadcast over any
+    trailing dimension of `sums` (a sumexp (…, B), weighted centres (…, B, D))."""
+    factor = torch.exp(from_max - to_max)
+    return sums * factor.reshape(*factor.shape, *(1,) * (sums.dim() - factor.dim()))
+
+
 def merge(parts: RowPartials) -> RowPartials:
     """The partials of the union of k disjoint class ranges given stacked along dim 0, in class
     order: the largest max, the sums rescaled to it and added, the logit sums added, and the first
@@ -58,11 +71,18 @@ def merge(parts: RowPartials) -> RowPartials:
     winner = (parts.best_cos == best_cos).to(torch.uint8).argmax(dim=0, keepdim=True)  # the first maximal
     return RowPartials(
         max=top,
-        sumexp=(parts.sumexp * torch.exp(parts.max - top)).sum(dim=0),
+        sumexp=rescaled(parts.sumexp, parts.max, top).sum(dim=0),
         logit_sum=parts.logit_sum.sum(dim=0),
         best_cos=best_cos,
         best_class=parts.best_class.gather(0, winner).squeeze(0),
     )
+
+
+def merge_centres(maxes: Tensor, centres: Tensor, top: Tensor) -> Tensor:
+    """The weighted centres (B, D) of the union of k disjoint class ranges, given per range (k, B, D)
+    relative to the range's max `maxes` (k, B), in class order: relative to `top` (the merged
+    partials' max, which may take in ranges without weighted centres), as `merge` adds the sumexps."""
+    return rescaled(centres, maxes, top).sum(dim=0)
 
 
 def log_sum_exp(partials: RowPartials) -> LogSumExp:

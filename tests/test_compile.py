@@ -52,21 +52,23 @@ def test_the_operator_gives_the_reference_gradients(reference_fused, margin_grad
     assert_matches_truth(reference_fused, x, w, y, torch.float32, **options)
 
 
+@pytest.mark.parametrize("need_x", [True, False], ids=["x-grad", "no-x-grad"])
 @pytest.mark.parametrize("rule", [False, True], ids=["plain", "negatives-rule"])
-def test_opcheck(reference_fused, rule):
+def test_opcheck(fused, rule, need_x):
     """Both operators of a fused backend pass PyTorch's own checks of a custom operator: schema,
-    fake (meta) shapes, autograd registration, and the same results under torch.compile's paths."""
+    fake (meta) shapes — what the forward keeps for the backward included — autograd registration,
+    and the same results under torch.compile's paths."""
     x, w, y = make_inputs(5, 9, 8, ignored=1, seed=1)
     x, w = x.float(), w.float()
     settings = LossSettings.build(mf.ArcFace(fallback="easy"), 30.0, "exact", -100, 0.1)
     logit, slope = (t.float() for t in shard_targets(x, w, y, settings))
     negatives_rule = NegativesRule(torch.full((5,), 0.2), torch.full((5,), 0.3), 1.0) if rule else None
     fields = KernelFields.flat(KernelSettings.for_call(settings, 9, negatives_rule))
-    operators = BACKENDS[reference_fused].operators
-    torch.library.opcheck(operators.partials, (x, w, y, logit), fields)
-    row_max, sumexp, logit_sum, _, _ = operators.partials(x, w, y, logit, **fields)
-    arguments = (x.requires_grad_(), w.requires_grad_(), y, logit.requires_grad_(), slope, row_max, sumexp.log(),
-                 logit_sum)
+    operators = BACKENDS[fused].operators
+    torch.library.opcheck(operators.partials, (x, w, y, logit, slope), dict(fields, need_x=need_x))
+    row_max, sumexp, logit_sum, _, _, *saved = operators.partials(x, w, y, logit, slope, **fields, need_x=need_x)
+    arguments = (x.requires_grad_(need_x), w.requires_grad_(), y, logit.requires_grad_(), slope, row_max, sumexp.log(),
+                 logit_sum, *saved)
     torch.library.opcheck(operators.loss, arguments, fields)
 
 

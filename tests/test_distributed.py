@@ -348,6 +348,24 @@ def test_sharded_loss_equals_the_single_process_loss(world, tmp_path):
     run_on_ranks(world, tmp_path, _checks, backends)
 
 
+def _triton_checks(rank, world, backends):
+    """The triton backend's sharded head (its weighted centres rescaled from each rank's max to the
+    global one, the targets of other ranks' classes left out): plain with smoothing, a negatives
+    rule, sub-centres."""
+    cases = [dict(margin="arcface", margin_grad="exact", reduction="none", label_smoothing=0.1),
+             dict(margin_grad="exact", reduction="mean", spread_norms=True, **_adaptive_margins()["curricularface"]),
+             dict(margin="arcface", reduction="mean", subcenters=3, label_smoothing=0.1)]
+    return [(f"triton/{index}", lambda o=options: _check_case(rank, world, "triton", torch.float32, **o))
+            for index, options in enumerate(cases)]
+
+
+def test_sharded_loss_with_the_triton_kernels(tmp_path):
+    """On 2 gloo ranks, CPU tensors through Triton's interpreter (on a GPU the NCCL test runs it)."""
+    if mf.available_backends()["triton"] is not None or torch.cuda.is_available():
+        pytest.skip(f"triton on CPU tensors: {mf.available_backends()['triton'] or 'a GPU is present'}")
+    run_on_ranks(2, tmp_path, _triton_checks, ["triton"])
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 

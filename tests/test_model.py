@@ -30,19 +30,16 @@ def by_name(kernels, name):
 # --- FLOPs and bytes, from first principles ---------------------------------------------------
 
 
-@pytest.mark.parametrize("dim, flash_k, owned_k", [(512, 12, 14), (256, 8, 10), (200, 8, 10)])
-def test_flops_are_k_times_bcd_for_each_kernel(dim, flash_k, owned_k):
-    """Each GEMM pass is 2·B·C·D; the flash kernels recompute the cosines once per D slice (6·B·C·D
-    each at D = 512, 4 at D ≤ 256); the owned-output backward's two kernels likewise; cuda 4 GEMMs."""
+@pytest.mark.parametrize("dim, flash_k", [(512, 20), (256, 12), (200, 12)])
+def test_flops_are_k_times_bcd_for_each_kernel(dim, flash_k):
+    """Each GEMM pass is 2·B·C·D; the flash kernels recompute the cosines once per D slice of 128
+    (10·B·C·D each at D = 512, 6 at D ≤ 256); cuda 4 GEMMs."""
     b, c = 1024, 1_000_000
     bcd = b * c * dim
     flash = model.flash_kernels(H100, b, c, dim, "bf16", COUNTS)
     assert by_name(flash, "forward + dX").flops == flash_k // 2 * bcd
     assert by_name(flash, "dW").flops == flash_k // 2 * bcd
     assert sum(k.flops for k in flash) == flash_k * bcd
-    owned = model.owned_output_kernels(H100, b, c, dim, "bf16", COUNTS)
-    assert by_name(owned, "forward").flops == 2 * bcd
-    assert sum(k.flops for k in owned) == owned_k * bcd
     assert sum(k.flops for k in model.cuda_kernels(H100, b, c, dim, "bf16")) == 8 * bcd
 
 
@@ -63,7 +60,6 @@ def test_every_backend_reads_w_from_hbm_and_writes_dw_once():
     assert by_name(flash, "norms").hbm_bytes >= w
     assert by_name(flash, "forward + dX").hbm_bytes >= w
     assert by_name(flash, "dW").hbm_bytes >= 2 * w  # W read, dW written
-    assert by_name(predictions["triton-owned"].kernels, "backward dW").hbm_bytes >= 2 * w
     assert by_name(predictions["cuda"].kernels, "backward dW projection").hbm_bytes >= w
 
 
@@ -86,72 +82,31 @@ def test_l2_bytes_are_the_operand_tiles_each_program_loads(dim):
     b, c, e = 300, 5003, 2
     gpu = H100
 
-    # flash forward + dX: x tile resident, W tiles streamed (their slice again for P̃·W if x and two
-    # W tiles do not fit in shared memory)
+    # flash forward + dX, D streamed (kernels/configs.py): per iteration the x tile and the W tile
+    # over all of D (cosines), and the W tile's slice (P̃·W)
     rows, stream, width, _, per_sm = model.flash_tiles(gpu, COUNTS, "forward+dX")
+    assert model.streams_d(gpu, COUNTS, "forward+dX")
     slices = _ranges(dim, width)
     n_splits, per_split = _splits(gpu.sms * per_sm, -(-b // rows) * len(slices), c)
-    reread = rows * dim * e + 2 * stream * dim * e > gpu.shared_per_block
     expected = 0
     for _, batch_rows in _ranges(b, rows):
         for split in range(n_splits):
             for _, slice_width in slices:
-                expected += batch_rows * dim * e
                 split_end = min(c, (split + 1) * per_split)
                 for c0 in range(split * per_split, split_end, stream):
                     classes = min(stream, split_end - c0)
-                    expected += classes * dim * e + (classes * slice_width * e if reread else 0)
+                    expected += (batch_rows + classes) * dim * e + classes * slice_width * e
     assert by_name(model.flash_kernels(gpu, b, c, dim, "bf16", COUNTS), "forward + dX").l2_bytes == expected
 
-    # flash dW: W tile resident, x tiles streamed
+    # flash dW, D streamed: per batch tile the W tile and the x tile over all of D, and the x slice
     rows, stream, width, _, _ = model.flash_tiles(gpu, COUNTS, "dW")
-    slices = _ranges(dim, width)
-    reread = rows * dim * e + 2 * stream * dim * e > gpu.shared_per_block
+    assert model.streams_d(gpu, COUNTS, "dW")
     expected = 0
     for _, classes in _ranges(c, rows):
-        for _, slice_width in slices:
-            expected += classes * dim * e
+        for _, slice_width in _ranges(dim, width):
             for _, batch_rows in _ranges(b, stream):
-                expected += batch_rows * dim * e + (batch_rows * slice_width * e if reread else 0)
-    assert by_name(model.flash_kernels(gpu, b, c, dim, "bf16", COUNTS), "dW").l2_bytes == expected
-
-    owned = model.owned_output_kernels(gpu, b, c, dim, "bf16", COUNTS)
-    # forward: the x tile and the W tile over all of D, every iteration
-    tiles = configs.gpu_tiles("forward", 90, "16")
-    record = COUNTS["kernels"]["sm_90"]["forward"]
-    n_splits, per_split = _splits(gpu.sms * model.programs_per_sm(gpu, record), -(-b // tiles.block_b), c)
-    expected = 0
-    for _, batch_rows in _ranges(b, tiles.block_b):
-        for split in range(n_splits):
-            split_end = min(c, (split + 1) * per_split)
-            for c0 in range(split * per_split, split_end, tiles.block_c):
-                expected += (batch_rows + min(tiles.block_c, split_end - c0)) * dim * e
-    assert by_name(owned, "forward").l2_bytes == expected
-
-    # dX: x and W tiles over all of D (cosines), the W slice (gradient), per iteration
-    tiles = configs.gpu_tiles("row_grad", 90, "16")
-    slices = _ranges(dim, tiles.block_g)
-    record = COUNTS["kernels"]["sm_90"]["row grad"]
-    n_splits, per_split = _splits(gpu.sms * model.programs_per_sm(gpu, record), -(-b // tiles.block_b) * len(slices), c)
-    expected = 0
-    for _, batch_rows in _ranges(b, tiles.block_b):
-        for split in range(n_splits):
-            for _, slice_width in slices:
-                split_end = min(c, (split + 1) * per_split)
-                for c0 in range(split * per_split, split_end, tiles.block_c):
-                    classes = min(tiles.block_c, split_end - c0)
-                    expected += (batch_rows + classes) * dim * e + classes * slice_width * e
-    assert by_name(owned, "backward dX").l2_bytes == expected
-
-    # dW: W and x tiles over all of D, the x slice, per batch tile; the W slice once (projection)
-    tiles = configs.gpu_tiles("class_grad", 90, "16")
-    expected = 0
-    for _, classes in _ranges(c, tiles.block_c):
-        for _, slice_width in _ranges(dim, tiles.block_g):
-            expected += classes * slice_width * e
-            for _, batch_rows in _ranges(b, tiles.block_b):
                 expected += (classes + batch_rows) * dim * e + batch_rows * slice_width * e
-    assert by_name(owned, "backward dW").l2_bytes == expected
+    assert by_name(model.flash_kernels(gpu, b, c, dim, "bf16", COUNTS), "dW").l2_bytes == expected
 
 
 # --- the terms and what binds -------------------------------------------------------------------
@@ -170,7 +125,7 @@ def test_each_kernel_takes_its_largest_term_plus_its_launches():
 def test_the_serial_term_is_no_less_than_the_tensor_time_or_the_issue_time():
     """One program per SM: an iteration's phases one after another take at least as long as either
     kind of work alone."""
-    for name in ("triton", "triton-owned"):
+    for name in ("triton",):
         for k in model.predict_backends(H100, 1024, 1_000_000, 512, "bf16", COUNTS)[name].kernels:
             if k.serial_s is not None:
                 assert k.serial_s >= max(k.flop_s, k.issue_s) * (1 - 1e-9)
@@ -187,11 +142,10 @@ def test_wgmma_efficiency_from_the_shared_memory_operand_bandwidth():
 def test_the_model_gives_each_dot_the_wgmma_shape_its_ptx_has():
     """The N the model derives for each current kernel's dots is what Triton compiled them to."""
     for kernel, dots in {
-        "forward": lambda t: [model.Dot(t["block_b"], t["block_c"], 512, True)],
-        "row grad": lambda t: [model.Dot(t["block_b"], t["block_c"], 512, True),
-                               model.Dot(t["block_b"], t["block_g"], t["block_c"], False)],
-        "class grad": lambda t: [model.Dot(t["block_c"], t["block_b"], 512, True),
-                                 model.Dot(t["block_c"], t["block_g"], t["block_b"], False)],
+        model.SASS_SOURCES["forward+dX"]: lambda t: [model.Dot(t["block_b"], t["block_c"], 512, True),
+                                                     model.Dot(t["block_b"], t["block_g"], t["block_c"], False)],
+        model.SASS_SOURCES["dW"]: lambda t: [model.Dot(t["block_c"], t["block_b"], 512, True),
+                                             model.Dot(t["block_c"], t["block_g"], t["block_b"], False)],
     }.items():
         record = COUNTS["kernels"]["sm_90"][kernel]
         shapes = {f"wgmma m64n{model.wgmma_n(dot, record['config']['num_warps'])}k16"
@@ -204,11 +158,10 @@ def test_the_sass_counts_hold_every_mma_flop_of_an_iteration():
     over all warps, do the FLOPs of the model's dots for one iteration."""
     dim = 512
     for kernel, dots in {
-        "forward": lambda t: [model.Dot(t["block_b"], t["block_c"], dim, True)],
-        "row grad": lambda t: [model.Dot(t["block_b"], t["block_c"], dim, True),
-                               model.Dot(t["block_b"], t["block_g"], t["block_c"], False)],
-        "class grad": lambda t: [model.Dot(t["block_c"], t["block_b"], dim, True),
-                                 model.Dot(t["block_c"], t["block_g"], t["block_b"], False)],
+        model.SASS_SOURCES["forward+dX"]: lambda t: [model.Dot(t["block_b"], t["block_c"], dim, True),
+                                                     model.Dot(t["block_b"], t["block_g"], t["block_c"], False)],
+        model.SASS_SOURCES["dW"]: lambda t: [model.Dot(t["block_c"], t["block_b"], dim, True),
+                                             model.Dot(t["block_c"], t["block_g"], t["block_b"], False)],
     }.items():
         for arch in ("sm_90", "sm_80"):
             record = COUNTS["kernels"][arch][kernel]
@@ -231,10 +184,11 @@ def test_the_cached_counts_are_of_the_configurations_in_configs_py():
     """bench/sass_counts.json is stale once kernels/configs.py changes: rerun --from-sass."""
     for arch, per_kernel in COUNTS["kernels"].items():
         for name, record in per_kernel.items():
-            tiles = configs.gpu_tiles(name.replace(" ", "_"), int(arch[3:]), "16")
+            kernel = {"forward": "forward", "dW": "weight_grad"}[name.split()[0]]
+            tiles = configs.gpu_choices(kernel, int(arch[3:]), "16")[-1]  # the one serving D = 512
             assert record["config"] == {"block_b": tiles.block_b, "block_c": tiles.block_c, "block_d": tiles.block_d,
                                         "block_g": tiles.block_g, "num_warps": tiles.num_warps,
-                                        "num_stages": tiles.num_stages}, (arch, name)
+                                        "num_stages": tiles.num_stages, "parts": tiles.parts}, (arch, name)
     assert set(COUNTS["kernels"]["sm_90"]) == set(model.SASS_SOURCES.values())
 
 
@@ -253,25 +207,22 @@ def test_every_printed_prediction_is_labelled_and_shows_each_term():
         assert any(line.startswith("PREDICTED") for line in above[-3:]), out[start]
     assert out[0].startswith("PREDICTED")
     rows = [line for line in out if line.startswith("| 1") and "| triton |" in line]
-    assert any("m64n64k16 SS" in line and "m64n256k16 RS" in line for line in rows)
+    assert any("m64n64k16 SS" in line and "m64n128k16 RS" in line for line in rows)
     summary = [line for line in out[tables[0] + 2:tables[1]] if line.startswith("|")]
     assert {line.split("|")[2].strip() for line in summary} == set(model.predict_backends(
         H100, 1024, 1_000_000, 512, "bf16", COUNTS))
 
 
-def test_when_the_flash_kernels_land_one_flag_switches_to_their_own_counts(monkeypatch):
-    """FLASH_LANDED = True: the flash rows take their compiled kernels' counts, tiles and occupancy
-    (here the current kernels stand in for them, the forward given a D slice), and the owned-output
-    kernels leave the table."""
-    counts = json.loads(json.dumps(COUNTS))
-    counts["kernels"]["sm_90"]["forward"]["config"]["block_g"] = 256
-    monkeypatch.setattr(model, "FLASH_LANDED", True)
-    predictions = model.predict_backends(H100, 1024, 1_000_000, 512, "bf16", counts)
+def test_the_flash_kernels_are_modelled_from_their_own_counts():
+    """FLASH_LANDED: the flash rows take their compiled kernels' counts, tiles and occupancy, and
+    the owned-output kernels are gone from the table."""
+    assert model.FLASH_LANDED
+    predictions = model.predict_backends(H100, 1024, 1_000_000, 512, "bf16", COUNTS)
     assert set(predictions) == {"triton", "cuda", "cuda-as-built"}
     flash = predictions["triton"].kernels
-    assert by_name(flash, "forward + dX").counts == "SASS of 'forward bf16'"
-    assert by_name(flash, "dW").counts == "SASS of 'class grad bf16'"
-    assert by_name(flash, "dW").flops == 6 * 1024 * 1_000_000 * 512
+    assert by_name(flash, "forward + dX").counts == f"SASS of '{model.SASS_SOURCES['forward+dX']} bf16'"
+    assert by_name(flash, "dW").counts == f"SASS of '{model.SASS_SOURCES['dW']} bf16'"
+    assert by_name(flash, "dW").flops == 10 * 1024 * 1_000_000 * 512
 
 
 def test_predict_keeps_the_interface_the_gpu_session_reads():

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..negatives import NegativesRule
-from ..partials import LogSumExp, RowPartials
+from ..partials import LogSumExp, RowPartials, rescaled
 from ..settings import LossSettings
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,6 +49,34 @@ class RowLoss(NamedTuple):
 
     loss: Tensor
     partials: RowPartials
+
+
+class ForwardSaved(NamedTuple):
+    """What a fused backend's forward keeps for its backward; a field it keeps not is empty (no
+    elements), and its backward recomputes what it needs.
+
+    weighted_centres: (B, D) float32, O_i = Σ_j exp(z_ij − m_i)·(∂z_ij/∂c_ij / s)·ŵ_j over the
+        shard's classes but each row's target, relative to the per-row max m_i of the merged partials
+        it came with (the triton backend's, made when x needs a gradient: kernels/forward.py).
+    inv_x: (B,) float32, inv_w: (R,) float32: 1/max(‖v‖, 1e-12) of the rows of x and of the shard
+        of W.
+    """
+
+    weighted_centres: Tensor
+    inv_x: Tensor
+    inv_w: Tensor
+
+    @classmethod
+    def nothing(cls, x: Tensor) -> "ForwardSaved":
+        """Nothing kept (every field empty; three tensors, as an operator's outputs must be)."""
+        return cls(*(x.new_empty(0, dtype=torch.float32) for _ in cls._fields))
+
+    def relative_to(self, from_max: Tensor, to_max: Tensor) -> "ForwardSaved":
+        """The weighted centres taken relative to the per-row max `from_max`, made relative to
+        `to_max` (`marginfused.partials.rescaled`)."""
+        if not self.weighted_centres.numel():
+            return self
+        return self._replace(weighted_centres=rescaled(self.weighted_centres, from_max, to_max))
 
 
 @dataclass(frozen=True)

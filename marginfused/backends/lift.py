@@ -7,13 +7,15 @@ all) would vanish. So the tile is multiplied by 2^k before the cast and the GEMM
 after it, in float32 (exact: powers of two). 2^k lifts the tile's largest possible entry to at most
 2^15, so no entry overflows float16 (max 65504) and the small ones keep their bits.
 
-The bound on a tile entry, for row i and class j (|p − t − ε/C| ≤ 2, |c| ≤ 1):
+The bound on a tile entry, for row i and class j (|p − t − ε/C| ≤ 2, |c| ≤ 1, p ≤ 1):
 
-    |u_i·∂ℓ_i/∂c_ij| ≤ 2·|u_i|·max(s, |σ_i|, s·(|a_i| + 2|q|))          (`row_bounds`)
+    |∂z_ij/∂c_ij| / s ≤ max(1, |σ_i|/s, |a_i| + 2|q|)                   (`slope_ratio_bounds`)
+    |u_i·∂ℓ_i/∂c_ij| ≤ 2·|u_i|·s·max(1, |σ_i|/s, |a_i| + 2|q|)          (`row_bounds`)
 
 (σ_i the target's slope, a_i and q a negatives rule's), times the inverse norms the tile
-carries: r_wj for the triton backend's embeddings' kernel (G·r_w), r_xi for its centres' kernel
-(G·r_x), and both q_i·r_wj for the cuda backend's one tile U = G·q·r. A zero row's inverse norm
+carries: the triton backend's forward takes P̃ = exp(z − m)·(∂z/∂c)/s·r_w (its first bound times
+r_wj), its dW kernel G·r_x (the second times r_xi), and the cuda backend's one tile U = G·q·r both
+q_i·r_wj. A zero row's inverse norm
 (1/1e-12) is left out of the maximum: its entries are clamped to float16's range before the cast and
 multiply the row's zeros, so they contribute exactly 0 whatever 2^k is.
 
@@ -36,12 +38,17 @@ LIFT_EXPONENTS = (-24, 24)
 """The range of k: 2^24 lifts float16's smallest subnormal to 1; beyond it nothing is gained."""
 
 
+def slope_ratio_bounds(target_slope: Tensor, scale: float, rule: Optional[NegativesRule]) -> Tensor:
+    """(B,) float32: the bound on |∂z_ij/∂c_ij|/s over the classes j of row i (module docstring)."""
+    ratio = torch.clamp(target_slope.abs().float() / scale, min=1.0)
+    if rule is not None:
+        ratio = torch.maximum(ratio, rule.offset.abs().float() + 2 * abs(rule.quadratic))
+    return ratio
+
+
 def row_bounds(upstream: Tensor, target_slope: Tensor, scale: float, rule: Optional[NegativesRule]) -> Tensor:
     """(B,) float32: the bound on |u_i·∂ℓ_i/∂c_ij| over the classes j of row i (module docstring)."""
-    slope = torch.clamp(target_slope.abs().float(), min=scale)
-    if rule is not None:
-        slope = torch.maximum(slope, scale * (rule.offset.abs().float() + 2 * abs(rule.quadratic)))
-    return 2 * upstream.abs().float() * slope
+    return 2 * scale * upstream.abs().float() * slope_ratio_bounds(target_slope, scale, rule)
 
 
 def nonzero_rows(inverse_norms: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..adaptive import local_batch_sum
 from ..autocast import cast_for_autocast
 from ..backends import BackendUnavailableError, FusedBackend, KernelSettings, backend_for_call, select_backend
+from ..backends.base import ForwardSaved
 from ..backends.ops import KernelFields
 from ..checks import WEIGHT_NOT_FINITE, check_inputs, check_on_device
 from ..margins import MarginLike, working_dtype
@@ -230,17 +231,22 @@ def _shard_loss(implementation: FusedBackend, x: Tensor, w_shard: Tensor, labels
                 kernel: KernelSettings, group, sizes: list[int]) -> tuple[Tensor, RowPartials]:
     """The per-row loss of the gathered batch (the same on every rank) and its partials over all
     classes: this rank's partials operator over its shard, the partials of every rank merged
-    (`marginfused.partials.merge`), then the loss operator, whose backward gives this shard's
-    gradients; the target logits of every rank's rows gathered so that ∂L/∂z_iy reaches each rank's
-    own rows world_size × (every rank computes all of it)."""
+    (`marginfused.partials.merge`), this rank's weighted centres rescaled from its own max to the
+    merged one, then the loss operator, whose backward gives this shard's gradients (its dx summed
+    over the ranks by GatherRows' backward); the target logits of every rank's rows gathered so
+    that ∂L/∂z_iy reaches each rank's own rows world_size × (every rank computes all of it)."""
     operators = implementation.operators
     fields = KernelFields.flat(kernel)
     work = working_dtype(x.dtype)
     z = GatherRows.apply(target.logit.to(work), group, sizes, 1.0)
     slope = all_gather(target.slope.to(work), group, sizes)
-    local = RowPartials(*operators.partials(x.detach(), w_shard.detach(), labels, z.detach(), **fields))
+    need_x = x.requires_grad and torch.is_grad_enabled()
+    merged = operators.partials(x.detach(), w_shard.detach(), labels, z.detach(), slope, **fields, need_x=need_x)
+    local, saved = RowPartials(*merged[:5]), ForwardSaved(*merged[5:])
     partials = merge(gather_partials(local, group))
     check_on_device(partials.max.isfinite() & partials.sumexp.isfinite(), WEIGHT_NOT_FINITE)
     lse = log_sum_exp(partials)
-    loss = operators.loss(x, w_shard, labels, z, slope, lse.max, lse.log_sumexp, partials.logit_sum, **fields)
+    saved = saved.relative_to(local.max, partials.max)  # this rank's weighted centres to the global max
+    loss = operators.loss(x, w_shard, labels, z, slope, lse.max, lse.log_sumexp, partials.logit_sum, *saved,
+                          **fields)
     return loss, partials

@@ -255,6 +255,35 @@ def test_the_forward_returns_its_inverse_norms_and_the_backward_reads_them(ext, 
     assert not torch.equal(doubled[0], computed[0]) and not torch.equal(doubled[1], computed[1])
 
 
+def test_the_backend_keeps_the_forwards_inverse_norms_for_its_backward(ext, chunk):
+    """The backend's forward keeps the extension's inverse norms (ForwardSaved: no weighted centres,
+    inv_x (B,), inv_w (R,) float32, the fake's shapes too), and a training step computes them in its
+    forward alone: the backward, given them through the loss operator, runs no inverse-norm pass."""
+    chunk(16)
+    x, w, y = make_inputs(13, 90, 9, ignored=2)
+    x32, w32 = x.float(), w.float()
+    settings = LossSettings.build("arcface", 64.0, "detached", -100, 0.0)
+    logit, slope = shard_targets(x32, w32, y, settings)
+    backend = CpuBackend()
+    partials, saved = backend.forward(x32, w32, y, logit.float(), slope.detach().float(), kernel_settings(settings, 90),
+                                      True)
+    assert saved.weighted_centres.numel() == 0
+    assert saved.inv_x.shape == (13,) and saved.inv_w.shape == (90,)
+    like = backend.saved_like(x32, w32, True)
+    assert [(t.shape, t.dtype) for t in like] == [(t.shape, t.dtype) for t in saved]
+
+    def norm_passes(prof) -> int:
+        return sum(e.count for e in prof.key_averages() if e.key == "marginfused::cpu_inverse_norms")
+
+    x32, w32 = x32.requires_grad_(), w32.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as forward:
+        loss = mf.margin_cross_entropy(x32, w32, y, "arcface", backend="cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as backward:
+        loss.backward()
+    assert norm_passes(forward) >= 1
+    assert norm_passes(backward) == 0
+
+
 def test_backward_computes_what_is_needed(ext):
     x, w, y = _inputs32()
     call = _call(ext, (x, w, y))

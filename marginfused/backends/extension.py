@@ -39,7 +39,7 @@ from ..normalize import inverse_norms
 from ..partials import LogSumExp, RowPartials
 from . import lift
 from .chunks import GpuShape, cuda_chunk_classes, cuda_dx_splits, cuda_forward_chunk_classes
-from .base import BackendUnavailableError, KernelSettings
+from .base import BackendUnavailableError, ForwardSaved, KernelSettings
 from .ops import FusedBackend
 
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
@@ -255,7 +255,9 @@ class ExtensionBackend(FusedBackend):
     then one fused pass that puts the supplied target logit on each row's target column and folds the
     chunk into its split's running max / sum-exp, logit sum and argmax; the splits' partials come back
     unmerged, with the inverse norms of x's and W's rows the forward computed (`forward_norms`),
-    which the backward reads instead of computing them again where it is given them. The backward pass
+    which `forward` keeps (`ForwardSaved`, carried by the loss operator; in a sharded head each
+    rank's inv_w is its shard's rows) and `backward` hands the extension, which reads them instead
+    of computing them again. The backward pass
     recomputes each chunk, forms the gradient tile with p = exp((z − m) − log s) from the
     log-sum-exp as `LogSumExp` keeps it, and accumulates dX̂ and dŴ with two more GEMMs, then
     projects through the normalisation (the math is written out in csrc/driver.h). Inputs may be
@@ -310,3 +312,25 @@ class ExtensionBackend(FusedBackend):
         call = self._call(x, w, y, target_logit, kernel, inv_x, inv_w, target_slope=target_slope, row_max=lse.max,
                           log_sumexp=lse.log_sumexp, upstream=upstream, lift=lift)
         return load(self.device_type).backward(call, need_x=need_x, need_w=need_w)
+
+    def forward(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                kernel: KernelSettings, need_x: bool) -> tuple[RowPartials, ForwardSaved]:
+        """The partials, and the inverse norms of x's rows and of the shard's rows that the extension
+        computed on the way, kept for `backward` (no weighted centres: the backward recomputes each
+        chunk)."""
+        partials, inv_x, inv_w = self.forward_norms(x, w, y, target_logit, kernel)
+        return partials, ForwardSaved(x.new_empty(0, dtype=torch.float32), inv_x, inv_w)
+
+    def saved_like(self, x: Tensor, w: Tensor, need_x: bool) -> ForwardSaved:
+        """What `forward` keeps, empty: no weighted centres, (B,) and (R,) float32 inverse norms."""
+        return ForwardSaved(x.new_empty(0, dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32),
+                            w.new_empty(w.shape[0], dtype=torch.float32))
+
+    def backward(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                 lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool, need_w: bool,
+                 saved: ForwardSaved) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """`gradients`, reading the forward's inverse norms where `saved` holds them (one per row of x
+        and of this shard), else computing them."""
+        kept = saved.inv_x.shape == (x.shape[0],) and saved.inv_w.shape == (w.shape[0],)
+        norms = (saved.inv_x, saved.inv_w) if kept else (None, None)
+        return self.gradients(x, w, y, target_logit, target_slope, lse, upstream, kernel, need_x, need_w, *norms)

@@ -255,10 +255,14 @@ def test_the_forward_returns_its_inverse_norms_and_the_backward_reads_them(ext, 
     assert not torch.equal(doubled[0], computed[0]) and not torch.equal(doubled[1], computed[1])
 
 
-def test_the_backend_keeps_the_forwards_inverse_norms_for_its_backward(ext, chunk):
-    """The backend's forward keeps the extension's inverse norms (ForwardSaved: no weighted centres,
-    inv_x (B,), inv_w (R,) float32, the fake's shapes too), and a training step computes them in its
-    forward alone: the backward, given them through the loss operator, runs no inverse-norm pass."""
+def test_the_backend_can_keep_the_forwards_inverse_norms_for_its_backward(ext, chunk, monkeypatch):
+    """Where an extension backend keeps them (the cuda backend; the cpu backend's backward computes its
+    own, chunk by chunk, as a pass that brings the chunk into cache for its GEMM), its forward keeps
+    the extension's inverse norms (ForwardSaved: no weighted centres, inv_x (B,), inv_w (R,) float32,
+    the fake's shapes too), and a training step computes them in its forward alone: the backward,
+    given them through the loss operator, runs no inverse-norm pass."""
+    assert not CpuBackend.keeps_norms and extension.ExtensionBackend.keeps_norms
+    monkeypatch.setattr(CpuBackend, "keeps_norms", True)
     chunk(16)
     x, w, y = make_inputs(13, 90, 9, ignored=2)
     x32, w32 = x.float(), w.float()

@@ -255,9 +255,9 @@ class ExtensionBackend(FusedBackend):
     then one fused pass that puts the supplied target logit on each row's target column and folds the
     chunk into its split's running max / sum-exp, logit sum and argmax; the splits' partials come back
     unmerged, with the inverse norms of x's and W's rows the forward computed (`forward_norms`),
-    which `forward` keeps (`ForwardSaved`, carried by the loss operator; in a sharded head each
-    rank's inv_w is its shard's rows) and `backward` hands the extension, which reads them instead
-    of computing them again. The backward pass
+    which `forward` keeps where `keeps_norms` (`ForwardSaved`, carried by the loss operator; in a
+    sharded head each rank's inv_w is its shard's rows) and `backward` hands the extension, which
+    reads them instead of computing them again. The backward pass
     recomputes each chunk, forms the gradient tile with p = exp((z − m) − log s) from the
     log-sum-exp as `LogSumExp` keeps it, and accumulates dX̂ and dŴ with two more GEMMs, then
     projects through the normalisation (the math is written out in csrc/driver.h). Inputs may be
@@ -265,6 +265,9 @@ class ExtensionBackend(FusedBackend):
     """
 
     device_type: ClassVar[str]
+    keeps_norms: ClassVar[bool] = True
+    """Whether `forward` keeps the inverse norms for `backward` (ForwardSaved), else keeps nothing and
+    the backward computes them again."""
 
     def unavailable_reason(self) -> Optional[str]:
         return unavailable_reason(self.device_type)
@@ -319,10 +322,14 @@ class ExtensionBackend(FusedBackend):
         computed on the way, kept for `backward` (no weighted centres: the backward recomputes each
         chunk)."""
         partials, inv_x, inv_w = self.forward_norms(x, w, y, target_logit, kernel)
+        if not self.keeps_norms:
+            return partials, ForwardSaved.nothing(x)
         return partials, ForwardSaved(x.new_empty(0, dtype=torch.float32), inv_x, inv_w)
 
     def saved_like(self, x: Tensor, w: Tensor, need_x: bool) -> ForwardSaved:
         """What `forward` keeps, empty: no weighted centres, (B,) and (R,) float32 inverse norms."""
+        if not self.keeps_norms:
+            return ForwardSaved.nothing(x)
         return ForwardSaved(x.new_empty(0, dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32),
                             w.new_empty(w.shape[0], dtype=torch.float32))
 

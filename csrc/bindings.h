@@ -36,6 +36,8 @@ inline void bind_entry_points(pybind11::module_& m, const char* doc, ForwardPart
       .def_readwrite("log_sumexp", &Call::log_sumexp)
       .def_readwrite("upstream", &Call::upstream)
       .def_readwrite("lift", &Call::lift)
+      .def_readwrite("inv_x", &Call::inv_x)
+      .def_readwrite("inv_w", &Call::inv_w)
       .def_readwrite("scale", &Call::scale)
       .def_readwrite("ignore_index", &Call::ignore_index)
       .def_readwrite("label_smoothing", &Call::label_smoothing)
@@ -47,7 +49,8 @@ inline void bind_entry_points(pybind11::module_& m, const char* doc, ForwardPart
       .def_readwrite("dx_splits", &Call::dx_splits);
   m.def("forward_partials", forward_partials, py::call_guard<py::gil_scoped_release>(),
         "The per-row partials (max, sumexp, logit_sum, best_cos, best_class) over the call's classes, each "
-        "(splits, B), one row per split in class order, unmerged",
+        "(splits, B), one row per split in class order, unmerged; then the inverse norms inv_x (B,) and inv_w (rows of w,) "
+        "float32 that it computed, for the backward's call",
         py::arg("call"));
   m.def("backward", backward, py::call_guard<py::gil_scoped_release>(),
         "The gradients (grad_x, grad_w) of sum_i upstream_i * loss_i w.r.t. x and w, each None where not needed",

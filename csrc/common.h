@@ -52,6 +52,8 @@ struct Call {
   at::Tensor log_sumexp;    //   lse_i = m_i + log s_i (marginfused/partials.py, LogSumExp)
   at::Tensor upstream;      // (B,) u_i, the upstream gradient of ℓ_i                   (backward)
   std::optional<at::Tensor> lift;  // (2,) (2^k, 2^-k), the fp16 lift (backends/lift.py), or None (backward)
+  std::optional<at::Tensor> inv_x;  // (B,) q_i = 1/max(|x_i|, 1e-12) as the forward returned them, or None: (backward)
+  std::optional<at::Tensor> inv_w;  // (C·K,) r_j of this shard's rows, likewise; given together     (backward)
   double scale = 1.0;            // s, the logit scale
   int64_t ignore_index = -100;   // the label of rows with no loss and no gradient
   double label_smoothing = 0.0;  // ε                                                    (backward)
@@ -65,12 +67,15 @@ struct Call {
 
 // forward_partials: per-row partials over this shard's classes [class_start, class_start + C),
 // unmerged: (max, sumexp, logit_sum, best_cos, best_class), each (splits, B), one row per split
-// (a run of consecutive chunks, in class order), merged by marginfused/partials.py alone.
+// (a run of consecutive chunks, in class order), merged by marginfused/partials.py alone; then the
+// inverse norms it computed, inv_x (B,) and inv_w (C·K,) fp32, for the backward's Call to take
+// (it recomputes them where not given).
 // backward: the gradients (grad_x, grad_w) of Σ_i u_i ℓ_i w.r.t. x and this shard, in the inputs'
 // dtype; each is computed only where asked (need_x, need_w), else undefined (None).
 using Partials = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Gradients = std::tuple<at::Tensor, at::Tensor>;
-using ForwardPartialsFn = Partials(const Call& call);
+using ForwardPartialsFn = ForwardResult(const Call& call);
 using BackwardFn = Gradients(const Call& call, bool need_x, bool need_w);
 
 // x̂ = x / max(|x|, kNormEps): a copy of marginfused/constants.py's NORM_EPS = 1e-12 (F.normalize's

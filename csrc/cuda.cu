@@ -9,7 +9,8 @@
 // the dX GEMM's depth splits come from Python (marginfused/backends/chunks.py: enough classes that
 // the split dX GEMM fills every SM, the chunk's working set within L2).
 //
-// Launches: once per call, inverse_norms_kernel for x and for all of W (q and r); per chunk, forward:
+// Launches: once per forward, inverse_norms_kernel for x and for all of W (q and r, returned for the
+// backward; once per backward too where its call is not given them); per chunk, forward:
 // the S GEMM and
 //   forward_rows_kernel    one block per row folds the chunk into its split's partials;
 // backward: the S GEMM,
@@ -374,7 +375,7 @@ struct CudaDevice {
 }  // namespace
 
 // The entry points cuda_bindings.cpp declares (common.h).
-Partials forward_partials(const Call& call) { return marginfused::forward_partials<CudaDevice>(call); }
+ForwardResult forward_partials(const Call& call) { return marginfused::forward_partials<CudaDevice>(call); }
 
 Gradients backward(const Call& call, bool need_x, bool need_w) {
   return marginfused::backward<CudaDevice>(call, need_x, need_w);

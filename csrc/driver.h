@@ -43,7 +43,9 @@
 // accumulated in fp32. The fp16 lift (2^k, 2^-k), where given, multiplies U before its cast to the
 // operands' dtype; dW's rows and dX are divided by 2^k in their projections (exact: powers of two).
 // Inverse norms of W's rows: per chunk, just before its GEMM reads it (a device whose kNormsPerChunk),
-// or once for all of W before the first chunk (one launch instead of one per chunk).
+// or once for all of W before the first chunk (one launch instead of one per chunk). The forward
+// keeps every row's r and x's q and returns them; a backward given them (Call's inv_x, inv_w) reads
+// them and computes neither, else computes them as the forward does.
 //
 // Work: the units (the forward's splits, the backward's chunks) are run by the device's workers,
 // each with its own buffers (Workspace), all allocated before any unit runs (so allocation trackers
@@ -140,6 +142,11 @@ inline void check_backward(const char* op, c10::DeviceType device_type, const Ca
   check_beside(op, "log_sumexp", c.log_sumexp, c.x, at::kFloat, {batch});
   check_beside(op, "upstream", c.upstream, c.x, at::kFloat, {batch});
   if (given(c.lift)) check_beside(op, "lift", *c.lift, c.x, at::kFloat, {2});
+  TORCH_CHECK(given(c.inv_x) == given(c.inv_w), op, ": inv_x and inv_w must be given together");
+  if (given(c.inv_x)) {
+    check_beside(op, "inv_x", *c.inv_x, c.x, at::kFloat, {batch});
+    check_beside(op, "inv_w", *c.inv_w, c.x, at::kFloat, {c.w.size(0)});
+  }
 }
 
 // --- the chunks --------------------------------------------------------------------------------------
@@ -216,25 +223,25 @@ struct Workspace {
   at::Tensor products;   // (B·n) S, in the dots dtype
   at::Tensor gradients;  // (B·n) U, in the operand dtype: `products` itself where U is written over S
   at::Tensor w_rows;     // (n·D) a chunk of W in the operand dtype, where that is not W's own
-  at::Tensor r;          // (n) fp32 the chunk's inverse norms                        (norms per chunk)
+  at::Tensor r;          // (n) fp32 the chunk's inverse norms        (norms per chunk, where none are kept)
   at::Tensor dx;         // (splits, B, D) fp32 Σ U W_chunk, a split of the depth each  (backward, need_x)
   at::Tensor dx_chunk;   // (splits, B, D) U W_chunk where no GEMM adds it to dx in fp32 (backward, need_x)
   at::Tensor dw_rows;    // (n·D) Uᵀ X, in cache for its projection into grad_w's rows  (backward, need_w)
   typename Device::Scratch scratch;
 
-  Workspace(const Geometry& g, const GemmTypes& types, const at::TensorOptions& options)
+  Workspace(const Geometry& g, const GemmTypes& types, const at::TensorOptions& options, bool chunk_norms)
       : products(at::empty({g.batch * g.chunk_rows}, options.dtype(types.dots))), scratch(g.chunk_rows) {
-    if (Device::kNormsPerChunk) r = at::empty({g.chunk_rows}, options.dtype(at::kFloat));
+    if (chunk_norms) r = at::empty({g.chunk_rows}, options.dtype(at::kFloat));
     if (types.operand != types.input) w_rows = at::empty({g.chunk_rows * g.dim}, options.dtype(types.operand));
   }
 };
 
-// A forward's buffers, one Workspace per worker.
+// A forward's buffers, one Workspace per worker; `chunk_norms`: with room for a chunk's inverse norms.
 template <class Device>
 std::vector<Workspace<Device>> forward_workspaces(int workers, const Geometry& g, const GemmTypes& types,
-                                                  const at::TensorOptions& options) {
+                                                  const at::TensorOptions& options, bool chunk_norms) {
   std::vector<Workspace<Device>> work;
-  for (int t = 0; t < workers; ++t) work.emplace_back(g, types, options);
+  for (int t = 0; t < workers; ++t) work.emplace_back(g, types, options, chunk_norms);
   return work;
 }
 
@@ -244,8 +251,8 @@ std::vector<Workspace<Device>> forward_workspaces(int workers, const Geometry& g
 template <class Device>
 std::vector<Workspace<Device>> backward_workspaces(int workers, const Geometry& g, const GemmTypes& types,
                                                    const at::TensorOptions& options, const at::Tensor& grad_x,
-                                                   const at::Tensor& grad_w) {
-  std::vector<Workspace<Device>> work = forward_workspaces<Device>(workers, g, types, options);
+                                                   const at::Tensor& grad_w, bool chunk_norms) {
+  std::vector<Workspace<Device>> work = forward_workspaces<Device>(workers, g, types, options, chunk_norms);
   const bool over = Device::gradients_over_products(types, g.subcenters);
   for (int t = 0; t < workers; ++t) {
     Workspace<Device>& ws = work[t];
@@ -263,14 +270,32 @@ std::vector<Workspace<Device>> backward_workspaces(int workers, const Geometry& 
   return work;
 }
 
-// 1/max(|w_j|, 1e-12) of every row of W at once (one pass, one launch), where the device does not
-// take them chunk by chunk; else undefined.
+// W's inverse norms r_j = 1/max(|w_j|, 1e-12) for a pass: `r` (C·K,) fp32, `filled` once it holds
+// every row's (then a chunk reads its rows), else each chunk computes its own just before its GEMM
+// reads it (into its rows of `r` where defined, else into the worker's ws.r).
+struct WeightNorms {
+  at::Tensor r;
+  bool filled;
+};
+
+// The forward's: every row's kept (it returns them for the backward), all at once (one pass, one
+// launch) or, where the device takes them chunk by chunk, each chunk's written into its rows.
 template <class Device>
-at::Tensor whole_norms(const Call& call) {
-  if (Device::kNormsPerChunk) return at::Tensor();
+WeightNorms forward_norms(const Call& call) {
+  at::Tensor r = at::empty({call.w.size(0)}, call.w.options().dtype(at::kFloat));
+  if (!Device::kNormsPerChunk) Device::inverse_norms(call.w, r);
+  return WeightNorms{r, !Device::kNormsPerChunk};
+}
+
+// The backward's: the forward's where the call gives them (inv_w, nothing computed), else all at
+// once or chunk by chunk (into ws.r) as the device takes them.
+template <class Device>
+WeightNorms backward_norms(const Call& call) {
+  if (given(call.inv_w)) return WeightNorms{*call.inv_w, true};
+  if (Device::kNormsPerChunk) return WeightNorms{at::Tensor(), false};
   at::Tensor r = at::empty({call.w.size(0)}, call.w.options().dtype(at::kFloat));
   Device::inverse_norms(call.w, r);
-  return r;
+  return WeightNorms{r, true};
 }
 
 // A chunk's rows of W as a GEMM operand, and their inverse norms.
@@ -278,14 +303,14 @@ struct ChunkOperand {
   at::Tensor w, r;
 };
 
-// The chunk's rows of W as a GEMM operand, and their inverse norms: the rows of `norms` (whole_norms),
-// or computed now into ws.r.
+// The chunk's rows of W as a GEMM operand, and their inverse norms: the rows of norms.r where filled,
+// or computed now (WeightNorms).
 template <class Device>
-ChunkOperand chunk_operand(const Call& call, const Chunk& chunk, const GemmTypes& types, const at::Tensor& norms,
+ChunkOperand chunk_operand(const Call& call, const Chunk& chunk, const GemmTypes& types, const WeightNorms& norms,
                            Workspace<Device>& ws) {
   const at::Tensor wg = as_operand(call.w.narrow(0, chunk.row0, chunk.rows), types, ws.w_rows);
-  if (!Device::kNormsPerChunk) return ChunkOperand{wg, norms.narrow(0, chunk.row0, chunk.rows)};
-  const at::Tensor r = ws.r.narrow(0, 0, chunk.rows);
+  if (norms.filled) return ChunkOperand{wg, norms.r.narrow(0, chunk.row0, chunk.rows)};
+  const at::Tensor r = norms.r.defined() ? norms.r.narrow(0, chunk.row0, chunk.rows) : ws.r.narrow(0, 0, chunk.rows);
   Device::inverse_norms(wg, r);
   return ChunkOperand{wg, r};
 }
@@ -367,15 +392,17 @@ inline Rows backward_rows_data(const Call& call, const at::Tensor& q) {
   return rows;
 }
 
-// x as a GEMM operand (xg), and its inverse norms q.
+// x as a GEMM operand (xg), and its inverse norms q: the call's inv_x where given (the forward's,
+// kept for the backward), else computed.
 struct Embeddings {
   at::Tensor xg, q;
 };
 
 template <class Device>
 Embeddings embeddings(const Call& call, const GemmTypes& types) {
-  Embeddings e{call.x.scalar_type() == types.operand ? call.x : call.x.to(types.operand),
-               at::empty({call.x.size(0)}, call.x.options().dtype(at::kFloat))};
+  const at::Tensor xg = call.x.scalar_type() == types.operand ? call.x : call.x.to(types.operand);
+  if (given(call.inv_x)) return Embeddings{xg, *call.inv_x};
+  Embeddings e{xg, at::empty({call.x.size(0)}, call.x.options().dtype(at::kFloat))};
   Device::inverse_norms(e.xg, e.q);
   return e;
 }
@@ -400,7 +427,7 @@ inline SplitPartials split_row(const Partials& p, int64_t split, int64_t batch) 
 // --- the entry points ----------------------------------------------------------------------------
 
 template <class Device>
-Partials forward_partials(const Call& call) {
+ForwardResult forward_partials(const Call& call) {
   check_forward(Device::kForward, Device::kType, call);
   const typename Device::Guard guard(call.x.device());
   const Geometry g(call);
@@ -410,8 +437,8 @@ Partials forward_partials(const Call& call) {
   const int64_t splits = split_count(g.chunks, Device::concurrency());
   const Partials partials = empty_partials(splits, g, call.x.options());
   const int workers = static_cast<int>(std::min<int64_t>(Device::concurrency(), std::max<int64_t>(splits, 1)));
-  std::vector<Workspace<Device>> work = forward_workspaces<Device>(workers, g, types, call.x.options());
-  const at::Tensor norms = whole_norms<Device>(call);
+  std::vector<Workspace<Device>> work = forward_workspaces<Device>(workers, g, types, call.x.options(), false);
+  const WeightNorms norms = forward_norms<Device>(call);
   Device::run(splits, workers, [&](int t, int64_t split) {
     Workspace<Device>& ws = work[t];
     const SplitPartials out = split_row(partials, split, g.batch);
@@ -421,7 +448,8 @@ Partials forward_partials(const Call& call) {
       Device::forward_rows(rows, cosine_products(emb.xg, wc.w, ws), wc.r, chunk, out, ws.scratch);
     }
   });
-  return partials;
+  const auto& [max, sumexp, logit_sum, best_cos, best_class] = partials;
+  return ForwardResult{max, sumexp, logit_sum, best_cos, best_class, emb.q, norms.r};
 }
 
 template <class Device>
@@ -437,9 +465,9 @@ Gradients backward(const Call& call, bool need_x, bool need_w) {
   const Rows rows = backward_rows_data(call, emb.q);
   const float* unlift = rows.lift ? rows.lift + 1 : nullptr;
   const int workers = static_cast<int>(std::min<int64_t>(Device::concurrency(), std::max<int64_t>(g.chunks, 1)));
+  const WeightNorms norms = backward_norms<Device>(call);
   std::vector<Workspace<Device>> work =
-      backward_workspaces<Device>(workers, g, types, call.x.options(), grad_x, grad_w);
-  const at::Tensor norms = whole_norms<Device>(call);
+      backward_workspaces<Device>(workers, g, types, call.x.options(), grad_x, grad_w, !norms.filled);
   Device::run(g.chunks, workers, [&](int t, int64_t k) {
     Workspace<Device>& ws = work[t];
     const Chunk chunk = g.chunk(k);

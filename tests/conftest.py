@@ -59,6 +59,7 @@ def backend(request, monkeypatch) -> BackendUnderTest:
     if reason:
         pytest.skip(f"{name}: {reason}")
     monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: CONTRACT_CHUNK)
+    monkeypatch.setattr(extension, "forward_chunk_size", lambda device, batch, dim, dtype: CONTRACT_CHUNK)
     if name == "triton" and device == "cpu":
         interpret_bfloat16_dots(monkeypatch)
     return BackendUnderTest(name, device)

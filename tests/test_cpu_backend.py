@@ -19,6 +19,7 @@ import torch
 import marginfused as mf
 from marginfused.backends import BackendUnavailableError, cpu, extension, select_backend
 from marginfused.backends.cpu import CpuBackend
+from marginfused.normalize import inverse_norms
 from marginfused.partials import RowPartials, log_sum_exp, merge
 from marginfused.settings import LossSettings
 
@@ -197,6 +198,16 @@ BAD_BACKWARD = {
                           "rule_offset must have dtype Float"),
     "lift shape": (lambda x, w, y: dict(lift=torch.ones(3)), r"lift must have shape \[2\]"),
     "x elsewhere": (lambda x, w, y: dict(x=x.to("meta")), "x must be a CPU tensor"),
+    "inv_x without inv_w": (lambda x, w, y: dict(inv_x=torch.ones(6)), "inv_x and inv_w must be given together"),
+    "inv_w without inv_x": (lambda x, w, y: dict(inv_w=torch.ones(20)), "inv_x and inv_w must be given together"),
+    "inv_x size": (lambda x, w, y: dict(inv_x=torch.ones(5), inv_w=torch.ones(20)), r"inv_x must have shape \[6\]"),
+    "inv_w size": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(19)), r"inv_w must have shape \[20\]"),
+    "inv_w dtype": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(20).double()),
+                    "inv_w must have dtype Float"),
+    "inv_x elsewhere": (lambda x, w, y: dict(inv_x=torch.ones(6, device="meta"), inv_w=torch.ones(20)),
+                        "inv_x is on meta but x is on cpu"),
+    "inv_w non-contiguous": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(40)[::2]),
+                             "inv_w must be contiguous"),
 }
 
 
@@ -206,6 +217,75 @@ def test_backward_rejects_bad_inputs(ext, case):
     change, message = BAD_BACKWARD[case]
     with pytest.raises(RuntimeError, match=message):
         ext.backward(_call(ext, (x, w, y), **change(x, w, y)), need_x=True, need_w=True)
+
+
+@pytest.mark.parametrize("subcenters", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_forward_returns_its_inverse_norms_and_the_backward_reads_them(ext, dtype, subcenters):
+    """forward_partials returns 1/max(|v|, 1e-12) of x's rows and W's (float32; a zero row's 1e12
+    exactly), each within the float32 bound of two computations of it (a sum of D squares, a square
+    root and a division each: (D/2 + 2)·2^-24 relative); a backward given them reads them instead of
+    computing its own (the same function of the same rows): its gradients bit-identical to those it
+    computes without them, and different where the norms given differ (the values given are used)."""
+    x, w, y = make_inputs(13, 45, 9, ignored=2)
+    x[4] = 0.0
+    w[7] = 0.0
+    y = torch.where(y >= 0, y % (45 // subcenters), y)
+    x, w = x.to(dtype), w.to(dtype)
+    out = ext.forward_partials(_call(ext, (x, w, y), chunk=7, subcenters=subcenters))
+    assert len(out) == 7
+    inv_x, inv_w = out[5], out[6]
+    assert inv_x.dtype == inv_w.dtype == torch.float32 and inv_x.shape == (13,) and inv_w.shape == (45,)
+    relative = (9 + 4) * 2.0**-24  # twice (D/2 + 2)·2^-24, D = 9
+    for got, rows in ((inv_x, x), (inv_w, w)):
+        truth = inverse_norms(rows).double()
+        assert ((got.double() - truth).abs() <= relative * truth).all(), (got, truth)
+    assert inv_x[4] == inv_w[7] == 1 / torch.tensor(1e-12)
+    fields = dict(chunk=7, subcenters=subcenters, upstream=torch.linspace(0.5, 1.5, 13))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # each thread's chunks the same on every call: dX added in one order
+    try:
+        computed = ext.backward(_call(ext, (x, w, y), **fields), need_x=True, need_w=True)
+        read = ext.backward(_call(ext, (x, w, y), inv_x=inv_x, inv_w=inv_w, **fields), need_x=True, need_w=True)
+        doubled = ext.backward(_call(ext, (x, w, y), inv_x=inv_x, inv_w=2 * inv_w, **fields), need_x=True,
+                               need_w=True)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(read[0], computed[0]) and torch.equal(read[1], computed[1])
+    assert not torch.equal(doubled[0], computed[0]) and not torch.equal(doubled[1], computed[1])
+
+
+def test_the_backend_can_keep_the_forwards_inverse_norms_for_its_backward(ext, chunk, monkeypatch):
+    """Where an extension backend keeps them (the cuda backend; the cpu backend's backward computes its
+    own, chunk by chunk, as a pass that brings the chunk into cache for its GEMM), its forward keeps
+    the extension's inverse norms (ForwardSaved: no weighted centres, inv_x (B,), inv_w (R,) float32,
+    the fake's shapes too), and a training step computes them in its forward alone: the backward,
+    given them through the loss operator, runs no inverse-norm pass."""
+    assert not CpuBackend.keeps_norms and extension.ExtensionBackend.keeps_norms
+    monkeypatch.setattr(CpuBackend, "keeps_norms", True)
+    chunk(16)
+    x, w, y = make_inputs(13, 90, 9, ignored=2)
+    x32, w32 = x.float(), w.float()
+    settings = LossSettings.build("arcface", 64.0, "detached", -100, 0.0)
+    logit, slope = shard_targets(x32, w32, y, settings)
+    backend = CpuBackend()
+    partials, saved = backend.forward(x32, w32, y, logit.float(), slope.detach().float(), kernel_settings(settings, 90),
+                                      True)
+    assert saved.weighted_centres.numel() == 0
+    assert saved.inv_x.shape == (13,) and saved.inv_w.shape == (90,)
+    like = backend.saved_like(x32, w32, True)
+    assert [(t.shape, t.dtype) for t in like] == [(t.shape, t.dtype) for t in saved]
+
+    def norm_passes(prof) -> int:
+        return sum(e.count for e in prof.key_averages() if e.key == "marginfused::cpu_inverse_norms")
+
+    x32, w32 = x32.requires_grad_(), w32.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as forward:
+        loss = mf.margin_cross_entropy(x32, w32, y, "arcface", backend="cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as backward:
+        loss.backward()
+    assert norm_passes(forward) >= 1
+    assert norm_passes(backward) == 0
 
 
 def test_backward_computes_what_is_needed(ext):
@@ -228,7 +308,7 @@ def test_every_output_element_is_written(ext, chunk, dtype, subcenters):
     y = torch.where(y >= 0, y % (45 // subcenters), y)
     rows_per_chunk = 7 // subcenters * subcenters
     call = _call(ext, (x.to(dtype), w.to(dtype), y), chunk=7, subcenters=subcenters)
-    partials = RowPartials(*ext.forward_partials(call))
+    partials = RowPartials(*ext.forward_partials(call)[:5])
     splits = -(-45 // rows_per_chunk)
     assert partials.max.shape == (splits, 13)
     for name in ("max", "sumexp", "logit_sum", "best_cos"):
@@ -249,7 +329,7 @@ def test_a_lift_is_undone_exactly(ext):
     x32, w32 = x.float(), w.float()
     settings = LossSettings.build("arcface", 64.0, "detached", -100, 0.0)
     logit, slope = shard_targets(x32, w32, y, settings)
-    partials = RowPartials(*ext.forward_partials(_call(ext, (x32, w32, y), target_logit=logit.float(), chunk=7)))
+    partials = RowPartials(*ext.forward_partials(_call(ext, (x32, w32, y), target_logit=logit.float(), chunk=7))[:5])
     lse = log_sum_exp(merge(partials))
     fields = dict(target_logit=logit.float(), target_slope=slope.detach().float(), row_max=lse.max,
                   log_sumexp=lse.log_sumexp, upstream=torch.ones(13), chunk=7)

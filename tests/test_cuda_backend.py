@@ -111,6 +111,7 @@ def cuda_ext():
 @pytest.mark.parametrize("margin", list(MARGINS))
 def test_cuda_every_margin_mode_and_dtype(cuda_ext, monkeypatch, margin, grad_mode, dtype):
     monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: 100)
+    monkeypatch.setattr(extension, "forward_chunk_size", lambda device, batch, dim, dtype: 100)
     x, w, y = make_inputs(37, 1031, 96, ignored=3, seed=11, device="cuda")
     scale = 30.0 if dtype == torch.float32 else 64.0
     assert_matches_truth("cuda", x, w, y, dtype, margin=MARGINS[margin], margin_grad=grad_mode, scale=scale,
@@ -124,6 +125,7 @@ def test_cuda_dx_gemm_split_over_its_depth(cuda_ext, monkeypatch, dtype, subcent
     """The dX GEMM split 4 ways over chunks of 96 rows (3 over the last, of 69: the most that divide
     it), into fp32 accumulators (ATen's out_dtype batched GEMM for 16-bit operands)."""
     monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: 96)
+    monkeypatch.setattr(extension, "forward_chunk_size", lambda device, batch, dim, dtype: 96)
     monkeypatch.setattr(extension, "dx_splits", lambda device, batch, dim, chunk: 4)
     x, w, y = make_inputs(37, 453, 40, ignored=3, seed=12, device="cuda")
     y = torch.where(y >= 0, y % (453 // subcenters), y)
@@ -140,6 +142,7 @@ def test_cuda_dx_gemm_split_over_its_depth(cuda_ext, monkeypatch, dtype, subcent
 def test_cuda_awkward_shapes(cuda_ext, monkeypatch, batch, classes, dim, chunk_classes, reduction):
     if chunk_classes is not None:
         monkeypatch.setattr(extension, "chunk_size", lambda device, batch, dim, dtype: chunk_classes)
+        monkeypatch.setattr(extension, "forward_chunk_size", lambda device, batch, dim, dtype: chunk_classes)
     x, w, y = make_inputs(batch, classes, dim, seed=batch + classes, device="cuda")
     assert_matches_truth("cuda", x, w, y, torch.float32, margin="sphereface", margin_grad="exact", scale=30.0,
                          reduction=reduction)
@@ -170,7 +173,8 @@ def test_cuda_memory_does_not_grow_with_classes(cuda_ext, monkeypatch):
         peak = torch.cuda.max_memory_allocated() - before - w.numel() * 4 - x.numel() * 4
         extra[classes] = peak
         assert peak < 4 * batch * classes, f"{peak} bytes: a B×C allocation"
-    tile = 4 * batch * extension.chunk_size("cuda", batch, dim, torch.float32)
+    tile = 4 * batch * max(extension.chunk_size("cuda", batch, dim, torch.float32),
+                           extension.forward_chunk_size("cuda", batch, dim, torch.float32))
     assert abs(extra[600_000] - extra[200_000]) < tile, f"working memory grows with C: {extra}"
 
 
@@ -207,8 +211,32 @@ def test_cuda_rejects_bad_inputs(cuda_ext):
         backward(log_sumexp=torch.zeros(b))
     with pytest.raises(RuntimeError, match=r"lift must have shape \[2\]"):
         backward(lift=torch.ones(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="inv_x is on cpu but x is on cuda"):
+        backward(inv_x=torch.ones(b), inv_w=torch.ones(20, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"inv_w must have shape \[20\]"):
+        backward(inv_x=torch.ones(b, device="cuda"), inv_w=torch.ones(21, device="cuda"))
     dx, dw = backward(need_w=False)
     assert dw is None and dx.shape == x.shape and dx.device == x.device
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_the_backward_reads_the_forwards_inverse_norms(cuda_ext, dtype):
+    """forward_partials returns the inverse norms of x's and W's rows (one kernel each, as the backward
+    computes its own: bit-identical), and a backward given them gives the gradients it computes
+    without them, bit for bit (one stream, the same kernels in the same order)."""
+    x, w, y = make_inputs(37, 453, 40, ignored=3, seed=12, device="cuda")
+    x, w = x.to(dtype), w.to(dtype)
+    b = 37
+    fields = dict(x=x, w=w, y=y, target_logit=torch.zeros(b, device="cuda"), scale=64.0, num_classes=453, chunk=96)
+    out = cuda_ext.forward_partials(cuda_ext.Call(**fields))
+    inv_x, inv_w = out[5], out[6]
+    assert inv_x.shape == (b,) and inv_w.shape == (453,) and inv_x.dtype == inv_w.dtype == torch.float32
+    backward = dict(fields, target_slope=torch.full((b,), 64.0, device="cuda"), row_max=torch.zeros(b, device="cuda"),
+                    log_sumexp=torch.full((b,), 6.0, device="cuda"), upstream=torch.ones(b, device="cuda"))
+    computed = cuda_ext.backward(cuda_ext.Call(**backward), need_x=True, need_w=True)
+    read = cuda_ext.backward(cuda_ext.Call(**backward, inv_x=inv_x, inv_w=inv_w), need_x=True, need_w=True)
+    assert torch.equal(read[0], computed[0]) and torch.equal(read[1], computed[1])
 
 
 @pytest.mark.gpu

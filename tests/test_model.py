@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench import model, sass
-from marginfused.backends.chunks import (GEMM_TILE, SPLIT_K_DEPTH, GpuShape, cuda_chunk_classes, cuda_dx_splits,
-                                         dx_split_ways)
+from marginfused.backends.chunks import (GEMM_TILE, L2_SHARE, SPLIT_K_DEPTH, GpuShape, cuda_chunk_classes,
+                                         cuda_dx_splits, cuda_forward_chunk_classes, dx_split_ways)
 from marginfused.kernels import configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,6 +290,42 @@ def test_the_chunk_fills_the_gpu_and_otherwise_stays_in_l2():
 
     assert cuda_chunk_classes(GPUS[0], 1024, 512, torch.bfloat16) == cuda_chunk_classes(GPUS[0], 1024, 512, "bf16")
 
+
+
+def test_the_forwards_chunk_keeps_its_own_working_set_in_l2():
+    """The forward's chunk: its B×n tile S (bfloat16 S for bfloat16 inputs, else float32) and n rows of
+    W within L2_SHARE of L2, the most whole GEMM tiles that fit (at least one); monotone as the
+    backward's, and no smaller than the backward's wherever L2 sizes that one (bfloat16, float32)."""
+    for gpu in GPUS:
+        for dtype, e, s in (("bf16", 2, 2), ("fp16", 2, 4), ("fp32", 4, 4)):
+            for b in (16, 128, 1024, 8192):
+                for d in (64, 128, 512, 1024):
+                    n = cuda_forward_chunk_classes(gpu, b, d, dtype)
+                    assert n % GEMM_TILE == 0 and n >= GEMM_TILE
+                    budget = L2_SHARE * gpu.l2_bytes
+                    assert n * (b * s + d * e) <= budget or n == GEMM_TILE
+                    assert (n + GEMM_TILE) * (b * s + d * e) > budget
+                    if dtype != "fp16":
+                        backward = cuda_chunk_classes(gpu, b, d, dtype)
+                        by_l2 = backward * (b * e + d * e + d * 4) <= budget
+                        assert n >= backward or not by_l2
+            for d in (128, 512):
+                sizes = [cuda_forward_chunk_classes(gpu, b, d, dtype) for b in (16, 128, 512, 1024, 4096, 16384)]
+                assert sizes == sorted(sizes, reverse=True)
+            for b in (128, 1024):
+                sizes = [cuda_forward_chunk_classes(gpu, b, d, dtype) for d in (64, 128, 512, 1024)]
+                assert sizes == sorted(sizes, reverse=True)
+    for b, d in ((128, 512), (1024, 512), (4096, 128)):
+        sizes = [cuda_forward_chunk_classes(GpuShape(132, m * 2**20), b, d, "bf16") for m in (6, 40, 50, 96)]
+        assert sizes == sorted(sizes)
+        assert len({cuda_forward_chunk_classes(GpuShape(s, 50 * 2**20), b, d, "bf16") for s in (16, 64, 132)}) == 1
+    h100 = GpuShape(132, 50 * 2**20)
+    assert cuda_forward_chunk_classes(h100, 1024, 512, "bf16") == 12800  # 7680 backward
+    import torch
+
+    assert cuda_forward_chunk_classes(h100, 1024, 512, torch.float16) == cuda_forward_chunk_classes(h100, 1024, 512,
+                                                                                                  "fp16")
+    assert cuda_forward_chunk_classes(h100, 1024, 512, torch.bfloat16) == 12800
 
 
 def test_the_dx_gemm_splits_fill_the_gpu_each_deep_enough():

@@ -34,10 +34,11 @@ dX kernel (a batch tile against streamed W tiles, online softmax, O += P̃·W in
 kernels/configs.py's tiles D is streamed too, so the x tile is read again with every W tile), a dW
 kernel (a class tile of W against streamed x tiles, cosines recomputed from the saved log-sum-exp)
 and one norms pre-pass, their issue counts from their own SASS. `cuda-as-built` is csrc/cuda.cu as
-it is (the chunk from `cuda_chunk_classes`, the dX GEMM split over its depth, bfloat16 S and
-gradient tiles for bfloat16 inputs, 2 launches per chunk forward and 5 backward, no CUDA graph);
-`cuda` is the chunked backend as it would be tuned beyond that (16-bit S for float16 too, the
-chunks' norms kept from the forward, the chunk loop in a CUDA graph).
+it is (each pass its chunk, `cuda_forward_chunk_classes` and `cuda_chunk_classes`, the dX GEMM
+split over its depth, bfloat16 S and gradient tiles for bfloat16 inputs, the norms of x and W once,
+in the forward, kept for the backward, 2 launches per chunk forward and 5 backward, no CUDA graph);
+`cuda` is the chunked backend as it would be tuned beyond that (16-bit S for float16 too, the chunk
+loop in a CUDA graph).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ from ..negatives import NegativesRule
 from ..normalize import inverse_norms
 from ..partials import LogSumExp, RowPartials
 from . import lift
-from .chunks import GpuShape, cuda_chunk_classes, cuda_dx_splits
-from .base import BackendUnavailableError, KernelSettings
+from .chunks import GpuShape, cuda_chunk_classes, cuda_dx_splits, cuda_forward_chunk_classes
+from .base import BackendUnavailableError, ForwardSaved, KernelSettings
 from .ops import FusedBackend
 
 SOURCE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")
@@ -199,13 +199,23 @@ def gpu_shape(device: torch.device) -> GpuShape:
 
 
 def chunk_size(device: torch.device, batch: int, dim: int, dtype: torch.dtype) -> int:
-    """Rows of W per chunk for a (batch × dim) x of `dtype` (the extensions round it down to whole
-    classes of sub-centres): on the CPU one B×chunk fp32 tile within CPU_TILE_BYTES, a core's cache;
-    on a GPU `cuda_chunk_classes`, enough that the split dX GEMM fills every SM."""
+    """Rows of W per chunk of the backward for a (batch × dim) x of `dtype` (the extensions round it
+    down to whole classes of sub-centres): on the CPU one B×chunk fp32 tile within CPU_TILE_BYTES, a
+    core's cache; on a GPU `cuda_chunk_classes`, enough that the split dX GEMM fills every SM."""
     device = torch.device(device)
     if device.type == "cuda":
         return cuda_chunk_classes(gpu_shape(device), batch, dim, dtype)
     return max(MIN_CHUNK, CPU_TILE_BYTES // (4 * batch))
+
+
+def forward_chunk_size(device: torch.device, batch: int, dim: int, dtype: torch.dtype) -> int:
+    """Rows of W per chunk of the forward: on a GPU `cuda_forward_chunk_classes` (its own working set
+    within L2: no H, no dX GEMM to fill the SMs with); on the CPU the backward's (`chunk_size`: the
+    same fp32 tile per thread)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_forward_chunk_classes(gpu_shape(device), batch, dim, dtype)
+    return chunk_size(device, batch, dim, dtype)
 
 
 def dx_splits(device: torch.device, batch: int, dim: int, chunk: int) -> int:
@@ -218,13 +228,16 @@ def dx_splits(device: torch.device, batch: int, dim: int, chunk: int) -> int:
 
 
 def gradient_tile_lift(x: Tensor, w: Tensor, upstream: Tensor, target_slope: Tensor, scale: float,
-                       rule: Optional[NegativesRule]) -> Tensor:
+                       rule: Optional[NegativesRule], inv_x: Optional[Tensor] = None,
+                       inv_w: Optional[Tensor] = None) -> Tensor:
     """The cuda backend's fp16 lift (`lift.py`) as (2^k, 2^-k) float32: its one gradient tile
     U = G·q·r carries both inverse norms, so its bound is max_i(bound_i·q_i)·max_j r_j over the
-    rows that are not zero rows. One pass over W for its norms (float16 inputs only)."""
+    rows that are not zero rows. The forward's inverse norms where given, else one pass over W for
+    them (float16 inputs only)."""
     rows = lift.row_bounds(upstream, target_slope, scale, rule)
-    factor = lift.lift(lift.largest(rows * lift.nonzero_rows(inverse_norms(x)))
-                       * lift.largest(lift.nonzero_rows(inverse_norms(w))))
+    q = inverse_norms(x) if inv_x is None else inv_x
+    r = inverse_norms(w) if inv_w is None else inv_w
+    factor = lift.lift(lift.largest(rows * lift.nonzero_rows(q)) * lift.largest(lift.nonzero_rows(r)))
     return torch.cat([factor, 1.0 / factor])
 
 
@@ -236,11 +249,15 @@ def _row_data(t: Tensor) -> Tensor:
 class ExtensionBackend(FusedBackend):
     """A backend running the chunked C++ extension built for `device_type` tensors (csrc/).
 
-    Both walk the classes in chunks of a size fixed by the batch and the device (`chunk_size`),
-    however many classes there are: per chunk one GEMM for the raw dot products (normalisation folded in
-    as row and column scales, no normalised copy of W), then one fused pass that puts the supplied
-    target logit on each row's target column and folds the chunk into its split's running max /
-    sum-exp, logit sum and argmax; the splits' partials come back unmerged. The backward pass
+    Both walk the classes in chunks of a size fixed by the batch, the device and the pass
+    (`forward_chunk_size`, `chunk_size`), however many classes there are: per chunk one GEMM for the
+    raw dot products (normalisation folded in as row and column scales, no normalised copy of W),
+    then one fused pass that puts the supplied target logit on each row's target column and folds the
+    chunk into its split's running max / sum-exp, logit sum and argmax; the splits' partials come back
+    unmerged, with the inverse norms of x's and W's rows the forward computed (`forward_norms`),
+    which `forward` keeps where `keeps_norms` (`ForwardSaved`, carried by the loss operator; in a
+    sharded head each rank's inv_w is its shard's rows) and `backward` hands the extension, which
+    reads them instead of computing them again. The backward pass
     recomputes each chunk, forms the gradient tile with p = exp((z − m) − log s) from the
     log-sum-exp as `LogSumExp` keeps it, and accumulates dX̂ and dŴ with two more GEMMs, then
     projects through the normalisation (the math is written out in csrc/driver.h). Inputs may be
@@ -248,16 +265,22 @@ class ExtensionBackend(FusedBackend):
     """
 
     device_type: ClassVar[str]
+    keeps_norms: ClassVar[bool] = True
+    """Whether `forward` keeps the inverse norms for `backward` (ForwardSaved), else keeps nothing and
+    the backward computes them again."""
 
     def unavailable_reason(self) -> Optional[str]:
         return unavailable_reason(self.device_type)
 
-    def _call(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings, **backward):
+    def _call(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings,
+              inv_x: Optional[Tensor] = None, inv_w: Optional[Tensor] = None, **backward):
         """The extension's one argument (csrc/common.h, Call), built here alone: the tensors and the
-        kernel settings by name, the chunking, and the backward's (B,) tensors and fp16 lift where given."""
+        kernel settings by name, the pass's chunking (the forward's where no backward tensors are
+        given), and the backward's (B,) tensors, fp16 lift and the forward's inverse norms where given."""
         rule = kernel.negatives_rule
         batch, dim = x.shape
-        chunk = chunk_size(x.device, batch, dim, x.dtype)
+        chunk = (chunk_size if backward else forward_chunk_size)(x.device, batch, dim, x.dtype)
+        norms = {} if inv_x is None else dict(inv_x=inv_x.contiguous(), inv_w=inv_w.contiguous())
         return load(self.device_type).Call(
             x=x.detach().contiguous(), w=w.detach().contiguous(), y=y.long().contiguous(),
             target_logit=_row_data(target_logit),
@@ -266,18 +289,55 @@ class ExtensionBackend(FusedBackend):
             ignore_index=kernel.ignore_index, label_smoothing=kernel.label_smoothing, subcenters=kernel.subcenters,
             num_classes=kernel.num_classes, class_start=kernel.class_start, chunk=chunk,
             dx_splits=dx_splits(x.device, batch, dim, chunk),
-            **{name: None if t is None else _row_data(t) for name, t in backward.items()},
+            **{name: None if t is None else _row_data(t) for name, t in backward.items()}, **norms,
         )
 
+    def forward_norms(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor,
+                      kernel: KernelSettings) -> tuple[RowPartials, Tensor, Tensor]:
+        """`partials`, and the inverse norms 1/max(‖v‖, 1e-12) of x's rows (B,) and of the shard's rows
+        (R,), float32, that the forward computed on the way (for `gradients`)."""
+        *partials, inv_x, inv_w = load(self.device_type).forward_partials(self._call(x, w, y, target_logit, kernel))
+        return RowPartials(*partials), inv_x, inv_w
+
     def partials(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, kernel: KernelSettings) -> RowPartials:
-        return RowPartials(*load(self.device_type).forward_partials(self._call(x, w, y, target_logit, kernel)))
+        return self.forward_norms(x, w, y, target_logit, kernel)[0]
 
     def gradients(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
                   lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool,
-                  need_w: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                  need_w: bool, inv_x: Optional[Tensor] = None,
+                  inv_w: Optional[Tensor] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """`FusedBackend.gradients`; given the forward's inverse norms (`forward_norms`, both or
+        neither), the extension reads them instead of computing them again."""
         lift = None
         if self.device_type == "cuda" and x.dtype == torch.float16:
-            lift = gradient_tile_lift(x, w, upstream.float(), target_slope.float(), kernel.scale, kernel.negatives_rule)
-        call = self._call(x, w, y, target_logit, kernel, target_slope=target_slope, row_max=lse.max,
+            lift = gradient_tile_lift(x, w, upstream.float(), target_slope.float(), kernel.scale, kernel.negatives_rule,
+                                      inv_x, inv_w)
+        call = self._call(x, w, y, target_logit, kernel, inv_x, inv_w, target_slope=target_slope, row_max=lse.max,
                           log_sumexp=lse.log_sumexp, upstream=upstream, lift=lift)
         return load(self.device_type).backward(call, need_x=need_x, need_w=need_w)
+
+    def forward(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                kernel: KernelSettings, need_x: bool) -> tuple[RowPartials, ForwardSaved]:
+        """The partials, and the inverse norms of x's rows and of the shard's rows that the extension
+        computed on the way, kept for `backward` (no weighted centres: the backward recomputes each
+        chunk)."""
+        partials, inv_x, inv_w = self.forward_norms(x, w, y, target_logit, kernel)
+        if not self.keeps_norms:
+            return partials, ForwardSaved.nothing(x)
+        return partials, ForwardSaved(x.new_empty(0, dtype=torch.float32), inv_x, inv_w)
+
+    def saved_like(self, x: Tensor, w: Tensor, need_x: bool) -> ForwardSaved:
+        """What `forward` keeps, empty: no weighted centres, (B,) and (R,) float32 inverse norms."""
+        if not self.keeps_norms:
+            return ForwardSaved.nothing(x)
+        return ForwardSaved(x.new_empty(0, dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32),
+                            w.new_empty(w.shape[0], dtype=torch.float32))
+
+    def backward(self, x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_slope: Tensor,
+                 lse: LogSumExp, upstream: Tensor, kernel: KernelSettings, need_x: bool, need_w: bool,
+                 saved: ForwardSaved) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """`gradients`, reading the forward's inverse norms where `saved` holds them (one per row of x
+        and of this shard), else computing them."""
+        kept = saved.inv_x.shape == (x.shape[0],) and saved.inv_w.shape == (w.shape[0],)
+        norms = (saved.inv_x, saved.inv_w) if kept else (None, None)
+        return self.gradients(x, w, y, target_logit, target_slope, lse, upstream, kernel, need_x, need_w, *norms)

@@ -2,8 +2,9 @@
 
 A fused backend (`FusedBackend`) implements two kernels over a shard of W: `partials` and
 `gradients`; a backend whose forward also keeps something for its backward (`ForwardSaved`: the
-triton backend's weighted centres and inverse norms) implements `forward` and `backward` too,
-which by default are `partials` keeping nothing and `gradients`. For the backend named N they become
+triton backend's weighted centres and inverse norms, the cpu and cuda backends' inverse norms)
+implements `forward`, `saved_like` and `backward` too, which by default are `partials` keeping
+nothing and `gradients`. For the backend named N they become
 
     marginfused::N_partials(x, w, y, target_logit, target_slope, <kernel>, need_x)
         -> (max, sumexp, logit_sum, best_cos, best_class, weighted_centres, inv_x, inv_w)

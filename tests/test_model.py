@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import model, sass
 from marginfused.backends.chunks import (GEMM_TILE, L2_SHARE, SPLIT_K_DEPTH, GpuShape, cuda_chunk_classes,
@@ -256,15 +257,20 @@ def test_the_model_runs_without_triton_on_the_cached_counts():
 GPUS = [GpuShape(132, 50 * 2**20), GpuShape(108, 40 * 2**20), GpuShape(80, 6 * 2**20)]
 
 
+def assert_shrinks_as_batch_and_dim_grow(chunk_classes, gpu, dtype):
+    """A chunk function's classes never grow with the batch or with the embedding dimension."""
+    for dim in (128, 512):
+        sizes = [chunk_classes(gpu, b, dim, dtype) for b in (16, 128, 512, 1024, 4096, 16384)]
+        assert sizes == sorted(sizes, reverse=True)
+    for b in (128, 1024):
+        sizes = [chunk_classes(gpu, b, d, dtype) for d in (64, 128, 512, 1024)]
+        assert sizes == sorted(sizes, reverse=True)
+
+
 def test_the_chunk_is_monotone_in_batch_dim_sms_and_l2():
     for gpu in GPUS:
         for dtype in ("bf16", "fp32"):
-            for dim in (128, 512):
-                sizes = [cuda_chunk_classes(gpu, b, dim, dtype) for b in (16, 128, 512, 1024, 4096, 16384)]
-                assert sizes == sorted(sizes, reverse=True)
-            for b in (128, 1024):
-                sizes = [cuda_chunk_classes(gpu, b, d, dtype) for d in (64, 128, 512, 1024)]
-                assert sizes == sorted(sizes, reverse=True)
+            assert_shrinks_as_batch_and_dim_grow(cuda_chunk_classes, gpu, dtype)
     for b, d in ((128, 512), (1024, 512), (4096, 128)):
         assert [cuda_chunk_classes(GpuShape(s, 50 * 2**20), b, d, "bf16") for s in (16, 64, 132)] == sorted(
             cuda_chunk_classes(GpuShape(s, 50 * 2**20), b, d, "bf16") for s in (16, 64, 132))
@@ -286,10 +292,7 @@ def test_the_chunk_fills_the_gpu_and_otherwise_stays_in_l2():
                 working = n * (b * 2 + d * 2 + d * 4)
                 assert working <= gpu.l2_bytes or n == ways * SPLIT_K_DEPTH // GEMM_TILE * GEMM_TILE
     assert cuda_chunk_classes(GpuShape(132, 50 * 2**20), 1024, 512, "bf16") == 7680  # H100, ~8K classes
-    import torch
-
     assert cuda_chunk_classes(GPUS[0], 1024, 512, torch.bfloat16) == cuda_chunk_classes(GPUS[0], 1024, 512, "bf16")
-
 
 
 def test_the_forwards_chunk_keeps_its_own_working_set_in_l2():
@@ -309,12 +312,7 @@ def test_the_forwards_chunk_keeps_its_own_working_set_in_l2():
                         backward = cuda_chunk_classes(gpu, b, d, dtype)
                         by_l2 = backward * (b * e + d * e + d * 4) <= budget
                         assert n >= backward or not by_l2
-            for d in (128, 512):
-                sizes = [cuda_forward_chunk_classes(gpu, b, d, dtype) for b in (16, 128, 512, 1024, 4096, 16384)]
-                assert sizes == sorted(sizes, reverse=True)
-            for b in (128, 1024):
-                sizes = [cuda_forward_chunk_classes(gpu, b, d, dtype) for d in (64, 128, 512, 1024)]
-                assert sizes == sorted(sizes, reverse=True)
+            assert_shrinks_as_batch_and_dim_grow(cuda_forward_chunk_classes, gpu, dtype)
     for b, d in ((128, 512), (1024, 512), (4096, 128)):
         sizes = [cuda_forward_chunk_classes(GpuShape(132, m * 2**20), b, d, "bf16") for m in (6, 40, 50, 96)]
         assert sizes == sorted(sizes)

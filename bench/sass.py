@@ -7,7 +7,8 @@ kept in bench/sass_counts.json, written by
 
     python -m bench.model --from-sass
 
-which compiles each kernel that bench/model's SASS table names (for sm_90 and sm_80, 16-bit),
+which compiles each kernel that bench/model may read (`bench.model.sass_sources`: every 16-bit
+configuration of the forward and dW kernels on sm_90 and sm_80, one per range of D it serves),
 disassembles the cubin with Triton's bundled `cuobjdump -sass`, and records per kernel: its
 configuration, registers, shared memory, the wgmma / mma shapes of its PTX, and for its main loop
 (the outermost loop holding matrix instructions: one tile of the kernel's walk) the instructions
@@ -165,18 +166,18 @@ def read_compiled(kernel) -> dict:
             "ptx_mma": ptx_mma_shapes(kernel.asm["ptx"]), **main_loop(disassemble(kernel.asm["cubin"]))}
 
 
-def refresh(sources: dict[str, str], arches=(90, 80), dtype: str = "bf16", path: Path = CACHE) -> dict:
-    """Compile the compile-check kernels named in `sources` ({model kernel: compile-check kernel
-    name, e.g. "forward"}) for each target and write their counts to `path`; the counts."""
+def refresh(sources: dict[int, list[str]], dtype: str = "bf16", path: Path = CACHE) -> dict:
+    """Compile the compile-check kernels named in `sources` ({target: [compile-check kernel label less
+    its dtype, e.g. "forward resident 2x256"]}) and write their counts to `path`; the counts."""
     import triton
 
     from marginfused.kernels import compile_check
 
     read: dict[str, dict] = {}
-    for arch in arches:
+    for arch, names in sources.items():
         jobs = {label: job for label, *job in compile_check.jobs([dtype], arch)}
         per_arch = {}
-        for name in sorted(set(sources.values())):
+        for name in sorted(set(names)):
             (module, function), types, constexprs, tiles = jobs[f"{name} {dtype}"]
             fn = getattr(importlib.import_module(f"marginfused.kernels.{module}"), function)
             kernel = compile_check.compile_kernel(fn, types, constexprs, tiles.num_warps, tiles.num_stages, arch)

@@ -59,7 +59,7 @@ classes that chose k (K·(2K + 2)·B·C·D FLOP at one slice, against 4·B·C·K
 the recomputed cosines are the price of owning each output).
 
 Cost: 4·B·C·D FLOP (the recomputed cosines and the gradient dot) at one slice of D, 2·B·C·D more
-for each further slice (each recomputes the cosines): 10·B·C·D at D = 512 in slices of 128 (Hopper's
+for each further slice (each recomputes the cosines): 6·B·C·D at D = 512 in two slices of 256 (Hopper's
 16-bit configuration: kernels/configs.py).
 Sharding: as in forward.py (the host passes each row's target as a local column); lse and the 1/C
 of smoothing are global (over every shard).
@@ -145,10 +145,16 @@ def weight_grad_kernel(
 
     # dW_j = (dŴ_j − ŵ_j (ŵ_j·dŴ_j))·r_wj with ŵ_j = w_j·r_wj formed first (no product of a huge row
     # with r_wj² underflows), the projection term dropped where ‖w_j‖ < 1e-12 (r_wj = 1/1e-12:
-    # F.normalize's clamp holds the norm constant)
-    w = load_rows(w_ptr, c0 * SUBCENTERS, w_rows, g_dims, D, stride_w).to(tl.float32)
+    # F.normalize's clamp holds the norm constant). One half of the slice's columns at a time: the
+    # accumulator splits into its halves in registers, and only a half tile of W is live beside it
+    # (a whole BLOCK_C × 256 one spills on sm_90).
     along_w = tl.where(inv_w < inverse_norm(0.0), w_hat_dot_g, 0.0)
-    out = (acc / lift - (w * inv_w[:, None]) * along_w[:, None]) * inv_w[:, None]
     out_rows = c0 * SUBCENTERS + w_rows
-    mask = (tile < C_local - c0)[:, None] & (g_dims < D)[None, :]
-    tl.store(dw_ptr + out_rows[:, None] * D + g_dims[None, :], out.to(dw_ptr.dtype.element_ty), mask=mask)
+    HALF: tl.constexpr = BLOCK_G // 2
+    halves = tl.split(tl.permute(tl.reshape(acc, (BLOCK_C, 2, HALF)), (0, 2, 1)))
+    for h in tl.static_range(2):
+        dims = d_slice * BLOCK_G + h * HALF + tl.arange(0, HALF)
+        w = load_rows(w_ptr, c0 * SUBCENTERS, w_rows, dims, D, stride_w).to(tl.float32)
+        out = (halves[h] / lift - (w * inv_w[:, None]) * along_w[:, None]) * inv_w[:, None]
+        mask = (tile < C_local - c0)[:, None] & (dims < D)[None, :]
+        tl.store(dw_ptr + out_rows[:, None] * D + dims[None, :], out.to(dw_ptr.dtype.element_ty), mask=mask)

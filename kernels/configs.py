@@ -3,11 +3,12 @@
 Fixed configurations, chosen without a GPU by compiling every kernel for every target and reading
 what Triton built (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
 memory within each target's limit, every pipelined ring of dot operands as deep as its loop needs,
-and on Hopper wgmma of N ≥ 64 for the big dots of the plain and the negatives-rule variant (the
-cosines' and the gradients'; a warpgroup's N is BLOCK_C for the forward's cosines, BLOCK_B for the
-dW kernel's, BLOCK_G for both gradient dots: four warps per 64 rows of M; the sub-centre variant
-takes m64n32), in the plain, the negatives-rule and the sub-centre variant of each kernel, under every supported Triton (3.6 and 3.9: each builds with its own ptxas). They are
-not timed yet: that is a GPU's to measure (`python -m bench`, or bench/gpu_session.sh). The
+in the plain, the negatives-rule and the sub-centre variant of each kernel, under every supported
+Triton (3.6 and 3.9: each builds with its own ptxas); among those, on Hopper, the ones bench/model
+predicts fastest. A warpgroup's wgmma N is BLOCK_C for the forward's cosines, BLOCK_B for the dW
+kernel's, BLOCK_G for both gradient dots (four warps per 64 rows of M, at most 256): with the
+operand resident the gradient dots are m64n256 and the cosines m64n32 (below); streamed, m64n128
+and m64n64; the sub-centre variant takes m64n32. They are not timed yet: that is a GPU's to measure (`python -m bench`, or bench/gpu_session.sh). The
 interpreter ones are small, so that tests on CPU tensors under TRITON_INTERPRET=1 cross many tile
 boundaries quickly, and switch between the ways of taking D at small D, so that the tests run all
 of them.
@@ -60,34 +61,49 @@ class Tiles:
 # sm_86, sm_89, sm_120); "blackwell" (sm_100, sm_103: tcgen05) is below. Each entry: the
 # configurations by the D they serve, smallest first; one table per variant (plain, the negatives rule, sub-centres), since the
 # rule's slopes and the K cosine tiles of sub-centres hold more registers beside the accumulator.
-# On Hopper the forward's batch tile is 128 rows over eight warps (two warpgroups of m64, each dot's
-# N the whole class tile or slice: BLOCK_C = 64 for the cosines, BLOCK_G for O), D streamed in
-# chunks of 64: a 128 × 256 float32 O beside the softmax tile spills under Triton 3.9, 128 × 128
-# does not (D = 512 in four slices, each recomputing the cosines: 10·B·C·D for the forward and dX).
-# The dW kernel's class tile is 128 rows (its M), the batch tile 64 (the cosines' N).
+# On Hopper the 16-bit kernels keep their own operand resident up to D = 512, in two slices of 256
+# columns (one part each, kernels/tiles.py): the forward a 128-row batch tile of x (128 KB of shared
+# memory at D = 512) against class tiles of 32, the dW kernel a 128-row class tile of W against batch
+# tiles of 32; each keeps a 128 × 256 float32 accumulator over eight warps (two warpgroups of m64:
+# m64n32 for the cosines, m64n256 for O and dŴ). That is 6·B·C·D per kernel at D = 512, each operand
+# read from L2 once per slice and tile of the other. A streamed tile of 64 rows (wgmma N = 64 for the
+# cosines) does not fit: two buffers of it beside the resident tile pass the 227 KB of shared memory,
+# and it spills beside the accumulator. Past D = 512 they stream D in chunks of 64, O and dŴ in slices of 128 (a
+# 128 × 256 O beside the softmax tile spills when D streams). Float32 and Ampere stream D.
+_FORWARD_STREAMED_HOPPER = Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=128)
+_WEIGHT_GRAD_STREAMED_HOPPER = Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=128)
+_FORWARD_RESIDENT_HOPPER = tuple(
+    Tiles(block_b=128, block_c=32, block_d=64, num_warps=8, num_stages=3, block_g=256, parts=parts,
+          max_dim=256 * parts) for parts in (1, 2))
+_WEIGHT_GRAD_RESIDENT_HOPPER = tuple(
+    Tiles(block_b=32, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=256, parts=parts,
+          max_dim=256 * parts) for parts in (1, 2))
 FORWARD_GPU = {
-    ("hopper", "16"): (Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=128),),
+    ("hopper", "16"): _FORWARD_RESIDENT_HOPPER + (_FORWARD_STREAMED_HOPPER,),
     ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=32, num_warps=8, num_stages=2, block_g=64),),
     ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),),
     # eight warps: four leave an 8-byte stack in the pass without O on sm_120 under Triton 3.6
     ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),),
 }
 WEIGHT_GRAD_GPU = {
-    ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=128),),
+    ("hopper", "16"): _WEIGHT_GRAD_RESIDENT_HOPPER + (_WEIGHT_GRAD_STREAMED_HOPPER,),
     ("hopper", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),),
     ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=128),),
     ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=32, num_warps=4, num_stages=2, block_g=64),),
 }
-# The negatives rule on Hopper: slices of 64 columns (the slopes' tile beside a 128 × 128 O spills).
+# The negatives rule on Hopper: the same resident tiles, streamed D in slices of 64 past D = 512 (the
+# slopes' tile beside a 128 × 128 O spills).
 FORWARD_RULE_GPU = {
     **FORWARD_GPU,
-    ("hopper", "16"): (Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+    ("hopper", "16"): _FORWARD_RESIDENT_HOPPER + (
+        Tiles(block_b=128, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),),
     # four warps: eight leave an 8-byte stack in the smoothing pass on sm_86, sm_89 and sm_120
     ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=4, num_stages=2, block_g=64),),
 }
 WEIGHT_GRAD_RULE_GPU = {
     **WEIGHT_GRAD_GPU,
-    ("hopper", "16"): (Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=64),),
+    ("hopper", "16"): _WEIGHT_GRAD_RESIDENT_HOPPER + (
+        Tiles(block_b=64, block_c=128, block_d=64, num_warps=8, num_stages=3, block_g=64),),
 }
 # With K > 1 sub-centres per class each cosine tile is the largest of K, kept beside the tile being
 # computed and the arg-max tile: on Hopper 64 × 64 tiles over eight warps, slices of 64 (wgmma
@@ -105,11 +121,13 @@ WEIGHT_GRAD_SUBCENTRES_GPU = {
     ("ampere", "16"): (Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=2, block_g=64),),
     ("ampere", "32"): (Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),),
 }
-# "blackwell" (sm_100, sm_103: tcgen05) takes Hopper's configurations but for the 16-bit dW kernel,
-# whose 128-class tile spills there: 64 × 64 over eight warps, slices of 64.
+# "blackwell" (sm_100, sm_103: tcgen05) takes Hopper's configurations but where they spill there:
+# the 16-bit resident tiles (the forward streams D as Hopper does past D = 512), and the 16-bit dW
+# kernel's 128-class tile (64 × 64 over eight warps, slices of 64).
 for _table in (FORWARD_GPU, FORWARD_RULE_GPU, FORWARD_SUBCENTRES_GPU, WEIGHT_GRAD_GPU, WEIGHT_GRAD_RULE_GPU,
                WEIGHT_GRAD_SUBCENTRES_GPU):
     _table.update({("blackwell", width_): _table[("hopper", width_)] for width_ in ("16", "32")})
+    _table[("blackwell", "16")] = tuple(t for t in _table[("blackwell", "16")] if not t.parts)
 WEIGHT_GRAD_GPU[("blackwell", "16")] = WEIGHT_GRAD_RULE_GPU[("blackwell", "16")] = (
     Tiles(block_b=64, block_c=64, block_d=64, num_warps=8, num_stages=3, block_g=64),)
 # and its float32 forward with sub-centres in chunks of 16 (of 32 it leaves an 8-byte stack under
@@ -198,9 +216,10 @@ def gpu_choices(kernel: str, arch: int, width_: str, subcenters: int = 1, rule: 
     return GPU_TABLES[kernel][variant(subcenters, rule)][family(arch), width_]
 
 
-def _serving(choices: tuple[Tiles, ...], dim: int) -> Tiles:
-    """The first configuration that serves D = dim, fitted to it."""
-    return next(t for t in choices if t.max_dim is None or dim <= t.max_dim).for_dim(dim)
+def serving(choices: tuple[Tiles, ...], dim: int) -> Tiles:
+    """The first configuration that serves D = dim, as the compile check builds it (not yet fitted to
+    D: `Tiles.for_dim`)."""
+    return next(t for t in choices if t.max_dim is None or dim <= t.max_dim)
 
 
 def tiles(kernel: str, dtype, arch: int, dim: int, subcenters: int = 1, rule: bool = False) -> Tiles:
@@ -209,7 +228,7 @@ def tiles(kernel: str, dtype, arch: int, dim: int, subcenters: int = 1, rule: bo
         choices = SUBCENTRES_INTERPRET if kernel == "weight_grad" and subcenters > 1 else FORWARD_INTERPRET
     else:
         choices = gpu_choices(kernel, arch, width(dtype), subcenters, rule)
-    return _serving(choices, dim)
+    return serving(choices, dim).for_dim(dim)
 
 
 def norms_tiles() -> Tiles:

@@ -92,8 +92,8 @@ and slice 0 writes the partials: one per row into row k of each (n_splits, B) ou
 ℓ_i = lse_i − (1−ε)·z_iy − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
 
 Cost: 2·B·C·D FLOP for the cosines per slice, 2·B·C·D for O: 4·B·C·D with one slice, 2·B·C·D more
-per further slice (D = 512 on Hopper: O in slices of 128 columns, since a 128 × 256 float32 O beside
-the softmax tile spills; kernels/configs.py), 2·B·C·D without O. Sub-centres: K cosine dots and K
+per further slice (D = 512 on Hopper: x resident in two slices of 256, 6·B·C·D; kernels/configs.py),
+2·B·C·D without O. Sub-centres: K cosine dots and K
 masked O dots per class tile.
 
 Sharding: columns are local indices j_local ∈ [0, C_local); the global class id is

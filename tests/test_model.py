@@ -17,6 +17,7 @@ from bench import model, sass
 from marginfused.backends.chunks import (GEMM_TILE, L2_SHARE, SPLIT_K_DEPTH, GpuShape, cuda_chunk_classes,
                                          cuda_dx_splits, cuda_forward_chunk_classes, dx_split_ways)
 from marginfused.kernels import configs
+from marginfused.kernels.compile_check import shape
 
 REPO = Path(__file__).resolve().parents[1]
 H100 = model.GPUS["H100"]
@@ -31,10 +32,11 @@ def by_name(kernels, name):
 # --- FLOPs and bytes, from first principles ---------------------------------------------------
 
 
-@pytest.mark.parametrize("dim, flash_k", [(512, 20), (256, 12), (200, 12)])
+@pytest.mark.parametrize("dim, flash_k", [(512, 12), (256, 8), (200, 8), (1024, 36)])
 def test_flops_are_k_times_bcd_for_each_kernel(dim, flash_k):
-    """Each GEMM pass is 2·B·C·D; the flash kernels recompute the cosines once per D slice of 128
-    (10·B·C·D each at D = 512, 6 at D ≤ 256); cuda 4 GEMMs."""
+    """Each GEMM pass is 2·B·C·D; the flash kernels recompute the cosines once per D slice: on Hopper
+    one slice of 256 to D = 256 (4·B·C·D each), two to D = 512 (6), slices of 128 past it (18 at
+    D = 1024); cuda 4 GEMMs."""
     b, c = 1024, 1_000_000
     bcd = b * c * dim
     flash = model.flash_kernels(H100, b, c, dim, "bf16", COUNTS)
@@ -76,17 +78,17 @@ def _ranges(total: int, size: int):
     return [(start, min(size, total - start)) for start in range(0, total, size)]
 
 
-@pytest.mark.parametrize("dim", [200, 512])
+@pytest.mark.parametrize("dim", [200, 512, 1024])
 def test_l2_bytes_are_the_operand_tiles_each_program_loads(dim):
     """A recount, program by program and tile by tile, of the operand bytes each kernel loads: a
     resident tile once per program, a streamed tile once per iteration (valid rows only)."""
     b, c, e = 300, 5003, 2
     gpu = H100
 
-    # flash forward + dX, D streamed (kernels/configs.py): per iteration the x tile and the W tile
-    # over all of D (cosines), and the W tile's slice (P̃·W)
-    rows, stream, width, _, per_sm = model.flash_tiles(gpu, COUNTS, "forward+dX")
-    assert model.streams_d(gpu, COUNTS, "forward+dX")
+    # flash forward + dX: its x tile once per program where resident, else with every W tile (over all
+    # of D, for the cosines) beside the W tile's slice (P̃·W); the W tile over all of D per iteration
+    rows, stream, width, _, per_sm = model.flash_tiles(gpu, COUNTS, "forward+dX", dim)
+    streamed = model.streams_d(gpu, COUNTS, "forward+dX", dim)
     slices = _ranges(dim, width)
     n_splits, per_split = _splits(gpu.sms * per_sm, -(-b // rows) * len(slices), c)
     expected = 0
@@ -94,19 +96,24 @@ def test_l2_bytes_are_the_operand_tiles_each_program_loads(dim):
         for split in range(n_splits):
             for _, slice_width in slices:
                 split_end = min(c, (split + 1) * per_split)
+                expected += 0 if streamed else batch_rows * dim * e
                 for c0 in range(split * per_split, split_end, stream):
                     classes = min(stream, split_end - c0)
-                    expected += (batch_rows + classes) * dim * e + classes * slice_width * e
+                    expected += classes * dim * e
+                    expected += (batch_rows * dim * e + classes * slice_width * e) if streamed else 0
     assert by_name(model.flash_kernels(gpu, b, c, dim, "bf16", COUNTS), "forward + dX").l2_bytes == expected
 
-    # flash dW, D streamed: per batch tile the W tile and the x tile over all of D, and the x slice
-    rows, stream, width, _, _ = model.flash_tiles(gpu, COUNTS, "dW")
-    assert model.streams_d(gpu, COUNTS, "dW")
+    # flash dW: its W tile once per program where resident, else with every x tile beside the x
+    # tile's slice (G·x); the x tile over all of D per iteration
+    rows, stream, width, _, _ = model.flash_tiles(gpu, COUNTS, "dW", dim)
+    streamed = model.streams_d(gpu, COUNTS, "dW", dim)
     expected = 0
     for _, classes in _ranges(c, rows):
         for _, slice_width in _ranges(dim, width):
+            expected += 0 if streamed else classes * dim * e
             for _, batch_rows in _ranges(b, stream):
-                expected += (classes + batch_rows) * dim * e + batch_rows * slice_width * e
+                expected += batch_rows * dim * e
+                expected += (classes * dim * e + batch_rows * slice_width * e) if streamed else 0
     assert by_name(model.flash_kernels(gpu, b, c, dim, "bf16", COUNTS), "dW").l2_bytes == expected
 
 
@@ -140,33 +147,38 @@ def test_wgmma_efficiency_from_the_shared_memory_operand_bandwidth():
     assert model.wgmma_efficiency(H100, 16, False) == 1.0  # A from registers
 
 
+def _iteration_dots(name: str, config: dict, dim: int) -> list:
+    """The model's dots of one iteration of a compile-check kernel ("forward …" or "dW …") at D = dim:
+    the cosines over D, then O's or dŴ's slice."""
+    if name.startswith("forward"):
+        return [model.Dot(config["block_b"], config["block_c"], dim, True),
+                model.Dot(config["block_b"], config["block_g"], config["block_c"], False)]
+    return [model.Dot(config["block_c"], config["block_b"], dim, True),
+            model.Dot(config["block_c"], config["block_g"], config["block_b"], False)]
+
+
+def _compiled_dim(config: dict) -> int:
+    """The D a record's loop covers per iteration: a resident configuration's parts (static shapes),
+    or 512 for a streamed one (its D loop runs ⌈512 / BLOCK_D⌉ times)."""
+    return config["parts"] * config["block_g"] if config["parts"] else 512
+
+
 def test_the_model_gives_each_dot_the_wgmma_shape_its_ptx_has():
-    """The N the model derives for each current kernel's dots is what Triton compiled them to."""
-    for kernel, dots in {
-        model.SASS_SOURCES["forward+dX"]: lambda t: [model.Dot(t["block_b"], t["block_c"], 512, True),
-                                                     model.Dot(t["block_b"], t["block_g"], t["block_c"], False)],
-        model.SASS_SOURCES["dW"]: lambda t: [model.Dot(t["block_c"], t["block_b"], 512, True),
-                                             model.Dot(t["block_c"], t["block_g"], t["block_b"], False)],
-    }.items():
-        record = COUNTS["kernels"]["sm_90"][kernel]
-        shapes = {f"wgmma m64n{model.wgmma_n(dot, record['config']['num_warps'])}k16"
-                  for dot in dots(record["config"])}
-        assert shapes == set(record["ptx_mma"]), kernel
+    """The N the model derives for each compiled configuration's dots is what Triton compiled them to."""
+    for name, record in COUNTS["kernels"]["sm_90"].items():
+        config = record["config"]
+        shapes = {f"wgmma m64n{model.wgmma_n(dot, config['num_warps'])}k16"
+                  for dot in _iteration_dots(name, config, _compiled_dim(config))}
+        assert shapes == set(record["ptx_mma"]), name
 
 
 def test_the_sass_counts_hold_every_mma_flop_of_an_iteration():
-    """The main loop's matrix instructions (the D loop's ⌈D/BLOCK_D⌉ times, the epilogue's once),
-    over all warps, do the FLOPs of the model's dots for one iteration."""
-    dim = 512
-    for kernel, dots in {
-        model.SASS_SOURCES["forward+dX"]: lambda t: [model.Dot(t["block_b"], t["block_c"], dim, True),
-                                                     model.Dot(t["block_b"], t["block_g"], t["block_c"], False)],
-        model.SASS_SOURCES["dW"]: lambda t: [model.Dot(t["block_c"], t["block_b"], dim, True),
-                                             model.Dot(t["block_c"], t["block_g"], t["block_b"], False)],
-    }.items():
-        for arch in ("sm_90", "sm_80"):
-            record = COUNTS["kernels"][arch][kernel]
-            warps = record["config"]["num_warps"]
+    """The main loop's matrix instructions (a D loop's ⌈D/BLOCK_D⌉ times, the rest once), over all
+    warps, do the FLOPs of the model's dots for one iteration."""
+    for arch, per_kernel in COUNTS["kernels"].items():
+        for name, record in per_kernel.items():
+            config = record["config"]
+            dim = _compiled_dim(config)
 
             def per_warp(mma):
                 total = 0.0
@@ -175,22 +187,37 @@ def test_the_sass_counts_hold_every_mma_flop_of_an_iteration():
                     total += count * 2 * m * n * k / (4 if m == 64 else 1)  # a wgmma is its warpgroup's
                 return total
 
-            trips = -(-dim // record["config"]["block_d"])
-            sass_flops = warps * (sum(per_warp(loop["mma"]) for loop in record["inner_loops"]) * trips
-                                  + per_warp(record["epilogue"]["mma"]))
-            assert sass_flops == sum(dot.flops for dot in dots(record["config"])), (kernel, arch)
+            trips = -(-dim // config["block_d"])
+            sass_flops = config["num_warps"] * (sum(per_warp(loop["mma"]) for loop in record["inner_loops"]) * trips
+                                                + per_warp(record["epilogue"]["mma"]))
+            assert sass_flops == sum(dot.flops for dot in _iteration_dots(name, config, dim)), (arch, name)
 
 
 def test_the_cached_counts_are_of_the_configurations_in_configs_py():
-    """bench/sass_counts.json is stale once kernels/configs.py changes: rerun --from-sass."""
+    """bench/sass_counts.json is stale once kernels/configs.py changes: rerun --from-sass. It holds
+    every configuration the model may read, each as configs.py has it."""
+    sources = model.sass_sources()
+    assert {arch: set(names) for arch, names in sources.items()} == {
+        int(arch[3:]): set(per_kernel) for arch, per_kernel in COUNTS["kernels"].items()}
     for arch, per_kernel in COUNTS["kernels"].items():
         for name, record in per_kernel.items():
             kernel = {"forward": "forward", "dW": "weight_grad"}[name.split()[0]]
-            tiles = configs.gpu_choices(kernel, int(arch[3:]), "16")[-1]  # the one serving D = 512
+            (tiles,) = [t for t in configs.gpu_choices(kernel, int(arch[3:]), "16")
+                        if f"{name.split()[0]} {shape(t)}" == name]
             assert record["config"] == {"block_b": tiles.block_b, "block_c": tiles.block_c, "block_d": tiles.block_d,
                                         "block_g": tiles.block_g, "num_warps": tiles.num_warps,
                                         "num_stages": tiles.num_stages, "parts": tiles.parts}, (arch, name)
-    assert set(COUNTS["kernels"]["sm_90"]) == set(model.SASS_SOURCES.values())
+
+
+def test_the_model_reads_the_configuration_each_d_runs_in():
+    """At each D the model takes the configuration kernels/configs.py serves it on the GPU's target."""
+    for dim, forward, weight_grad in [(128, "forward resident 1x256", "dW resident 1x256"),
+                                      (512, "forward resident 2x256", "dW resident 2x256"),
+                                      (1024, "forward streamed 64/128", "dW streamed 64/128")]:
+        assert model.sass_label(90, "forward+dX", dim) == forward
+        assert model.sass_label(90, "dW", dim) == weight_grad
+        assert model.streams_d(H100, COUNTS, "dW", dim) == (dim > 512)
+    assert model.sass_label(80, "forward+dX", 512) == "forward streamed 64/128"
 
 
 # --- what is printed --------------------------------------------------------------------------
@@ -208,7 +235,7 @@ def test_every_printed_prediction_is_labelled_and_shows_each_term():
         assert any(line.startswith("PREDICTED") for line in above[-3:]), out[start]
     assert out[0].startswith("PREDICTED")
     rows = [line for line in out if line.startswith("| 1") and "| triton |" in line]
-    assert any("m64n64k16 SS" in line and "m64n128k16 RS" in line for line in rows)
+    assert any("m64n32k16 SS" in line and "m64n256k16 RS" in line for line in rows)
     summary = [line for line in out[tables[0] + 2:tables[1]] if line.startswith("|")]
     assert {line.split("|")[2].strip() for line in summary} == set(model.predict_backends(
         H100, 1024, 1_000_000, 512, "bf16", COUNTS))
@@ -219,9 +246,9 @@ def test_the_flash_kernels_are_modelled_from_their_own_counts():
     predictions = model.predict_backends(H100, 1024, 1_000_000, 512, "bf16", COUNTS)
     assert set(predictions) == {"triton", "cuda", "cuda-as-built"}
     flash = predictions["triton"].kernels
-    assert by_name(flash, "forward + dX").counts == f"SASS of '{model.SASS_SOURCES['forward+dX']} bf16'"
-    assert by_name(flash, "dW").counts == f"SASS of '{model.SASS_SOURCES['dW']} bf16'"
-    assert by_name(flash, "dW").flops == 10 * 1024 * 1_000_000 * 512
+    assert by_name(flash, "forward + dX").counts == "SASS of 'forward resident 2x256 bf16'"
+    assert by_name(flash, "dW").counts == "SASS of 'dW resident 2x256 bf16'"
+    assert by_name(flash, "dW").flops == 6 * 1024 * 1_000_000 * 512
 
 
 def test_predict_keeps_the_interface_the_gpu_session_reads():

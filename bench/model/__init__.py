@@ -30,10 +30,11 @@ A kernel's time is the largest of its terms, plus its launch gaps:
   its chunk loop.
 
 Which kernels: `triton` is the flash-attention structure of kernels/ (K = V = W): a fused forward +
-dX kernel (a batch tile against streamed W tiles, online softmax, O += P̃·W in D slices; with
-kernels/configs.py's tiles D is streamed too, so the x tile is read again with every W tile), a dW
+dX kernel (a batch tile against streamed W tiles, online softmax, O += P̃·W in D slices), a dW
 kernel (a class tile of W against streamed x tiles, cosines recomputed from the saved log-sum-exp)
-and one norms pre-pass, their issue counts from their own SASS. `cuda-as-built` is csrc/cuda.cu as
+and one norms pre-pass, each flash kernel modelled in the configuration kernels/configs.py gives it
+at the D asked for (its tile resident, or D streamed so that it is read again with every tile of
+the other), with the issue counts of that configuration's own SASS. `cuda-as-built` is csrc/cuda.cu as
 it is (each pass its chunk, `cuda_forward_chunk_classes` and `cuda_chunk_classes`, the dX GEMM
 split over its depth, bfloat16 S and gradient tiles for bfloat16 inputs, the norms of x and W once,
 in the forward, kept for the backward, 2 launches per chunk forward and 5 backward, no CUDA graph);
@@ -48,9 +49,9 @@ from .gpus import BYTES, GPUS, HOST_LAUNCH_S, LAUNCH_GAP_S, MATMUL_EFFICIENCY, G
 from .kernel import Dot, Kernel, wgmma_efficiency, wgmma_n
 from .predict import (AS_BUILT, Prediction, floor_seconds, load_counts, main, predict, predict_backends,
                       table)
-from .triton import SASS_SOURCES, flash_kernels, flash_tiles, programs_per_sm, streams_d
+from .triton import flash_kernels, flash_tiles, programs_per_sm, sass_label, sass_sources, streams_d
 
 __all__ = ["AS_BUILT", "BYTES", "Dot", "GPUS", "Gpu", "HOST_LAUNCH_S", "Kernel", "LAUNCH_GAP_S", "MATMUL_EFFICIENCY",
-           "Prediction", "SASS_SOURCES", "cuda_kernels", "flash_kernels", "flash_tiles", "floor_seconds",
-           "gemm_fill", "gpu_named", "load_counts", "main", "predict", "predict_backends", "programs_per_sm", "streams_d",
+           "Prediction", "cuda_kernels", "flash_kernels", "flash_tiles", "floor_seconds",
+           "gemm_fill", "gpu_named", "load_counts", "main", "predict", "predict_backends", "programs_per_sm", "sass_label", "sass_sources", "streams_d",
            "table", "wgmma_efficiency", "wgmma_n"]

@@ -12,7 +12,7 @@ from .cuda import cuda_kernels
 from .gpus import (BYTES, ELEMENTWISE_INSTRUCTIONS, GEMM_TILE, GPUS, HOST_LAUNCH_S, LAUNCH_GAP_S,
                    MATMUL_EFFICIENCY, Gpu)
 from .kernel import Kernel
-from .triton import SASS_SOURCES, flash_kernels
+from .triton import flash_kernels, sass_sources
 
 
 @dataclass
@@ -53,7 +53,7 @@ def load_counts(refresh: bool = False) -> tuple[dict, str]:
             refresh = False
             note = "Triton is not installed: the cached counts are used. "
         else:
-            sass.refresh(SASS_SOURCES)
+            sass.refresh(sass_sources())
             note = "recompiled now. "
     else:
         note = ""

@@ -4,48 +4,62 @@ counted from their code and their compiled SASS (bench/sass_counts.json)."""
 from __future__ import annotations
 
 from marginfused.kernels import configs
+from marginfused.kernels.compile_check import shape
 
 from .gpus import BYTES, Gpu, cdiv
 from .kernel import Dot, Grid, Kernel, Phase, memory_kernel, program_kernel
 
-SASS_SOURCES = {
-    # model kernel → the compile-check kernel (kernels/compile_check.py's label less its dtype) whose
-    # compiled code gives its counts; its configuration is kernels/configs.py's, recorded with them.
-    # The flash kernels as kernels/configs.py configures them for Hopper's and Ampere's 16-bit inputs
-    # (the same label on both: D streamed in chunks of 64, slices of 128).
-    "forward+dX": "forward streamed 64/128",
-    "dW": "dW streamed 64/128",
-}
+MODEL_KERNELS = {"forward+dX": "forward", "dW": "weight_grad"}
+"""The model's flash kernels by their kernels/configs.py name."""
+SASS_ARCHES = (90, 80)
+"""The targets whose compiled code the model reads: Hopper's for sm_90 and later, Ampere's below."""
 
 
-def streams_d(gpu: Gpu, counts: dict, kernel: str) -> bool:
-    """Whether a flash kernel streams D (its resident operand re-read with every tile of the other,
-    kernels/tiles.py) rather than keeping its tile resident: its compiled configuration's (parts = 0)."""
-    return sass_record(counts, gpu, kernel)["config"].get("parts", 1) == 0
+def sass_label(arch: int, kernel: str, dim: int) -> str:
+    """The compile-check kernel (kernels/compile_check.py's label less its dtype) whose compiled code
+    gives a model kernel's counts at D = dim: the 16-bit configuration kernels/configs.py gives the
+    plain variant on sm_`arch` at that D."""
+    tiles = configs.serving(configs.gpu_choices(MODEL_KERNELS[kernel], arch, "16"), dim)
+    return f"{kernel.split('+')[0]} {shape(tiles)}"
 
 
-def flash_tiles(gpu: Gpu, counts: dict, kernel: str) -> tuple[int, int, int, int, int]:
-    """(resident rows, streamed rows, D slice, warps, programs per SM) of a flash kernel: its compiled
-    configuration (the forward's batch tile BLOCK_B and class tile BLOCK_C; the dW kernel's class
-    tile BLOCK_C and batch tile BLOCK_B)."""
-    record = sass_record(counts, gpu, kernel)
+def sass_sources() -> dict[int, list[str]]:
+    """Every compile-check kernel the model may read, by target: each 16-bit configuration of the
+    plain variant of the forward and dW kernels (one per range of D it serves)."""
+    return {arch: [f"{kernel.split('+')[0]} {shape(tiles)}" for kernel, name in MODEL_KERNELS.items()
+                   for tiles in configs.gpu_choices(name, arch, "16")] for arch in SASS_ARCHES}
+
+
+def streams_d(gpu: Gpu, counts: dict, kernel: str, dim: int) -> bool:
+    """Whether a flash kernel streams D at D = dim (its resident operand re-read with every tile of
+    the other, kernels/tiles.py) rather than keeping its tile resident: its compiled configuration's
+    (parts = 0)."""
+    return sass_record(counts, gpu, kernel, dim)["config"].get("parts", 1) == 0
+
+
+def flash_tiles(gpu: Gpu, counts: dict, kernel: str, dim: int) -> tuple[int, int, int, int, int]:
+    """(resident rows, streamed rows, D slice, warps, programs per SM) of a flash kernel at D = dim:
+    its compiled configuration (the forward's batch tile BLOCK_B and class tile BLOCK_C; the dW
+    kernel's class tile BLOCK_C and batch tile BLOCK_B)."""
+    record = sass_record(counts, gpu, kernel, dim)
     config = record["config"]
     resident, streamed = ("block_b", "block_c") if kernel == "forward+dX" else ("block_c", "block_b")
-    return (config[resident], config[streamed], config["block_g"], config["num_warps"],
+    return (config[resident], config[streamed], min(config["block_g"], dim), config["num_warps"],
             programs_per_sm(gpu, record))
 
 
-def sass_arch(gpu: Gpu) -> str:
-    return "sm_90" if gpu.arch >= 90 else "sm_80"
+def sass_arch(gpu: Gpu) -> int:
+    return 90 if gpu.arch >= 90 else 80
 
 
-def sass_record(counts: dict, gpu: Gpu, kernel: str) -> dict:
-    """The cached read of a model kernel's compile-check kernel for this GPU's target."""
-    name = SASS_SOURCES[kernel]
+def sass_record(counts: dict, gpu: Gpu, kernel: str, dim: int) -> dict:
+    """The cached read of the compile-check kernel a model kernel runs as on this GPU at D = dim."""
+    arch = sass_arch(gpu)
+    name = sass_label(arch, kernel, dim)
     try:
-        return counts["kernels"][sass_arch(gpu)][name]
+        return counts["kernels"][f"sm_{arch}"][name]
     except KeyError:
-        raise KeyError(f"bench/sass_counts.json has no {sass_arch(gpu)} counts of '{name}': "
+        raise KeyError(f"bench/sass_counts.json has no sm_{arch} counts of '{name}': "
                        f"run python -m bench.model --from-sass") from None
 
 
@@ -82,13 +96,13 @@ def flash_kernels(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str, coun
     x_bytes, w_bytes = batch * dim * e, classes * dim * e
     kernels = [memory_kernel(gpu, "triton", "norms (x, W; once, saved)", x_bytes + w_bytes, 0.0, 2)]
 
-    rows, stream, width, warps, per_sm = flash_tiles(gpu, counts, "forward+dX")
+    rows, stream, width, warps, per_sm = flash_tiles(gpu, counts, "forward+dX", dim)
     slices = _slices(dim, width)
     batch_tiles = cdiv(batch, rows)
     splits = configs.splits_for_one_wave(gpu.sms * per_sm, batch_tiles * len(slices))
     per_split = cdiv(cdiv(classes, splits), configs.SPLIT_ALIGN_GPU) * configs.SPLIT_ALIGN_GPU
     splits = cdiv(classes, per_split)
-    streamed = streams_d(gpu, counts, "forward+dX")
+    streamed = streams_d(gpu, counts, "forward+dX", dim)
     # the W slice is loaded again for P̃·W where D is streamed or x and two W tiles do not fit
     reread = streamed or rows * dim * e + 2 * stream * dim * e > gpu.shared_per_block
     iterations = sum(cdiv(min(per_split, classes - k * per_split), stream) for k in range(splits))
@@ -105,10 +119,10 @@ def flash_kernels(gpu: Gpu, batch: int, classes: int, dim: int, dtype: str, coun
                                   w_bytes + x_bytes + o_partials, l2, source))
     kernels.append(memory_kernel(gpu, "triton", "dX from O (O(B·D))", o_partials + x_bytes + x_bytes))
 
-    rows, stream, width, warps, per_sm = flash_tiles(gpu, counts, "dW")
+    rows, stream, width, warps, per_sm = flash_tiles(gpu, counts, "dW", dim)
     slices = _slices(dim, width)
     class_tiles = cdiv(classes, rows)
-    streamed = streams_d(gpu, counts, "dW")
+    streamed = streams_d(gpu, counts, "dW", dim)
     # the x slice is loaded again for G·x where D is streamed or W and two x tiles do not fit
     reread = streamed or rows * dim * e + 2 * stream * dim * e > gpu.shared_per_block
     flops = sum(2.0 * batch * classes * dim + 2.0 * batch * classes * s for s in slices)
@@ -128,6 +142,6 @@ def _sass_counts(gpu: Gpu, counts: dict, kernel: str, dim: int) -> tuple[float, 
     """Instructions per warp per iteration of a flash kernel, from its SASS: (its cosine loop over D,
     its epilogue: the forward's online softmax with O's dot, the dW kernel's gradient tile with its
     dot), and where they come from."""
-    record = sass_record(counts, gpu, kernel)
+    record = sass_record(counts, gpu, kernel, dim)
     per_trip, trips, _ = d_loop(record, dim)
     return per_trip * trips, record["epilogue"]["instructions"], f"SASS of '{record['compile_check']}'"

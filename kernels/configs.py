@@ -4,8 +4,9 @@ Fixed configurations, chosen without a GPU by compiling every kernel for every t
 what Triton built (`python -m marginfused.kernels.compile_check`): no spills, no stack, shared
 memory within each target's limit, every pipelined ring of dot operands as deep as its loop needs,
 in the plain, the negatives-rule and the sub-centre variant of each kernel, under every supported
-Triton (3.6 and 3.9: each builds with its own ptxas); among those, on Hopper, the ones bench/model
-predicts fastest. A warpgroup's wgmma N is BLOCK_C for the forward's cosines, BLOCK_B for the dW
+Triton (3.6 and 3.9: each builds with its own ptxas); on Hopper, of the clean ones compiled, the
+ones bench/model predicts faster (to D = 512 the resident tiles below: 18.4 against 39.1 ms streamed,
+PREDICTED at B = 1024, C = 1M, bf16, H100). A warpgroup's wgmma N is BLOCK_C for the forward's cosines, BLOCK_B for the dW
 kernel's, BLOCK_G for both gradient dots (four warps per 64 rows of M, at most 256): with the
 operand resident the gradient dots are m64n256 and the cosines m64n32 (below); streamed, m64n128
 and m64n64; the sub-centre variant takes m64n32. They are not timed yet: that is a GPU's to measure (`python -m bench`, or bench/gpu_session.sh). The

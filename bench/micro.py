@@ -60,8 +60,6 @@ def chunk_gemm_tflops(device: torch.device, dtype: torch.dtype, batch: int, dim:
     """TFLOP/s of each of the `cuda` backend's three GEMMs at its chunk shape on this device."""
     n = chunk_size(device, batch, dim, dtype)
     ways = dx_splits(device, batch, dim, n)
-    while n % ways:  # the most ways up to dx_splits that divide the chunk, as csrc/driver.h takes
-        ways -= 1
     x = _random((batch, dim), dtype, device, 3)
     w = _random((CHUNKS * n, dim), dtype, device, 4)
     u = _random((batch, n), dtype, device, 5)

@@ -29,7 +29,9 @@ bit-identical run to run.
 
 `weight_grad_kernel` — dW. One-dimensional grid of cdiv(C_local, BLOCK_C)·K·slices programs,
 program (c, k, g) at c·K·slices + k·slices + g: the programs of one class tile are adjacent, so the
-tile's rows of W are read from memory once, by programs running together. Program (c, k, g) owns
+tile's rows of W can come from L2 for all but the first. With two resident parts the host launches
+each slice on its own (cdiv(C_local, BLOCK_C) programs, OWN its part as a constant, so that both sum
+D's parts in one order: tiles.pair_dot), and W is read once per launch. Program (c, k, g) owns
 sub-centre k of the class tile c (its W rows jK + k) and the columns [g·BLOCK_G, …) of D, and loops
 over every batch tile, in order, with its cosine tiles class-major (BLOCK_C × BLOCK_B),
 accumulating Σ_i G_ij r_xi x_i[cols] in a (BLOCK_C × BLOCK_G) float32 register tile. With PARTS = 1
@@ -81,17 +83,21 @@ def weight_grad_kernel(
     rule_offset_ptr, lift_ptr, dw_ptr,
     B, C_local, D, stride_x, stride_w, scale, smoothing_per_class, quadratic,
     DOT_PRECISION: tl.constexpr, NEGATIVES_RULE: tl.constexpr, SUBCENTERS: tl.constexpr, PARTS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, OWN: tl.constexpr,
 ):
     # smoothing_per_class = ε / C (C the global class count). PARTS > 0 (W resident) with one row per
     # class only: K resident tiles would not fit.
     tl.static_assert(PARTS == 0 or SUBCENTERS == 1)
     pid = tl.program_id(0).to(tl.int64)
     slices = tl.cdiv(D, BLOCK_G)
+    if PARTS == 2:
+        slices = 1  # one launch per slice (OWN)
     per_tile = slices * SUBCENTERS
     c0 = (pid // per_tile) * BLOCK_C
     sub = ((pid % per_tile) // slices).to(tl.int32)  # the sub-centre of its classes this program owns
     d_slice = (pid % slices).to(tl.int32)
+    if PARTS == 2:
+        d_slice = OWN
     tile = tl.arange(0, BLOCK_C)
     classes = clamped_rows(tile, (C_local - c0).to(tl.int32))
     w_rows = classes * SUBCENTERS + sub
@@ -119,11 +125,10 @@ def weight_grad_kernel(
             x_other = x_g
             if PARTS == 2:
                 x_other = load_rows(x_ptr, b0, x_rows, other_dims, D, stride_x)
-            cos = clamped(pair_dot(w_own, x_g, w_other, x_other, PARTS, DOT_PRECISION), inv_w, inv_x)
+            cos = clamped(pair_dot(w_own, x_g, w_other, x_other, PARTS, OWN, DOT_PRECISION), inv_w, inv_x)
         elif SUBCENTERS > 1:
-            cos, choice = subcentre_cosines(x_ptr, w_ptr, inv_x, inv_x, b0, x_rows, inv_x, c0, classes, inv_w_ptr, g_dims,
-                                            g_dims, D, stride_x, stride_w, BLOCK_B, BLOCK_C, BLOCK_D, 0, DOT_PRECISION,
-                                            SUBCENTERS, True)
+            cos, choice = subcentre_cosines(x_ptr, w_ptr, b0, x_rows, inv_x, c0, classes, inv_w_ptr, D, stride_x,
+                                            stride_w, BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION, SUBCENTERS, True)
         else:
             cos = clamped(streamed_dot(w_ptr, x_ptr, c0, classes, b0, x_rows, D, stride_w, stride_x, BLOCK_C, BLOCK_B,
                                        BLOCK_D, DOT_PRECISION), inv_w, inv_x)

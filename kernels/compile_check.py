@@ -3,8 +3,8 @@ what the compiler emits.
 
 The interpreter (TRITON_INTERPRET=1) checks what the kernels compute but not what they compile
 to: layouts, register allocation, shared memory and the software pipeline only meet the real
-compiler on a GPU. This compiles the forward, both backward, projection and norms kernels, in
-each input dtype, with their default GPU launch configurations (configs.py) to a cubin for each
+compiler on a GPU. This compiles the forward, dW, projection and norms kernels, in each input
+dtype, in every GPU launch configuration of configs.py, to a cubin for each
 target through Triton's own toolchain, with the alignment hints a real launch gets (16-byte
 aligned pointers; D, strides and the split size divisible by 16), and reads, per kernel and target:
 
@@ -176,9 +176,16 @@ def shape(tiles) -> str:
             else f"streamed {tiles.block_d}/{tiles.block_g}")
 
 
+def part(own: int) -> str:
+    """A two-part configuration's second launch in a label (" part 1"); the first's label is the
+    configuration's alone."""
+    return f" part {own}" if own else ""
+
+
 def jobs(dtypes, arch: int) -> list[tuple]:
     """(label, kernel module and name, argument types, constexprs, tiles) of every kernel variant:
-    each GPU configuration at the largest D it serves (a one-part configuration's widest slice)."""
+    each GPU configuration at the largest D it serves (a one-part configuration's widest slice), a
+    two-part one in each of its launches (Tiles.launches)."""
     from . import configs
 
     out = []
@@ -203,13 +210,16 @@ def jobs(dtypes, arch: int) -> list[tuple]:
                 for name, softmax, centres in FORWARD_PASSES:
                     if not softmax and not rule and subcenters == 1:
                         continue  # the plain smoothing pass runs as the rule variant (backends/triton.py)
-                    out.append((f"forward {shape(tiles)}{variant}{name} {dtype}", ("forward", "forward_kernel"), types,
-                                dict(common, **blocks, SOFTMAX=softmax, CENTRES=centres), tiles))
+                    for own in tiles.launches((tiles.parts or 1) if centres else 1):  # as backends/triton.py
+                        out.append((f"forward {shape(tiles)}{part(own)}{variant}{name} {dtype}",
+                                    ("forward", "forward_kernel"), types,
+                                    dict(common, **blocks, SOFTMAX=softmax, CENTRES=centres, OWN=own), tiles))
             for tiles in configs.gpu_choices("weight_grad", arch, width, subcenters, rule):
                 blocks = dict(BLOCK_B=tiles.block_b, BLOCK_C=tiles.block_c, BLOCK_D=tiles.block_d,
                               BLOCK_G=tiles.block_g, PARTS=tiles.parts)
-                out.append((f"dW {shape(tiles)}{variant} {dtype}", ("backward", "weight_grad_kernel"), types,
-                            dict(common, **blocks), tiles))
+                for own in tiles.launches(tiles.parts or 1):
+                    out.append((f"dW {shape(tiles)}{part(own)}{variant} {dtype}", ("backward", "weight_grad_kernel"),
+                                types, dict(common, **blocks, OWN=own), tiles))
         out += [
             (f"project {dtype}", ("project", "project_kernel"), {**types, "out_ptr": f"*{element}"},
              dict(BLOCK_R=rows.block_b, BLOCK_D=rows.block_d), rows),

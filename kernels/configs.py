@@ -45,8 +45,15 @@ class Tiles:
     """The largest D this configuration serves (None: any)."""
 
     def slices(self, dim: int) -> int:
-        """Programs along D: one per part, else one per block_g columns."""
+        """Slices of D (programs along D, over all launches): one per block_g columns, so one per
+        part of a resident configuration (D ≤ parts·block_g)."""
         return -(-dim // self.block_g)
+
+    def launches(self, slices: int) -> tuple[int, ...]:
+        """The part each launch owns (the kernels' OWN) over `slices` slices of D: one launch per
+        slice with two resident parts, so that each slice is compiled with its part as a constant
+        (tiles.pair_dot), else one launch of every slice (OWN unused)."""
+        return tuple(range(slices)) if self.parts == 2 else (0,)
 
     def for_dim(self, dim: int) -> "Tiles":
         """This configuration at D = dim: a one-part configuration's block_g narrowed to D's power of
@@ -137,15 +144,15 @@ FORWARD_SUBCENTRES_GPU[("blackwell", "32")] = (
     Tiles(block_b=32, block_c=32, block_d=16, num_warps=8, num_stages=2, block_g=64),)
 NORMS_GPU = Tiles(block_b=16, block_c=0, block_d=128, num_warps=4, num_stages=1)
 
-FORWARD_INTERPRET = (
+KERNELS_INTERPRET = (
     Tiles(block_b=16, block_c=32, block_d=0, num_warps=1, num_stages=1, block_g=32, parts=1, max_dim=32),
     Tiles(block_b=16, block_c=32, block_d=0, num_warps=1, num_stages=1, block_g=32, parts=2, max_dim=64),
     Tiles(block_b=16, block_c=32, block_d=32, num_warps=1, num_stages=1, block_g=32),
 )
 """Both kernels under the interpreter: resident in one part up to D = 32, in two up to 64, streamed
 beyond (in slices of 32): the suite's shapes run all three."""
-SUBCENTRES_INTERPRET = (FORWARD_INTERPRET[-1],)
-"""The dW kernel with sub-centres streams D (as on a GPU)."""
+SUBCENTRES_INTERPRET = (KERNELS_INTERPRET[-1],)
+"""Both kernels with sub-centres stream D (as on a GPU)."""
 NORMS_INTERPRET = Tiles(block_b=16, block_c=0, block_d=32, num_warps=1, num_stages=1)
 
 SPLIT_ALIGN_GPU = 256
@@ -155,8 +162,9 @@ SPLIT_ALIGN_INTERPRET = 32
 MAX_SPLITS = 256
 """Class splits per batch tile on a GPU: as many as fill one wave of programs (`splits_for_one_wave`),
 so even one batch tile fills the GPU. They never depend on C; n_splits·B stays about one wave's
-programs × BLOCK_B, which bounds the forward's (n_splits, B, D) float32 weighted centres
-(≈ 17 MB at 132 SMs × 1 program, BLOCK_B = 64, D = 512) whatever the batch size."""
+programs × BLOCK_B / the slices a launch holds, which bounds the forward's (n_splits, B, D) float32
+weighted centres whatever the batch size (by arithmetic, 132 SMs × 1 program × BLOCK_B = 128 ×
+D = 512 × 4 bytes ≈ 35 MB for Hopper's resident tiles, one slice per launch)."""
 RESERVED_SHARED_PER_PROGRAM = 1024
 """Shared memory the CUDA runtime reserves for each resident block (sm_80 and later)."""
 INTERPRET_SPLITS = 3
@@ -226,7 +234,7 @@ def serving(choices: tuple[Tiles, ...], dim: int) -> Tiles:
 def tiles(kernel: str, dtype, arch: int, dim: int, subcenters: int = 1, rule: bool = False) -> Tiles:
     """The configuration of the "forward" or "weight_grad" kernel at D = dim."""
     if interpreting():
-        choices = SUBCENTRES_INTERPRET if kernel == "weight_grad" and subcenters > 1 else FORWARD_INTERPRET
+        choices = SUBCENTRES_INTERPRET if subcenters > 1 else KERNELS_INTERPRET
     else:
         choices = gpu_choices(kernel, arch, width(dtype), subcenters, rule)
     return serving(choices, dim).for_dim(dim)

@@ -84,10 +84,11 @@ classes [k·classes_per_split, min((k+1)·classes_per_split, C_local)) of this s
 BLOCK_C tiles (a tile past the split's end repeats its last class, kept out of every sum:
 tiles.clamped_rows), and the columns [g·BLOCK_G, …) of O. With PARTS = 1 or 2 its batch tile of x stays
 resident, as PARTS parts of BLOCK_G columns, while W's tiles stream (tiles.py): D ≤ PARTS·BLOCK_G,
-one slice per part, and each W tile's own part feeds the cosines' dot and O's. With PARTS = 0 the
-cosines' dot streams D in BLOCK_D chunks and O's slice of each W tile is loaded for O's dot; the
-slices are cdiv(D, BLOCK_G). Every slice computes the same cosines (bit for bit: tiles.pair_dot),
-and slice 0 writes the partials: one per row into row k of each (n_splits, B) output, O into
+one slice per part, and each W tile's own part feeds the cosines' dot and O's; with two parts the
+host launches each slice on its own (grid (cdiv(B, BLOCK_B), n_splits, 1), OWN its part as a
+constant, so that both sum D's parts in one order: tiles.pair_dot). With PARTS = 0 the cosines' dot
+streams D in BLOCK_D chunks and O's slice of each W tile is loaded for O's dot; the slices are
+cdiv(D, BLOCK_G). Every slice computes the same cosines, bit for bit, and slice 0 writes the partials: one per row into row k of each (n_splits, B) output, O into
 (n_splits, B, D) float32. The host merges the splits; the loss is
 ℓ_i = lse_i − (1−ε)·z_iy − (ε/C)·logit_sum_i (`marginfused.partials.row_loss`).
 
@@ -117,15 +118,18 @@ def forward_kernel(
     B, C_local, D, stride_x, stride_w, class_start, classes_per_split, scale, ignore_index, quadratic,
     DOT_PRECISION: tl.constexpr, NEGATIVES_RULE: tl.constexpr, SUBCENTERS: tl.constexpr,
     SOFTMAX: tl.constexpr, CENTRES: tl.constexpr, PARTS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, OWN: tl.constexpr,
 ):
     # SOFTMAX: the partials, and P̃ = exp(z − m)·(slope/s)·r_w; without it (the smoothing term's pass)
     # no partials and P̃ = (slope/s)·r_w. CENTRES: O. C_local counts classes; W has C_local·SUBCENTERS
     # rows.
+    tl.static_assert(PARTS == 0 or SUBCENTERS == 1)  # K resident tiles would not fit
     RESIDENT: tl.constexpr = PARTS > 0
     pid_b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     d_slice = tl.program_id(2)
+    if PARTS == 2:
+        d_slice = OWN  # one launch per slice
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     row_ok = rows < B
     target_col = target_columns(y_ptr, rows, row_ok, C_local, class_start, ignore_index)
@@ -164,15 +168,15 @@ def forward_kernel(
         classes = clamped_rows(tile, left)
         inv_w = tl.load(inv_w_ptr + c0 * SUBCENTERS + classes * SUBCENTERS)  # sub-centre 0's
         if SUBCENTERS > 1:
-            cos, choice = subcentre_cosines(x_ptr, w_ptr, x_own, x_other, pid_b * BLOCK_B, x_rows, inv_x, c0, classes,
-                                            inv_w_ptr, g_dims, other_dims, D, stride_x, stride_w, BLOCK_B, BLOCK_C,
-                                            BLOCK_D, PARTS, DOT_PRECISION, SUBCENTERS, False)
+            cos, choice = subcentre_cosines(x_ptr, w_ptr, pid_b * BLOCK_B, x_rows, inv_x, c0, classes, inv_w_ptr, D,
+                                            stride_x, stride_w, BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION, SUBCENTERS,
+                                            False)
         elif PARTS > 0:
             w_own = load_rows(w_ptr, c0, classes, g_dims, D, stride_w)
             w_other = w_own
             if PARTS == 2:
                 w_other = load_rows(w_ptr, c0, classes, other_dims, D, stride_w)
-            cos = clamped(pair_dot(x_own, w_own, x_other, w_other, PARTS, DOT_PRECISION), inv_x, inv_w)
+            cos = clamped(pair_dot(x_own, w_own, x_other, w_other, PARTS, OWN, DOT_PRECISION), inv_x, inv_w)
         else:
             cos = clamped(streamed_dot(x_ptr, w_ptr, pid_b * BLOCK_B, x_rows, c0, classes, D, stride_x, stride_w,
                                        BLOCK_B, BLOCK_C, BLOCK_D, DOT_PRECISION), inv_x, inv_w)

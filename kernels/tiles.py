@@ -11,8 +11,11 @@ the epilogue. A raw dot product over D is taken one of two ways (a kernel's cons
   parts of BLOCK_G columns (D ≤ PARTS·BLOCK_G); each streamed tile is loaded as the same parts,
   and `pair_dot` sums the parts' products. A program owns the slice of D of one part (its own,
   part d_slice), and that part of the streamed tile feeds its gradient dot too, so each tile goes
-  from memory to the tensor cores once. The two parts' products are summed as two float32 tiles,
-  own + other: addition commutes, so both slices of D compute bit-identical cosines.
+  from memory to the tensor cores once. With two parts each slice is a launch of its own, OWN the
+  part it owns as a constant, so `pair_dot` sums the parts in D's order, part 0 then part 1, in
+  every slice: the same dots in the same order, so both slices compute bit-identical cosines. (A
+  sum of two float32 tiles would not: Triton folds the addition into the second dot's
+  accumulator, so each slice would sum its own part first.)
 - **streamed** (PARTS = 0, any D): `streamed_dot` loops over D in BLOCK_D chunks of both operands,
   for D too large to keep resident.
 
@@ -58,12 +61,16 @@ def load_rows(ptr, first, rows, dims, D, stride):
 
 
 @triton.jit
-def pair_dot(a_own, b_own, a_other, b_other, PARTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """a·bᵀ over D from the parts of two tiles (module docstring): a_own·b_ownᵀ, plus
-    a_other·b_otherᵀ as a second float32 tile when PARTS = 2 (a_other, b_other unused otherwise)."""
-    dot = tl.dot(a_own, tl.trans(b_own), input_precision=DOT_PRECISION)
+def pair_dot(a_own, b_own, a_other, b_other, PARTS: tl.constexpr, OWN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a·bᵀ over D from the parts of two tiles (module docstring): a_own·b_ownᵀ, and with PARTS = 2
+    the other part's product accumulated in D's order (OWN: the part a_own is, 0 or 1; a_other,
+    b_other unused with one part)."""
+    first_a, first_b, second_a, second_b = a_own, b_own, a_other, b_other
+    if OWN == 1:
+        first_a, first_b, second_a, second_b = a_other, b_other, a_own, b_own
+    dot = tl.dot(first_a, tl.trans(first_b), input_precision=DOT_PRECISION)
     if PARTS == 2:
-        dot = dot + tl.dot(a_other, tl.trans(b_other), input_precision=DOT_PRECISION)
+        dot = tl.dot(second_a, tl.trans(second_b), dot, input_precision=DOT_PRECISION)
     return dot
 
 
@@ -93,28 +100,22 @@ def clamped(dot, inv_p, inv_q):
 
 @triton.jit
 def subcentre_cosines(
-    x_ptr, w_ptr, x_own, x_other, x_first, x_rows, inv_x, c0, classes, inv_w_ptr, own_dims, other_dims, D,
-    stride_x, stride_w, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PARTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SUBCENTERS: tl.constexpr, CLASS_MAJOR: tl.constexpr,
+    x_ptr, w_ptr, x_first, x_rows, inv_x, c0, classes, inv_w_ptr, D, stride_x, stride_w, BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SUBCENTERS: tl.constexpr,
+    CLASS_MAJOR: tl.constexpr,
 ):
     """With K = SUBCENTERS > 1 rows of W per class (rows jK + k): the cosines of the classes
     c0 + classes (in-tile ids), each the largest of its K, batch-major (BLOCK_B × BLOCK_C) or
-    CLASS_MAJOR (BLOCK_C × BLOCK_B, streamed only), and which k gives it (int32, the first on
-    ties). Resident (PARTS > 0: x's parts x_own, x_other at columns own_dims, other_dims) or
-    streamed from x's rows x_first + x_rows (x_own, x_other unused)."""
+    CLASS_MAJOR (BLOCK_C × BLOCK_B), and which k gives it (int32, the first on ties), D streamed
+    from x's rows x_first + x_rows (sub-centres never keep a tile resident: K of them would not
+    fit)."""
     shape: tl.constexpr = (BLOCK_C, BLOCK_B) if CLASS_MAJOR else (BLOCK_B, BLOCK_C)
     best = tl.full(shape, -2.0, tl.float32)  # below every clamped cosine
     choice = tl.zeros(shape, tl.int32)
     for k in tl.static_range(SUBCENTERS):
         w_rows = classes * SUBCENTERS + k
         inv_w = tl.load(inv_w_ptr + c0 * SUBCENTERS + w_rows)
-        if PARTS > 0:
-            w_own = load_rows(w_ptr, c0 * SUBCENTERS, w_rows, own_dims, D, stride_w)
-            w_other = w_own
-            if PARTS == 2:
-                w_other = load_rows(w_ptr, c0 * SUBCENTERS, w_rows, other_dims, D, stride_w)
-            cos = clamped(pair_dot(x_own, w_own, x_other, w_other, PARTS, DOT_PRECISION), inv_x, inv_w)
-        elif CLASS_MAJOR:
+        if CLASS_MAJOR:
             cos = clamped(streamed_dot(w_ptr, x_ptr, c0 * SUBCENTERS, w_rows, x_first, x_rows, D, stride_w, stride_x,
                                        BLOCK_C, BLOCK_B, BLOCK_D, DOT_PRECISION), inv_w, inv_x)
         else:

@@ -109,7 +109,8 @@ def test_class_splits_fill_one_wave_of_the_compiled_kernel(monkeypatch):
 def test_every_way_of_taking_d(dim, parts, case, device):
     """The kernels keep their own operand resident in one or two parts of D, or stream D
     (kernels/tiles.py); the interpreter's configurations switch at D = 32 and 64, so each way runs
-    here, in each variant, with the smoothing term's second pass (ε > 0) and the exact slopes."""
+    here, in the plain and the rule variant (sub-centres stream D at every D, as on a GPU), with the
+    smoothing term's second pass (ε > 0) and the exact slopes."""
     assert tb.configs.tiles("forward", torch.float32, 0, dim).parts == parts
     x, w, y = make_inputs(21, 75, dim, ignored=3, seed=31, device=device)
     options = dict(margin="arcface", margin_grad="exact", label_smoothing=0.1, reduction="none")

@@ -49,9 +49,10 @@ from .gpus import BYTES, GPUS, HOST_LAUNCH_S, LAUNCH_GAP_S, MATMUL_EFFICIENCY, G
 from .kernel import Dot, Kernel, wgmma_efficiency, wgmma_n
 from .predict import (AS_BUILT, Prediction, floor_seconds, load_counts, main, predict, predict_backends,
                       table)
-from .triton import flash_kernels, flash_tiles, programs_per_sm, sass_label, sass_sources, streams_d
+from .triton import (flash_kernels, flash_tiles, iteration_dots, programs_per_sm, sass_label, sass_sources,
+                     streams_d)
 
 __all__ = ["AS_BUILT", "BYTES", "Dot", "GPUS", "Gpu", "HOST_LAUNCH_S", "Kernel", "LAUNCH_GAP_S", "MATMUL_EFFICIENCY",
            "Prediction", "cuda_kernels", "flash_kernels", "flash_tiles", "floor_seconds",
-           "gemm_fill", "gpu_named", "load_counts", "main", "predict", "predict_backends", "programs_per_sm", "sass_label", "sass_sources", "streams_d",
+           "gemm_fill", "gpu_named", "iteration_dots", "load_counts", "main", "predict", "predict_backends", "programs_per_sm", "sass_label", "sass_sources", "streams_d",
            "table", "wgmma_efficiency", "wgmma_n"]

@@ -136,10 +136,11 @@ class Grid:
 
 
 def program_kernel(gpu: Gpu, backend: str, name: str, element_bytes: int, grid: Grid, phases: list[Phase],
-                   flops: float, hbm_bytes: float, l2_bytes: float, counts: str) -> Kernel:
+                   flops: float, hbm_bytes: float, l2_bytes: float, counts: str, launches: int = 1) -> Kernel:
     """A Triton kernel from its grid and the phases of one loop iteration: the busiest SM runs
     ⌈programs / (SMs × programs per SM)⌉ waves of iterations. `flops` is the kernel's exact count
-    (edge tiles partial); the tensor time follows the full tiles the phases describe."""
+    (edge tiles partial); the tensor time follows the full tiles the phases describe. `launches`: the
+    kernel's launches over the grid, each with its gap."""
     clock = gpu.clock_ghz * 1e9
     waves = cdiv(grid.programs, gpu.sms * grid.per_sm)
     iterations = waves * grid.per_sm * grid.iterations  # on the busiest SM
@@ -154,4 +155,5 @@ def program_kernel(gpu: Gpu, backend: str, name: str, element_bytes: int, grid: 
     shapes = ", ".join(dict.fromkeys(shape_label(gpu, dot, grid.num_warps, element_bytes)
                                      for phase in phases for dot in phase.dots))
     return Kernel(backend, name, flops, hbm_bytes, l2_bytes, iterations * sum(tensor) / clock, hbm_s, l2_s,
-                  iterations * sum(issue) / clock, iterations * serial / clock, 1, LAUNCH_GAP_S, shapes, counts)
+                  iterations * sum(issue) / clock, iterations * serial / clock, launches, launches * LAUNCH_GAP_S,
+                  shapes, counts)

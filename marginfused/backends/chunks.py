@@ -58,8 +58,13 @@ def dx_split_ways(gpu: GpuShape, batch: int, dim: int) -> int:
 
 def cuda_dx_splits(gpu: GpuShape, batch: int, dim: int, chunk: int) -> int:
     """Ways the `cuda` backend's dX GEMM splits the depth of a chunk of `chunk` classes: enough to
-    fill the SMs (dx_split_ways), each split at least SPLIT_K_DEPTH classes deep."""
-    return max(1, min(dx_split_ways(gpu, batch, dim), chunk // SPLIT_K_DEPTH))
+    fill the SMs (dx_split_ways), each split at least SPLIT_K_DEPTH classes deep, and a divisor of
+    the chunk, since csrc/driver.h splits a chunk's depth evenly (a last, shorter chunk takes the
+    most of these ways that divide it)."""
+    ways = max(1, min(dx_split_ways(gpu, batch, dim), chunk // SPLIT_K_DEPTH))
+    while chunk % ways:
+        ways -= 1
+    return ways
 
 
 def cuda_chunk_classes(gpu: GpuShape, batch: int, dim: int, dtype) -> int:

@@ -12,8 +12,8 @@ and runs the dW kernel (kernels/backward.py).
 
 Memory: the forward's (n_splits, B, D) float32 weighted centres (merged to (B, D) and kept for the
 backward), O(n_splits·B) partials, and W's gradient itself (written once per element, in W's dtype:
-no (C, D) float32 buffer, no atomics). n_splits ≤ 256 does not grow with C (n_splits·B·D·4 bytes ≈
-17 MB at D = 512 on a 132-SM GPU, whatever B); nothing of B×C elements is ever allocated. Every sum
+no (C, D) float32 buffer, no atomics). n_splits ≤ 256 does not grow with C, and n_splits·B·D·4 bytes
+stays about one wave of programs' rows × D × 4 whatever B (kernels/configs.py MAX_SPLITS); nothing of B×C elements is ever allocated. Every sum
 runs in a fixed order: forward and backward are deterministic.
 """
 
@@ -181,8 +181,10 @@ def _launch_forward(x: Tensor, w: Tensor, y: Tensor, inv_x: Tensor, inv_w: Tenso
     tiles = configs.tiles("forward", x.dtype, _arch(x.device), dim, kernel.subcenters,
                          kernel.negatives_rule is not None)
     slices = tiles.slices(dim) if centres else 1
+    owns = tiles.launches(slices)
     rule, quadratic, variant = _rule_arguments(kernel.negatives_rule, inv_x, kernel.subcenters)
-    constexprs = {"DOT_PRECISION": _dot_precision(x.dtype), "SOFTMAX": softmax, "CENTRES": centres, **variant}
+    constexprs = {"DOT_PRECISION": _dot_precision(x.dtype), "SOFTMAX": softmax, "CENTRES": centres, "OWN": 0,
+                  **variant}
     fn = _kernels().forward.forward_kernel
 
     def arguments(outputs, per_split: int) -> tuple:
@@ -190,7 +192,7 @@ def _launch_forward(x: Tensor, w: Tensor, y: Tensor, inv_x: Tensor, inv_w: Tenso
                 kernel.class_start, per_split, float(kernel.scale), int(kernel.ignore_index), quadratic)
 
     placeholders = (inv_x, inv_x, inv_x, inv_x, y, inv_x)  # the outputs' dtypes, for the occupancy query
-    n_splits, per_split = _class_splits(fn, tiles, x, rows, local, slices,
+    n_splits, per_split = _class_splits(fn, tiles, x, rows, local, slices // len(owns),
                                         arguments(placeholders, configs.split_align()), constexprs)
     parts = weighted = None
     if softmax:
@@ -200,7 +202,9 @@ def _launch_forward(x: Tensor, w: Tensor, y: Tensor, inv_x: Tensor, inv_w: Tenso
     if centres:
         weighted = _empty((n_splits, rows, dim), torch.float32, x.device)
     outputs = (*(parts if softmax else placeholders[:5]), weighted if centres else inv_x)
-    fn[(_cdiv(rows, tiles.block_b), n_splits, slices)](*arguments(outputs, per_split), **constexprs, **_meta(tiles))
+    for own in owns:
+        fn[(_cdiv(rows, tiles.block_b), n_splits, slices // len(owns))](
+            *arguments(outputs, per_split), **{**constexprs, "OWN": own}, **_meta(tiles))
     return parts, weighted
 
 
@@ -328,12 +332,15 @@ def _weight_grad(x: Tensor, w: Tensor, y: Tensor, target_logit: Tensor, target_s
     target_grad = _target_grad(y, target_logit, target_slope, lse, upstream, kernel, inside)
     target = torch.where(inside, y - kernel.class_start, torch.full_like(y, -1)).to(torch.int32)
     dw = _empty(tuple(w.shape), w.dtype, w.device)
-    programs = _cdiv(local, tiles.block_c) * kernel.subcenters * tiles.slices(dim)
-    _kernels().backward.weight_grad_kernel[(programs,)](
-        x, w, inv_x, inv_w, lse.max + lse.log_sumexp, row_grad, target_grad, target, *rule, lift_, dw,
-        batch, local, dim, x.stride(0), w.stride(0), float(kernel.scale), kernel.smoothing_per_class, quadratic,
-        DOT_PRECISION=_dot_precision(x.dtype), **variant, **_meta(tiles),
-    )
+    owns = tiles.launches(tiles.slices(dim))
+    programs = _cdiv(local, tiles.block_c) * kernel.subcenters * tiles.slices(dim) // len(owns)
+    log_sum_exp = lse.max + lse.log_sumexp
+    for own in owns:
+        _kernels().backward.weight_grad_kernel[(programs,)](
+            x, w, inv_x, inv_w, log_sum_exp, row_grad, target_grad, target, *rule, lift_, dw,
+            batch, local, dim, x.stride(0), w.stride(0), float(kernel.scale), kernel.smoothing_per_class, quadratic,
+            DOT_PRECISION=_dot_precision(x.dtype), OWN=own, **variant, **_meta(tiles),
+        )
     return dw
 
 

@@ -225,6 +225,26 @@ def test_a_timed_step_changes_nothing_of_the_call(twin):
     assert all(torch.equal(before[k], v) for k, v in margin.state_dict().items())
 
 
+def test_a_first_call_without_gradients_still_times_both_backends(twin):
+    """Under torch.no_grad() the timed steps still run their backward (gradients on for the step
+    alone), so both backends are timed and none fails; under inference mode nothing is timed and the
+    choice waits for a call outside it."""
+    import warnings
+
+    from marginfused.backends import timing
+
+    head = mf.MarginSoftmaxLoss(6, 9)
+    x, y = torch.randn(5, 6), torch.randint(0, 9, (5,))
+    with torch.inference_mode():
+        head(x, y)
+    assert timing._measured == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a backend that could not be timed warns
+        with torch.no_grad():
+            head(x, y)
+    assert list(timing._measured.values()) in (["cpu"], ["cpu_twin"])
+
+
 def _ranks_choose_alike(rank, world, directory):
     """Each rank finds another backend faster; all must run the one whose slowest rank is fastest."""
     from marginfused.backends import timing

@@ -4,15 +4,20 @@ and keeps the faster.
 Which fused backend is faster depends on the GPU, the dtype and the shapes (the Triton kernels
 and the chunked cuda path scale differently with B and D), and a table fitted on one GPU would be
 wrong on the next. So the first call for each (device, dtype, D, B bucket), B rounded up to a power
-of two, runs each candidate's forward and backward on the call's own tensors: once to warm up
-(kernel compilation, autotuning), once timed. The timed steps change nothing of the call: the
-tensors are detached, and the margin is replaced by a plain one (the kernels never evaluate a
-margin, so their cost does not depend on it; an adaptive margin's statistics stay as they are).
-The faster backend is kept for that key and said once at INFO.
+of two, runs each candidate's forward and backward on the call's own tensors, with gradients on
+(even inside `torch.no_grad()`): once to warm up (kernel compilation, the extension's build), once
+timed. The timed steps change nothing of the call: the tensors are detached, and the margin is
+replaced by a plain one, so an adaptive margin's statistics stay as they are (the kernels never
+evaluate a margin; a margin's own negatives rule, CurricularFace's, is left out of the timed step,
+while the call's label smoothing and inter-class filtering stay in it). The faster backend is kept
+for that key and said once at INFO. Under `torch.inference_mode()` nothing can be timed: the call
+takes the first usable backend, and the choice waits for a call outside it.
 
 In a process group every rank must run the same backend and the same collectives: every rank
 contributes its time for each backend (infinite where it could not run one) and all take the
-slowest rank's time for each backend (a max-reduction), so they all choose the same.
+slowest rank's time for each backend (a max-reduction), so they all choose the same. A sharded
+call's choice is kept apart from single-process ones, and it is timed even where a rank has one
+candidate, so that every rank joins the reduction.
 
 Under torch.compile no timing runs: a traced call takes the backend last measured for its
 device and dtype by an eager call, else the first usable backend in `AUTO_ORDER`.
@@ -36,8 +41,8 @@ from .base import REGISTRY, Backend
 
 _log = logging.getLogger("marginfused")
 
-_measured: dict[tuple[str, str, int, int], str] = {}
-"""The backend chosen for each (device, dtype, D, B bucket) this process has timed."""
+_measured: dict[tuple[str, str, int, int, bool], str] = {}
+"""The backend chosen for each (device, dtype, D, B bucket, sharded) this process has timed."""
 _latest: dict[tuple[str, str], str] = {}
 """The backend last chosen by timing for each (device, dtype): what a traced call takes."""
 
@@ -61,16 +66,18 @@ def step_seconds(backend: Backend, x: Tensor, w: Tensor, y: Tensor, settings: Lo
     plain = dataclasses.replace(settings, margin=CosFace(), margin_grad="detached")
 
     def step() -> None:
-        xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
-        backend.per_row_loss(xs, ws, y, plain).loss.sum().backward()
+        with torch.enable_grad():
+            xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+            backend.per_row_loss(xs, ws, y, plain).loss.sum().backward()
 
     step()
     if x.device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
+        with torch.cuda.device(x.device):  # the events on the tensors' device's stream
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
         return start.elapsed_time(end) / 1e3
     began = time.perf_counter()
     step()
@@ -88,10 +95,12 @@ def fastest(chosen: Backend, order: tuple[str, ...], x: Tensor, w: Tensor, y: Te
     `slowest_rank` reduces the times over its ranks, and y holds class ids of the shard `w`."""
     if torch.compiler.is_compiling():
         return REGISTRY[_traced_choice(str(x.device), x.dtype, chosen.name)]
-    names = candidates(order, x.device, x.dtype)
-    if len(names) < 2:
+    if torch.is_inference_mode_enabled():
         return chosen
-    key = (str(x.device), str(x.dtype), x.shape[1], batch_bucket(x.shape[0]))
+    names = candidates(order, x.device, x.dtype)
+    if len(names) < 2 and slowest_rank is None:
+        return chosen
+    key = (str(x.device), str(x.dtype), x.shape[1], batch_bucket(x.shape[0]), slowest_rank is not None)
     if key not in _measured:
         _measured[key] = _time_and_choose(names, chosen.name, x, w, y, settings, slowest_rank)
         _latest[key[:2]] = _measured[key]
@@ -112,7 +121,7 @@ def _time_and_choose(names: list[str], default: str, x: Tensor, w: Tensor, y: Te
     for name in names:
         try:
             seconds[every.index(name)] = step_seconds(REGISTRY[name], x, w, y, settings)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+        except Exception as error:  # a backend that cannot run this step is not chosen
             warnings.warn(f"marginfused: backend='auto' could not time the {name!r} backend ({error}); "
                           f"it is not chosen for this shape", RuntimeWarning, stacklevel=3)
     if slowest_rank is not None:

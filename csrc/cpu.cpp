@@ -433,7 +433,7 @@ struct CpuDevice {
     });
   }
 
-  // U over S in place: the products' dtype is the operands'.
+  // U over S in place: U takes S's dtype (the dots').
   static void gradient_rows(const Rows& rows, const at::Tensor& s, const at::Tensor& u, const at::Tensor& r,
                             const Chunk& chunk, Scratch& scratch) {
     RECORD_FUNCTION("marginfused::cpu_gradient_rows", c10::ArrayRef<const c10::IValue>{});

@@ -7,7 +7,8 @@
 // (float16's range cannot hold every raw dot product); U W and Uᵀ X in fp32 (cuBLAS through ATen's
 // out_dtype overload for half/bf16). The row passes read S and compute in fp32. The chunk size and
 // the dX GEMM's depth splits come from Python (marginfused/backends/chunks.py: enough classes that
-// the split dX GEMM fills every SM, the chunk's working set within L2).
+// the split dX GEMM's output tiles cover every SM, the chunk's working set within L2; sized from tile
+// counts and bench/model's predictions, not yet timed on a GPU).
 //
 // Launches: once per forward, inverse_norms_kernel for x and for all of W (q and r, returned for the
 // backward; once per backward too where its call is not given them); per chunk, forward:

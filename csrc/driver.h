@@ -14,8 +14,8 @@
 // s (a_i + 2 q c_ij).
 //
 // The classes are walked in chunks of n (from the caller's `chunk`, so that the B×n tile stays
-// within a fixed budget whatever C is); per chunk, r for its rows of W (no normalised copy of W)
-// and S = X W_chunkᵀ (one GEMM), then
+// within a fixed budget whatever C is); per chunk, r for its rows of W (no normalised copy of W;
+// on a GPU r is computed for all of W before the first chunk) and S = X W_chunkᵀ (one GEMM), then
 // forward:  the row pass folds the chunk into its split's partials (common.h, SplitPartials): the
 //           running max and sum-exp of the logits, their sum, and the best cosine and its class,
 //           the target's column taking t_i. A split is a run of consecutive chunks; the splits'
@@ -129,6 +129,11 @@ inline void check_forward(const char* op, c10::DeviceType device_type, const Cal
     check_beside(op, "rule_threshold", *c.rule_threshold, c.x, at::kFloat, {batch});
     check_beside(op, "rule_offset", *c.rule_offset, c.x, at::kFloat, {batch});
   }
+  TORCH_CHECK(given(c.inv_x) == given(c.inv_w), op, ": inv_x and inv_w must be given together");
+  if (given(c.inv_x)) {
+    check_beside(op, "inv_x", *c.inv_x, c.x, at::kFloat, {batch});
+    check_beside(op, "inv_w", *c.inv_w, c.x, at::kFloat, {c.w.size(0)});
+  }
   TORCH_CHECK(c.subcenters >= 1, op, ": subcenters must be >= 1, got ", c.subcenters);
   TORCH_CHECK(c.w.size(0) % c.subcenters == 0, op, ": w's ", c.w.size(0), " rows are not whole classes of ",
               c.subcenters, " sub-centres");
@@ -142,11 +147,6 @@ inline void check_backward(const char* op, c10::DeviceType device_type, const Ca
   check_beside(op, "log_sumexp", c.log_sumexp, c.x, at::kFloat, {batch});
   check_beside(op, "upstream", c.upstream, c.x, at::kFloat, {batch});
   if (given(c.lift)) check_beside(op, "lift", *c.lift, c.x, at::kFloat, {2});
-  TORCH_CHECK(given(c.inv_x) == given(c.inv_w), op, ": inv_x and inv_w must be given together");
-  if (given(c.inv_x)) {
-    check_beside(op, "inv_x", *c.inv_x, c.x, at::kFloat, {batch});
-    check_beside(op, "inv_w", *c.inv_w, c.x, at::kFloat, {c.w.size(0)});
-  }
 }
 
 // --- the chunks --------------------------------------------------------------------------------------

@@ -172,6 +172,16 @@ BAD_FORWARD = {
                              "rule_threshold and rule_offset must be given together"),
     "rule threshold size": (lambda x, w, y: dict(rule_threshold=torch.zeros(5), rule_offset=torch.zeros(6)),
                             r"rule_threshold must have shape \[6\]"),
+    "inv_x without inv_w": (lambda x, w, y: dict(inv_x=torch.ones(6)), "inv_x and inv_w must be given together"),
+    "inv_w without inv_x": (lambda x, w, y: dict(inv_w=torch.ones(20)), "inv_x and inv_w must be given together"),
+    "inv_x size": (lambda x, w, y: dict(inv_x=torch.ones(5), inv_w=torch.ones(20)), r"inv_x must have shape \[6\]"),
+    "inv_w size": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(19)), r"inv_w must have shape \[20\]"),
+    "inv_w dtype": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(20).double()),
+                    "inv_w must have dtype Float"),
+    "inv_x elsewhere": (lambda x, w, y: dict(inv_x=torch.ones(6, device="meta"), inv_w=torch.ones(20)),
+                        "inv_x is on meta but x is on cpu"),
+    "inv_w non-contiguous": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(40)[::2]),
+                             "inv_w must be contiguous"),
     "subcenters": (lambda x, w, y: dict(subcenters=0), "subcenters must be >= 1"),
     "rows not whole classes": (lambda x, w, y: dict(subcenters=3), "rows are not whole classes of 3 sub-centres"),
 }
@@ -198,23 +208,13 @@ BAD_BACKWARD = {
                           "rule_offset must have dtype Float"),
     "lift shape": (lambda x, w, y: dict(lift=torch.ones(3)), r"lift must have shape \[2\]"),
     "x elsewhere": (lambda x, w, y: dict(x=x.to("meta")), "x must be a CPU tensor"),
-    "inv_x without inv_w": (lambda x, w, y: dict(inv_x=torch.ones(6)), "inv_x and inv_w must be given together"),
-    "inv_w without inv_x": (lambda x, w, y: dict(inv_w=torch.ones(20)), "inv_x and inv_w must be given together"),
-    "inv_x size": (lambda x, w, y: dict(inv_x=torch.ones(5), inv_w=torch.ones(20)), r"inv_x must have shape \[6\]"),
-    "inv_w size": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(19)), r"inv_w must have shape \[20\]"),
-    "inv_w dtype": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(20).double()),
-                    "inv_w must have dtype Float"),
-    "inv_x elsewhere": (lambda x, w, y: dict(inv_x=torch.ones(6, device="meta"), inv_w=torch.ones(20)),
-                        "inv_x is on meta but x is on cpu"),
-    "inv_w non-contiguous": (lambda x, w, y: dict(inv_x=torch.ones(6), inv_w=torch.ones(40)[::2]),
-                             "inv_w must be contiguous"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_BACKWARD))
+@pytest.mark.parametrize("case", list(BAD_BACKWARD) + list(BAD_FORWARD))
 def test_backward_rejects_bad_inputs(ext, case):
     x, w, y = _inputs32()
-    change, message = BAD_BACKWARD[case]
+    change, message = {**BAD_FORWARD, **BAD_BACKWARD}[case]
     with pytest.raises(RuntimeError, match=message):
         ext.backward(_call(ext, (x, w, y), **change(x, w, y)), need_x=True, need_w=True)
 
